@@ -1,0 +1,5 @@
+import sys
+
+from refnet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,203 @@
+"""Graded comparison of two tensors or two loss curves.
+
+Every comparison yields exactly one tier, best first:
+  bitwise    every element has identical bits (NaN against NaN at the same index counts as agreement)
+  ulp        the largest distance is at most ULP_LIMIT units in the last place
+  tolerance  |a − b| ≤ atol + rtol·|b| everywhere, with rtol/atol from TOLERANCES by dtype and kind
+  fail       anything else, or a shape/dtype mismatch (never broadcast)
+"""
+from dataclasses import asdict, dataclass, field
+import math
+
+import torch
+
+TIERS = ("bitwise", "ulp", "tolerance", "fail")
+
+# (rtol, atol) by dtype, for each kind of quantity compared.
+TOLERANCES = {
+    torch.float32: {"forward": (1e-5, 1e-6), "grad": (1e-4, 1e-6), "curve": (1e-4, 1e-6)},
+    torch.float64: {"forward": (1e-10, 1e-12), "grad": (1e-9, 1e-12), "curve": (1e-9, 1e-12)},
+}
+ULP_LIMIT = {torch.float32: 8, torch.float64: 8}
+
+_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64,
+             torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def tolerance(dtype, kind="grad"):
+    try:
+        return TOLERANCES[dtype][kind]
+    except KeyError:
+        raise ValueError(f"dtype: no tolerance for {dtype} / {kind!r}; expected float32 or float64 "
+                         f"and one of {sorted(TOLERANCES[torch.float64])}") from None
+
+
+def _ordered(t):
+    """Map float bits to integers that are monotone in the float's value (−0 and +0 both → 0)."""
+    bits = t.contiguous().view(_INT_VIEW[t.dtype]).to(torch.int64)
+    width = torch.iinfo(_INT_VIEW[t.dtype]).bits
+    sign_min = -(1 << (width - 1))
+    return torch.where(bits < 0, sign_min - bits, bits)
+
+
+def ulp_distance(a, b):
+    """Elementwise distance in units in the last place, as float64.
+
+    Counts the representable values between a and b (so across zero it is the sum of both sides,
+    −0 vs +0 is 0, and a subnormal step counts 1).  NaN at both positions → 0; NaN at one → inf;
+    an infinity against anything but the same infinity → inf.
+    """
+    if a.dtype != b.dtype or a.shape != b.shape:
+        raise ValueError(f"ulp_distance: expected equal dtype and shape, got {a.dtype}{list(a.shape)} "
+                         f"and {b.dtype}{list(b.shape)}")
+    oa, ob = _ordered(a), _ordered(b)
+    same_sign = (oa >= 0) == (ob >= 0)
+    dist = torch.where(same_sign, (oa - ob).abs().double(), oa.abs().double() + ob.abs().double())
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    inf_mismatch = (torch.isinf(a) | torch.isinf(b)) & (a != b) & ~nan_a & ~nan_b
+    dist = torch.where(nan_a & nan_b, 0.0, dist)
+    dist = torch.where(nan_a ^ nan_b, math.inf, dist)
+    return torch.where(inf_mismatch, math.inf, dist)
+
+
+@dataclass
+class Verdict:
+    """One comparison.  `a` is the manual side (or the port), `b` the reference."""
+    name: str
+    tier: str
+    passed: bool
+    shape: list = field(default_factory=list)
+    dtype: str = ""
+    device: str = ""
+    numel: int = 0
+    mismatched: int = 0
+    max_abs_diff: float = 0.0
+    max_rel_diff: float = 0.0
+    max_ulp: float = 0.0
+    worst_index: list | None = None
+    worst_values: list | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    ulp_limit: int | None = None
+    nan_positions: int = 0
+    steps: int | None = None
+    identical_steps: int | None = None
+    first_divergence: int | None = None
+    divergence_values: list | None = None
+    note: str = ""
+
+    def to_dict(self):
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in asdict(self).items()}
+
+    def message(self):
+        """A failure report: what, where, how far, and both values at the worst point."""
+        parts = [f"{self.name}: tier {self.tier}", f"shape {self.shape} {self.dtype} on {self.device}"]
+        if self.numel:
+            parts.append(f"{self.mismatched}/{self.numel} elements differ")
+            parts.append(f"max abs diff {self.max_abs_diff:.3g}, max rel diff {self.max_rel_diff:.3g}, "
+                         f"max ulp {self.max_ulp:.6g}")
+        if self.worst_index is not None:
+            parts.append(f"worst at {self.worst_index}: {self.worst_values[0]!r} vs "
+                         f"{self.worst_values[1]!r}")
+        if self.steps is not None:
+            parts.append(f"{self.identical_steps}/{self.steps} steps identical")
+            if self.first_divergence is not None:
+                parts.append(f"first parted at step {self.first_divergence}: "
+                             f"{self.divergence_values[0]!r} vs {self.divergence_values[1]!r}")
+        if self.rtol is not None:
+            parts.append(f"rtol {self.rtol:g}, atol {self.atol:g}, ulp limit {self.ulp_limit}")
+        if self.note:
+            parts.append(self.note)
+        return "; ".join(parts)
+
+
+def _unravel(flat_index, shape):
+    idx = []
+    for dim in reversed(shape):
+        idx.append(flat_index % dim)
+        flat_index //= dim
+    return list(reversed(idx))
+
+
+def compare_tensors(name, a, b, kind="grad", *, strict_bits=False, ulp_limit=None, rtol=None,
+                    atol=None, required=None):
+    """Compare a against b and grade it.  Shapes and dtypes must match exactly.
+
+    passed: tier is at least `required` ("bitwise" when strict_bits, else "tolerance").
+    """
+    required = required or ("bitwise" if strict_bits else "tolerance")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError(f"{name}: expected two tensors, got {type(a).__name__} and {type(b).__name__}")
+    base = dict(name=name, shape=list(b.shape), dtype=str(b.dtype).replace("torch.", ""),
+                device=str(b.device))
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return Verdict(tier="fail", passed=False, note=(
+            f"shape/dtype mismatch: {list(a.shape)} {a.dtype} vs {list(b.shape)} {b.dtype} "
+            f"(never broadcast)"), **base)
+    if not a.is_floating_point():
+        equal = torch.equal(a.cpu(), b.cpu())
+        return Verdict(tier="bitwise" if equal else "fail", passed=equal, numel=b.numel(),
+                       mismatched=int((a.cpu() != b.cpu()).sum()), **base)
+    a_c, b_c = a.detach().cpu(), b.detach().cpu()
+    rtol_d, atol_d = tolerance(b.dtype, kind)
+    rtol = rtol_d if rtol is None else rtol
+    atol = atol_d if atol is None else atol
+    ulp_limit = ULP_LIMIT[b.dtype] if ulp_limit is None else ulp_limit
+    base.update(rtol=rtol, atol=atol, ulp_limit=ulp_limit, numel=b.numel())
+
+    iv = _INT_VIEW[b.dtype]
+    both_nan = torch.isnan(a_c) & torch.isnan(b_c)
+    bits_equal = (a_c.contiguous().view(iv) == b_c.contiguous().view(iv)) | both_nan
+    ulps = ulp_distance(a_c, b_c)
+    ad, bd = a_c.double(), b_c.double()
+    abs_diff = torch.where(both_nan | (ad == bd), 0.0, (ad - bd).abs())
+    abs_diff = torch.where(torch.isnan(abs_diff), math.inf, abs_diff)
+    rel_diff = abs_diff / bd.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    rel_diff = torch.where(abs_diff == 0, 0.0, rel_diff)
+    within_tol = (abs_diff <= atol + rtol * bd.abs()) | both_nan | (ad == bd)
+    mismatched = int((~bits_equal).sum())
+    if mismatched == 0:
+        tier = "bitwise"
+    elif float(ulps.max()) <= ulp_limit:
+        tier = "ulp"
+    elif bool(within_tol.all()):
+        tier = "tolerance"
+    else:
+        tier = "fail"
+    verdict = Verdict(tier=tier, passed=TIERS.index(tier) <= TIERS.index(required),
+                      mismatched=mismatched, nan_positions=int(both_nan.sum()), **base)
+    if b.numel():
+        verdict.max_abs_diff = float(abs_diff.max())
+        verdict.max_rel_diff = float(rel_diff.max())
+        verdict.max_ulp = float(ulps.max())
+        if mismatched:
+            # worst = largest ulp distance (ties: largest abs diff)
+            score = ulps.flatten() * 1e30 + abs_diff.flatten() if verdict.max_ulp < math.inf \
+                else torch.where(torch.isinf(ulps.flatten()), math.inf, abs_diff.flatten())
+            flat = int(torch.argmax(torch.nan_to_num(score, posinf=1e308)))
+            verdict.worst_index = _unravel(flat, list(b.shape))
+            verdict.worst_values = [a_c.flatten()[flat].item(), b_c.flatten()[flat].item()]
+    if verdict.nan_positions:
+        verdict.note = f"{verdict.nan_positions} NaN at the same positions on both sides (counted as agreement)"
+    return verdict
+
+
+def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, atol=None):
+    """Compare two 1-D loss curves: tier over all steps, identical steps, first step they part."""
+    a = torch.as_tensor(a)
+    b = torch.as_tensor(b)
+    verdict = compare_tensors(name, a, b, kind="curve", strict_bits=strict_bits, required=required,
+                              rtol=rtol, atol=atol)
+    if a.shape == b.shape and a.dim() == 1 and a.dtype == b.dtype:
+        iv = _INT_VIEW[b.dtype]
+        a_c, b_c = a.cpu().contiguous(), b.cpu().contiguous()
+        same = (a_c.view(iv) == b_c.view(iv)) | (torch.isnan(a_c) & torch.isnan(b_c))
+        verdict.steps = int(b.numel())
+        verdict.identical_steps = int(same.sum())
+        parted = (~same).nonzero()
+        if parted.numel():
+            step = int(parted[0, 0])
+            verdict.first_divergence = step
+            verdict.divergence_values = [a_c[step].item(), b_c[step].item()]
+    return verdict

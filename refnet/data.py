@@ -1,0 +1,135 @@
+"""Seeded data sets, identical on every device: drawn in float64 on the CPU, then cast and moved.
+
+Each generator returns (x (N, D) float, y) where y is (N,) int64 class labels for the
+classification sets (xor, circles, spiral) and (N, C) float targets for `random`.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+
+DATASETS = ("xor", "circles", "spiral", "random")
+
+
+def _out(x, y, dtype, device):
+    y = y.to(device=device) if y.dtype == torch.int64 else y.to(dtype=dtype, device=device)
+    return x.to(dtype=dtype, device=device), y
+
+
+def xor(n_copies=1, noise=0.0, seed=0, dtype=torch.float64, device="cpu"):
+    """The four XOR points (0,0)→0, (0,1)→1, (1,0)→1, (1,1)→0, repeated n_copies times (+ noise)."""
+    x = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0], dtype=torch.int64)
+    x, y = x.repeat(n_copies, 1), y.repeat(n_copies)
+    if noise:
+        gen = torch.Generator().manual_seed(seed)
+        x = x + noise * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    return _out(x, y, dtype, device)
+
+
+def circles(n=200, noise=0.1, radii=(1.0, 2.0), seed=0, dtype=torch.float64, device="cpu"):
+    """Two concentric rings (class 0 inside at radius ≈1, class 1 outside at ≈2), n points in all."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n, dtype=torch.int64) % 2
+    radius = torch.tensor(radii, dtype=torch.float64)[y]
+    radius = radius + noise * torch.randn(n, generator=gen, dtype=torch.float64)
+    angle = 2 * math.pi * torch.rand(n, generator=gen, dtype=torch.float64)
+    x = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], 1)
+    return _out(x, y, dtype, device)
+
+
+def spiral(n_per_class=100, classes=3, noise=0.2, seed=0, dtype=torch.float64, device="cpu"):
+    """CS231n's spiral: `classes` arms of n_per_class points each, radius 0→1, 4 radians of turn."""
+    gen = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for c in range(classes):
+        r = torch.linspace(0.0, 1.0, n_per_class, dtype=torch.float64)
+        t = torch.linspace(c * 4.0, (c + 1) * 4.0, n_per_class, dtype=torch.float64)
+        t = t + noise * torch.randn(n_per_class, generator=gen, dtype=torch.float64)
+        xs.append(torch.stack([r * torch.sin(t), r * torch.cos(t)], 1))
+        ys.append(torch.full((n_per_class,), c, dtype=torch.int64))
+    return _out(torch.cat(xs), torch.cat(ys), dtype, device)
+
+
+def random(n=64, d_in=1000, d_out=10, seed=0, dtype=torch.float64, device="cpu"):
+    """Gaussian inputs and targets, as the document's program: x ~ randn(N, D), y ~ randn(N, C)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, d_in), generator=gen, dtype=torch.float64)
+    y = torch.randn((n, d_out), generator=gen, dtype=torch.float64)
+    return _out(x, y, dtype, device)
+
+
+def load_npz(path, dtype=torch.float64, device="cpu"):
+    """User data: an .npz with a float array `x` (N, D) and `y`, either (N,) int labels or (N, C)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"data: file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"x", "y"} - set(f.files)
+            if missing:
+                raise ValueError(f"data: {path} lacks array(s) {sorted(missing)}; expected 'x' and 'y'")
+            x_np, y_np = f["x"], f["y"]
+    except ValueError:
+        raise
+    except Exception as exc:  # zipfile / format errors
+        raise ValueError(f"data: {path} is not a readable .npz file ({exc.__class__.__name__})") from None
+    if x_np.ndim != 2 or not np.issubdtype(x_np.dtype, np.number):
+        raise ValueError(f"data: x in {path} must be a 2-D numeric array, got shape {list(x_np.shape)} "
+                         f"dtype {x_np.dtype}")
+    if y_np.shape[:1] != x_np.shape[:1] or y_np.ndim not in (1, 2):
+        raise ValueError(f"data: y in {path} must have shape [{x_np.shape[0]}] or [{x_np.shape[0]}, C], "
+                         f"got {list(y_np.shape)}")
+    if x_np.shape[0] == 0:
+        raise ValueError(f"data: {path} has no rows")
+    if not np.isfinite(x_np).all():
+        raise ValueError(f"data: x in {path} contains NaN or infinite values")
+    x = torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float64))
+    if y_np.ndim == 1 and np.issubdtype(y_np.dtype, np.integer):
+        if (y_np < 0).any():
+            raise ValueError(f"data: labels y in {path} must be >= 0")
+        y = torch.from_numpy(y_np.astype(np.int64))
+    else:
+        y = torch.from_numpy(np.ascontiguousarray(y_np, dtype=np.float64))
+        if y.dim() == 1:
+            y = y.unsqueeze(1)
+    return _out(x, y, dtype, device)
+
+
+def make_targets(y, kind, out_dim, dtype):
+    """Targets for a loss: kind "values" wants (N, C) floats, "labels" wants (N,) int64.
+
+    Labels fed to a regression loss become a column (C = 1) or one-hot rows (C > 1).
+    """
+    if kind == "labels":
+        if y.dtype != torch.int64 or y.dim() != 1:
+            raise ValueError(f"data: this loss needs integer class labels of shape [N], got "
+                             f"{y.dtype} {list(y.shape)}")
+        if int(y.max()) >= out_dim:
+            raise ValueError(f"sizes: the last layer has {out_dim} outputs but the labels go up to "
+                             f"{int(y.max())}")
+        return y
+    if y.dtype == torch.int64:
+        if out_dim == 1:
+            return y.to(dtype).unsqueeze(1)
+        if int(y.max()) >= out_dim:
+            raise ValueError(f"sizes: the last layer has {out_dim} outputs but the labels go up to "
+                             f"{int(y.max())}")
+        return torch.nn.functional.one_hot(y, out_dim).to(dtype)
+    if y.dim() != 2 or y.shape[1] != out_dim:
+        raise ValueError(f"sizes: the last layer has {out_dim} outputs but the targets have shape "
+                         f"{list(y.shape)}")
+    return y.to(dtype)
+
+
+def batches(n, batch_size, steps, seed):
+    """Index tensors for `steps` mini-batches: one seeded generator, a fresh permutation per epoch,
+    the last partial batch of each epoch kept as it is.  batch_size None or ≥ n: full batch."""
+    if batch_size is None or batch_size >= n:
+        return [None] * steps
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    while len(out) < steps:
+        perm = torch.randperm(n, generator=gen)
+        out.extend(perm[i:i + batch_size] for i in range(0, n, batch_size))
+    return out[:steps]

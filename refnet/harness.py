@@ -1,0 +1,140 @@
+"""Run the manual MLP and the autograd twin side by side from the same parameters and data.
+
+Two kinds of check: gradients at a point (one forward/backward on each side) and training runs
+(N steps of forward, backward and update on each side, comparing the per-step losses and the
+final parameters).  Both return lists of `Verdict`s from refnet.compare.
+"""
+from dataclasses import dataclass
+
+import torch
+
+import manual
+from manual.losses import target_kind
+from manual.mlp import MLP, init_params
+from refnet import data as datasets
+from refnet import twin as twin_mod
+from refnet.compare import compare_curves, compare_tensors
+from refnet.spec import Spec
+
+
+@dataclass
+class Pair:
+    """A manual MLP and its autograd twin built from one spec, starting from the same parameters."""
+    spec: Spec
+    mlp: MLP
+    twin: twin_mod.Twin
+    twin_loss: torch.nn.Module
+    twin_opt: torch.optim.Optimizer
+
+
+def build_pair(spec, params=None):
+    """Build both sides.  params: dict in nn.Linear layout; default: seeded init of the spec."""
+    dtype, device = spec.torch_dtype, spec.device
+    if params is None:
+        params = init_params(spec.sizes, spec.activation, spec.bias, scheme=spec.init,
+                             seed=spec.seed, dtype=dtype, device=device, k=spec.k)
+    params = {name: t.detach().to(dtype=dtype, device=device).clone() for name, t in params.items()}
+    opt_settings = dict(spec.optimizer)
+    opt_name = opt_settings.pop("name")
+    mlp = MLP(params, spec.activation, spec.loss, manual.make_optimizer(opt_name, **opt_settings),
+              **spec.options)
+    twin = twin_mod.Twin(spec.sizes, spec.activation, spec.bias, dtype=dtype, device=device,
+                         **spec.options)
+    twin_mod.load_params(twin, params)
+    twin_opt = twin_mod.make_optimizer(twin, opt_name, **opt_settings)
+    return Pair(spec, mlp, twin, twin_mod.loss_module(spec.loss), twin_opt)
+
+
+def load_data(spec):
+    """(x, target) for a spec, on its device and dtype, targets shaped for its loss."""
+    dtype, device = spec.torch_dtype, spec.device
+    n = spec.n_samples
+    if spec.data == "xor":
+        x, y = datasets.xor(n_copies=max(1, (n or 4) // 4), dtype=dtype, device=device)
+    elif spec.data == "circles":
+        x, y = datasets.circles(n=n or 200, seed=spec.seed, dtype=dtype, device=device)
+    elif spec.data == "spiral":
+        x, y = datasets.spiral(n_per_class=max(1, (n or 300) // 3), seed=spec.seed, dtype=dtype,
+                               device=device)
+    elif spec.data == "random":
+        x, y = datasets.random(n=n or 64, d_in=spec.sizes[0], d_out=spec.sizes[-1], seed=spec.seed,
+                               dtype=dtype, device=device)
+    else:
+        x, y = datasets.load_npz(spec.data, dtype=dtype, device=device)
+    if x.shape[1] != spec.sizes[0]:
+        raise ValueError(f"sizes: the first layer takes {spec.sizes[0]} inputs but data "
+                         f"{spec.data!r} has {x.shape[1]} features")
+    return x, datasets.make_targets(y, target_kind(spec.loss), spec.sizes[-1], dtype)
+
+
+def twin_forward_backward(pair, x, target, input_grad=True):
+    """One forward/backward of the twin; returns (loss, output, grad of x or None)."""
+    pair.twin_opt.zero_grad(set_to_none=True)
+    xt = x.detach().clone().requires_grad_(input_grad)
+    out = pair.twin(xt)
+    loss = pair.twin_loss(out, target)
+    loss.backward()
+    return loss.detach(), out.detach(), (xt.grad if input_grad else None)
+
+
+def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
+    """Loss, output, every parameter gradient and the input gradient: manual vs twin."""
+    trace = {}
+    loss_m, cache = pair.mlp.forward(x, target, trace=trace)
+    grads_m, dx_m = pair.mlp.backward(cache)
+    out_m = trace["output"]
+    loss_t, out_t, dx_t = twin_forward_backward(pair, x, target)
+    verdicts = [compare_tensors(prefix + "loss", loss_m, loss_t, "forward", strict_bits=strict_bits),
+                compare_tensors(prefix + "output", out_m, out_t, "forward", strict_bits=strict_bits)]
+    grads_t = twin_mod.grads_of(pair.twin)
+    for name, g in grads_m.items():
+        verdicts.append(compare_tensors(f"{prefix}{name}.grad", g, grads_t[name], "grad",
+                                        strict_bits=strict_bits))
+    verdicts.append(compare_tensors(prefix + "input.grad", dx_m, dx_t, "grad", strict_bits=strict_bits))
+    return verdicts
+
+
+def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None):
+    """Train both sides for `steps` steps on the same mini-batches.
+
+    Returns (manual losses, twin losses) as 1-D tensors (the loss of each step before its update).
+    on_step(step, loss_manual, loss_twin) is called after every step when given.
+    """
+    index_list = datasets.batches(x.shape[0], batch_size, steps, seed)
+    losses_m, losses_t = [], []
+    for step, idx in enumerate(index_list):
+        xb, tb = (x, target) if idx is None else (x[idx.to(x.device)], target[idx.to(x.device)])
+        loss_m = pair.mlp.train_step(xb, tb)
+        pair.twin_opt.zero_grad(set_to_none=True)
+        loss_t = pair.twin_loss(pair.twin(xb), tb)
+        loss_t.backward()
+        pair.twin_opt.step()
+        losses_m.append(loss_m.detach())
+        losses_t.append(loss_t.detach())
+        if on_step is not None:
+            on_step(step, losses_m[-1], losses_t[-1])
+    return torch.stack(losses_m), torch.stack(losses_t)
+
+
+def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=False):
+    """Train in lockstep; compare the loss curves and the final parameters."""
+    losses_m, losses_t = train_lockstep(pair, x, target, steps, batch_size, seed)
+    verdicts = [compare_curves("loss_curve", losses_m, losses_t, strict_bits=strict_bits)]
+    final_t = twin_mod.params_of(pair.twin)
+    for name, p in pair.mlp.params.items():
+        verdicts.append(compare_tensors(f"final.{name}", p, final_t[name], "curve",
+                                        strict_bits=strict_bits))
+    return verdicts, (losses_m, losses_t)
+
+
+def spec_checks(spec, strict_bits=False):
+    """The checks of a user's spec: gradients at init, the loss curve over spec.steps, and the
+    final parameters, manual vs autograd."""
+    from refnet.examples import Check
+    x, target = load_data(spec)
+    checks = [Check("grad@init", gradient_checks(build_pair(spec), x, target, strict_bits))]
+    verdicts, _ = curve_checks(build_pair(spec), x, target, spec.steps, spec.batch_size, spec.seed,
+                               strict_bits)
+    checks.append(Check(f"loss_curve[{spec.steps}]", verdicts[:1]))
+    checks.append(Check("final_params", verdicts[1:]))
+    return checks

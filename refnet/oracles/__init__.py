@@ -1,0 +1,1 @@
+"""Independent oracles that share no code with manual/ or the twin."""

@@ -1,0 +1,140 @@
+"""Run examples into a report: rows for a table and the JSON report of DESIGN.md."""
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from refnet import examples
+from refnet.settings import determinism
+
+DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def row(example, check, device, dtype):
+    vs = check.verdicts
+    curves = [v for v in vs if v.steps is not None]
+    worst = max(vs, key=lambda v: (v.max_ulp, v.max_abs_diff), default=None)
+    return {
+        "example": example, "check": check.name, "oracle": check.oracle, "device": device,
+        "dtype": dtype, "tier": check.tier, "passed": check.passed,
+        "max_abs_diff": max((v.max_abs_diff for v in vs), default=None),
+        "max_rel_diff": max((v.max_rel_diff for v in vs), default=None),
+        "max_ulp": max((v.max_ulp for v in vs), default=None),
+        "worst_tensor": worst.name if worst is not None and worst.tier != "bitwise" else None,
+        "steps": curves[0].steps if curves else None,
+        "identical_steps": curves[0].identical_steps if curves else None,
+        "first_divergence": curves[0].first_divergence if curves else None,
+        "note": check.note,
+        "failures": check.failures(),
+        "tensors": [v.to_dict() for v in vs],
+    }
+
+
+def run(names=None, devices=("cpu",), dtypes=("float32", "float64"), strict_bits=False,
+        on_row=None):
+    """Run the named examples (default: all) -> report dict.  on_row(row) after each check."""
+    todo = [examples.get(n) for n in names] if names else list(examples.all_examples().values())
+    rows, started = [], time.time()
+    report = {"results": rows, "summary": {}, "complete": False}
+    for ex in todo:
+        for device in devices:
+            if device not in ex.devices:
+                continue
+            for dtype in dtypes:
+                if dtype not in ex.dtypes:
+                    continue
+                ctx = examples.Context(device=device, dtype=DTYPE_NAMES[dtype], strict_bits=strict_bits)
+                with determinism(device):
+                    checks = ex.run(ctx)
+                for check in checks:
+                    r = row(ex.name, check, device, dtype)
+                    rows.append(r)
+                    if on_row:
+                        on_row(r)
+    report["complete"] = True
+    report["summary"] = summarize(rows, time.time() - started, strict_bits)
+    return report
+
+
+def summarize(rows, seconds, strict_bits=False):
+    tiers = {}
+    for r in rows:
+        tiers[r["tier"]] = tiers.get(r["tier"], 0) + 1
+    return {"checks": len(rows), "passed": sum(r["passed"] for r in rows),
+            "failed": sum(not r["passed"] for r in rows), "tiers": tiers,
+            "all_passed": bool(rows) and all(r["passed"] for r in rows),
+            "strict_bits": strict_bits, "seconds": round(seconds, 2),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+COLUMNS = [("example", 18), ("device", 6), ("dtype", 7), ("check", 22), ("tier", 9),
+           ("max_abs_diff", 12), ("max_ulp", 8), ("identical_steps", 15), ("passed", 6)]
+
+
+def _cell(key, value):
+    if value is None:
+        return "-"
+    if key == "passed":
+        return "PASS" if value else "FAIL"
+    if key == "max_abs_diff":
+        return f"{value:.2e}"
+    if key == "max_ulp":
+        return "inf" if value == float("inf") else f"{value:.0f}"
+    return str(value)
+
+
+def header():
+    return "  ".join(name.ljust(w) for name, w in COLUMNS)
+
+
+def format_row(r):
+    cells = []
+    for key, w in COLUMNS:
+        v = _cell(key, r.get(key))
+        if key == "identical_steps" and r.get("steps") is not None:
+            v = f"{r['identical_steps']}/{r['steps']}"
+        cells.append(v.ljust(w))
+    return "  ".join(cells).rstrip()
+
+
+def check_writable(path):
+    """Fail early (before running anything) when the report could not be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--json: folder does not exist: {folder}")
+    if os.path.isdir(path):
+        raise ValueError(f"--json: {path} is a folder; expected a file name")
+
+
+def write_json(report, path):
+    """Write atomically: a temporary file in the same folder, then rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--json: folder does not exist: {folder}")
+    fd, tmp = tempfile.mkstemp(prefix=".refnet-", suffix=".json.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_clean(report), f, indent=2, allow_nan=False, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(obj):
+    return str(obj)
+
+
+def _clean(obj):
+    """JSON has no inf/NaN: write them as the strings "inf", "-inf", "nan"."""
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return "nan" if obj != obj else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj

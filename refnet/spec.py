@@ -1,0 +1,149 @@
+"""One spec builds both implementations: the manual MLP and the autograd twin.
+
+The JSON form (``refnet verify --spec FILE.json``) has the same keys as the dataclass; README.md
+documents each key and its default.  Unknown keys are rejected.
+"""
+from dataclasses import asdict, dataclass, field, fields
+import json
+import math
+import os
+
+import torch
+
+import manual
+from manual.mlp import INIT_SCHEMES
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DATASETS = ("xor", "circles", "spiral", "random")
+
+
+def _default_optimizer():
+    return {"name": "sgd", "lr": 0.01}
+
+
+@dataclass
+class Spec:
+    sizes: list
+    activation: object = "tanh"          # a name, or a list with one name per hidden layer
+    bias: bool = True
+    loss: str = "sum_squared"
+    optimizer: dict = field(default_factory=_default_optimizer)
+    steps: int = 100
+    batch_size: int | None = None        # None: full batch
+    data: str = "random"                 # xor | circles | spiral | random | path/to/file.npz
+    n_samples: int | None = None         # size of a generated data set (None: its default)
+    dtype: str = "float64"
+    device: str = "cpu"
+    seed: int = 0
+    init: str = "uniform"                # uniform (nn.Linear's) | randn (the document's)
+    slope: float = 0.1                   # leaky_relu
+    alpha: float = 1.0                   # elu
+    k: int = 2                           # maxout pieces
+    name: str = "spec"
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- validation: every message names the key and what was expected --
+    def validate(self):
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(self.sizes, (list, tuple)) or len(self.sizes) < 2 \
+                or not all(is_int(s) for s in self.sizes):
+            raise ValueError(f"sizes: expected a list of at least 2 integers, got {self.sizes!r}")
+        if any(s < 1 for s in self.sizes):
+            raise ValueError(f"sizes: expected every width >= 1, got {list(self.sizes)}")
+        self.sizes = list(self.sizes)
+        n_hidden = len(self.sizes) - 2
+        acts = [self.activation] * n_hidden if isinstance(self.activation, str) else self.activation
+        if not isinstance(acts, (list, tuple)) or len(acts) != n_hidden:
+            raise ValueError(f"activation: expected a name or a list of {n_hidden} names (one per "
+                             f"hidden layer), got {self.activation!r}")
+        for a in acts:
+            if a not in manual.ACTIVATIONS:
+                raise ValueError(f"activation: unknown name {a!r}; expected one of "
+                                 f"{', '.join(manual.ACTIVATIONS)}")
+        if not isinstance(self.activation, str):
+            self.activation = list(self.activation)
+        if not isinstance(self.bias, bool):
+            raise TypeError(f"bias: expected true or false, got {self.bias!r}")
+        if self.loss not in manual.LOSSES:
+            raise ValueError(f"loss: unknown name {self.loss!r}; expected one of "
+                             f"{', '.join(manual.LOSSES)}")
+        if not isinstance(self.optimizer, dict) or "name" not in self.optimizer:
+            raise ValueError(f"optimizer: expected an object with a 'name', got {self.optimizer!r}")
+        opt = dict(self.optimizer)
+        manual.make_optimizer(opt.pop("name"), **opt)  # validates name and settings
+        if not is_int(self.steps) or self.steps < 1:
+            raise ValueError(f"steps: expected an integer >= 1, got {self.steps!r}")
+        if self.batch_size is not None and (not is_int(self.batch_size) or self.batch_size < 1):
+            raise ValueError(f"batch_size: expected an integer >= 1 or null, got {self.batch_size!r}")
+        if not isinstance(self.data, str) or (self.data not in DATASETS
+                                              and not self.data.endswith(".npz")):
+            raise ValueError(f"data: expected one of {', '.join(DATASETS)} or a path to an .npz "
+                             f"file, got {self.data!r}")
+        if self.data.endswith(".npz") and not os.path.isfile(self.data):
+            raise ValueError(f"data: file not found: {self.data}")
+        if self.n_samples is not None and (not is_int(self.n_samples) or self.n_samples < 1):
+            raise ValueError(f"n_samples: expected an integer >= 1 or null, got {self.n_samples!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected cpu or cuda, got {self.device!r}")
+        if not is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"init: expected one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
+        for key in ("slope", "alpha"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{key}: expected a finite number, got {v!r}")
+        if not is_int(self.k) or self.k < 1:
+            raise ValueError(f"k: expected an integer >= 1, got {self.k!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
+
+    @property
+    def torch_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def activations(self):
+        n_hidden = len(self.sizes) - 2
+        return [self.activation] * n_hidden if isinstance(self.activation, str) else list(self.activation)
+
+    @property
+    def options(self):
+        return {"slope": self.slope, "alpha": self.alpha, "k": self.k}
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw, **overrides):
+        if not isinstance(raw, dict):
+            raise ValueError(f"spec: expected a JSON object, got {type(raw).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"spec: unknown key(s) {unknown}; expected keys among {sorted(known)}")
+        if "sizes" not in raw:
+            raise ValueError("sizes: required key missing from the spec")
+        return cls(**{**raw, **overrides})
+
+    @classmethod
+    def from_json(cls, path, **overrides):
+        if not os.path.isfile(path):
+            raise ValueError(f"--spec: file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--spec: {path} is not valid JSON (line {exc.lineno}, column "
+                             f"{exc.colno}: {exc.msg})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--spec: {path} is not UTF-8 text") from None
+        if isinstance(raw, dict) and "name" not in raw:
+            raw["name"] = os.path.splitext(os.path.basename(path))[0]
+        return cls.from_dict(raw, **overrides)

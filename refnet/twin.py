@@ -1,0 +1,89 @@
+"""The autograd twin: the same MLP as stock PyTorch pieces (nn.Linear, activation modules, a
+torch loss, torch.optim), so that autograd — not this file — computes its gradients."""
+import torch
+from torch import nn
+
+import manual.mlp
+
+
+class Maxout(nn.Module):
+    """max over each group of k consecutive features: (N, H·k) -> (N, H), via max(dim)."""
+
+    def __init__(self, k=2):
+        super().__init__()
+        self.k = k
+
+    def forward(self, z):
+        return z.view(z.shape[0], z.shape[1] // self.k, self.k).max(2).values
+
+    def extra_repr(self):
+        return f"k={self.k}"
+
+
+def activation_module(name, slope=0.1, alpha=1.0, k=2):
+    makers = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU,
+              "leaky_relu": lambda: nn.LeakyReLU(slope), "elu": lambda: nn.ELU(alpha),
+              "maxout": lambda: Maxout(k), "identity": nn.Identity}
+    if name not in makers:
+        raise ValueError(f"activation: unknown name {name!r}; expected one of {', '.join(makers)}")
+    return makers[name]()
+
+
+def loss_module(name):
+    makers = {"sum_squared": lambda: nn.MSELoss(reduction="sum"), "mse": nn.MSELoss,
+              "cross_entropy": nn.CrossEntropyLoss, "svm": lambda: nn.MultiMarginLoss(margin=1.0)}
+    if name not in makers:
+        raise ValueError(f"loss: unknown name {name!r}; expected one of {', '.join(makers)}")
+    return makers[name]()
+
+
+class Twin(nn.Module):
+    """layers: ModuleList of nn.Linear; acts: one activation module per hidden layer."""
+
+    def __init__(self, sizes, activation="sigmoid", bias=True, *, slope=0.1, alpha=1.0, k=2,
+                 dtype=torch.float64, device="cpu"):
+        super().__init__()
+        acts = manual.mlp._activation_list(activation, len(sizes) - 2)
+        widths = manual.mlp.linear_widths(sizes, acts, k)
+        # skip_init: no draw from the global RNG; the parameters are copied in afterwards.
+        self.layers = nn.ModuleList(
+            torch.nn.utils.skip_init(nn.Linear, d_in, width, bias=bias, dtype=dtype, device=device)
+            for d_in, width in zip(sizes[:-1], widths))
+        self.acts = nn.ModuleList(activation_module(a, slope, alpha, k) for a in acts)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.acts):
+                x = self.acts[i](x)
+        return x
+
+
+def load_params(twin, params):
+    """Copy a dict of tensors named like twin.state_dict() into the twin (shapes must match)."""
+    state = twin.state_dict()
+    if set(state) != set(params):
+        raise ValueError(f"params: expected names {sorted(state)}, got {sorted(params)}")
+    with torch.no_grad():
+        for name, t in twin.named_parameters():
+            if t.shape != params[name].shape:
+                raise ValueError(f"params[{name!r}]: expected shape {list(t.shape)}, "
+                                 f"got {list(params[name].shape)}")
+            t.copy_(params[name])
+
+
+def params_of(twin):
+    """The twin's parameters as a dict of detached clones."""
+    return {name: p.detach().clone() for name, p in twin.named_parameters()}
+
+
+def grads_of(twin):
+    return {name: p.grad for name, p in twin.named_parameters()}
+
+
+def make_optimizer(twin, name, **settings):
+    """The stock torch.optim optimizer for the twin's parameters."""
+    makers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if name not in makers:
+        raise ValueError(f"optimizer.name: unknown name {name!r}; expected one of {', '.join(makers)}")
+    return makers[name](twin.parameters(), **settings)

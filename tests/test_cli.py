@@ -1,0 +1,45 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def refnet(*args, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "refnet", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_verify_spec_writes_json(tmp_path):
+    spec = tmp_path / "net.json"
+    spec.write_text(json.dumps({"sizes": [2, 5, 1], "activation": "tanh", "data": "xor",
+                                "steps": 20, "optimizer": {"name": "sgd", "lr": 0.1}}))
+    out = tmp_path / "r.json"
+    res = refnet("verify", "--spec", str(spec), "--dtype", "all", "--json", str(out), "--strict-bits")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rep = json.loads(out.read_text())
+    assert rep["summary"]["all_passed"] and rep["complete"]
+    assert {r["dtype"] for r in rep["results"]} == {"float32", "float64"}
+    for r in rep["results"]:
+        for key in ("example", "check", "device", "dtype", "tier", "passed", "max_abs_diff",
+                    "max_ulp", "steps", "identical_steps"):
+            assert key in r
+        assert r["tier"] == "bitwise"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["verify", "--example", "no_such_example"], "--example: unknown name 'no_such_example'"),
+    (["verify", "--spec", "/nonexistent/x.json"], "--spec: file not found"),
+    (["verify", "--dtype", "float16"], "--dtype"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_bad_input_one_line_exit_2(args, fragment, tmp_path):
+    res = refnet(*args, cwd=tmp_path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in res.stderr
+    assert res.stdout == ""

@@ -1,0 +1,101 @@
+"""Each manual op's backward against central finite differences in float64, and shape checks."""
+import pytest
+import torch
+
+import manual
+from manual import activations as A
+from manual import layers, losses
+from refnet.fd import numeric_gradient, rel_error
+
+F64 = torch.float64
+
+
+def rand(*shape, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=F64) * scale
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_finite_differences(bias):
+    x, w, b = rand(5, 7, seed=1), rand(3, 7, seed=2), rand(3, seed=3) if bias else None
+    dout = rand(5, 3, seed=4)
+    out, cache = manual.linear_forward(x, w, b)
+    dx, dw, db = manual.linear_backward(dout, cache)
+    f = lambda: manual.linear_forward(x, w, b)[0]  # noqa: E731
+    assert rel_error(dx, numeric_gradient(f, x, dout)).max() < 1e-8
+    assert rel_error(dw, numeric_gradient(f, w, dout)).max() < 1e-8
+    if bias:
+        assert rel_error(db, numeric_gradient(f, b, dout)).max() < 1e-8
+    else:
+        assert db is None
+
+
+def test_linear_column_major_input():
+    x = rand(7, 5, seed=1).t()  # column-major (5, 7)
+    w, dout = rand(3, 7, seed=2), rand(5, 3, seed=4)
+    _, cache = manual.linear_forward(x, w)
+    dx, _, _ = manual.linear_backward(dout, cache)
+    assert torch.allclose(dx, dout @ w)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "identity", "maxout"])
+def test_activation_matches_finite_differences(name):
+    x = rand(6, 8, seed=5)
+    x[x.abs() < 1e-3] += 0.01  # keep away from kinks: a central difference there means nothing
+    y, cache = manual.activation_forward(name, x)
+    dy = rand(*y.shape, seed=6)
+    dx = manual.activation_backward(name, dy, cache)
+    num = numeric_gradient(lambda: manual.activation_forward(name, x)[0].clone(), x, dy)
+    assert dx.shape == x.shape
+    assert rel_error(dx, num).max() < 1e-7
+
+
+@pytest.mark.parametrize("name", ["sum_squared", "mse"])
+def test_loss_matches_finite_differences(name):
+    y, t = rand(4, 3, seed=7), rand(4, 3, seed=8)
+    loss, cache = manual.loss_forward(name, y, t)
+    dy = manual.loss_backward(name, torch.ones((), dtype=F64), cache)
+    num = numeric_gradient(lambda: manual.loss_forward(name, y, t)[0], y)
+    assert rel_error(dy, num).max() < 1e-8
+
+
+def test_mlp_backward_matches_finite_differences():
+    sizes = [5, 7, 6, 3]
+    params = manual.mlp.init_params(sizes, ["tanh", "sigmoid"], True, seed=3)
+    mlp = manual.MLP(params, ["tanh", "sigmoid"], "sum_squared")
+    x, t = rand(4, 5, seed=9), rand(4, 3, seed=10)
+    loss, cache = mlp.forward(x, t)
+    grads, dx = mlp.backward(cache)
+    f = lambda: mlp.forward(x, t)[0]  # noqa: E731
+    for name, p in params.items():
+        assert rel_error(grads[name], numeric_gradient(f, p)).max() < 1e-6, name
+    assert rel_error(dx, numeric_gradient(f, x)).max() < 1e-6
+
+
+def test_sgd_update_is_fused_multiply_add():
+    p = rand(50, seed=11).float()
+    g = rand(50, seed=12).float()
+    expected = torch.add(p, g, alpha=-0.1)
+    manual.make_optimizer("sgd", lr=0.1).step({"w": p}, {"w": g})
+    assert torch.equal(p, expected)
+
+
+def test_relu_backward_gives_positive_zero_and_passes_inf():
+    y, _ = A.relu_forward(torch.tensor([-1.0, 0.0, 2.0]))
+    dx = A.relu_backward(torch.tensor([-3.0, -3.0, float("inf")]), y)
+    assert dx.tolist() == [0.0, 0.0, float("inf")]
+    assert not torch.signbit(dx[:2]).any()
+
+
+def test_shape_errors_name_the_argument():
+    with pytest.raises(ValueError, match="x: expected shape"):
+        layers.linear_forward(torch.zeros(2, 3), torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        layers.linear_forward(torch.zeros(2, 5), torch.zeros(4, 5), torch.zeros(3))
+    with pytest.raises(TypeError, match="weight: expected dtype"):
+        layers.linear_forward(torch.zeros(2, 5), torch.zeros(4, 5, dtype=F64))
+    with pytest.raises(ValueError, match="target: expected shape"):
+        losses.sum_squared_forward  # noqa: B018
+        manual.loss_forward("sum_squared", torch.zeros(2, 3), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="activation: unknown name 'swish'"):
+        manual.activation_forward("swish", torch.zeros(2))
