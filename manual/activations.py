@@ -11,6 +11,8 @@ Conventions at kinks, matching PyTorch: ReLU'(0) = 0, LeakyReLU'(0) = slope, ELU
 import torch
 import torch.nn.functional as F
 
+from manual.kernel_exp import kernel_exp
+
 
 # --- sigmoid ---------------------------------------------------------------------------------
 def sigmoid_forward(x):
@@ -66,9 +68,21 @@ def elu_forward(x, alpha=1.0):
 
 
 def elu_backward(dy, cache):
-    # elu'(x) = 1 if x > 0 else α·eˣ (x = 0 takes the α·eˣ side, as elu_backward does).
+    """dy, x: same shape -> dx.
+
+    elu'(x) = 1 if x > 0 else α·eˣ (x = 0 takes the α·eˣ side, as elu_backward does).  The kernel
+    (is_result=False, what nn.ELU's autograd runs) evaluates ((dy·1)·α)·eˣ with its own eˣ:
+    SLEEF in vector lanes, std::exp in the scalar tail (manual/kernel_exp.py mirrors both; the
+    tail is ≤ 1 ulp from glibc on rare values).  NaN x: the vector lambda takes the α·eˣ side
+    (NaN), the scalar one and CUDA take dy.  ``dy*(y + α)`` (the in-place, is_result form) is not
+    what nn.ELU evaluates and loses all relative accuracy for x < −17 in float32.
+    """
     x, alpha = cache
-    return torch.where(x <= 0, dy * alpha * torch.exp(x), dy)
+    e, lanes = kernel_exp(x)
+    negative = x <= 0
+    if lanes is not None:
+        negative = negative | (torch.isnan(x) & lanes)
+    return torch.where(negative, dy * alpha * e, dy)
 
 
 # --- identity --------------------------------------------------------------------------------
