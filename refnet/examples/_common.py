@@ -1,0 +1,80 @@
+"""Helpers shared by the example modules: the three oracles as Checks.
+
+- ``twin_check``: manual vs autograd twin (bitwise expected on CPU; graded as compare.py says).
+- ``doc_check``: manual vs the document's printed numbers, each to the precision it is printed with.
+- ``fd_check``: manual vs central finite differences, in float64.
+- ``claim_check``: a measured claim of section 9 (holds or not, with the measured numbers).
+"""
+import torch
+
+from refnet.compare import Verdict, compare_tensors
+from refnet.examples import Check
+from refnet.fd import numeric_gradient
+
+# Central differences with h = 1e-6 in float64: truncation O(h²) + rounding O(ε/h) ≈ 1e-10 relative
+# on the smooth functions used here.
+FD_EPS = 1e-6
+FD_RTOL, FD_ATOL = 1e-6, 1e-8
+
+
+def as_tensor(v, ctx):
+    return torch.as_tensor(v, dtype=ctx.dtype).to(ctx.device)
+
+
+def twin_check(name, manual, twin, ctx, kind="grad", note=""):
+    """manual, twin: dicts name -> tensor (same keys)."""
+    verdicts = [compare_tensors(key, manual[key], twin[key], kind, strict_bits=ctx.strict_bits)
+                for key in manual]
+    return Check(name, verdicts, "manual vs autograd", note)
+
+
+def doc_check(name, values, expected, note=""):
+    """values: name -> tensor; expected: name -> (number or nested list, atol) from the document.
+
+    atol is the precision of the printed number (one unit of its last printed digit; 0 where the
+    document's number is exact), plus a float32 rounding allowance when values are float32.
+    """
+    verdicts = []
+    for key, (number, atol) in expected.items():
+        got = values[key]
+        want = torch.as_tensor(number, dtype=torch.float64)
+        slack = 1e-6 * max(1.0, float(want.abs().max())) if got.dtype == torch.float32 else 1e-12
+        verdicts.append(compare_tensors(key, got.detach().double().cpu().reshape(want.shape), want,
+                                        "forward", rtol=0.0, atol=atol + slack, ulp_limit=0,
+                                        required="tolerance"))
+    return Check(name, verdicts, "manual vs the document's numbers", note)
+
+
+def fd_check(name, f, inputs, analytic, indices=None, note=""):
+    """f(**inputs) -> tensor whose sum is differentiated; inputs: name -> float64 tensor (perturbed
+    in place); analytic: name -> gradient (any dtype, compared in float64).  indices: name -> flat
+    indices to sample (default: all)."""
+    verdicts = []
+    for key, x in inputs.items():
+        idx = None if indices is None else indices.get(key)
+        num = numeric_gradient(lambda: f(**inputs), x, eps=FD_EPS, indices=idx)
+        ana = analytic[key].detach().double()
+        if idx is not None:
+            flat = torch.as_tensor(list(idx), dtype=torch.long, device=ana.device)
+            num, ana = num.reshape(-1)[flat], ana.reshape(-1)[flat]
+        verdicts.append(compare_tensors(key, ana.cpu(), num.cpu(), "grad", rtol=FD_RTOL,
+                                        atol=FD_ATOL, ulp_limit=0, required="tolerance"))
+    return Check(name, verdicts, "manual vs finite differences (float64)", note)
+
+
+def sample_indices(numel, k, seed=0):
+    """k distinct flat indices (all when numel <= k), seeded."""
+    if numel <= k:
+        return list(range(numel))
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(numel, generator=gen)[:k].tolist())
+
+
+def claim_check(name, holds, note):
+    """A measured claim: tier 'tolerance' when it holds (it is a measurement, never 'bitwise')."""
+    v = Verdict(name=name, tier="tolerance" if holds else "fail", passed=bool(holds), note=note)
+    return Check(name, [v], "measured claim", note)
+
+
+def named(checks):
+    return {c.name: c for c in checks}
