@@ -55,7 +55,7 @@ class Example:
 
 
 REGISTRY = {}
-_MODULES = ("seed",)
+_MODULES = ("seed", "scalar", "activations", "vectorized", "deep", "nonlinearity", "claims")
 _loaded = False
 
 

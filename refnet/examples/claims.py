@@ -1,0 +1,73 @@
+"""Section 9: the document's claims, measured.  Manual and twin train in lockstep in every run.
+
+- width_sweep: one hidden layer fitting y = sin(3x) on [-1, 1]: the error falls as width grows.
+- capacity_gap: small noisy training set; wider and deeper nets fit it better and the gap between
+  held-out and training error grows.
+"""
+import math
+
+import torch
+
+from refnet.examples import Check, register
+from refnet.examples._common import claim_check
+from refnet.harness import build_pair, curve_checks
+from refnet.spec import Spec
+
+WIDTHS = (1, 2, 4, 16)
+WIDTH_STEPS, WIDTH_N = 400, 32
+CAPACITY = {"1x2": [1, 2, 1], "1x32": [1, 32, 1], "2x32": [1, 32, 32, 1]}
+GAP_STEPS, GAP_TRAIN, GAP_HELD_OUT, GAP_NOISE = 400, 12, 200, 0.3
+
+
+def sine(n, ctx, noise=0.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, generator=gen, dtype=torch.float64) * 2 - 1
+    y = torch.sin(3 * x) + noise * torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    return x.to(ctx.dtype).to(ctx.device), y.to(ctx.dtype).to(ctx.device)
+
+
+def _train(sizes, x, y, steps, ctx, lr, name):
+    spec = Spec(sizes=sizes, activation="tanh", bias=True, loss="mse",
+                optimizer={"name": "sgd", "lr": lr, "momentum": 0.9}, steps=steps, data="random",
+                dtype=ctx.dtype_name, device=ctx.device, seed=2, name=name)
+    pair = build_pair(spec)
+    verdicts, (losses, _) = curve_checks(pair, x, y, steps, strict_bits=ctx.strict_bits)
+    return pair, verdicts
+
+
+def _mse(pair, x, y):
+    out, _ = pair.mlp.predict(x)
+    return float(((out - y) ** 2).mean())
+
+
+@register("width_sweep", "one hidden layer, widths 1→16, fitting sin(3x): error falls", "9")
+def run_width_sweep(ctx):
+    x, y = sine(WIDTH_N, ctx)
+    checks, errors = [], {}
+    for w in WIDTHS:
+        pair, verdicts = _train([1, w, 1], x, y, WIDTH_STEPS, ctx, 0.1, f"width_{w}")
+        checks.append(Check(f"width_{w}.loss_curve[{WIDTH_STEPS}]", verdicts[:1]))
+        errors[w] = _mse(pair, x, y)
+    table = ", ".join(f"width {w}: {e:.2e}" for w, e in errors.items())
+    falls = all(errors[a] > errors[b] for a, b in zip(WIDTHS, WIDTHS[1:]))
+    checks.append(claim_check("error_falls_with_width", falls and errors[WIDTHS[-1]] < 0.2 * errors[WIDTHS[0]],
+                              f"training MSE {table} (each wider net lower; widest < 1/5 of width 1)"))
+    return checks
+
+
+@register("capacity_gap", "more units and layers: lower training error, larger held-out gap", "9")
+def run_capacity_gap(ctx):
+    x, y = sine(GAP_TRAIN, ctx, noise=GAP_NOISE, seed=1)
+    xh, yh = sine(GAP_HELD_OUT, ctx, noise=GAP_NOISE, seed=2)
+    checks, train, gap = [], {}, {}
+    for name, sizes in CAPACITY.items():
+        pair, verdicts = _train(sizes, x, y, GAP_STEPS, ctx, 0.1, name)
+        checks.append(Check(f"{name}.loss_curve[{GAP_STEPS}]", verdicts[:1]))
+        train[name] = _mse(pair, x, y)
+        gap[name] = _mse(pair, xh, yh) - train[name]
+    table = "; ".join(f"{n}: train {train[n]:.3f}, gap {gap[n]:.3f}" for n in CAPACITY)
+    names = list(CAPACITY)
+    checks.append(claim_check("train_error_falls", train[names[-1]] < train[names[0]],
+                              f"{table}"))
+    checks.append(claim_check("gap_grows", gap[names[-1]] > gap[names[0]], f"{table}"))
+    return checks
