@@ -30,6 +30,14 @@ def _activation_list(activation, n_hidden):
     return acts
 
 
+def _layer_index(name):
+    """i for a name 'layers.{i}.weight' or 'layers.{i}.bias', else None."""
+    parts = name.split(".") if isinstance(name, str) else []
+    if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] in ("weight", "bias"):
+        return int(parts[1])
+    return None
+
+
 def linear_widths(sizes, activations, k=2):
     """Output width of each linear layer (H·K in front of a Maxout)."""
     return [sizes[i + 1] * (k if i < len(activations) and activations[i] == "maxout" else 1)
@@ -73,14 +81,14 @@ class MLP:
                  slope=0.1, alpha=1.0, k=2):
         if not isinstance(params, dict) or not params:
             raise TypeError("params: expected a non-empty dict of tensors named layers.{i}.weight")
-        n_layers = sum(1 for name in params if name.endswith(".weight"))
+        extra = sorted(str(name) for name in params if _layer_index(name) is None)
+        if extra:
+            raise ValueError(f"params: unexpected names {extra}; expected layers.{{i}}.weight / "
+                             f"layers.{{i}}.bias")
+        n_layers = 1 + max(_layer_index(name) for name in params)
         for i in range(n_layers):
             if f"layers.{i}.weight" not in params:
                 raise ValueError(f"params: missing 'layers.{i}.weight'")
-        known = {f"layers.{i}.{kind}" for i in range(n_layers) for kind in ("weight", "bias")}
-        extra = set(params) - known
-        if extra:
-            raise ValueError(f"params: unexpected names {sorted(extra)}")
         first = params["layers.0.weight"]
         for name, t in params.items():
             _check.tensor(f"params[{name!r}]", t, ndim=2 if name.endswith("weight") else 1)
@@ -98,6 +106,9 @@ class MLP:
         for i in range(self.n_layers):
             w = self.params[f"layers.{i}.weight"]
             b = self.params.get(f"layers.{i}.bias")
+            if 0 in w.shape:
+                raise ValueError(f"params['layers.{i}.weight']: expected a layer at least 1 wide "
+                                 f"and 1 deep, got shape {list(w.shape)}")
             if b is not None and b.shape[0] != w.shape[0]:
                 raise ValueError(f"params['layers.{i}.bias']: expected shape [{w.shape[0]}], "
                                  f"got {list(b.shape)}")

@@ -11,7 +11,7 @@ import torch
 from refnet import report as report_mod
 from refnet.settings import default_device, resolve_devices
 
-EXIT_FAILED, EXIT_USAGE = 1, 2
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,6 +57,8 @@ def cmd_verify(args):
         dtypes = _dtypes(args.dtype) if args.dtype else [base.dtype]
         if "cuda" in devices:
             resolve_devices("cuda")
+        from refnet.harness import load_data
+        load_data(base)  # data errors (missing arrays, feature count) fail before any output
         run = lambda: run_spec(base, devices, dtypes, args.strict_bits, on_row)  # noqa: E731
     else:
         for name in args.example or []:
@@ -70,10 +72,15 @@ def cmd_verify(args):
         print(report_mod.header(), flush=True)
     rep = run()
     s = rep["summary"]
-    print(f"{s['passed']}/{s['checks']} checks passed  tiers {s['tiers']}  "
-          f"({s['seconds']} s, torch {s['torch']}, {s['threads']} threads)")
     if args.json:
         report_mod.write_json(rep, args.json)
+    if not rep["complete"]:
+        where = f", partial report in {args.json}" if args.json else ""
+        print(f"refnet: interrupted after {s['checks']} checks: INCOMPLETE, not a pass{where}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"{s['passed']}/{s['checks']} checks passed  tiers {s['tiers']}  "
+          f"({s['seconds']} s, torch {s['torch']}, {s['threads']} threads)")
     return 0 if s["all_passed"] else EXIT_FAILED
 
 
@@ -83,18 +90,22 @@ def run_spec(base, devices, dtypes, strict_bits, on_row):
     from refnet.settings import determinism
     from refnet.spec import Spec
 
-    rows, started = [], time.time()
-    for device in devices:
-        for dtype in dtypes:
-            spec = Spec.from_dict({**base.to_dict(), "device": device, "dtype": dtype})
-            with determinism(device):
-                for check in spec_checks(spec, strict_bits):
-                    r = report_mod.row(spec.name, check, device, dtype)
-                    rows.append(r)
-                    if on_row:
-                        on_row(r)
-    return {"results": rows, "complete": True,
-            "summary": report_mod.summarize(rows, time.time() - started, strict_bits)}
+    rows, started, complete = [], time.time(), False
+    try:
+        for device in devices:
+            for dtype in dtypes:
+                spec = Spec.from_dict({**base.to_dict(), "device": device, "dtype": dtype})
+                with determinism(device):
+                    for check in spec_checks(spec, strict_bits):
+                        r = report_mod.row(spec.name, check, device, dtype)
+                        rows.append(r)
+                        if on_row:
+                            on_row(r)
+        complete = True
+    except KeyboardInterrupt:
+        pass
+    return {"results": rows, "complete": complete, "interrupted": not complete,
+            "summary": report_mod.summarize(rows, time.time() - started, strict_bits, complete)}
 
 
 def build_parser():
@@ -119,4 +130,4 @@ def main(argv=None):
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("refnet: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

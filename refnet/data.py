@@ -66,14 +66,14 @@ def load_npz(path, dtype=torch.float64, device="cpu"):
         raise ValueError(f"data: file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = {"x", "y"} - set(f.files)
-            if missing:
-                raise ValueError(f"data: {path} lacks array(s) {sorted(missing)}; expected 'x' and 'y'")
-            x_np, y_np = f["x"], f["y"]
-    except ValueError:
-        raise
-    except Exception as exc:  # zipfile / format errors
+            files = set(f.files)
+            arrays = {k: f[k] for k in ("x", "y") if k in files}
+    except Exception as exc:  # not a zip, pickled objects, truncated members …
         raise ValueError(f"data: {path} is not a readable .npz file ({exc.__class__.__name__})") from None
+    missing = {"x", "y"} - set(arrays)
+    if missing:
+        raise ValueError(f"data: {path} lacks array(s) {sorted(missing)}; expected 'x' and 'y'")
+    x_np, y_np = arrays["x"], arrays["y"]
     if x_np.ndim != 2 or not np.issubdtype(x_np.dtype, np.number):
         raise ValueError(f"data: x in {path} must be a 2-D numeric array, got shape {list(x_np.shape)} "
                          f"dtype {x_np.dtype}")

@@ -34,37 +34,46 @@ def row(example, check, device, dtype):
 
 def run(names=None, devices=("cpu",), dtypes=("float32", "float64"), strict_bits=False,
         on_row=None):
-    """Run the named examples (default: all) -> report dict.  on_row(row) after each check."""
+    """Run the named examples (default: all) -> report dict.  on_row(row) after each check.
+
+    Ctrl-C (KeyboardInterrupt) stops the run and returns the rows so far in a report marked
+    ``"complete": false`` whose summary never claims success.
+    """
     todo = [examples.get(n) for n in names] if names else list(examples.all_examples().values())
     rows, started = [], time.time()
     report = {"results": rows, "summary": {}, "complete": False}
-    for ex in todo:
-        for device in devices:
-            if device not in ex.devices:
-                continue
-            for dtype in dtypes:
-                if dtype not in ex.dtypes:
+    try:
+        for ex in todo:
+            for device in devices:
+                if device not in ex.devices:
                     continue
-                ctx = examples.Context(device=device, dtype=DTYPE_NAMES[dtype], strict_bits=strict_bits)
-                with determinism(device):
-                    checks = ex.run(ctx)
-                for check in checks:
-                    r = row(ex.name, check, device, dtype)
-                    rows.append(r)
-                    if on_row:
-                        on_row(r)
-    report["complete"] = True
-    report["summary"] = summarize(rows, time.time() - started, strict_bits)
+                for dtype in dtypes:
+                    if dtype not in ex.dtypes:
+                        continue
+                    ctx = examples.Context(device=device, dtype=DTYPE_NAMES[dtype],
+                                           strict_bits=strict_bits)
+                    with determinism(device):
+                        checks = ex.run(ctx)
+                    for check in checks:
+                        r = row(ex.name, check, device, dtype)
+                        rows.append(r)
+                        if on_row:
+                            on_row(r)
+        report["complete"] = True
+    except KeyboardInterrupt:
+        report["interrupted"] = True
+    report["summary"] = summarize(rows, time.time() - started, strict_bits, report["complete"])
     return report
 
 
-def summarize(rows, seconds, strict_bits=False):
+def summarize(rows, seconds, strict_bits=False, complete=True):
     tiers = {}
     for r in rows:
         tiers[r["tier"]] = tiers.get(r["tier"], 0) + 1
     return {"checks": len(rows), "passed": sum(r["passed"] for r in rows),
             "failed": sum(not r["passed"] for r in rows), "tiers": tiers,
-            "all_passed": bool(rows) and all(r["passed"] for r in rows),
+            "all_passed": complete and bool(rows) and all(r["passed"] for r in rows),
+            "complete": complete,
             "strict_bits": strict_bits, "seconds": round(seconds, 2),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
