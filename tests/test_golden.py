@@ -265,3 +265,18 @@ def test_export_default_cases_and_bad_names(capsys):
     assert "two_layer_seed.float32" in names and "two_layer_seed.float64" in names
     assert cli.main(["export", "--out", "/tmp/x", "--example", "nope"]) == 2
     assert "--example: unknown name 'nope'" in capsys.readouterr().err
+
+
+def test_isolated_elementwise_ops_are_bitwise(exported, tmp_path):
+    """--isolate feeds each op the fixture's input: the elementwise ops, written in PyTorch's
+    order (loss gradient, sigmoid/tanh/maxout backward with tanh's fused 1 − y²), match bit for bit."""
+    port = load_port()
+    fixtures = exported[0]
+    assert port.main(["--isolate", str(fixtures), str(tmp_path / "iso")]) == 0
+    tiers = {(r["case"], r["name"]): r["tier"] for r in golden.check_port(str(tmp_path / "iso"),
+                                                                         str(fixtures))}
+    for case in ("small.float32", "small.float64", "two_layer_seed.float64"):
+        assert tiers[case, "backward.grad_output"] == "bitwise"
+        assert tiers[case, "backward.layers.0.grad_pre_activation"] == "bitwise"   # tanh / sigmoid
+    assert tiers["small.float64", "backward.layers.1.grad_pre_activation"] == "bitwise"  # maxout
+    assert tiers["small.float64", "forward.layers.1.activation"] == "bitwise"           # maxout

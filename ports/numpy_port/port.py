@@ -1,7 +1,11 @@
 """A port of refnet's manual MLP to NumPy: the worked example of the porting workflow.
 
-    python ports/numpy_port/port.py FIXTURE_DIR OUT_DIR
+    python ports/numpy_port/port.py [--isolate] FIXTURE_DIR OUT_DIR
     refnet check-port OUT_DIR --fixtures FIXTURE_DIR
+
+--isolate feeds every op the fixture's value of its input instead of the port's own (the
+backward of layer i starts from the fixture's grad_pre_activation, and so on), so each op is
+checked on its own and an error does not smear into everything after it.
 
 It imports numpy and the standard library only (a test enforces it) and is written the way a C
 port would be: a safetensors reader and writer by hand, one forward and one backward function per
@@ -233,37 +237,38 @@ class MLP:
             if a not in ACTIVATIONS:
                 raise ValueError(f"activation {a!r} is not supported by the NumPy port")
 
-    def forward(self, x, target, trace):
+    def forward(self, x, target, trace, feed=None):
+        """Forward, recording every intermediate in `trace`.  With `feed` (the fixtures), each op
+        takes its input from the fixture instead of from the op before it (--isolate)."""
         caches, h = [], x
         for i in range(self.n_layers):
             w, b = self.params[f"layers.{i}.weight"], self.params.get(f"layers.{i}.bias")
-            z = linear_forward(h, w, b)
-            trace[f"forward.layers.{i}.pre_activation"] = z
+            z = record(trace, feed, f"forward.layers.{i}.pre_activation", linear_forward(h, w, b))
             act_cache = None
             if i < self.n_layers - 1:
                 fwd, _, opt = ACTIVATIONS[self.acts[i]]
                 y, act_cache = fwd(z, self.options[opt]) if opt else fwd(z)
-                trace[f"forward.layers.{i}.activation"] = y
+                fed = record(trace, feed, f"forward.layers.{i}.activation", y)
+                act_cache, y = (fed if act_cache is y else act_cache), fed
             else:
                 y = z
             caches.append((h, act_cache))
             h = y
-        trace["forward.output"] = h
+        h = record(trace, feed, "forward.output", h)
         loss, diff = loss_forward(self.loss, h, target)
         trace["forward.loss"] = np.asarray(loss, dtype=h.dtype)
         return loss, (caches, diff)
 
-    def backward(self, cache, trace):
+    def backward(self, cache, trace, feed=None):
         caches, diff = cache
-        dh = loss_backward(self.loss, diff)
-        trace["backward.grad_output"] = dh
+        dh = record(trace, feed, "backward.grad_output", loss_backward(self.loss, diff))
         grads = {}
         for i in reversed(range(self.n_layers)):
             x_in, act_cache = caches[i]
             if i < self.n_layers - 1:
-                trace[f"backward.layers.{i}.grad_activation"] = dh
+                dh = record(trace, feed, f"backward.layers.{i}.grad_activation", dh)
                 dh = ACTIVATIONS[self.acts[i]][1](dh, act_cache)
-            trace[f"backward.layers.{i}.grad_pre_activation"] = dh
+            dh = record(trace, feed, f"backward.layers.{i}.grad_pre_activation", dh)
             dh, dw, db = linear_backward(dh, x_in, self.params[f"layers.{i}.weight"], self.bias)
             grads[f"layers.{i}.weight"] = dw
             trace[f"grads.layers.{i}.weight"] = dw
@@ -272,6 +277,12 @@ class MLP:
                 trace[f"grads.layers.{i}.bias"] = db
         trace["backward.grad_input"] = dh
         return grads
+
+
+def record(trace, feed, name, value):
+    """Keep our value for the output file; go on with the fixture's value when isolating."""
+    trace[name] = value
+    return value if feed is None else feed[name]
 
 
 class SGD:
@@ -301,7 +312,7 @@ class SGD:
 
 
 # --- a case: read, run, write ----------------------------------------------------------------
-def run_case(case, tensors):
+def run_case(case, tensors, isolate=False):
     spec = case["spec"]
     opt = dict(spec["optimizer"])
     if opt.pop("name") != "sgd":
@@ -310,8 +321,9 @@ def run_case(case, tensors):
     params = {k[len("init."):]: v.copy() for k, v in tensors.items() if k.startswith("init.")}
     out = {}
     mlp = MLP(spec, params)
-    _, cache = mlp.forward(x, target, out)
-    mlp.backward(cache, out)
+    feed = tensors if isolate else None
+    _, cache = mlp.forward(x, target, out, feed)
+    mlp.backward(cache, out, feed)
 
     # training: `steps` full-batch (or given mini-batch) steps, the loss of each before its update
     mlp, sgd, losses = MLP(spec, {k: v.copy() for k, v in params.items()}), SGD(**opt), []
@@ -335,8 +347,10 @@ def run_case(case, tensors):
 
 
 def main(argv):
+    isolate = "--isolate" in argv
+    argv = [a for a in argv if a != "--isolate"]
     if len(argv) != 2:
-        print("usage: python ports/numpy_port/port.py FIXTURE_DIR OUT_DIR", file=sys.stderr)
+        print("usage: python ports/numpy_port/port.py [--isolate] FIXTURE_DIR OUT_DIR", file=sys.stderr)
         return 2
     fixtures, out_dir = argv
     try:
@@ -349,7 +363,7 @@ def main(argv):
         written = []
         for case in manifest["cases"]:
             tensors = read_safetensors(os.path.join(fixtures, case["file"]))
-            out = run_case(case, tensors)
+            out = run_case(case, tensors, isolate)
             order = [e["name"] for e in case["tensors"] if e["kind"] is not None]
             path = os.path.join(out_dir, case["file"])
             write_safetensors(path, {name: out[name] for name in order})
@@ -358,6 +372,7 @@ def main(argv):
                                 "sha256": hashlib.sha256(f.read()).hexdigest()})
             print(f"{case['name']}: wrote {len(order)} tensors to {path}")
         port_manifest = {"schema_version": SCHEMA_VERSION, "port": "numpy " + np.__version__,
+                         "isolate": isolate,
                          "fixtures": os.path.abspath(fixtures), "cases": written}
         _write_atomic(os.path.join(out_dir, "manifest.json"),
                       (json.dumps(port_manifest, indent=1) + "\n").encode())
