@@ -37,9 +37,9 @@ def run(args):
         if not args.quiet or not r["passed"]:
             if r["case"] != case:
                 case = r["case"]
-                print(f"\n{case}\n  {'tensor':<44} {'tier':<10} {'max abs diff':>12} {'max ulp':>9}")
+                print(f"\n{case}\n  {'tensor':<44} {'tier':<10} {'max abs diff':>12} {'max ulp':>9} {'of tol':>7}")
             print(f"  {r['name']:<44} {r['tier']:<10} {_fmt(r['max_abs_diff'], '12.3g')} "
-                  f"{_fmt(r['max_ulp'], '9.4g')}")
+                  f"{_fmt(r['max_ulp'], '9.4g')} {_fmt(r['tolerance_used'], '7.2%')}")
             if r["note"]:
                 print(f"    ! {r['note']}")
     tiers = {}

@@ -338,7 +338,8 @@ def load_fixture_case(directory, case):
 def check_port(port_dir, fixture_dir):
     """Compare a port's output directory with the fixtures.
 
-    Returns a list of rows {case, name, tier, passed, max_abs_diff, max_ulp, note} in canonical
+    Returns a list of rows {case, name, tier, passed, max_abs_diff, max_ulp, tolerance_used (1.0 is
+    the edge), note} in canonical
     order (cases in manifest order).  Fixture problems raise ValueError (one line, naming the file);
     a port's missing file/tensor or wrong dtype/shape is a failed row.
     """
@@ -376,11 +377,23 @@ def check_port(port_dir, fixture_dir):
             v = compare_tensors(e["name"], t, ref[e["name"]], e["kind"], rtol=e["rtol"],
                                 atol=e["atol"], ulp_limit=e["ulp_limit"],
                                 required=e.get("required_tier", "tolerance"))
-            rows.append(_row(case, e, v.tier, v.passed, v.max_abs_diff, v.max_ulp,
-                             "" if v.passed else v.message()))
+            row = _row(case, e, v.tier, v.passed, v.max_abs_diff, v.max_ulp,
+                       "" if v.passed else v.message())
+            row["tolerance_used"] = _tolerance_used(t, ref[e["name"]], e["rtol"], e["atol"])
+            rows.append(row)
     return rows
+
+
+def _tolerance_used(a, b, rtol, atol):
+    """max |a − b| / (atol + rtol·|b|) over the elements: 1.0 is the edge of the tolerance."""
+    if not a.is_floating_point() or not b.numel():
+        return None
+    a, b = a.double(), b.double()
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    used = torch.where(same, 0.0, (a - b).abs() / (atol + rtol * b.abs()))
+    return float(torch.nan_to_num(used, nan=math.inf).max())
 
 
 def _row(case, entry, tier, passed=False, max_abs_diff=None, max_ulp=None, note=""):
     return {"case": case["name"], "name": entry["name"], "tier": tier, "passed": passed,
-            "max_abs_diff": max_abs_diff, "max_ulp": max_ulp, "note": note}
+            "max_abs_diff": max_abs_diff, "max_ulp": max_ulp, "tolerance_used": None, "note": note}

@@ -69,7 +69,9 @@ def test_export_port_check_end_to_end(exported, capsys):
     assert [c["name"] for c in manifest["cases"]] == ["small.float32", "small.float64",
                                                        "two_layer_seed.float64"]
     n_checked = sum(1 for c in manifest["cases"] for t in c["tensors"] if t["kind"])
-    assert f"{n_checked}/{n_checked} tensors pass" in out
+    assert f"{n_checked}/{n_checked} tensors pass" in out and "of tol" in out
+    rows = golden.check_port(str(port_out), str(fixtures))
+    assert all(r["passed"] and r["tolerance_used"] <= 1.0 for r in rows)
     seed = manifest["cases"][2]
     assert seed["steps"] == 3 and "3 of the example's 2000 steps" in seed["note"]
     # the reference is the manual MLP, and it equals autograd bit for bit on CPU
