@@ -311,6 +311,16 @@ def read_manifest(directory, what="fixtures"):
                          f"reads schema_version {SCHEMA_VERSION}")
     if not isinstance(manifest.get("cases"), list):
         raise ValueError(f"{path}: expected a list under 'cases'")
+    if what != "port":
+        for i, case in enumerate(manifest["cases"]):
+            if not isinstance(case, dict) or not {"name", "file", "sha256", "tensors"} <= set(case) \
+                    or not isinstance(case["tensors"], list) or not all(
+                        isinstance(t, dict) and {"name", "dtype", "shape", "kind"} <= set(t)
+                        and (t["kind"] is None or {"rtol", "atol", "ulp_limit"} <= set(t))
+                        for t in case["tensors"]):
+                raise ValueError(f"{path}: cases[{i}] needs name, file, sha256 and tensors "
+                                 f"(each with name, dtype, shape, kind and, when kind is set, "
+                                 f"rtol, atol, ulp_limit)")
     return manifest
 
 

@@ -191,6 +191,14 @@ def test_unknown_schema_version(exported, tmp_path, capsys):
     (fixtures / "manifest.json").write_text(json.dumps(m))
     rc, _, err = check(capsys, port_out, fixtures)
     assert rc == 2 and "schema_version 99 is not supported" in err and "manifest.json" in err
+    m["schema_version"] = 1
+    del m["cases"][1]["tensors"][3]["shape"]
+    (fixtures / "manifest.json").write_text(json.dumps(m))
+    rc, _, err = check(capsys, port_out, fixtures)
+    assert rc == 2 and "cases[1] needs" in err
+    (fixtures / "manifest.json").write_text(json.dumps(m)[:-40])
+    rc, _, err = check(capsys, port_out, fixtures)
+    assert rc == 2 and "manifest.json: not valid JSON" in err
 
 
 def test_wrong_dtype_or_shape(exported, tmp_path, capsys):
