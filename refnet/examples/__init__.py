@@ -52,6 +52,7 @@ class Example:
     dtypes: tuple = ("float32", "float64")
     devices: tuple = ("cpu", "cuda")
     tags: tuple = field(default_factory=tuple)
+    case: object = None   # optional case(dtype) -> refnet.golden.case_for_spec(...): exportable
 
 
 REGISTRY = {}
@@ -59,11 +60,12 @@ _MODULES = ("seed", "scalar", "activations", "vectorized", "deep", "nonlinearity
 _loaded = False
 
 
-def register(name, title, section, dtypes=("float32", "float64"), devices=("cpu", "cuda")):
+def register(name, title, section, dtypes=("float32", "float64"), devices=("cpu", "cuda"),
+             case=None):
     def deco(fn):
         if name in REGISTRY:
             raise RuntimeError(f"example {name!r} registered twice")
-        REGISTRY[name] = Example(name, title, section, fn, tuple(dtypes), tuple(devices))
+        REGISTRY[name] = Example(name, title, section, fn, tuple(dtypes), tuple(devices), case=case)
         return fn
     return deco
 

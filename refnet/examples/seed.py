@@ -44,7 +44,20 @@ def seed_params(w1, w2):
     return {"layers.0.weight": w1.t().contiguous(), "layers.1.weight": w2.t().contiguous()}
 
 
-@register("two_layer_seed", "The document's two-layer numpy program, 2000 SGD steps", "6")
+def export_case(dtype="float64", steps=None):
+    """The golden-fixture case (refnet export): the same program, a short training run."""
+    from refnet.golden import EXPORT_STEPS, case_for_spec
+    steps = EXPORT_STEPS if steps is None else steps
+    x, y, w1, w2 = seed_data()
+    torch_dtype = torch.float32 if dtype == "float32" else torch.float64
+    return case_for_spec(seed_spec(dtype, "cpu", steps), seed_params(w1, w2),
+                         (x.to(torch_dtype), y.to(torch_dtype)),
+                         note=f"training run cut to {steps} of the example's {STEPS} steps to keep "
+                              f"the fixture small")
+
+
+@register("two_layer_seed", "The document's two-layer numpy program, 2000 SGD steps", "6",
+          case=export_case)
 def run(ctx, steps=STEPS):
     spec = seed_spec(ctx.dtype_name, ctx.device, steps)
     x, y, w1, w2 = seed_data()

@@ -1,0 +1,58 @@
+"""`refnet export --out DIR`: golden fixtures for ports (format: refnet/golden.py, README.md)."""
+
+
+def add_parser(sub):
+    p = sub.add_parser("export", help="write golden fixtures (every intermediate) for ports")
+    p.add_argument("--out", required=True, metavar="DIR", help="fixture directory to create")
+    p.add_argument("--example", nargs="+", metavar="NAME",
+                   help="examples to export (default: every example that provides a case; "
+                        "none when --spec is given)")
+    p.add_argument("--spec", metavar="FILE.json", help="also export the MLP described in this file")
+    p.add_argument("--dtype", choices=["float32", "float64", "all"],
+                   help="default: all for examples, the spec's own dtype for --spec")
+    p.add_argument("--steps", type=int, metavar="N",
+                   help="length of the training run (default: 8 for examples, the spec's steps)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
+    p.set_defaults(func=run)
+
+
+def cases_for(example_names, spec_path, dtype_choice, steps=None):
+    """[(case name, case dict)] for the requested examples and spec."""
+    from refnet import examples
+    from refnet.golden import case_for_spec
+    from refnet.spec import Spec
+
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps: expected an integer >= 1, got {steps}")
+    dtypes = ["float32", "float64"] if dtype_choice in ("all", None) else [dtype_choice]
+    if example_names is None:
+        example_names = [] if spec_path else [n for n, e in examples.all_examples().items() if e.case]
+    cases = []
+    for name in example_names:
+        ex = examples.get(name)
+        if ex.case is None:
+            raise ValueError(f"--example: {name!r} provides no exportable case (not an MLP run); "
+                             f"exportable: {', '.join(n for n, e in examples.all_examples().items() if e.case)}")
+        for dt in dtypes:
+            if dt in ex.dtypes:
+                cases.append((f"{name}.{dt}", ex.case(dt, steps) if steps else ex.case(dt)))
+    if spec_path:
+        base = Spec.from_json(spec_path)
+        for dt in dtypes if dtype_choice else [base.dtype]:
+            over = {"dtype": dt, "device": "cpu", **({"steps": steps} if steps else {})}
+            cases.append((f"{base.name}.{dt}", case_for_spec(Spec.from_dict({**base.to_dict(), **over}))))
+    if not cases:
+        raise ValueError("--example: nothing to export")
+    return cases
+
+
+def run(args):
+    import os
+    from refnet.golden import export
+
+    manifest = export(args.out, cases_for(args.example, args.spec, args.dtype, args.steps), args.force)
+    for case in manifest["cases"]:
+        print(f"{case['file']:<40} {len(case['tensors']):>3} tensors {case['bytes']:>10} bytes  "
+              f"steps {case['steps']}")
+    print(f"wrote {len(manifest['cases'])} case(s) to {os.path.abspath(args.out)}")
+    return 0

@@ -1,0 +1,292 @@
+"""Golden fixtures, the NumPy port and check-port: end to end, file format, and every corruption."""
+import ast
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from refnet import cli, golden
+from refnet.cmd_export import cases_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PORT = os.path.join(ROOT, "ports", "numpy_port", "port.py")
+SMALL_SPEC = {"name": "small", "sizes": [2, 4, 3, 2], "activation": ["tanh", "maxout"],
+              "loss": "mse", "data": "circles", "n_samples": 12, "batch_size": 5, "steps": 6,
+              "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}}
+
+
+def load_port():
+    spec = importlib.util.spec_from_file_location("numpy_port", PORT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Fixtures (small spec in both dtypes, two_layer_seed in float64 with 3 steps) and the NumPy
+    port's outputs for them (run as the documented command)."""
+    base = tmp_path_factory.mktemp("golden")
+    spec_path = base / "small.json"
+    spec_path.write_text(json.dumps(SMALL_SPEC))
+    cases = cases_for(None, str(spec_path), "all") + cases_for(["two_layer_seed"], None, "float64", 3)
+    fixtures, port_out = base / "fixtures", base / "port"
+    golden.export(str(fixtures), cases)
+    res = subprocess.run([sys.executable, PORT, str(fixtures), str(port_out)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return fixtures, port_out
+
+
+def check(capsys, port_dir, fixtures=None):
+    args = ["check-port", str(port_dir)] + (["--fixtures", str(fixtures)] if fixtures else [])
+    rc = cli.main(args)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def copies(tmp_path, exported):
+    fixtures, port_out = exported
+    f, p = tmp_path / "fixtures", tmp_path / "port"
+    shutil.copytree(fixtures, f)
+    shutil.copytree(port_out, p)
+    return f, p
+
+
+# --- end to end ------------------------------------------------------------------------------
+def test_export_port_check_end_to_end(exported, capsys):
+    fixtures, port_out = exported
+    rc, out, err = check(capsys, port_out)          # fixtures found through the port's manifest
+    assert rc == 0, out + err
+    assert "your port first differs at small.float32/" in out
+    assert "first fails" not in out
+    manifest = json.loads((fixtures / "manifest.json").read_text())
+    assert [c["name"] for c in manifest["cases"]] == ["small.float32", "small.float64",
+                                                       "two_layer_seed.float64"]
+    n_checked = sum(1 for c in manifest["cases"] for t in c["tensors"] if t["kind"])
+    assert f"{n_checked}/{n_checked} tensors pass" in out and "of tol" in out
+    rows = golden.check_port(str(port_out), str(fixtures))
+    assert all(r["passed"] and r["tolerance_used"] <= 1.0 for r in rows)
+    seed = manifest["cases"][2]
+    assert seed["steps"] == 3 and "3 of the example's 2000 steps" in seed["note"]
+    # the reference is the manual MLP, and it equals autograd bit for bit on CPU
+    assert {t["autograd_tier"] for c in manifest["cases"] for t in c["tensors"]
+            if "autograd_tier" in t} == {"bitwise"}
+
+
+def test_manifest_lists_canonical_order_and_file_agrees(exported):
+    fixtures, _ = exported
+    manifest = json.loads((fixtures / "manifest.json").read_text())
+    case = manifest["cases"][0]
+    names = [t["name"] for t in case["tensors"]]
+    assert names == [n for n, _, _ in golden.tensor_order(3, bias=True, minibatch=True)]
+    # the order of the computation: forward up, loss, then backward down with the grads per layer
+    assert names.index("forward.loss") < names.index("backward.grad_output") \
+        < names.index("backward.layers.2.grad_pre_activation") < names.index("grads.layers.2.weight") \
+        < names.index("backward.layers.1.grad_activation") < names.index("grads.layers.0.bias") \
+        < names.index("backward.grad_input") < names.index("train.losses")
+    tensors, meta = golden.decode_safetensors((fixtures / case["file"]).read_bytes())
+    assert list(tensors) == names and meta["case"] == "small.float32"
+    for t in case["tensors"]:
+        assert t["dtype"] == {torch.float32: "F32", torch.int64: "I64"}[tensors[t["name"]].dtype]
+        if t["kind"]:
+            assert t["rtol"] > 0 and t["atol"] > 0 and t["required_tier"] == "tolerance"
+
+
+def test_safetensors_compatible_both_ways(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    tensors = {"a": torch.randn(3, 4), "scalar": torch.tensor(2.5, dtype=torch.float64),
+               "idx": torch.arange(5), "empty": torch.empty(0, 3, dtype=torch.float64)}
+    theirs = st.load(golden.encode_safetensors(tensors, {"case": "x"}))
+    path = tmp_path / "lib.safetensors"
+    st.save_file(tensors, str(path))
+    ours, _ = golden.decode_safetensors(path.read_bytes())
+    for got in (theirs, ours):
+        assert set(got) == set(tensors)
+        for name, t in tensors.items():
+            assert got[name].dtype == t.dtype and got[name].shape == t.shape
+            assert torch.equal(got[name], t)
+
+
+def test_port_imports_numpy_only():
+    allowed = {"numpy", "hashlib", "json", "os", "struct", "sys", "tempfile", "math", "argparse"}
+    tree = ast.parse(open(PORT, encoding="utf-8").read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or ".").split(".")[0])
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "__import__":
+            imported.add("__import__")
+    assert imported <= allowed, imported - allowed
+
+
+def test_a_wrong_backward_is_caught_where_it_departs(exported, tmp_path, capsys):
+    port = load_port()
+    port.ACTIVATIONS["tanh"] = (port.tanh_forward, lambda dy, y: dy * (1 - y), None)  # wrong: 1 − y
+    out_dir = tmp_path / "bad"
+    assert port.main([str(exported[0]), str(out_dir)]) == 0
+    rc, out, _ = check(capsys, out_dir)
+    assert rc == 1
+    assert "your port first fails at small.float32/backward.layers.0.grad_pre_activation" in out
+
+
+# --- corruption: one-line errors naming the file -------------------------------------------------
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_flipping_one_byte_in_any_fixture_file_fails_naming_it(exported, tmp_path, capsys, where):
+    manifest = json.loads((exported[0] / "manifest.json").read_text())
+    for case in manifest["cases"]:
+        fixtures, port_out = copies(tmp_path / case["name"] / where, exported)
+        path = fixtures / case["file"]
+        blob = bytearray(path.read_bytes())
+        pos = len(blob) - 3 if where == "data" else 20
+        blob[pos] ^= 0x01
+        path.write_bytes(bytes(blob))
+        rc, out, err = check(capsys, port_out, fixtures)
+        assert rc == 2, out + err
+        assert len(err.strip().splitlines()) == 1
+        assert case["file"] in err and "sha256 mismatch" in err
+
+
+def test_flipped_byte_in_port_output_names_the_file(exported, tmp_path, capsys):
+    fixtures, port_out = copies(tmp_path, exported)
+    path = port_out / "small.float64.safetensors"
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0x40
+    path.write_bytes(bytes(blob))
+    rc, _, err = check(capsys, port_out, fixtures)
+    assert rc == 2 and "small.float64.safetensors" in err and "corrupted" in err
+    # without the port's manifest (a C port need not write one) the changed value itself fails
+    (port_out / "manifest.json").unlink()
+    rc, out, _ = check(capsys, port_out, fixtures)
+    assert rc == 1 and "first fails at small.float64/final.layers.2.bias" in out
+
+
+def test_truncated_files(exported, tmp_path, capsys):
+    fixtures, port_out = copies(tmp_path, exported)
+    (port_out / "manifest.json").unlink()
+    path = port_out / "small.float32.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    rc, _, err = check(capsys, port_out, fixtures)
+    assert rc == 2 and "small.float32.safetensors" in err and "truncated" in err
+    path.write_bytes(b"\x01\x02")
+    rc, _, err = check(capsys, port_out, fixtures)
+    assert rc == 2 and "small.float32.safetensors: truncated" in err
+    fix = fixtures / "small.float32.safetensors"
+    fix.write_bytes(fix.read_bytes()[:100])
+    rc, _, err = check(capsys, port_out, fixtures)
+    assert rc == 2 and "small.float32.safetensors: sha256 mismatch" in err
+
+
+def test_unknown_schema_version(exported, tmp_path, capsys):
+    fixtures, port_out = copies(tmp_path, exported)
+    m = json.loads((fixtures / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (fixtures / "manifest.json").write_text(json.dumps(m))
+    rc, _, err = check(capsys, port_out, fixtures)
+    assert rc == 2 and "schema_version 99 is not supported" in err and "manifest.json" in err
+    m["schema_version"] = 1
+    del m["cases"][1]["tensors"][3]["shape"]
+    (fixtures / "manifest.json").write_text(json.dumps(m))
+    rc, _, err = check(capsys, port_out, fixtures)
+    assert rc == 2 and "cases[1] needs" in err
+    (fixtures / "manifest.json").write_text(json.dumps(m)[:-40])
+    rc, _, err = check(capsys, port_out, fixtures)
+    assert rc == 2 and "manifest.json: not valid JSON" in err
+
+
+def test_wrong_dtype_or_shape(exported, tmp_path, capsys):
+    fixtures, port_out = copies(tmp_path, exported)
+    # the port writes a tensor in the wrong dtype and another in the wrong shape: failures naming them
+    (port_out / "manifest.json").unlink()
+    path = port_out / "small.float64.safetensors"
+    got, _ = golden.decode_safetensors(path.read_bytes())
+    got["forward.loss"] = got["forward.loss"].float()
+    got["grads.layers.1.weight"] = got["grads.layers.1.weight"].t().contiguous()
+    path.write_bytes(golden.encode_safetensors(got))
+    rc, out, _ = check(capsys, port_out, fixtures)
+    assert rc == 1
+    assert "is F32 [], expected F64 []" in out and "is F64 [4, 6], expected F64 [6, 4]" in out
+    assert "first fails at small.float64/forward.loss" in out
+    # a fixture whose header disagrees with the manifest: a one-line error naming the file
+    m = json.loads((fixtures / "manifest.json").read_text())
+    m["cases"][0]["tensors"][0]["shape"] = [99, 2]
+    (fixtures / "manifest.json").write_text(json.dumps(m))
+    rc, _, err = check(capsys, port_out, fixtures)
+    assert rc == 2 and "small.float32.safetensors: tensor 'inputs.x'" in err and "[99, 2]" in err
+
+
+def test_missing_files(exported, tmp_path, capsys):
+    fixtures, port_out = copies(tmp_path, exported)
+    (port_out / "two_layer_seed.float64.safetensors").unlink()
+    (port_out / "manifest.json").unlink()
+    rc, out, _ = check(capsys, port_out, fixtures)
+    assert rc == 1 and "missing file" in out and "two_layer_seed.float64.safetensors" in out
+    (fixtures / "small.float64.safetensors").unlink()
+    rc, _, err = check(capsys, port_out, fixtures)
+    assert rc == 2 and "small.float64.safetensors: missing fixture file" in err
+    rc, _, err = check(capsys, port_out, tmp_path / "nowhere")
+    assert rc == 2 and "nowhere" in err
+    rc, _, err = check(capsys, port_out)
+    assert rc == 2 and "--fixtures" in err
+
+
+# --- atomic export --------------------------------------------------------------------------
+def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
+    spec_path = tmp_path / "s.json"
+    spec_path.write_text(json.dumps({**SMALL_SPEC, "batch_size": None, "steps": 2}))
+    out = tmp_path / "fx"
+    assert cli.main(["export", "--out", str(out), "--spec", str(spec_path)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"manifest.json", "small.float64.safetensors"}
+    assert cli.main(["export", "--out", str(out), "--spec", str(spec_path)]) == 2
+    assert "not empty; pass --force" in capsys.readouterr().err
+
+    calls = []
+    real = golden.encode_safetensors
+
+    def dies_on_second_case(*a, **k):  # the export is killed after writing one file of two
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(golden, "encode_safetensors", dies_on_second_case)
+    rc = cli.main(["export", "--out", str(out), "--spec", str(spec_path), "--dtype", "all", "--force"])
+    assert rc == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fx", "s.json"]  # no temp dir left
+    monkeypatch.setattr(golden, "encode_safetensors", real)
+    assert cli.main(["export", "--out", str(out), "--spec", str(spec_path), "--dtype", "all",
+                     "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "small.float32.safetensors",
+                                                     "small.float64.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fx", "s.json"]
+
+
+def test_export_default_cases_and_bad_names(capsys):
+    names = [n for n, _ in cases_for(None, None, None, steps=2)]
+    assert "two_layer_seed.float32" in names and "two_layer_seed.float64" in names
+    assert cli.main(["export", "--out", "/tmp/x", "--example", "nope"]) == 2
+    assert "--example: unknown name 'nope'" in capsys.readouterr().err
+
+
+def test_isolated_elementwise_ops_are_bitwise(exported, tmp_path):
+    """--isolate feeds each op the fixture's input: the elementwise ops, written in PyTorch's
+    order (loss gradient, sigmoid/tanh/maxout backward with tanh's fused 1 − y²), match bit for bit."""
+    port = load_port()
+    fixtures = exported[0]
+    assert port.main(["--isolate", str(fixtures), str(tmp_path / "iso")]) == 0
+    tiers = {(r["case"], r["name"]): r["tier"] for r in golden.check_port(str(tmp_path / "iso"),
+                                                                         str(fixtures))}
+    for case in ("small.float32", "small.float64", "two_layer_seed.float64"):
+        assert tiers[case, "backward.grad_output"] == "bitwise"
+        assert tiers[case, "backward.layers.0.grad_pre_activation"] == "bitwise"   # tanh / sigmoid
+    assert tiers["small.float64", "backward.layers.1.grad_pre_activation"] == "bitwise"  # maxout
+    assert tiers["small.float64", "forward.layers.1.activation"] == "bitwise"           # maxout
