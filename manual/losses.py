@@ -1,8 +1,23 @@
 """Loss functions: forward returns (loss, cache), backward(dloss, cache) returns dy_pred.
 
-Shapes: y_pred (N, C); target (N, C) for the regression losses.  dloss is the upstream gradient
-of the scalar loss (1.0 when the loss is the end of the graph).
+Shapes: y_pred (N, C) scores; target (N, C) floats for the regression losses ("values"), (N,)
+int64 class labels for the classification losses ("labels").  dloss is the upstream gradient of
+the scalar loss (1.0 when the loss is the end of the graph).
+
+Each loss mirrors the PyTorch piece the autograd twin uses (refnet/twin.py::loss_module):
+    sum_squared    nn.MSELoss(reduction="sum")      Σ (y − t)²                 (the document's)
+    mse            nn.MSELoss()                     Σ (y − t)² / (N·C)
+    cross_entropy  nn.CrossEntropyLoss()            −(1/N) Σᵢ log softmax(yᵢ)[tᵢ]
+    svm            nn.MultiMarginLoss(margin=1)     (1/N) Σᵢ (1/C) Σ_{j≠tᵢ} max(0, 1 − y_{i,tᵢ} + y_{i,j})
+The "svm" loss is PyTorch's multiclass hinge loss.  It is CS231n's SVM loss divided by C: CS231n's
+``svm_loss`` is (1/N) Σᵢ Σ_{j≠tᵢ} max(0, s_j − s_{tᵢ} + 1), so multiply ours (and its gradient)
+by C to get theirs.  We keep PyTorch's scale so that the twin is the stock module.
+
+L2 regularization (reg · Σ_layers Σ W², weights only, biases not) is ``l2_forward`` /
+``l2_backward``; the MLP adds it to the data loss and adds its gradient to dW.
 """
+import math
+
 import torch
 
 
@@ -28,10 +43,199 @@ def mse_backward(dloss, diff):
     return ((2.0 / diff.numel()) * diff) * dloss
 
 
+# -- softmax cross-entropy ------------------------------------------------------------------------
+#
+# F.cross_entropy(y, t) is nll_loss(log_softmax(y, 1), t).  The forward uses the log_softmax
+# primitive (it subtracts the row max first, so logits of ±1e4 are fine) and writes nll_loss by
+# hand with the CPU kernel's summation order.  The backward of log_softmax is, in
+# SoftMaxKernel.cpp (_vec_host_softmax_backward_lastdim, log variant), per row
+#     dlogits = G − exp(logp) · Σ G       as  vec::map2(x - y.exp() * Vec(sum))
+# and two details decide its bits: (1) `y.exp()` is Sleef's vectorized exp (expf_u10 / expd_u10),
+# not torch.exp (MKL VML), and the two differ in the last bit on ~5–10% of elements; (2) GCC
+# contracts `x − e·s` into one FMA.  So on x86 CPUs with AVX2/AVX512 we evaluate Sleef's exp
+# algorithm with torch ops (round, FMAs via addcmul, ldexp) — measured bitwise against the kernel
+# on every element tried — and form the difference with addcmul (one FMA).
+
+
+def _fma(a, b, c):
+    # a·b + c with one rounding: addcmul's CPU kernel is contracted into an FMA (value 1 is exact).
+    return torch.addcmul(c, a, b)
+
+
+def _ldexp2(u, q):
+    # Sleef vldexp2: u · 2^(q>>1) · 2^(q − (q>>1)); both factors are exact powers of two.
+    half = torch.bitwise_right_shift(q, 1)
+    return u * torch.pow(2.0, half.to(u.dtype)) * torch.pow(2.0, (q - half).to(u.dtype))
+
+
+def _sleef_expf(d):
+    """Sleef xexpf (u10) on a float32 tensor, FMA build: exp(d) = 2^q · P(s), s = d − q·ln2."""
+    full = lambda v: torch.full_like(d, v)  # noqa: E731
+    q = torch.round(d * 1.442695040888963407359924681001892137426645954152985934135449406931)
+    s = _fma(q, full(-0.693145751953125), d)              # Cody–Waite: ln2 = L2U + L2L
+    s = _fma(q, full(-1.428606765330187045e-06), s)
+    u = full(0.000198527617612853646278381)
+    for c in (0.00139304355252534151077271, 0.00833336077630519866943359,
+              0.0416664853692054748535156, 0.166666671633720397949219, 0.5):
+        u = _fma(u, s, full(c))                            # Horner, one FMA per coefficient
+    u = 1.0 + _fma(s * s, u, s)
+    u = _ldexp2(u, q.to(torch.int32))
+    u = torch.where(d < -104, 0.0, u)
+    return torch.where(d > 100, math.inf, u)
+
+
+def _sleef_expd(d):
+    """Sleef xexp (u10) on a float64 tensor, FMA build: Estrin polynomial of degree 10, then 3 FMAs."""
+    full = lambda v: torch.full_like(d, v)  # noqa: E731
+    qf = torch.round(d * 1.442695040888963407359924681001892137426645954152985934135449406931)
+    s = _fma(qf, full(-.69314718055966295651160180568695068359375), d)
+    s = _fma(qf, full(-.28235290563031577122588448175013436025525412068e-12), s)
+    s2 = s * s
+    s4 = s2 * s2
+    s8 = s4 * s4
+    c = (+0.1666666666666669072e+0, +0.4166666666666602598e-1, +0.8333333333314938210e-2,
+         +0.1388888888914497797e-2, +0.1984126989855865850e-3, +0.2480158687479686264e-4,
+         +0.2755723402025388239e-5, +0.2755762628169491192e-6, +0.2511210703042288022e-7,
+         +0.2081276378237164457e-8)
+    poly2 = lambda c1, c0: _fma(s, full(c1), full(c0))  # noqa: E731
+    poly4 = lambda c3, c2, c1, c0: _fma(s2, poly2(c3, c2), poly2(c1, c0))  # noqa: E731
+    poly8 = _fma(s4, poly4(c[7], c[6], c[5], c[4]), poly4(c[3], c[2], c[1], c[0]))
+    u = _fma(s8, poly2(c[9], c[8]), poly8)
+    u = _fma(u, s, full(0.5))
+    u = _fma(u, s, full(1.0))
+    u = _fma(u, s, full(1.0))
+    u = _ldexp2(u, qf.to(torch.int32))
+    u = torch.where(d > 709.78271114955742909217217426, math.inf, u)
+    return torch.where(d < -1000, 0.0, u)
+
+
+def kernel_exp(logp):
+    """exp as the CPU log_softmax backward kernel evaluates it (Sleef on AVX2/AVX512 builds).
+
+    Elsewhere (CUDA, or a CPU run with ATEN_CPU_CAPABILITY=default) it is torch.exp: not verified
+    bitwise there; expect the `ulp` tier at worst.
+    """
+    if logp.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        if logp.dtype == torch.float32:
+            return _sleef_expf(logp)
+        if logp.dtype == torch.float64:
+            return _sleef_expd(logp)
+    return torch.exp(logp)
+
+
+def _nll_mean(picked, n):
+    """−(1/N) Σ picked, summed as nll_loss_out_frame (LossNLL.cpp) does on the CPU.
+
+    picked: (N,) log-probabilities of the targets.  The kernel keeps 8 partial sums; each sample is
+    subtracted from partial 0, and whenever the sample index b has its low 4·(j+1) bits zero,
+    partial j is folded into partial j+1.  At the end partials 0..7 are added in order, and the
+    sum is divided by (scalar_t)N.
+    """
+    zero = torch.zeros((), dtype=picked.dtype, device=picked.device)
+    partial = [zero] * 8
+    for b in range(n):
+        partial[0] = partial[0] - picked[b]
+        for j in range(7):
+            if b & (15 << (4 * j)):
+                break
+            partial[j + 1] = partial[j + 1] + partial[j]
+            partial[j] = zero
+    total = zero
+    for p in partial:
+        total = total + p
+    return total / float(n)
+
+
+def cross_entropy_forward(y_pred, labels):
+    """L = −(1/N) Σᵢ log softmax(y_pred)ᵢ[labelsᵢ].  y_pred (N, C), labels (N,) int64."""
+    n = y_pred.shape[0]
+    logp = torch.log_softmax(y_pred, 1)                          # (N, C)
+    picked = logp.gather(1, labels.unsqueeze(1)).squeeze(1)      # (N,)
+    if y_pred.device.type == "cpu":
+        loss = _nll_mean(picked, n)
+    else:  # CUDA's nll kernel reduces in its own block order: sum then divide (not bitwise-checked)
+        loss = -(picked.sum()) / float(n)
+    return loss, (logp, labels)
+
+
+def cross_entropy_backward(dloss, cache):
+    # nll: dlogp = −dloss/N at [i, labelsᵢ], 0 elsewhere (nll_loss_backward: −(g / total_weight)).
+    # log_softmax: dy = dlogp − exp(logp)·Σ_c dlogp, the sum per row (one nonzero: exact).
+    logp, labels = cache
+    n = logp.shape[0]
+    dlogp = torch.zeros_like(logp)
+    dlogp.scatter_(1, labels.unsqueeze(1), (-(dloss / float(n))).expand(n, 1).contiguous())
+    row_sum = dlogp.sum(1, keepdim=True)                          # (N, 1)
+    return torch.addcmul(dlogp, kernel_exp(logp), row_sum, value=-1)
+
+
+# -- multiclass SVM (hinge) loss, PyTorch's MultiMarginLoss(p=1, margin=1) ---------------------------
+
+
+def svm_forward(y_pred, labels, margin=1.0):
+    """L = (1/N) Σᵢ (1/C) Σ_{j≠tᵢ} max(0, margin − y_{i,tᵢ} + y_{i,j})  (= CS231n's SVM loss / C).
+
+    Summation as multi_margin_loss_cpu_kernel: per row, classes in order in the tensor's dtype,
+    then ÷C; rows accumulated in double (acc_type), ÷N in double, cast back.
+    """
+    n, c = y_pred.shape
+    y_target = y_pred.gather(1, labels.unsqueeze(1))              # (N, 1)
+    z = (margin - y_target) + y_pred                              # (N, C) margins
+    not_target = torch.arange(c, device=y_pred.device).unsqueeze(0) != labels.unsqueeze(1)
+    active = (z > 0) & not_target                                 # (N, C)
+    row = torch.zeros(n, dtype=y_pred.dtype, device=y_pred.device)
+    for j in range(c):
+        row = row + torch.where(active[:, j], z[:, j], 0.0)
+    row = row / c
+    total = 0.0                                                   # Python float = C double
+    for v in row.double().tolist():
+        total += v
+    loss = torch.tensor(total / n, dtype=y_pred.dtype, device=y_pred.device)
+    return loss, (active, labels, n, c)
+
+
+def svm_backward(dloss, cache):
+    # ∂L/∂y_{i,j} = 1/(N·C) for each active j ≠ tᵢ;  ∂L/∂y_{i,tᵢ} = −Σ_j of those (subtracted in
+    # class order, as the kernel does); the factor 1/(N·C) is formed in double, then cast.
+    active, labels, n, c = cache
+    g = torch.tensor(1.0 / (n * c), dtype=torch.float64).to(dloss.dtype)
+    dy = torch.where(active, g.to(active.device), torch.zeros((), dtype=dloss.dtype,
+                                                              device=active.device))
+    dy_target = torch.zeros(n, dtype=dloss.dtype, device=active.device)
+    for j in range(c):
+        dy_target = dy_target - dy[:, j]
+    dy = dy.scatter(1, labels.unsqueeze(1), dy_target.unsqueeze(1))
+    return dy * dloss
+
+
+# -- L2 regularization -----------------------------------------------------------------------------
+
+
+def l2_forward(weights, reg):
+    """R = reg · Σ_layers Σ W², weights (H, D) in layer order; biases are not regularized.
+
+    As the twin writes it: s = W₀.pow(2).sum(); s = s + W₁.pow(2).sum() …; R = reg · s.
+    """
+    total = None
+    for w in weights:
+        s = w.pow(2).sum()
+        total = s if total is None else total + s
+    return total * reg
+
+
+def l2_backward(dloss, weights, reg):
+    # ∂R/∂W = reg · 2W.  autograd: MulBackward gives dloss·reg, PowBackward0 gives
+    # grad · (2.0 · W.pow(1)); the result is then added to the data gradient of W (one add).
+    g = dloss * reg
+    return [g * (2.0 * w) for w in weights]
+
+
 # name -> (forward, backward, kind of target: "values" (N, C) float, or "labels" (N,) int64)
 LOSSES = {
     "sum_squared": (sum_squared_forward, sum_squared_backward, "values"),
     "mse": (mse_forward, mse_backward, "values"),
+    "cross_entropy": (cross_entropy_forward, cross_entropy_backward, "labels"),
+    "svm": (svm_forward, svm_backward, "labels"),
 }
 
 
@@ -54,6 +258,15 @@ def loss_forward(name, y_pred, target):
                              f"predictions), got {list(target.shape)}")
         if target.dtype != y_pred.dtype:
             raise TypeError(f"target: expected dtype {y_pred.dtype}, got {target.dtype}")
+    else:
+        if target.dtype != torch.int64:
+            raise TypeError(f"target: expected int64 class labels, got dtype {target.dtype}")
+        if target.shape != (y_pred.shape[0],):
+            raise ValueError(f"target: expected shape [{y_pred.shape[0]}] (one label per row), "
+                             f"got {list(target.shape)}")
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= y_pred.shape[1]):
+            raise ValueError(f"target: expected labels in [0, {y_pred.shape[1] - 1}], got "
+                             f"[{int(target.min())}, {int(target.max())}]")
     return fwd(y_pred, target)
 
 

@@ -13,7 +13,7 @@ import torch
 from manual import _check
 from manual.activations import activation_backward, activation_forward, ACTIVATIONS
 from manual.layers import linear_backward, linear_forward
-from manual.losses import loss_backward, loss_forward, target_kind
+from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward, target_kind
 
 INIT_SCHEMES = ("uniform", "randn")
 
@@ -75,10 +75,11 @@ class MLP:
     activation: one name or one per hidden layer.  loss: a name of manual.losses.LOSSES.
     optimizer: an object with ``step(params, grads)`` (manual.optim), needed only by ``step``.
     options: slope (leaky_relu), alpha (elu), k (maxout pieces).
+    reg: L2 regularization strength; the loss becomes data loss + reg·Σ W² (weights only).
     """
 
     def __init__(self, params, activation="sigmoid", loss="sum_squared", optimizer=None, *,
-                 slope=0.1, alpha=1.0, k=2):
+                 slope=0.1, alpha=1.0, k=2, reg=0.0):
         if not isinstance(params, dict) or not params:
             raise TypeError("params: expected a non-empty dict of tensors named layers.{i}.weight")
         extra = sorted(str(name) for name in params if _layer_index(name) is None)
@@ -100,7 +101,14 @@ class MLP:
         target_kind(loss)  # validates the name
         self.optimizer = optimizer
         self.options = {"slope": slope, "alpha": alpha, "k": k}
+        if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not reg >= 0 \
+                or reg == float("inf"):
+            raise ValueError(f"reg: expected a finite number >= 0, got {reg!r}")
+        self.reg = float(reg)
         self._check_widths()
+
+    def _weights(self):
+        return [self.params[f"layers.{i}.weight"] for i in range(self.n_layers)]
 
     def _check_widths(self):
         for i in range(self.n_layers):
@@ -170,6 +178,8 @@ class MLP:
         if target_kind(self.loss) == "values":
             _check.tensor("target", target)
         loss, loss_cache = loss_forward(self.loss, out, target)
+        if self.reg:
+            loss = loss + l2_forward(self._weights(), self.reg)
         if trace is not None:
             trace["output"] = out
             trace["loss"] = loss
@@ -201,6 +211,9 @@ class MLP:
             grads[f"layers.{i}.weight"] = dweight
             if dbias is not None:
                 grads[f"layers.{i}.bias"] = dbias
+        if self.reg:  # the second use of each W: its gradient is added to the data gradient
+            for i, dweight_reg in enumerate(l2_backward(dloss, self._weights(), self.reg)):
+                grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dweight_reg
         ordered = {name: grads[name] for name in self.params}
         return ordered, dh
 

@@ -37,12 +37,12 @@ def build_pair(spec, params=None):
     opt_settings = dict(spec.optimizer)
     opt_name = opt_settings.pop("name")
     mlp = MLP(params, spec.activation, spec.loss, manual.make_optimizer(opt_name, **opt_settings),
-              **spec.options)
+              **spec.options, reg=spec.reg)
     twin = twin_mod.Twin(spec.sizes, spec.activation, spec.bias, dtype=dtype, device=device,
                          **spec.options)
     twin_mod.load_params(twin, params)
     twin_opt = twin_mod.make_optimizer(twin, opt_name, **opt_settings)
-    return Pair(spec, mlp, twin, twin_mod.loss_module(spec.loss), twin_opt)
+    return Pair(spec, mlp, twin, twin_mod.loss_module(spec.loss, spec.reg, twin), twin_opt)
 
 
 def load_data(spec):

@@ -27,6 +27,7 @@ class Spec:
     activation: object = "tanh"          # a name, or a list with one name per hidden layer
     bias: bool = True
     loss: str = "sum_squared"
+    reg: float = 0.0                     # L2 regularization: loss + reg·Σ W² over weights (not biases)
     optimizer: dict = field(default_factory=_default_optimizer)
     steps: int = 100
     batch_size: int | None = None        # None: full batch
@@ -71,6 +72,9 @@ class Spec:
         if self.loss not in manual.LOSSES:
             raise ValueError(f"loss: unknown name {self.loss!r}; expected one of "
                              f"{', '.join(manual.LOSSES)}")
+        if isinstance(self.reg, bool) or not isinstance(self.reg, (int, float)) \
+                or not math.isfinite(self.reg) or self.reg < 0:
+            raise ValueError(f"reg: expected a finite number >= 0, got {self.reg!r}")
         if not isinstance(self.optimizer, dict) or "name" not in self.optimizer:
             raise ValueError(f"optimizer: expected an object with a 'name', got {self.optimizer!r}")
         opt = dict(self.optimizer)

@@ -29,12 +29,42 @@ def activation_module(name, slope=0.1, alpha=1.0, k=2):
     return makers[name]()
 
 
-def loss_module(name):
+def loss_module(name, reg=0.0, twin=None):
+    """The stock torch loss for a spec's loss name; with reg > 0, wrapped in L2Regularized.
+
+    "svm" is nn.MultiMarginLoss(margin=1): CS231n's multiclass SVM loss divided by the number
+    of classes C (see manual/losses.py and README.md).
+    """
     makers = {"sum_squared": lambda: nn.MSELoss(reduction="sum"), "mse": nn.MSELoss,
               "cross_entropy": nn.CrossEntropyLoss, "svm": lambda: nn.MultiMarginLoss(margin=1.0)}
     if name not in makers:
         raise ValueError(f"loss: unknown name {name!r}; expected one of {', '.join(makers)}")
+    if reg:
+        if twin is None:
+            raise ValueError("twin: reg > 0 needs the twin whose weights it regularizes")
+        return L2Regularized(makers[name](), twin, reg)
     return makers[name]()
+
+
+class L2Regularized(nn.Module):
+    """data loss + reg · Σ_layers W.pow(2).sum(), weights only (biases are not regularized).
+
+    The weights are read from the twin at every call, so autograd sees W used twice (linear and
+    pow) and AccumulateGrad adds the two gradients.
+    """
+
+    def __init__(self, base, twin, reg):
+        super().__init__()
+        self.base = base
+        self.reg = float(reg)
+        self._twin = [twin]  # a list, so the twin is not registered as a submodule
+
+    def forward(self, out, target):
+        total = None
+        for layer in self._twin[0].layers:
+            s = layer.weight.pow(2).sum()
+            total = s if total is None else total + s
+        return self.base(out, target) + total * self.reg
 
 
 class Twin(nn.Module):
@@ -82,8 +112,12 @@ def grads_of(twin):
 
 
 def make_optimizer(twin, name, **settings):
-    """The stock torch.optim optimizer for the twin's parameters."""
+    """The stock torch.optim optimizer for the twin's parameters, single-tensor path (foreach=False).
+
+    foreach=False is CPU's default anyway; on CUDA it keeps the per-tensor arithmetic that
+    manual/optim.py mirrors instead of the _foreach_* kernels.
+    """
     makers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if name not in makers:
         raise ValueError(f"optimizer.name: unknown name {name!r}; expected one of {', '.join(makers)}")
-    return makers[name](twin.parameters(), **settings)
+    return makers[name](twin.parameters(), **settings, foreach=False)
