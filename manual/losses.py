@@ -16,9 +16,10 @@ by C to get theirs.  We keep PyTorch's scale so that the twin is the stock modul
 L2 regularization (reg · Σ_layers Σ W², weights only, biases not) is ``l2_forward`` /
 ``l2_backward``; the MLP adds it to the data loss and adds its gradient to dW.
 """
-import math
 
 import torch
+
+from manual.kernel_exp import sleef_exp
 
 
 def sum_squared_forward(y_pred, target):
@@ -57,69 +58,17 @@ def mse_backward(dloss, diff):
 # on every element tried — and form the difference with addcmul (one FMA).
 
 
-def _fma(a, b, c):
-    # a·b + c with one rounding: addcmul's CPU kernel is contracted into an FMA (value 1 is exact).
-    return torch.addcmul(c, a, b)
-
-
-def _ldexp2(u, q):
-    # Sleef vldexp2: u · 2^(q>>1) · 2^(q − (q>>1)); both factors are exact powers of two.
-    half = torch.bitwise_right_shift(q, 1)
-    return u * torch.pow(2.0, half.to(u.dtype)) * torch.pow(2.0, (q - half).to(u.dtype))
-
-
-def _sleef_expf(d):
-    """Sleef xexpf (u10) on a float32 tensor, FMA build: exp(d) = 2^q · P(s), s = d − q·ln2."""
-    full = lambda v: torch.full_like(d, v)  # noqa: E731
-    q = torch.round(d * 1.442695040888963407359924681001892137426645954152985934135449406931)
-    s = _fma(q, full(-0.693145751953125), d)              # Cody–Waite: ln2 = L2U + L2L
-    s = _fma(q, full(-1.428606765330187045e-06), s)
-    u = full(0.000198527617612853646278381)
-    for c in (0.00139304355252534151077271, 0.00833336077630519866943359,
-              0.0416664853692054748535156, 0.166666671633720397949219, 0.5):
-        u = _fma(u, s, full(c))                            # Horner, one FMA per coefficient
-    u = 1.0 + _fma(s * s, u, s)
-    u = _ldexp2(u, q.to(torch.int32))
-    u = torch.where(d < -104, 0.0, u)
-    return torch.where(d > 100, math.inf, u)
-
-
-def _sleef_expd(d):
-    """Sleef xexp (u10) on a float64 tensor, FMA build: Estrin polynomial of degree 10, then 3 FMAs."""
-    full = lambda v: torch.full_like(d, v)  # noqa: E731
-    qf = torch.round(d * 1.442695040888963407359924681001892137426645954152985934135449406931)
-    s = _fma(qf, full(-.69314718055966295651160180568695068359375), d)
-    s = _fma(qf, full(-.28235290563031577122588448175013436025525412068e-12), s)
-    s2 = s * s
-    s4 = s2 * s2
-    s8 = s4 * s4
-    c = (+0.1666666666666669072e+0, +0.4166666666666602598e-1, +0.8333333333314938210e-2,
-         +0.1388888888914497797e-2, +0.1984126989855865850e-3, +0.2480158687479686264e-4,
-         +0.2755723402025388239e-5, +0.2755762628169491192e-6, +0.2511210703042288022e-7,
-         +0.2081276378237164457e-8)
-    poly2 = lambda c1, c0: _fma(s, full(c1), full(c0))  # noqa: E731
-    poly4 = lambda c3, c2, c1, c0: _fma(s2, poly2(c3, c2), poly2(c1, c0))  # noqa: E731
-    poly8 = _fma(s4, poly4(c[7], c[6], c[5], c[4]), poly4(c[3], c[2], c[1], c[0]))
-    u = _fma(s8, poly2(c[9], c[8]), poly8)
-    u = _fma(u, s, full(0.5))
-    u = _fma(u, s, full(1.0))
-    u = _fma(u, s, full(1.0))
-    u = _ldexp2(u, qf.to(torch.int32))
-    u = torch.where(d > 709.78271114955742909217217426, math.inf, u)
-    return torch.where(d < -1000, 0.0, u)
-
-
 def kernel_exp(logp):
-    """exp as the CPU log_softmax backward kernel evaluates it (Sleef on AVX2/AVX512 builds).
+    """exp as the CPU log_softmax backward kernel evaluates it: vec::map2 runs every element,
+    partial last vector included, through Sleef's exp on AVX2/AVX512 builds (no scalar tail,
+    unlike elu_backward), so manual.kernel_exp.sleef_exp applies at every position.
 
     Elsewhere (CUDA, or a CPU run with ATEN_CPU_CAPABILITY=default) it is torch.exp: not verified
     bitwise there; expect the `ulp` tier at worst.
     """
-    if logp.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        if logp.dtype == torch.float32:
-            return _sleef_expf(logp)
-        if logp.dtype == torch.float64:
-            return _sleef_expd(logp)
+    if logp.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") \
+            and logp.dtype in (torch.float32, torch.float64):
+        return sleef_exp(logp)
     return torch.exp(logp)
 
 
