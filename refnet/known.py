@@ -4,8 +4,11 @@ manual-vs-autograd checks instead of `bitwise`, and its report note says why.  E
 expected bitwise on CPU.  Keys: "activation:NAME", "loss:NAME", "optimizer:NAME".
 
 `ulp` is the largest distance measured for the op alone (manual vs aten backward, 5 × 20 000
-random elements, float32 and float64, torch 2.13.0 CPU); through a network and a few training
-steps the distance grows, so the expectation for a whole spec is the tolerance tier.
+random elements, float32 and float64, torch 2.13.0 CPU).  Through a network the distance grows:
+gradients at init are expected within the tolerance tier; through training the rounding
+differences compound (with a large learning rate, chaotically), so the loss curve after step 0 and
+the final parameters have no bound: they are graded and reported, not expected.  Step 0's loss is
+a forward value and stays bitwise.
 """
 
 KNOWN_NOT_BITWISE = {
@@ -31,12 +34,15 @@ def known_issues(spec):
     return [(k, KNOWN_NOT_BITWISE[k]) for k in sorted(spec_keys(spec)) if k in KNOWN_NOT_BITWISE]
 
 
-def expected_tier(spec, device="cpu"):
-    """The tier manual vs autograd is expected to reach: bitwise on CPU unless a known op is used;
-    tolerance on CUDA (see README.md, "Devices")."""
-    if str(device).startswith("cuda") or known_issues(spec):
-        return "tolerance"
-    return "bitwise"
+def expected_tier(spec, device="cpu", stage="grad"):
+    """The tier manual vs autograd is expected to reach, or None when there is no bound.
+
+    stage "grad": gradients at init; "training": loss curve and final parameters.  Bitwise on CPU
+    unless a known op is used (then tolerance for "grad", None for "training"); tolerance on CUDA
+    (README.md, "Devices")."""
+    if known_issues(spec):
+        return "tolerance" if stage == "grad" else None
+    return "tolerance" if str(device).startswith("cuda") else "bitwise"
 
 
 def note(spec):
