@@ -53,6 +53,8 @@ def cmd_verify(args):
         if args.example:
             raise ValueError("--spec: give either --spec or --example, not both")
         base = Spec.from_json(args.spec)
+        from refnet.harness import load_data
+        load_data(base)  # a data/sizes mismatch fails before any output
         devices = resolve_devices(args.device) if args.device else [base.device]
         dtypes = _dtypes(args.dtype) if args.dtype else [base.dtype]
         if "cuda" in devices:
