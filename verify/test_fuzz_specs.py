@@ -82,3 +82,7 @@ def test_fuzz_manual_vs_twin_cpu(spec):
             continue
         assert TIERS.index(check.tier) <= TIERS.index(expected), \
             f"{check.name}: expected {expected}, got {check.tier} for {spec.to_dict()}:\n{detail}"
+
+
+def test_every_registered_optimizer_has_a_settings_table():
+    assert set(manual.OPTIMIZERS) <= set(OPTIMIZER_SETTINGS), "add its settings to OPTIMIZER_SETTINGS"
