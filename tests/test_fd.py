@@ -79,3 +79,17 @@ def test_wrong_backward_fails_finite_differences_not_gradcheck(monkeypatch):
                      "max abs diff", "max rel diff", "max ulp", "worst at ["):
         assert fragment in msg
     assert abs(bad.worst_values[0] / bad.worst_values[1] - 1.01) < 1e-6
+
+
+def test_svm_hinge_pieces_match_multimarginloss():
+    from refnet.fd import _loss
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 4, (7,), generator=gen)
+    loss, mask = _loss("svm", out, target, None)
+    assert torch.allclose(loss, torch.nn.MultiMarginLoss()(out, target), rtol=1e-15, atol=0)
+    assert not mask.gather(1, target.unsqueeze(1)).any()  # the target class is never a piece
+    moved = out + 10 * (torch.arange(4) == 0)   # class 0's margins all turn positive
+    frozen, _ = _loss("svm", moved, target, mask)
+    natural, _ = _loss("svm", moved, target, None)
+    assert frozen < natural  # frozen pieces keep the hinge pattern they froze
