@@ -40,6 +40,8 @@ def add_verify(sub):
 
 def _print_row(r):
     print(report_mod.format_row(r), flush=True)
+    if r.get("note"):  # thresholds, kink counts, float64 rebuilds, known non-bitwise ops
+        print(f"    . {r['note']}", flush=True)
     for msg in r["failures"]:
         print(f"    ! {msg}", flush=True)
 
