@@ -40,6 +40,8 @@ def add_verify(sub):
 
 def _print_row(r):
     print(report_mod.format_row(r), flush=True)
+    if r.get("note"):  # thresholds, kink counts, float64 rebuilds, known non-bitwise ops
+        print(f"    . {r['note']}", flush=True)
     for msg in r["failures"]:
         print(f"    ! {msg}", flush=True)
 
@@ -53,6 +55,8 @@ def cmd_verify(args):
         if args.example:
             raise ValueError("--spec: give either --spec or --example, not both")
         base = Spec.from_json(args.spec)
+        from refnet.harness import load_data
+        load_data(base)  # a data/sizes mismatch fails before any output
         devices = resolve_devices(args.device) if args.device else [base.device]
         dtypes = _dtypes(args.dtype) if args.dtype else [base.dtype]
         if "cuda" in devices:

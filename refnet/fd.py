@@ -1,8 +1,28 @@
 """Central finite differences in float64: the third oracle for every gradient.
 
-rel_error is CS231n's measure: |a − n| / max(|a| + |n|, tiny).
+`fd_checks(spec)` rebuilds a spec in float64 (same seeded draw of parameters and data), takes the
+manual MLP's analytic gradients at init, and compares them with central differences of the loss
+on a sample of coordinates of every parameter and of the input (all of them when a tensor has at
+most `per_tensor` elements).  It also runs `torch.autograd.gradcheck` on the autograd twin over the
+same coordinates.  Thresholds (FDSettings, stated in every report note):
+
+  central difference   (L(θ+h) − L(θ−h)) / 2h with h = 1e-6
+  pass                 rel_error ≤ 1e-6 (CS231n: |a − n| / max(|a| + |n|, tiny)), or
+                       |a − n| ≤ atol = 1e-8·max(1, |L|) (round-off of L divided by 2h)
+  gradcheck            same h; |a − n| ≤ atol + 1e-5·|n|
+
+Kinks.  At ReLU/Leaky ReLU/ELU at 0, Maxout ties (and the SVM hinge) a difference that straddles
+the kink means nothing.  A coordinate is at a kink when the piece that a piecewise unit uses
+changes between θ−h, θ and θ+h, or when the one-sided differences (L(θ+h) − L(θ))/h and
+(L(θ) − L(θ−h))/h disagree (rel_error > 1e-3).  There the analytic value is accepted when it lies
+between the two one-sided differences (widened by atol), or else when it equals the central
+difference of the loss with every piece frozen as at θ (the derivative of the branch PyTorch's
+convention picks at the kink: ReLU'(0) = 0, the first maximal Maxout piece, ...).  Kink
+coordinates are counted in the report, with how each was accepted; gradcheck skips them.
 """
+from dataclasses import dataclass
 import torch
+import torch.nn.functional as F
 
 
 def rel_error(analytic, numeric):
@@ -35,3 +55,261 @@ def numeric_gradient(f, x, dout=None, eps=1e-6, indices=None):
             diff = diff * dout
         grad[i] = diff.sum() / (2 * eps)
     return grad.view_as(x)
+
+
+@dataclass
+class FDSettings:
+    eps: float = 1e-6           # h of the central difference
+    rtol: float = 1e-6          # CS231n rel_error bound
+    atol_scale: float = 1e-8    # absolute floor: atol = atol_scale * max(1, |L|)
+    kink_rtol: float = 1e-3     # one-sided differences further apart than this: a kink
+    gradcheck_rtol: float = 1e-5
+    per_tensor: int = 64        # coordinates sampled per tensor (all when numel <= per_tensor)
+    gradcheck: bool = True
+
+    def describe(self):
+        return (f"h {self.eps:g}; pass if rel_error <= {self.rtol:g} or |a-n| <= "
+                f"{self.atol_scale:g}*max(1,|L|); gradcheck rtol {self.gradcheck_rtol:g}")
+
+
+# --- an independent float64 forward that records (and can freeze) the piece of every kinked unit --
+def _activation(name, z, spec, piece):
+    """(y, piece used) for a hidden activation; piece None for smooth ones."""
+    if name in ("relu", "leaky_relu", "elu"):
+        mask = (z > 0) if piece is None else piece
+        if name == "relu":
+            y = torch.where(mask, z, torch.zeros_like(z))
+        elif name == "leaky_relu":
+            y = torch.where(mask, z, z * spec.slope)
+        else:
+            y = torch.where(mask, z, spec.alpha * torch.expm1(z))
+        return y, mask
+    if name == "maxout":
+        zz = z.view(z.shape[0], z.shape[1] // spec.k, spec.k)
+        idx = zz.max(2).indices if piece is None else piece   # ties: the first maximal piece
+        return zz.gather(2, idx.unsqueeze(2)).squeeze(2), idx
+    from refnet.twin import activation_module  # smooth: sigmoid, tanh, identity, ...
+    return activation_module(name, spec.slope, spec.alpha, spec.k)(z), None
+
+
+def _loss(name, out, target, piece):
+    if name == "svm":  # nn.MultiMarginLoss(margin=1): mean_n Σ_{j≠y} max(0, 1 − o_y + o_j) / C
+        margins = 1 - out.gather(1, target.unsqueeze(1)) + out
+        not_target = torch.ones_like(out, dtype=torch.bool).scatter_(1, target.unsqueeze(1), False)
+        mask = ((margins > 0) & not_target) if piece is None else piece
+        return (torch.where(mask, margins, 0.0).sum(1) / out.shape[1]).mean(), mask
+    from refnet.twin import loss_module
+    return loss_module(name)(out, target), None
+
+
+def forward_pieces(spec, params, x, target, pieces=None):
+    """Loss of the spec's MLP in plain torch ops -> (loss, pieces).  pieces given: frozen."""
+    acts = spec.activations
+    n_layers = len(spec.sizes) - 1
+    used = []
+    h = x
+    with torch.no_grad():
+        for i in range(n_layers):
+            h = F.linear(h, params[f"layers.{i}.weight"], params.get(f"layers.{i}.bias"))
+            if i < n_layers - 1:
+                h, p = _activation(acts[i], h, spec, None if pieces is None else pieces[i])
+                used.append(p)
+        loss, p = _loss(spec.loss, h, target, None if pieces is None else pieces[-1])
+    used.append(p)
+    return loss, used
+
+
+def _same_pieces(a, b):
+    return all(p is None or torch.equal(p, q) for p, q in zip(a, b))
+
+
+def _sample(numel, per_tensor, gen):
+    if numel <= per_tensor:
+        return torch.arange(numel)
+    return torch.randperm(numel, generator=gen)[:per_tensor].sort().values
+
+
+def _float64_setup(spec, data):
+    """spec rebuilt in float64, its seeded parameters, the data, and the manual analytic grads."""
+    import manual
+    from manual.mlp import MLP, init_params
+    from refnet.harness import load_data
+    from refnet.spec import Spec
+
+    spec64 = spec if spec.dtype == "float64" else Spec.from_dict({**spec.to_dict(), "dtype": "float64"})
+    params = init_params(spec64.sizes, spec64.activation, spec64.bias, scheme=spec64.init,
+                         seed=spec64.seed, dtype=torch.float64, device=spec64.device, k=spec64.k)
+    if data is None:
+        x, target = load_data(spec64)
+    else:
+        x, target = data
+        x = x.detach().to(torch.float64)
+        if target.is_floating_point():
+            target = target.detach().to(torch.float64)
+    x = x.clone().contiguous()
+    opt = dict(spec64.optimizer)
+    mlp = MLP({n: t.clone() for n, t in params.items()}, spec64.activation, spec64.loss,
+              manual.make_optimizer(opt.pop("name"), **opt), **spec64.options)
+    loss, cache = mlp.forward(x, target)
+    grads, dx = mlp.backward(cache)
+    return spec64, params, x, target, grads, dx, float(loss)
+
+
+def fd_checks(spec, data=None, settings=None):
+    """Checks "finite_diff" (manual vs central differences) and, when enabled, "gradcheck" (twin
+    vs torch.autograd.gradcheck), both in float64 at the spec's initial parameters.
+
+    Runs on one intra-op thread (restored after): thousands of tiny forwards are 10-40x faster so
+    on a loaded machine, and no bitwise claim rests on these float64 estimates."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fd_checks(spec, data, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fd_checks(spec, data, settings):
+    from refnet.compare import Verdict, ulp_distance
+    from refnet.examples import Check
+
+    st = settings or FDSettings()
+    spec64, params, x, target, grads, dx, loss0 = _float64_setup(spec, data)
+    atol = st.atol_scale * max(1.0, abs(loss0))
+    base_loss, base_pieces = forward_pieces(spec64, params, x, target)
+    gen = torch.Generator().manual_seed(spec64.seed)
+    tensors = [(name, params[name], grads[name]) for name in params] + [("input", x, dx)]
+    verdicts, smooth_coords = [], []
+    kinks = by_bracket = by_frozen = sampled = 0
+    for name, t, analytic in tensors:
+        flat, a_flat = t.view(-1), analytic.reshape(-1)
+        idx = _sample(flat.numel(), st.per_tensor, gen)
+        numeric = torch.empty(len(idx), dtype=torch.float64)
+        ok = torch.ones(len(idx), dtype=torch.bool)
+        bracketed = torch.zeros(len(idx), dtype=torch.bool)
+        kink_here = 0
+        for j, i in enumerate(idx.tolist()):
+            old = flat[i].item()
+            flat[i] = old + st.eps
+            lp, pp = forward_pieces(spec64, params, x, target)
+            flat[i] = old - st.eps
+            lm, pm = forward_pieces(spec64, params, x, target)
+            flat[i] = old
+            lp, lm, l0 = float(lp), float(lm), float(base_loss)
+            central = (lp - lm) / (2 * st.eps)
+            fwd, bwd = (lp - l0) / st.eps, (l0 - lm) / st.eps
+            a = float(a_flat[i])
+            numeric[j] = central
+            one_sided_apart = abs(fwd - bwd) > max(atol, st.kink_rtol * (abs(fwd) + abs(bwd)))
+            if _same_pieces(pp, base_pieces) and _same_pieces(pm, base_pieces) and not one_sided_apart:
+                ok[j] = abs(a - central) <= atol or \
+                    abs(a - central) <= st.rtol * max(abs(a) + abs(central), 1e-300)
+                smooth_coords.append((name, i, central))
+                continue
+            kink_here += 1
+            if min(fwd, bwd) - atol <= a <= max(fwd, bwd) + atol:
+                by_bracket += 1
+                bracketed[j] = True  # no single numeric value to measure against: not in the max
+                continue
+            flat[i] = old + st.eps
+            lpf, _ = forward_pieces(spec64, params, x, target, base_pieces)
+            flat[i] = old - st.eps
+            lmf, _ = forward_pieces(spec64, params, x, target, base_pieces)
+            flat[i] = old
+            frozen = (float(lpf) - float(lmf)) / (2 * st.eps)
+            numeric[j] = frozen
+            ok[j] = abs(a - frozen) <= atol or abs(a - frozen) <= st.rtol * (abs(a) + abs(frozen))
+            by_frozen += bool(ok[j])
+        kinks += kink_here
+        sampled += len(idx)
+        a_s = a_flat[idx].cpu()
+        verdicts.append(_fd_verdict(Verdict, ulp_distance, f"{name}.grad", list(t.shape),
+                                    str(t.device), a_s, numeric, ok, bracketed, idx, atol, st,
+                                    f"{len(idx)}/{flat.numel()} coordinates sampled, "
+                                    f"{kink_here} at a kink ({int(bracketed.sum())} accepted "
+                                    f"between the one-sided differences, not in the max diffs)"))
+    rebuilt = "" if spec.dtype == "float64" else f"spec is {spec.dtype}; rebuilt in float64 from the same seed. "
+    note = (f"{rebuilt}{sampled} coordinates, {kinks} at a kink ({by_bracket} accepted between "
+            f"the one-sided differences, {by_frozen} by the frozen-piece central difference); "
+            f"{st.describe()}")
+    checks = [Check("finite_diff", verdicts, oracle="manual vs central differences (float64)",
+                    note=note)]
+    if st.gradcheck:
+        checks.append(_gradcheck(spec64, params, x, target, smooth_coords, atol, st, kinks, rebuilt))
+    return checks
+
+
+def _fd_verdict(Verdict, ulp_distance, name, shape, device, analytic, numeric, ok, bracketed, idx,
+                atol, st, note):
+    n = len(idx)
+    diff = (analytic - numeric).abs()
+    rel = rel_error(analytic, numeric)
+    v = Verdict(name=name, tier="tolerance" if bool(ok.all()) else "fail", passed=bool(ok.all()),
+                shape=shape, dtype="float64", device=device, numel=n,
+                mismatched=int((~ok).sum()), rtol=st.rtol, atol=atol, ulp_limit=None, note=note)
+    measured = ~bracketed
+    if bool(measured.any()):
+        v.max_abs_diff = float(diff[measured].max())
+        v.max_rel_diff = float(rel[measured].max())
+        v.max_ulp = float(ulp_distance(analytic[measured], numeric[measured]).max())
+        # the worst coordinate: a failing one if any, else the largest rel_error
+        score = torch.where(ok, rel, rel + 10.0).masked_fill(bracketed, -1.0)
+        j = int(torch.argmax(score))
+        from refnet.compare import _unravel
+        v.worst_index = _unravel(int(idx[j]), shape)
+        v.worst_values = [float(analytic[j]), float(numeric[j])]
+    return v
+
+
+def _gradcheck(spec64, params, x, target, coords, atol, st, kinks, rebuilt):
+    """torch.autograd.gradcheck on the twin, as a function of the sampled smooth coordinates."""
+    from refnet.compare import Verdict, ulp_distance
+    from refnet.examples import Check
+    from refnet.twin import Twin, load_params, loss_module
+
+    twin = Twin(spec64.sizes, spec64.activation, spec64.bias, dtype=torch.float64,
+                device=spec64.device, **spec64.options)
+    load_params(twin, params)
+    loss_fn = loss_module(spec64.loss)
+    base = {name: p.detach() for name, p in twin.named_parameters()}
+    base["input"] = x
+    names = sorted({c[0] for c in coords}, key=[*base].index)
+    index = {n: torch.tensor([i for m, i, _ in coords if m == n], device=x.device) for n in names}
+    values = torch.tensor([base[m].reshape(-1)[i].item() for n in names for m, i, _ in coords
+                           if m == n], dtype=torch.float64, device=x.device)
+    central = torch.tensor([c for n in names for m, _, c in coords if m == n], dtype=torch.float64)
+
+    def f(v):
+        tensors, at = dict(base), 0
+        for n in names:
+            k = len(index[n])
+            tensors[n] = base[n].reshape(-1).index_put((index[n],), v[at:at + k]).view_as(base[n])
+            at += k
+        xin = tensors.pop("input")
+        return loss_fn(torch.func.functional_call(twin, tensors, (xin,)), target)
+
+    note = f"{rebuilt}{len(coords)} smooth coordinates ({kinks} kink coordinates skipped); {st.describe()}"
+    v = Verdict(name="twin.grad (gradcheck)", tier="tolerance", passed=True,
+                shape=[len(coords)], dtype="float64", device=str(x.device), numel=len(coords),
+                rtol=st.gradcheck_rtol, atol=atol, ulp_limit=None, note=note)
+    if coords:
+        inp = values.clone().requires_grad_(True)
+        try:
+            torch.autograd.gradcheck(f, (inp,), eps=st.eps, atol=atol, rtol=st.gradcheck_rtol,
+                                     raise_exception=True)
+        except Exception as exc:  # GradcheckError: keep its first line
+            v.tier, v.passed = "fail", False
+            v.note = f"gradcheck failed: {str(exc).strip().splitlines()[0]}; " + note
+        inp = values.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(f(inp), inp)
+        grad = grad.detach().cpu()
+        diff = (grad - central).abs()
+        v.max_abs_diff = float(diff.max())
+        v.max_rel_diff = float(rel_error(grad, central).max())
+        v.max_ulp = float(ulp_distance(grad, central).max())
+        j = int(torch.argmax(diff))
+        v.worst_index = [j]
+        v.worst_values = [float(grad[j]), float(central[j])]
+        v.mismatched = int((diff > atol + st.gradcheck_rtol * central.abs()).sum())
+    return Check("gradcheck", [v], oracle="twin (autograd) vs torch.autograd.gradcheck (float64)",
+                 note=note)

@@ -127,14 +127,18 @@ def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=Fa
     return verdicts, (losses_m, losses_t)
 
 
-def spec_checks(spec, strict_bits=False):
+def spec_checks(spec, strict_bits=False, data=None, fd_settings=None):
     """The checks of a user's spec: gradients at init, the loss curve over spec.steps, and the
-    final parameters, manual vs autograd."""
+    final parameters, manual vs autograd; then finite differences and gradcheck in float64
+    (refnet.fd).  data: (x, target) instead of the spec's data set."""
+    from refnet import fd, known
     from refnet.examples import Check
-    x, target = load_data(spec)
-    checks = [Check("grad@init", gradient_checks(build_pair(spec), x, target, strict_bits))]
+    x, target = load_data(spec) if data is None else data
+    note = known.note(spec)
+    checks = [Check("grad@init", gradient_checks(build_pair(spec), x, target, strict_bits), note=note)]
     verdicts, _ = curve_checks(build_pair(spec), x, target, spec.steps, spec.batch_size, spec.seed,
                                strict_bits)
-    checks.append(Check(f"loss_curve[{spec.steps}]", verdicts[:1]))
-    checks.append(Check("final_params", verdicts[1:]))
+    checks.append(Check(f"loss_curve[{spec.steps}]", verdicts[:1], note=note))
+    checks.append(Check("final_params", verdicts[1:], note=note))
+    checks.extend(fd.fd_checks(spec, data=data, settings=fd_settings))
     return checks

@@ -90,7 +90,7 @@ def _cell(key, value):
     if key == "max_abs_diff":
         return f"{value:.2e}"
     if key == "max_ulp":
-        return "inf" if value == float("inf") else f"{value:.0f}"
+        return "inf" if value == float("inf") else (f"{value:.0f}" if value < 1e6 else f"{value:.1e}")
     return str(value)
 
 

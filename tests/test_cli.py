@@ -28,7 +28,8 @@ def test_verify_spec_writes_json(tmp_path):
         for key in ("example", "check", "device", "dtype", "tier", "passed", "max_abs_diff",
                     "max_ulp", "steps", "identical_steps"):
             assert key in r
-        assert r["tier"] == "bitwise"
+        # finite differences and gradcheck are graded by their thresholds, never bitwise
+        assert r["tier"] == ("bitwise" if r["oracle"] == "manual vs autograd" else "tolerance")
 
 
 @pytest.mark.parametrize("args, fragment", [

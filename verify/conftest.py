@@ -1,10 +1,30 @@
-"""verify/: the cross-check suite, parametrized over every available device and both dtypes."""
+"""verify/: the cross-check suite, parametrized over every available device and both dtypes.
+
+Hypothesis profiles for the spec fuzzing (verify/test_fuzz_specs.py):
+  ci        (default) 40 examples, no deadline: fits the CI budget
+  thorough  500 examples, no deadline
+Choose one with `--hypothesis-profile thorough` or REFNET_HYPOTHESIS_PROFILE=thorough.
+"""
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[
     pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])]
 DTYPES = [torch.float32, torch.float64]
+
+
+def pytest_configure(config):
+    # --hypothesis-profile (hypothesis's own option) wins; else the env var; else "ci".
+    if not config.getoption("hypothesis_profile", default=None):
+        settings.load_profile(os.environ.get("REFNET_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(params=DEVICES)
