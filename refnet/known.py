@@ -13,12 +13,26 @@ a forward value and stays bitwise.
 
 KNOWN_NOT_BITWISE = {
     "activation:elu": {
-        "ulp": 2,
-        "reason": "elu_backward's kernel evaluates exp with Sleef in vector lanes (std::exp in the "
-                  "tail); torch.exp, the only exp manual/ may call, uses another implementation, "
-                  "so about 3-4% of elements differ by 1-2 ulp",
+        "ulp": 1,
+        "reason": "elu_backward's kernel evaluates exp with Sleef in vector lanes and glibc "
+                  "std::exp in the scalar tail of each chunk; manual.kernel_exp reproduces Sleef "
+                  "(bitwise in the lanes) but glibc's exp is not reachable by plain ops, so tail "
+                  "elements use torch.exp / float64 exp: <= 1 ulp on ~0.5% (float64) / ~0.07% "
+                  "(float32) of tail values; 2 of 150 random ELU specs were not bitwise",
+    },
+    "loss:cross_entropy": {
+        "ulp": 512,
+        "bitwise_on": ("AVX2", "AVX512"),
+        "reason": "with ATEN_CPU_CAPABILITY=default the log_softmax backward kernel uses std::exp "
+                  "instead of Sleef and manual falls back to torch.exp: up to 2 ulp (float64) and "
+                  "512 ulp (float32, where -1/N + p/N cancels) on the target element",
     },
 }
+
+
+def _applies(entry):
+    import torch
+    return torch.backends.cpu.get_cpu_capability() not in entry.get("bitwise_on", ())
 
 
 def spec_keys(spec):
@@ -31,7 +45,8 @@ def spec_keys(spec):
 
 def known_issues(spec):
     """[(key, entry)] of the table entries a spec uses, in a stable order."""
-    return [(k, KNOWN_NOT_BITWISE[k]) for k in sorted(spec_keys(spec)) if k in KNOWN_NOT_BITWISE]
+    return [(k, KNOWN_NOT_BITWISE[k]) for k in sorted(spec_keys(spec))
+            if k in KNOWN_NOT_BITWISE and _applies(KNOWN_NOT_BITWISE[k])]
 
 
 def expected_tier(spec, device="cpu", stage="grad"):
