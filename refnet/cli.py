@@ -101,6 +101,7 @@ def build_parser():
     parser = _Parser(prog="refnet", description="Manual backprop vs autograd, verified bit for bit.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     add_verify(sub)
+    __import__("refnet.cmd_train").cmd_train.add_parser(sub)
     return parser
 
 

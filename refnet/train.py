@@ -120,11 +120,15 @@ def default_tier(spec):
 
 # -- atomic files and checkpoints --
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 def _write_atomic(path, write):
     """write(binary file) into a temp file beside path, then os.replace it into place."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -406,7 +410,7 @@ def _save(out_dir, pair, spec, example, step, hist_m, hist_t, state):
         "manual_optimizer": _cpu(pair.mlp.optimizer.state_dict()),
         "twin_optimizer": _cpu(pair.twin_opt.state_dict()),
         "losses_manual": torch.cat(hist_m).cpu(), "losses_twin": torch.cat(hist_t).cpu(),
-        "worst_tier": state["worst"], "torch": torch.__version__,
+        "worst_tier": state["worst"], "torch": str(torch.__version__),
     }
     save_checkpoint(os.path.join(out_dir, CHECKPOINT_NAME), payload)
     state["last_checkpoint"] = step
@@ -457,10 +461,13 @@ def _summary(spec, example, tier, state, status, message, start, losses_m, losse
         "identical_steps": int((losses_m.view(_int_view(losses_m)) ==
                                 losses_t.view(_int_view(losses_t))).sum()) if n else 0,
         "max_abs_loss_diff": float((losses_m.double() - losses_t.double()).abs().max()) if n else 0.0,
-        "spec": spec.to_dict(), "seconds": round(seconds, 3), "torch": torch.__version__,
+        "spec": spec.to_dict(), "seconds": round(seconds, 3), "torch": str(torch.__version__),
     }
     if status == "diverged":
         summary["divergence"] = message
+    # NaN/inf on both sides at the same step is agreement, not divergence, but worth saying.
+    bad = (~torch.isfinite(losses_m)).nonzero()
+    summary["first_nonfinite_step"] = int(bad[0, 0]) if bad.numel() else None
     labels = _labels(target)
     if labels is not None:
         with torch.no_grad():
@@ -497,9 +504,20 @@ def _write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target):
                            summary)
             files.append("decision_boundary.png")
     summary["files"] = files
-    blob = json.dumps(summary, indent=2, allow_nan=False, default=str) + "\n"
+    blob = json.dumps(_json_safe(summary), indent=2, allow_nan=False, default=str) + "\n"
     _write_atomic(os.path.join(out_dir, "summary.json"), lambda f: f.write(blob.encode()))
     return files
+
+
+def _json_safe(obj):
+    """NaN/inf (a loss that blew up) as strings: JSON has no such numbers."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _figure(width, height):
@@ -561,7 +579,7 @@ def _plot_boundary(path, spec, pair, x, labels, summary):
     ax.contourf(g0, g1, cls, levels=levels, cmap="Pastel1" if classes > 2 else "coolwarm",
                 alpha=0.6)
     ax.scatter(xc[:, 0], xc[:, 1], c=yc, cmap="Set1" if classes > 2 else "coolwarm",
-               vmin=0, vmax=max(classes - 1, 1), edgecolors="k", s=25)
+               vmin=0, vmax=max(classes - 1, 1), edgecolors="k", s=60 if len(yc) < 50 else 20)
     acc = summary.get("accuracy_manual")
     ax.set_title(f"{spec.name}: manual model's predicted class"
                  + (f" (train accuracy {100 * acc:.1f} %)" if acc is not None else ""))
