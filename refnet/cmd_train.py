@@ -1,18 +1,19 @@
 """`refnet train`: train the manual MLP and its autograd twin in lockstep (refnet.train)."""
+import argparse
 import os
 import sys
 
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
-def _positive_int(flag):
+def _positive_int():
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise ValueError(f"{flag}: expected an integer >= 1, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
         if value < 1:
-            raise ValueError(f"{flag}: expected an integer >= 1, got {value}")
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
         return value
     return parse
 
@@ -21,9 +22,9 @@ def _positive_float(text):
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"--lr: expected a positive number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0 or value == float("inf"):
-        raise ValueError(f"--lr: expected a positive finite number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
     return value
 
 
@@ -39,14 +40,14 @@ def add_parser(sub):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="default: auto (cuda if present) for --example, the spec's device for --spec")
     p.add_argument("--dtype", choices=["float32", "float64"], help="default: the spec's (float64)")
-    p.add_argument("--steps", type=_positive_int("--steps"), help="total steps (on --resume: the "
+    p.add_argument("--steps", type=_positive_int(), help="total steps (on --resume: the "
                    "step to continue up to)")
     p.add_argument("--lr", type=_positive_float, help="learning rate (overrides the spec's)")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"),
+    p.add_argument("--batch-size", type=_positive_int(),
                    help="mini-batch size (default: the spec's; none means full batch)")
     p.add_argument("--out", metavar="DIR", help="write losses.csv, summary.json, checkpoint.pt "
                    "and plots here")
-    p.add_argument("--check-every", type=_positive_int("--check-every"), default=50, metavar="K",
+    p.add_argument("--check-every", type=_positive_int(), default=50, metavar="K",
                    help="compare parameters and write a checkpoint every K steps (default 50); "
                         "losses are compared at every step")
     p.add_argument("--tier", choices=["bitwise", "ulp", "tolerance"],

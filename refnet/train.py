@@ -426,7 +426,7 @@ def _progress_bar(progress, spec, start):
     if progress is None and not (sys.stderr.isatty() and sys.stdout.isatty()):
         return None
     return tqdm(total=spec.steps, initial=start, desc=spec.name, unit="step", file=sys.stderr,
-                dynamic_ncols=True, leave=True)
+                leave=True)
 
 
 def _install_sigint(state):
