@@ -302,7 +302,7 @@ def _run(spec, out_dir, check_every, tier, checkpoint, progress, example, data, 
         state["worst"] = checkpoint.get("worst_tier", "bitwise")
     pending_m, pending_t = [], []
     bar = _progress_bar(progress, spec, start)
-    old_handler = _install_sigint(state)
+    restore_sigint = _install_sigint(state)
 
     def grade(verdict):
         state["checks"] += 1
@@ -368,8 +368,8 @@ def _run(spec, out_dir, check_every, tier, checkpoint, progress, example, data, 
     finally:
         if bar is not None:
             bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        for old in restore_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if old is None else old)
     losses_m = torch.cat(hist_m).cpu() if hist_m else torch.zeros(0)
     losses_t = torch.cat(hist_t).cpu() if hist_t else torch.zeros(0)
     summary = _summary(spec, example, tier, state, status, message, start, losses_m, losses_t,
@@ -431,16 +431,17 @@ def _progress_bar(progress, spec, start):
 
 def _install_sigint(state):
     """Ctrl-C stops at the next step boundary (a consistent state to checkpoint); a second one
-    interrupts at once.  Only possible in the main thread; returns the handler to restore."""
+    interrupts at once.  Only possible in the main thread; returns [the handler to restore]
+    (signal.signal may return None for a handler not set from Python)."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return []
 
     def handler(signum, frame):
         if state["interrupted"]:
             raise KeyboardInterrupt
         state["interrupted"] = True
 
-    return signal.signal(signal.SIGINT, handler)
+    return [signal.signal(signal.SIGINT, handler)]
 
 
 def _accuracy(output, labels):
@@ -573,13 +574,15 @@ def _plot_boundary(path, spec, pair, x, labels, summary):
     with torch.no_grad():
         cls = predict_class(pair.mlp.predict(grid)[0]).cpu().numpy().reshape(g0.shape)
     classes = max(int(yc.max()), int(cls.max())) + 1
+    from matplotlib.colors import ListedColormap
+    palette = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown",
+               "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
+    cmap = ListedColormap([palette[c % len(palette)] for c in range(classes)])
     fig = _figure(6, 6)
     ax = fig.subplots()
-    levels = np.arange(classes + 1) - 0.5
-    ax.contourf(g0, g1, cls, levels=levels, cmap="Pastel1" if classes > 2 else "coolwarm",
-                alpha=0.6)
-    ax.scatter(xc[:, 0], xc[:, 1], c=yc, cmap="Set1" if classes > 2 else "coolwarm",
-               vmin=0, vmax=max(classes - 1, 1), edgecolors="k", s=60 if len(yc) < 50 else 20)
+    ax.contourf(g0, g1, cls, levels=np.arange(classes + 1) - 0.5, cmap=cmap, alpha=0.25)
+    ax.scatter(xc[:, 0], xc[:, 1], c=yc, cmap=cmap, vmin=-0.5, vmax=classes - 0.5,
+               edgecolors="k", s=60 if len(yc) < 50 else 20)
     acc = summary.get("accuracy_manual")
     ax.set_title(f"{spec.name}: manual model's predicted class"
                  + (f" (train accuracy {100 * acc:.1f} %)" if acc is not None else ""))
