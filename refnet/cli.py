@@ -116,7 +116,9 @@ def build_parser():
     parser = _Parser(prog="refnet", description="Manual backprop vs autograd, verified bit for bit.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     add_verify(sub)
-    from refnet import cmd_check_port, cmd_export; cmd_export.add_parser(sub); cmd_check_port.add_parser(sub)  # noqa: E401,E702
+    from refnet import cmd_check_port, cmd_export, cmd_train
+    for command in (cmd_train, cmd_export, cmd_check_port):
+        command.add_parser(sub)
     return parser
 
 

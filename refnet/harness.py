@@ -94,15 +94,17 @@ def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
     return verdicts
 
 
-def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None):
+def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None, start=0):
     """Train both sides for `steps` steps on the same mini-batches.
 
     Returns (manual losses, twin losses) as 1-D tensors (the loss of each step before its update).
     on_step(step, loss_manual, loss_twin) is called after every step when given.
+    start: the step to begin at (a resumed run): the first `start` batches of the seeded schedule
+    are skipped, so the resumed run sees exactly the batches an uninterrupted one would.
     """
-    index_list = datasets.batches(x.shape[0], batch_size, steps, seed)
+    index_list = datasets.batches(x.shape[0], batch_size, start + steps, seed)[start:]
     losses_m, losses_t = [], []
-    for step, idx in enumerate(index_list):
+    for step, idx in enumerate(index_list, start):
         xb, tb = (x, target) if idx is None else (x[idx.to(x.device)], target[idx.to(x.device)])
         loss_m = pair.mlp.train_step(xb, tb)
         pair.twin_opt.zero_grad(set_to_none=True)

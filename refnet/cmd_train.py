@@ -1,0 +1,112 @@
+"""`refnet train`: train the manual MLP and its autograd twin in lockstep (refnet.train)."""
+import argparse
+import os
+import sys
+
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+
+
+def _positive_int():
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help="train manual and twin in lockstep, checking agreement as it goes")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--example", metavar="NAME",
+                     help="xor, circles, spiral, two_layer_seed or random")
+    src.add_argument("--spec", metavar="FILE.json", help="train the MLP described in this JSON file")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue from DIR/checkpoint.pt (or a checkpoint file); outputs go to DIR "
+                        "unless --out is given")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="default: auto (cuda if present) for --example, the spec's device for --spec")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="default: the spec's (float64)")
+    p.add_argument("--steps", type=_positive_int(), help="total steps (on --resume: the "
+                   "step to continue up to)")
+    p.add_argument("--lr", type=_positive_float, help="learning rate (overrides the spec's)")
+    p.add_argument("--batch-size", type=_positive_int(),
+                   help="mini-batch size (default: the spec's; none means full batch)")
+    p.add_argument("--out", metavar="DIR", help="write losses.csv, summary.json, checkpoint.pt "
+                   "and plots here")
+    p.add_argument("--check-every", type=_positive_int(), default=50, metavar="K",
+                   help="compare parameters and write a checkpoint every K steps (default 50); "
+                        "losses are compared at every step")
+    p.add_argument("--tier", choices=["bitwise", "ulp", "tolerance"],
+                   help="worst agreement allowed before the run stops (default: bitwise on cpu, "
+                        "tolerance on cuda)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+    p.set_defaults(func=cmd_train)
+
+
+def _resolve_device(choice):
+    from refnet.settings import resolve_devices
+    return resolve_devices(choice)[0]
+
+
+def build_spec(args):
+    """The Spec to train (None on --resume without overrides) and the example name, from args."""
+    from refnet import train as train_mod
+    from refnet.spec import Spec
+
+    overrides = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, dtype=args.dtype)
+    if args.resume:
+        if args.example or args.spec:
+            raise ValueError("--resume: the checkpoint names what to train; drop --example/--spec")
+        ck = train_mod.load_checkpoint(args.resume)
+        base = Spec.from_dict(dict(ck["spec"]))
+        device = _resolve_device(args.device) if args.device else base.device
+        return train_mod.with_overrides(base, device=device, **overrides), ck["example"]
+    if args.example:
+        base = train_mod.get_example(args.example).spec()
+        device = _resolve_device(args.device or "auto")
+        return train_mod.with_overrides(base, device=device, **overrides), args.example
+    if args.spec:
+        base = Spec.from_json(args.spec)
+        device = _resolve_device(args.device) if args.device else base.device
+        return train_mod.with_overrides(base, device=device, **overrides), None
+    raise ValueError("train: give --example NAME, --spec FILE.json or --resume DIR")
+
+
+def cmd_train(args):
+    from refnet import train as train_mod
+
+    spec, example = build_spec(args)
+    out = args.out or args.resume
+    if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):
+        out = os.path.dirname(os.path.abspath(args.resume))
+    summary = train_mod.train(spec, out, check_every=args.check_every, tier=args.tier,
+                              resume=args.resume, progress=False if args.quiet else None,
+                              example=example)
+    if summary["status"] == "diverged":
+        print(f"refnet train: diverged: {summary['divergence']}", file=sys.stderr)
+        return EXIT_FAILED
+    if summary["status"] == "interrupted":
+        print(f"refnet train: {summary['message']}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not args.quiet:
+        acc = summary.get("accuracy_manual")
+        print(f"{summary['name']}: {summary['steps']} steps on {summary['device']}/{summary['dtype']}"
+              f", loss manual {summary['final_loss_manual']:.6g} twin {summary['final_loss_twin']:.6g}"
+              f", tier {summary['tier']} (allowed {summary['allowed_tier']})"
+              + (f", accuracy {100 * acc:.1f} %" if acc is not None else "")
+              + (f"; wrote {', '.join(summary['files'])} in {out}" if out else ""))
+    return 0

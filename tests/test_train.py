@@ -1,0 +1,245 @@
+"""refnet train: lockstep runs, outputs, checkpoints and resume, divergence detection, data."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import manual.mlp
+from refnet import cli, data, train as train_mod
+from refnet.spec import Spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_MPL = True
+try:
+    import matplotlib  # noqa: F401
+except ImportError:
+    HAS_MPL = False
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny GEMMs on a busy 2-core machine are ~40x slower with 2 threads than with 1.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_spec(**over):
+    """circles with mini-batches and momentum: exercises the batch schedule and optimizer state."""
+    raw = dict(sizes=[2, 7, 2], activation="tanh", loss="mse", data="circles", n_samples=50,
+               batch_size=16, steps=60, optimizer={"name": "sgd", "lr": 0.2, "momentum": 0.9},
+               name="small")
+    return Spec(**{**raw, **over})
+
+
+def read_csv(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def test_cli_xor_writes_every_output_and_learns(tmp_path):
+    out = tmp_path / "d"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "scripts/train.py", "--example", "xor", "--steps", "500",
+                          "--device", "cpu", "--out", str(out)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "tier bitwise" in res.stdout and res.stderr == ""  # not a terminal: no bar
+    expected = {"losses.csv", "summary.json", "checkpoint.pt"}
+    if HAS_MPL:
+        expected |= {"loss_curves.png", "decision_boundary.png"}
+    assert expected <= set(os.listdir(out))
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 500
+    assert summary["tier"] == "bitwise" and summary["identical_steps"] == 500
+    assert summary["accuracy_manual"] == 1.0 == summary["accuracy_twin"]
+    rows = read_csv(out / "losses.csv")
+    assert rows[0] == "step,manual_loss,twin_loss,abs_diff" and len(rows) == 501
+    step, lm, lt, diff = rows[-1].split(",")
+    assert step == "499" and float(lm) == summary["final_loss_manual"] and float(diff) == 0.0
+    assert float(rows[1].split(",")[1]) > 100 * float(lm)  # the loss went down
+    for png in expected - {"losses.csv", "summary.json", "checkpoint.pt"}:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_then_resumed_curve_is_bitwise_the_uninterrupted_one(tmp_path):
+    straight = train_mod.train(small_spec(), tmp_path / "straight", check_every=7, progress=False)
+    assert straight["status"] == "completed"
+
+    def interrupt_at_29(step, loss_m, loss_t):
+        if step == 29:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: stop at the step boundary
+
+    cut = train_mod.train(small_spec(), tmp_path / "cut", check_every=7, progress=False,
+                          on_step=interrupt_at_29)
+    assert cut["status"] == "interrupted" and cut["steps"] == 30 and cut["last_checkpoint"] == 30
+    assert "resume with --resume" in cut["message"]
+    resumed = train_mod.train(None, tmp_path / "cut", check_every=7, progress=False,
+                              resume=tmp_path / "cut")
+    assert resumed["status"] == "completed" and resumed["resumed_from"] == 30
+    assert read_csv(tmp_path / "cut" / "losses.csv") == read_csv(tmp_path / "straight" / "losses.csv")
+    a = train_mod.load_checkpoint(tmp_path / "straight")
+    b = train_mod.load_checkpoint(tmp_path / "cut")
+    assert torch.equal(a["losses_manual"].view(torch.int64), b["losses_manual"].view(torch.int64))
+    for side in ("manual_params", "twin_params"):
+        for name, p in a[side].items():
+            assert torch.equal(p.view(torch.int64), b[side][name].view(torch.int64)), (side, name)
+    assert a["manual_optimizer"]["buffers"].keys() == b["manual_optimizer"]["buffers"].keys()
+    # the second half sees other batches than the first (a resume that restarted the schedule
+    # would fail the equality above), and momentum carries state across the cut
+    idx = data.batches(50, 16, 60, 0)
+    assert any(not torch.equal(i, j) for i, j in zip(idx[:30], idx[30:]))
+    assert all(buf.abs().max() > 0 for buf in b["manual_optimizer"]["buffers"].values())
+
+
+def test_resume_extends_a_finished_run_via_cli(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert cli.main(["train", "--example", "xor", "--steps", "20", "--device", "cpu", "--out", out,
+                     "--quiet"]) == 0
+    assert cli.main(["train", "--resume", out, "--steps", "40", "--quiet"]) == 0
+    assert len(read_csv(os.path.join(out, "losses.csv"))) == 41
+    assert cli.main(["train", "--example", "xor", "--steps", "40", "--device", "cpu", "--out",
+                     str(tmp_path / "s"), "--quiet"]) == 0
+    assert read_csv(os.path.join(out, "losses.csv")) == read_csv(tmp_path / "s" / "losses.csv")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", out, "--lr", "0.3", "--steps", "50"]) == 2
+    assert "--resume: optimizer is" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", out, "--steps", "10"]) == 2
+    assert "already at step 40" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign"])
+def test_corrupt_checkpoint_is_refused(tmp_path, capsys, damage):
+    out = tmp_path / "c"
+    train_mod.train(small_spec(steps=10), out, progress=False)
+    path = out / "checkpoint.pt"
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x01
+    elif damage == "truncate":
+        raw = raw[: len(raw) - 100]
+    else:
+        raw = bytearray(b"PK\x03\x04 not ours")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="corrupt or truncated" if damage != "foreign"
+                       else "not a refnet checkpoint"):
+        train_mod.load_checkpoint(out)
+    assert cli.main(["train", "--resume", str(out), "--steps", "20"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("refnet: error: --resume:")
+
+
+def test_broken_manual_backward_stops_the_run(tmp_path, monkeypatch, capsys):
+    real = manual.mlp.linear_backward
+
+    def off_by_a_bit(dout, cache):
+        dx, dweight, dbias = real(dout, cache)
+        return dx, dweight * (1 + 2 ** -40), dbias
+
+    monkeypatch.setattr(manual.mlp, "linear_backward", off_by_a_bit)
+    summary = train_mod.train(small_spec(), tmp_path / "b", check_every=10, progress=False)
+    assert summary["status"] == "diverged" and summary["steps"] == 2
+    msg = summary["divergence"]
+    assert msg.startswith("step 1: loss diverged beyond the bitwise tier on cpu/float64")
+    assert "manual" in msg and "twin" in msg and "max ulp" in msg
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "diverged"
+    # the CLI: one line naming the step and the tensor, exit 1
+    assert cli.main(["train", "--example", "xor", "--device", "cpu", "--steps", "100",
+                     "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged: step 1: loss" in err[0]
+
+
+def test_param_check_catches_what_the_loss_does_not_yet(monkeypatch):
+    # Corrupt only the first layer's bias gradient at the last step: the losses of every step
+    # agree, the final parameters do not.
+    real = manual.mlp.MLP.step
+    calls = {"n": 0}
+
+    def step(self, grads):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            grads = {**grads, "layers.0.bias": grads["layers.0.bias"] * 1.5}
+        return real(self, grads)
+
+    monkeypatch.setattr(manual.mlp.MLP, "step", step)
+    summary = train_mod.train(small_spec(steps=20), None, check_every=10, progress=False)
+    assert summary["status"] == "diverged" and summary["steps"] == 20
+    assert summary["divergence"].startswith("step 19: layers.0.bias diverged beyond the bitwise")
+
+
+def test_spiral_is_cs231n_construction():
+    n, k = 50, 3
+    x, y = data.spiral(n_per_class=n, classes=k, noise=0.0)
+    for j in range(k):  # cs231n: r = linspace(0, 1, N); t = linspace(4j, 4(j+1), N) + randn·0.2
+        r = np.linspace(0.0, 1, n)
+        t = np.linspace(j * 4, (j + 1) * 4, n)
+        np.testing.assert_allclose(x[j * n:(j + 1) * n].numpy(), np.c_[r * np.sin(t), r * np.cos(t)],
+                                   rtol=0, atol=1e-14)  # torch.linspace rounds unlike numpy
+        assert (y[j * n:(j + 1) * n] == j).all()
+    xn, yn = data.spiral(n_per_class=n, classes=k, noise=0.2, seed=3)
+    assert torch.equal(yn, y) and not torch.equal(xn, x)
+    assert torch.allclose(xn.norm(dim=1), x.norm(dim=1))  # noise turns the angle, not the radius
+    assert torch.equal(xn, data.spiral(n_per_class=n, classes=k, noise=0.2, seed=3)[0])
+
+
+def test_npz_spec_trains_and_draws_its_boundary(tmp_path, capsys):
+    x, y = data.spiral(n_per_class=20, classes=3, seed=1)
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=x.numpy().astype(np.float32), y=y.numpy())
+    spec = tmp_path / "net.json"
+    spec.write_text(json.dumps({"sizes": [2, 12, 3], "activation": "relu", "loss": "mse",
+                                "data": str(path), "steps": 40, "batch_size": 25,
+                                "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.5}}))
+    out = tmp_path / "o"
+    assert cli.main(["train", "--spec", str(spec), "--dtype", "float32", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["name"] == "net" and summary["dtype"] == "float32"
+    assert summary["tier"] == "bitwise" and 0 <= summary["accuracy_manual"] <= 1
+    if HAS_MPL:
+        assert (out / "decision_boundary.png").exists()
+    with pytest.raises(ValueError, match="data: file not found"):
+        train_mod.train(Spec(sizes=[2, 3, 1], data=str(tmp_path / "missing.npz")), None)
+
+
+def test_default_tier_and_example_table():
+    assert train_mod.default_tier(small_spec()) == "bitwise"
+    assert train_mod.default_tier(small_spec(activation="elu")) == "tolerance"
+    assert train_mod.default_tier(small_spec(device="cpu", activation="relu")) == "bitwise"
+    assert set(train_mod.EXAMPLES) >= {"xor", "circles", "spiral", "two_layer_seed", "random"}
+    seed = train_mod.get_example("two_layer_seed")
+    spec = seed.spec()
+    assert spec.sizes == [1000, 100, 10] and seed.params(spec)["layers.0.weight"].shape == (100, 1000)
+    with pytest.raises(ValueError, match="--example: unknown name 'nope'"):
+        train_mod.get_example("nope")
+    with pytest.raises(ValueError, match="--tier"):
+        train_mod.train(small_spec(steps=1), None, tier="close enough")
+
+
+def test_progress_bar_when_asked(capsys):
+    pytest.importorskip("tqdm")
+    train_mod.train(small_spec(steps=12), None, check_every=5, progress=True)
+    err = capsys.readouterr().err
+    assert "small" in err and "12/12" in err and "tier=bitwise" in err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_lockstep_and_resume(tmp_path):
+    spec = small_spec(device="cuda", dtype="float32")
+    straight = train_mod.train(spec, tmp_path / "a", check_every=7, progress=False)
+    assert straight["status"] == "completed", straight["divergence"]
+    assert straight["allowed_tier"] == "tolerance" and math.isfinite(straight["final_loss_manual"])
+    train_mod.train(small_spec(device="cuda", dtype="float32", steps=30), tmp_path / "b",
+                    check_every=7, progress=False)
+    train_mod.train(spec, tmp_path / "b", check_every=7, progress=False, resume=tmp_path / "b")
+    # deterministic algorithms on (refnet.settings.determinism): same kernels, same bits
+    assert read_csv(tmp_path / "a" / "losses.csv") == read_csv(tmp_path / "b" / "losses.csv")
