@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from refnet import cmd_bench
 from refnet import report as report_mod
 from refnet.settings import default_device, resolve_devices
 
@@ -101,6 +102,7 @@ def build_parser():
     parser = _Parser(prog="refnet", description="Manual backprop vs autograd, verified bit for bit.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     add_verify(sub)
+    cmd_bench.add_parser(sub)
     return parser
 
 
