@@ -38,9 +38,9 @@ SIZES = {
     "seed": dict(batch=64, sizes=[1000, 100, 10], bias=False, loss="sum_squared", lr=1e-4,
                  init="randn", block=20, reps=(15, 5), dtype=torch.float64),
     "medium": dict(batch=256, sizes=[1024, 1024, 10], bias=True, loss="mse", lr=0.01,
-                   init="uniform", block=4, reps=(11, 3)),
+                   init="uniform", block=4, reps=(15, 3)),
     "large": dict(batch=1024, sizes=[2048, 2048, 2048], bias=True, loss="mse", lr=0.01,
-                  init="uniform", block=1, reps=(5, 2)),
+                  init="uniform", block=1, reps=(7, 2)),
 }
 QUICK_SIZES = ("xor", "seed")
 # The document's program is float64 (numpy).  Its randn init puts ~0.5% of the pre-activations

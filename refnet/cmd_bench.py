@@ -45,7 +45,8 @@ def format_row(r):
             f"{_mib(r['twin_peak_bytes']):>11s} {'yes' if r['bitwise'] else 'NO'}")
     if r.get("graph_over_manual") is not None:
         line += f"  graph/man {r['graph_over_manual']:.2f}"
-    if r["compile_over_manual"] is None and r.get("compile_error"):
+    if r["compile_over_manual"] is None and r.get("compile_error") \
+            and not r["compile_error"].startswith("skipped"):
         line += f"  (compile: {r['compile_error']})"
     return line
 
