@@ -74,36 +74,58 @@ class FastMLP:
                 raise TypeError(f"target: expected dtype {x.dtype}, got {target.dtype}")
 
     def _build(self, x):
-        """Buffers for a batch of N rows.
+        """Buffers and a fixed schedule of ops for a batch of N rows.
 
         H[i] (N, width_i): layer i's pre-activation, then (in place) its activation, then (in
-        place) d pre-activation.  A and B (N, max width): scratch shared by all layers for
-        d activation and the activation backward's temporary; the loss's square diff² and
-        ReLU's mask are views of B.  Gradients: one buffer per parameter.
+        place) d pre-activation.  A and B (N·max width, flat): scratch shared by all layers for
+        d activation and the activation backward's temporary; the loss's diff² and ReLU's mask are
+        views of them.  Gradients: one buffer per parameter.  Which scratch buffer each op uses is
+        decided here once, so the step itself only calls kernels.
         """
         mlp, n = self.mlp, x.shape[0]
         p = mlp.params
         opts = dict(dtype=x.dtype, device=x.device)
-        layers = []
-        for i in range(mlp.n_layers):
-            w, b = p[f"layers.{i}.weight"], p.get(f"layers.{i}.bias")
-            # linear_backward's stride branch for dweight, decided once (weights stay contiguous
-            # or not for the life of the plan).
-            layers.append({"w": w, "wt": w.t(), "b": b, "h": torch.empty((n, w.shape[0]), **opts),
-                           "wt_col": _column_major(w.t())})
-        widest = max(w.shape[0] for w in (p[f"layers.{i}.weight"] for i in range(mlp.n_layers)))
+        weights = [p[f"layers.{i}.weight"] for i in range(mlp.n_layers)]
+        widest = max(w.shape[0] for w in weights)
+        scratch = (torch.empty(n * widest, **opts), torch.empty(n * widest, **opts))
         grads = {name: torch.empty_like(t) for name, t in p.items()}
-        scratch = [torch.empty(n * widest, **opts), torch.empty(n * widest, **opts)]
-        for i, layer in enumerate(layers):
-            layer["gw"] = grads[f"layers.{i}.weight"]
-            layer["gb"] = grads.get(f"layers.{i}.bias")
-            # the input of layer i (layer 0's is x, given per call); its layout picks the dx branch
+
+        def view(buf, like, dtype=None):
+            flat = buf if dtype is None else buf.view(torch.uint8).view(dtype)
+            return flat[:like.numel()].view(like.shape)
+
+        hs = [torch.empty((n, w.shape[0]), **opts) for w in weights]
+        forward = []   # (weight transposed, bias or None, H, activation name or None)
+        for i, w in enumerate(weights):
+            act = mlp.activations[i] if i < mlp.n_layers - 1 else None
+            forward.append((w.t(), p.get(f"layers.{i}.bias"), hs[i], act))
+        out = hs[-1]
+        backward = []  # per layer, last to first: see _forward_backward
+        dz, dz_in = out, None   # the tensor holding d pre-activation, and the scratch it lives in
+        for i in range(mlp.n_layers - 1, -1, -1):
+            w = weights[i]
+            # linear_backward's stride branches, decided once (layouts are fixed for the plan)
+            gw = grads[f"layers.{i}.weight"]
+            gw_op = (dz.t(), None, gw) if _column_major(w.t()) else (None, dz, gw.t())
+            entry = {"gw": gw_op, "gb": grads.get(f"layers.{i}.bias"), "dz": dz}
             if i > 0:
-                layer["x"] = layers[i - 1]["h"]
-                layer["x_col"] = _column_major(layer["x"])
-        self._plan = {"one": torch.ones((), **opts), "layers": layers, "grads": grads, "scratch": scratch, "n": n,
-                      "names": list(p), "params": list(p.values()),
-                      "grad_list": [grads[name] for name in p]}
+                y = hs[i - 1]
+                free = scratch[1] if dz_in is scratch[0] else scratch[0]
+                other = scratch[0] if free is scratch[1] else scratch[1]
+                dy = view(free, y)
+                entry["dx"] = ((w.t(), dz.t(), dy.t()) if _column_major(y) else (dz, w, dy))
+                act = mlp.activations[i - 1]
+                entry.update(act=act, y=y, dy=dy, tmp=view(other, y),
+                             mask=view(other, y, torch.bool) if act == "relu" else None)
+                if act in ("sigmoid", "tanh"):
+                    dz, dz_in = y, None
+                else:           # relu and identity leave d pre-activation in dy's scratch
+                    dz, dz_in = dy, free
+            backward.append(entry)
+        self._plan = {"one": torch.ones((), **opts), "forward": forward, "backward": backward,
+                      "out": out, "sq": view(scratch[1], out), "grads": grads,
+                      "scratch": scratch,
+                      "params": list(p.values()), "grad_list": [grads[name] for name in p]}
 
     # -- the step ---------------------------------------------------------------------------
     def train_step(self, x, target):
@@ -128,82 +150,62 @@ class FastMLP:
         return loss
 
     def _forward_backward(self, x, target):
-        plan, mlp = self._plan, self.mlp
-        layers, (buf_a, buf_b) = plan["layers"], plan["scratch"]
-        acts, last = mlp.activations, mlp.n_layers - 1
-        # forward: z = x·Wᵀ + b (one addmm, as linear_forward), activation in place
+        plan = self._plan
+        # forward: z = x·Wᵀ + b (one addmm, as linear_forward), the activation in place on z
         a = x
-        for i, layer in enumerate(layers):
-            h = layer["h"]
-            if layer["b"] is not None:
-                torch.addmm(layer["b"], a, layer["wt"], out=h)
+        for wt, b, h, act in plan["forward"]:
+            if b is not None:
+                torch.addmm(b, a, wt, out=h)
             else:
-                torch.mm(a, layer["wt"], out=h)
-            if i < last:
-                act = acts[i]
-                if act == "sigmoid":
-                    h.sigmoid_()
-                elif act == "tanh":
-                    h.tanh_()
-                elif act == "relu":
-                    h.relu_()
+                torch.mm(a, wt, out=h)
+            if act == "sigmoid":
+                h.sigmoid_()
+            elif act == "tanh":
+                h.tanh_()
+            elif act == "relu":
+                h.relu_()
             a = h
         # loss (manual.losses): diff = y_pred − target, formed in the output buffer
-        out = layers[last]["h"]
+        out, sq = plan["out"], plan["sq"]
         torch.sub(out, target, out=out)
-        sq = buf_b[:out.numel()].view(out.shape)
         torch.mul(out, out, out=sq)
-        if mlp.loss == "mse":
+        if self.mlp.loss == "mse":
             loss = sq.mean()
             out.mul_(2.0 / out.numel())  # ((2/numel)·diff)·dloss with dloss = 1
         else:
             loss = sq.sum()
             out.mul_(2.0)                # (2·diff)·dloss with dloss = 1
-        # backward, layer by layer (manual.layers.linear_backward / manual.activations)
-        dz = out
-        for i in range(last, -1, -1):
-            layer = layers[i]
-            x_i = layer["x"] if i > 0 else x
-            if layer["wt_col"]:
-                torch.mm(dz.t(), x_i, out=layer["gw"])
+        # backward, layer by layer (manual.layers.linear_backward, manual.activations)
+        forward = plan["forward"]
+        for i, e in zip(range(len(forward) - 1, -1, -1), plan["backward"]):
+            dz_t, dz, gw = e["gw"]
+            x_i = forward[i - 1][2] if i > 0 else x
+            if dz_t is not None:
+                torch.mm(dz_t, x_i, out=gw)          # dW = doutᵀ·x
             else:
-                torch.mm(x_i.t(), dz, out=layer["gw"].t())
-            if layer["gb"] is not None:
-                torch.sum(dz, 0, out=layer["gb"])
+                torch.mm(x_i.t(), dz, out=gw)        # (xᵀ·dout)ᵀ for a transposed weight
+            if e["gb"] is not None:
+                torch.sum(e["dz"], 0, out=e["gb"])   # db = Σₙ dout
             if i == 0:
                 break
-            # d activation of layer i-1 into a scratch buffer that does not hold dz
-            free = buf_b if dz.data_ptr() == buf_a.data_ptr() else buf_a
-            other = buf_a if free is buf_b else buf_b
-            y = layer["x"]
-            dy = free[:y.numel()].view(y.shape)
-            if layer["x_col"]:
-                torch.mm(layer["w"].t(), dz.t(), out=dy.t())
-            else:
-                torch.mm(dz, layer["w"], out=dy)
-            act = acts[i - 1]
+            m1, m2, dy_out = e["dx"]
+            torch.mm(m1, m2, out=dy_out)             # d activation = dout·W
+            act, y, dy, tmp = e["act"], e["y"], e["dy"], e["tmp"]
             if act == "sigmoid":
-                # dx = dy·(1 − y)·y: (1 − y), then ·dy, then ·y into y's buffer (commuted products)
-                tmp = other[:y.numel()].view(y.shape)
-                torch.sub(plan["one"], y, out=tmp)  # 1 − y: one correctly rounded subtraction
+                # dx = dy·(1 − y)·y: (1 − y), ·dy, ·y into y's buffer (a·b = b·a exactly)
+                torch.sub(plan["one"], y, out=tmp)   # 1 − y, one correctly rounded subtraction
                 tmp.mul_(dy)
                 torch.mul(tmp, y, out=y)
-                dz = y
             elif act == "tanh":
-                # dx = dy·(1 − y²) with (1 − y²) one fused addcmul, as activations.tanh_backward
-                tmp = other[:y.numel()].view(y.shape)
+                # dx = dy·(1 − y²), (1 − y²) one fused addcmul, as activations.tanh_backward
                 tmp.fill_(1)
                 tmp.addcmul_(y, y, value=-1)
                 torch.mul(dy, tmp, out=y)
-                dz = y
             elif act == "relu":
-                # dx = where(y <= 0, +0, dy) as a select in place (a fill, not dy·mask, so +0);
-                # the mask is a bool view of the other scratch buffer
-                mask = other.view(torch.uint8)[:y.numel()].view(torch.bool).view(y.shape)
-                torch.le(y, 0, out=mask)
-                dz = dy.masked_fill_(mask, 0.0)
-            else:  # identity
-                dz = dy
+                # dx = where(y <= 0, +0, dy): a fill (a select, not dy·mask), so +0 not −0
+                torch.le(y, 0, out=e["mask"])
+                dy.masked_fill_(e["mask"], 0.0)
+            # identity: dx = dy, already in place
         return loss
 
     def _update(self, params, grads, copy=False):

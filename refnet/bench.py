@@ -31,7 +31,8 @@ from manual.mlp import MLP, init_params
 from refnet import data as datasets
 from refnet import twin as twin_mod
 
-# name -> batch, layer sizes, bias, loss, optimizer, init, steps per timing block, blocks (full, quick)
+# name -> batch, layer sizes, bias, loss, SGD lr, init, steps per timing block (block),
+# timed blocks per variant (reps: full, quick), dtype (default float32)
 SIZES = {
     "xor": dict(batch=4, sizes=[2, 8, 1], bias=True, loss="sum_squared", lr=0.1, init="uniform",
                 block=200, reps=(15, 5)),
@@ -169,9 +170,8 @@ def step_peak_bytes(fn, device):
 def _manual_state(fast):
     plan = fast._plan or {}
     tensors = list(fast.mlp.params.values()) + list(fast.mlp.optimizer.buffers.values())
-    tensors += list(plan.get("grads", {}).values()) + [plan.get("one"), plan.get("out")]
-    for entry in plan.get("backward", []):
-        tensors += [entry.get("dy"), entry.get("tmp")]
+    tensors += list(plan.get("grads", {}).values()) + [plan.get("one")]
+    tensors += list(plan.get("scratch", ()))
     for _, _, h, _ in plan.get("forward", []):
         tensors.append(h)
     return tensors
@@ -216,7 +216,8 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
             compile_seconds = time.perf_counter() - t0
             variants["compile"] = lambda: _twin_step(c_model, c_loss, c_opt, x, target, fwd)
         except Exception as exc:  # noqa: BLE001 — any compiler failure is reported, not raised
-            compile_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            compile_error = f"{type(exc).__name__}: {first_line}"
     else:
         compile_error = "skipped (--no-compile)"
     if graph:
@@ -255,7 +256,8 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
     ratio = lambda a, b: (med[a] / med[b]) if a in med and b in med else None  # noqa: E731
     row = {
         "size": name, "batch": cfg["batch"], "sizes": cfg["sizes"], "loss": cfg["loss"],
-        "bias": cfg["bias"], "activation": ACTIVATION, "dtype": str(dtype).replace("torch.", ""), "momentum": momentum,
+        "bias": cfg["bias"], "activation": ACTIVATION, "dtype": str(dtype).replace("torch.", ""),
+        "momentum": momentum,
         "autograd_over_manual": ratio("twin", "manual"),
         "compile_over_manual": ratio("compile", "manual"),
         "manual_over_floor": ratio("manual", "floor"),

@@ -71,3 +71,24 @@ def test_format_row_reports_compile_failure():
            "compile_error": "RuntimeError: no compiler"}
     line = format_row(row)
     assert "NO" in line and "no compiler" in line and "3.00" in line
+
+
+def test_update_readme_replaces_only_the_marked_block(tmp_path):
+    from refnet.cmd_bench import MARK_END, MARK_START, update_readme
+    row = {"size": "xor", "batch": 4, "sizes": [2, 8, 1], "dtype": "float32",
+           "median_seconds": {"manual": 1e-4}, "autograd_over_manual": 3.25,
+           "compile_over_manual": None, "manual_over_floor": 2.0, "readable_over_manual": 1.5,
+           "manual_peak_bytes": 700, "twin_peak_bytes": 800, "bitwise": True}
+    rep = {"rows": [row], "device": "cpu (TEST)", "threads": 2, "torch": "x", "quick": False,
+           "seconds": 1.0}
+    path = tmp_path / "R.md"
+    path.write_text(f"# top\n{MARK_START}\nold table\n{MARK_END}\ntail\n")
+    update_readme(str(path), rep)
+    text = path.read_text()
+    assert text.startswith("# top\n") and text.endswith(f"{MARK_END}\ntail\n")
+    assert "old table" not in text and "| xor | 4 | 2-8-1 |" in text and "3.25" in text
+    path.write_text("no markers\n")
+    import pytest
+    with pytest.raises(ValueError, match="--readme"):
+        update_readme(str(path), rep)
+    assert path.read_text() == "no markers\n"

@@ -15,7 +15,8 @@ from refnet import twin as twin_mod
 
 
 def bits(t):
-    return t.detach().cpu().contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+    as_int = torch.int32 if t.dtype == torch.float32 else torch.int64
+    return t.detach().cpu().contiguous().view(as_int)
 
 
 def same_bits(a, b):
@@ -71,7 +72,7 @@ def test_fast_step_is_bitwise_readable_and_twin(case, dtype):
     x, t = data(n, sizes, dtype)
     for step in range(4):
         lr_, lf, lt = readable.train_step(x, t), fast.train_step(x, t), twin_step(twin, x, t)
-        assert same_bits(lf, lr_), f"step {step}: fast loss {lf.item()!r} != readable {lr_.item()!r}"
+        assert same_bits(lf, lr_), f"step {step}: fast {lf.item()!r} != readable {lr_.item()!r}"
         assert same_bits(lf, lt), f"step {step}: fast loss {lf.item()!r} != twin {lt.item()!r}"
     final_twin = twin_mod.params_of(twin[0])
     for name, p in fast.mlp.params.items():
