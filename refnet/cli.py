@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from refnet import cmd_bench
 from refnet import report as report_mod
 from refnet.settings import default_device, resolve_devices
 
@@ -117,7 +118,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     add_verify(sub)
     from refnet import cmd_check_port, cmd_export, cmd_train
-    for command in (cmd_train, cmd_export, cmd_check_port):
+    for command in (cmd_train, cmd_export, cmd_check_port, cmd_bench):
         command.add_parser(sub)
     return parser
 

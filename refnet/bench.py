@@ -1,0 +1,294 @@
+"""`refnet bench`: one training step (forward, backward, update), timed side by side.
+
+Variants, each on its own copy of the same parameters and data:
+  manual    manual.fast.FastMLP (the readable step with buffers and in-place ops; same bits)
+  readable  manual.MLP.train_step (for reference)
+  twin      the nn.Module twin with autograd and torch.optim.SGD
+  compile   the twin's forward+loss under torch.compile (backward and SGD as the twin); null
+            when compilation fails, with the reason
+  floor     the manual step's matrix products alone (addmm/mm into preallocated buffers)
+  graph     (CUDA) the manual step captured as a CUDA graph
+
+Timing: blocks of k steps per sample, variants interleaved in a rotating order after warm-up
+blocks; medians per step.  CPU: time.perf_counter; CUDA: CUDA events, synchronized.  Compile
+time is excluded (the first compiled call happens in warm-up) and reported apart.
+
+Peak memory of one step, per side: the bytes the side holds when the step starts (parameters,
+gradients, optimizer state, the fast path's buffers; shared storages counted once) plus the
+highest net allocation during the step.  CPU: the allocator's own alloc/free events as recorded by
+torch.profiler(profile_memory=True), summed in time order.  CUDA: max_memory_allocated() after
+reset_peak_memory_stats(), minus memory_allocated() at the start.  Inputs and targets (the same
+for both) and BLAS-internal workspaces (outside torch's allocator) are not counted.
+"""
+import statistics
+import time
+
+import torch
+
+import manual
+from manual.fast import CudaGraphStep, FastMLP
+from manual.mlp import MLP, init_params
+from refnet import data as datasets
+from refnet import twin as twin_mod
+
+# name -> batch, layer sizes, bias, loss, SGD lr, init, steps per timing block (block),
+# timed blocks per variant (reps: full, quick), dtype (default float32)
+SIZES = {
+    "xor": dict(batch=4, sizes=[2, 8, 1], bias=True, loss="sum_squared", lr=0.1, init="uniform",
+                block=200, reps=(15, 5)),
+    "seed": dict(batch=64, sizes=[1000, 100, 10], bias=False, loss="sum_squared", lr=1e-4,
+                 init="randn", block=20, reps=(15, 5), dtype=torch.float64),
+    "medium": dict(batch=256, sizes=[1024, 1024, 10], bias=True, loss="mse", lr=0.01,
+                   init="uniform", block=4, reps=(15, 3)),
+    "large": dict(batch=1024, sizes=[2048, 2048, 2048], bias=True, loss="mse", lr=0.01,
+                  init="uniform", block=1, reps=(7, 2)),
+}
+QUICK_SIZES = ("xor", "seed")
+# The document's program is float64 (numpy).  Its randn init puts ~0.5% of the pre-activations
+# below −87, where float32 sigmoid is subnormal, and subnormal operands make every GEMM and
+# elementwise kernel an order of magnitude slower (microcode assists), so "seed" defaults to
+# float64; the other sizes to float32.  --dtype sets one dtype for all.
+WARMUP_BLOCKS = 2
+ACTIVATION = "sigmoid"
+
+
+# -- the variants ------------------------------------------------------------------------------
+def _data(cfg, dtype, device):
+    if cfg["sizes"][0] == 2 and cfg["sizes"][-1] == 1:
+        x, labels = datasets.xor(n_copies=max(1, cfg["batch"] // 4), dtype=dtype, device=device)
+        return x, labels.to(dtype).unsqueeze(1)
+    return datasets.random(n=cfg["batch"], d_in=cfg["sizes"][0], d_out=cfg["sizes"][-1], seed=0,
+                           dtype=dtype, device=device)
+
+
+def _params(cfg, dtype, device):
+    return init_params(cfg["sizes"], ACTIVATION, cfg["bias"], scheme=cfg["init"], seed=0,
+                       dtype=dtype, device=device)
+
+
+def _optimizer_settings(cfg, momentum):
+    return {"lr": cfg["lr"], "momentum": momentum}
+
+
+def _manual(cfg, params, momentum):
+    return MLP({k: v.clone() for k, v in params.items()}, ACTIVATION, cfg["loss"],
+               manual.make_optimizer("sgd", **_optimizer_settings(cfg, momentum)))
+
+
+def _twin(cfg, params, dtype, device, momentum):
+    twin = twin_mod.Twin(cfg["sizes"], ACTIVATION, cfg["bias"], dtype=dtype, device=device)
+    twin_mod.load_params(twin, params)
+    return twin, twin_mod.loss_module(cfg["loss"]), torch.optim.SGD(
+        twin.parameters(), **_optimizer_settings(cfg, momentum))
+
+
+def _twin_step(model, loss_fn, opt, x, target, fwd=None):
+    opt.zero_grad(set_to_none=True)
+    loss = fwd(x, target) if fwd is not None else loss_fn(model(x), target)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def _floor(cfg, params, x, target):
+    """The manual step's matrix products alone, with the same operands' shapes and layouts."""
+    n, device, dtype = x.shape[0], x.device, x.dtype
+    weights = [params[f"layers.{i}.weight"].clone() for i in range(len(cfg["sizes"]) - 1)]
+    biases = [params.get(f"layers.{i}.bias") for i in range(len(weights))]
+    hs = [torch.rand((n, w.shape[0]), dtype=dtype, device=device) for w in weights]
+    gws = [torch.empty_like(w) for w in weights]
+    dys = [torch.empty((n, w.shape[1]), dtype=dtype, device=device) for w in weights]
+
+    def step():
+        a = x
+        for w, b, h in zip(weights, biases, hs):
+            if b is not None:
+                torch.addmm(b, a, w.t(), out=h)
+            else:
+                torch.mm(a, w.t(), out=h)
+            a = h
+        for i in range(len(weights) - 1, -1, -1):
+            torch.mm(hs[i].t(), x if i == 0 else hs[i - 1], out=gws[i])
+            if i > 0:
+                torch.mm(hs[i], weights[i], out=dys[i])
+        return None
+    return step
+
+
+# -- timing ------------------------------------------------------------------------------------
+def _time_block(fn, k, device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(k):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / k
+    t0 = time.perf_counter()
+    for _ in range(k):
+        fn()
+    return (time.perf_counter() - t0) / k
+
+
+# -- memory ------------------------------------------------------------------------------------
+def held_bytes(tensors):
+    """Bytes of the distinct storages behind the given tensors (None entries skipped)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def step_peak_bytes(fn, device):
+    """Highest net allocation (bytes) above the level at the start of one call of fn."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    level = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+def _manual_state(fast):
+    plan = fast._plan or {}
+    tensors = list(fast.mlp.params.values()) + list(fast.mlp.optimizer.buffers.values())
+    tensors += list(plan.get("grads", {}).values()) + [plan.get("one")]
+    tensors += list(plan.get("scratch", ()))
+    for _, _, h, _ in plan.get("forward", []):
+        tensors.append(h)
+    return tensors
+
+
+def _twin_state(model, opt):
+    tensors = []
+    for p in model.parameters():
+        tensors += [p, p.grad]
+    for state in opt.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+# -- one size ----------------------------------------------------------------------------------
+def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.0, graph=None):
+    cfg = SIZES[name]
+    dtype = dtype or cfg.get("dtype", torch.float32)
+    device = torch.device(device)
+    graph = device.type == "cuda" if graph is None else graph
+    params = _params(cfg, dtype, device)
+    x, target = _data(cfg, dtype, device)
+    readable = _manual(cfg, params, momentum)
+    fast = FastMLP(_manual(cfg, params, momentum))
+    model, loss_fn, opt = _twin(cfg, params, dtype, device, momentum)
+    losses = {"manual": [], "readable": [], "twin": []}
+    variants = {
+        "manual": lambda: losses["manual"].append(fast.train_step(x, target)),
+        "readable": lambda: losses["readable"].append(readable.train_step(x, target)),
+        "twin": lambda: losses["twin"].append(_twin_step(model, loss_fn, opt, x, target)),
+        "floor": _floor(cfg, params, x, target),
+    }
+    compile_error, compile_seconds = None, None
+    if compile_:
+        c_model, c_loss, c_opt = _twin(cfg, params, dtype, device, momentum)
+        try:
+            from torch import _dynamo
+            _dynamo.reset()
+            fwd = torch.compile(lambda xb, tb: c_loss(c_model(xb), tb))
+            t0 = time.perf_counter()
+            _twin_step(c_model, c_loss, c_opt, x, target, fwd)
+            compile_seconds = time.perf_counter() - t0
+            variants["compile"] = lambda: _twin_step(c_model, c_loss, c_opt, x, target, fwd)
+        except Exception as exc:  # noqa: BLE001 — any compiler failure is reported, not raised
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            compile_error = f"{type(exc).__name__}: {first_line}"
+    else:
+        compile_error = "skipped (--no-compile)"
+    if graph:
+        g_fast = FastMLP(_manual(cfg, params, momentum))
+        g_step = CudaGraphStep(g_fast, x, target)
+        variants["graph"] = lambda: g_step.train_step(x, target)
+
+    reps = cfg["reps"][1 if quick else 0]
+    block = max(1, cfg["block"] // (4 if quick else 1))
+    times = {k: [] for k in variants}
+    names = list(variants)
+    for r in range(WARMUP_BLOCKS + reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for v in order:
+            t = _time_block(variants[v], block, device)
+            if r >= WARMUP_BLOCKS:
+                times[v].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    # bits: manual vs readable vs twin after the same steps from the same start
+    twin_params = twin_mod.params_of(model)
+    same = lambda a, b: a.shape == b.shape and torch.equal(  # noqa: E731
+        a.view(torch.int32 if a.dtype == torch.float32 else torch.int64),
+        b.view(torch.int32 if b.dtype == torch.float32 else torch.int64))
+    bitwise = (len(losses["manual"]) == len(losses["twin"]) == len(losses["readable"])
+               and all(same(a, b) and same(a, c) for a, b, c in
+                       zip(losses["manual"], losses["twin"], losses["readable"]))
+               and all(same(p, twin_params[k]) and same(p, readable.params[k])
+                       for k, p in fast.mlp.params.items()))
+
+    manual_peak = held_bytes(_manual_state(fast)) + step_peak_bytes(
+        lambda: fast.train_step(x, target), device)
+    twin_peak = held_bytes(_twin_state(model, opt)) + step_peak_bytes(
+        lambda: _twin_step(model, loss_fn, opt, x, target), device)
+
+    ratio = lambda a, b: (med[a] / med[b]) if a in med and b in med else None  # noqa: E731
+    row = {
+        "size": name, "batch": cfg["batch"], "sizes": cfg["sizes"], "loss": cfg["loss"],
+        "bias": cfg["bias"], "activation": ACTIVATION, "dtype": str(dtype).replace("torch.", ""),
+        "momentum": momentum,
+        "autograd_over_manual": ratio("twin", "manual"),
+        "compile_over_manual": ratio("compile", "manual"),
+        "manual_over_floor": ratio("manual", "floor"),
+        "readable_over_manual": ratio("readable", "manual"),
+        "graph_over_manual": ratio("graph", "manual"),
+        "manual_peak_bytes": manual_peak, "twin_peak_bytes": twin_peak,
+        "bitwise": bool(bitwise),
+        "median_seconds": med, "samples": reps, "steps_per_sample": block,
+        "compile_seconds": compile_seconds, "compile_error": compile_error,
+    }
+    return row
+
+
+def run(size_names=None, device="cpu", dtype=None, quick=False, compile_=True,
+        momentum=0.0, threads=None, on_row=None):
+    from refnet.settings import determinism
+    if threads is not None:
+        torch.set_num_threads(threads)
+    names = list(size_names or (QUICK_SIZES if quick else SIZES))
+    rows, started = [], time.time()
+    with determinism(device):
+        for name in names:
+            row = bench_size(name, device, dtype, quick, compile_, momentum)
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    dev = torch.device(device)
+    return {
+        "rows": rows,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+        f"cpu ({torch.backends.cpu.get_cpu_capability()})",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "quick": quick, "seconds": round(time.time() - started, 1),
+    }

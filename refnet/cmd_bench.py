@@ -1,0 +1,136 @@
+"""`refnet bench`: manual vs autograd (and torch.compile, and the GEMM floor), as ratios."""
+import os
+
+import torch
+
+from refnet.settings import resolve_devices
+
+
+def add_parser(sub):
+    from refnet.bench import SIZES
+    p = sub.add_parser("bench", help="time a training step: manual vs autograd vs compile vs the "
+                                     "GEMM floor, and peak memory")
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), metavar="SIZE",
+                   help=f"sizes to run, among {', '.join(SIZES)} (default: all; --quick: xor seed)")
+    p.add_argument("--quick", action="store_true",
+                   help="short grid and few repeats (CI smoke test)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="cuda times with CUDA events and also runs the captured CUDA graph")
+    p.add_argument("--dtype", choices=["float32", "float64"],
+                   help="one dtype for every size (default: float64 for seed, float32 otherwise)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help=f"torch CPU threads (default: {torch.get_num_threads()})")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--json", metavar="OUT.json", help="write the results here")
+    p.add_argument("--readme", metavar="FILE.md",
+                   help=f"replace the table between {MARK_START} and {MARK_END} in this file")
+    p.set_defaults(func=cmd_bench)
+
+
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def markdown(rep):
+    """The measured table as Markdown, with the machine and settings it was measured on."""
+    import platform
+    cmd = "refnet bench" + (" --quick" if rep["quick"] else "")
+    lines = [f"Measured with `{cmd}` on {rep['device']}, "
+             f"{rep['threads']} torch threads ({os.cpu_count()} CPUs seen), torch {rep['torch']}, "
+             f"Python {platform.python_version()}; {rep['seconds']} s in all.  Medians of "
+             f"interleaved samples; ratios above 1 mean the manual step is faster.", "",
+             "| size | batch | layers | dtype | manual ms/step | autograd/manual | compile/manual "
+             "| manual/floor | readable/manual | peak manual | peak twin | bitwise |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rep["rows"]:
+        lines.append(
+            f"| {r['size']} | {r['batch']} | {'-'.join(map(str, r['sizes']))} | {r['dtype']} "
+            f"| {r['median_seconds']['manual'] * 1e3:.3f} | {_ratio(r['autograd_over_manual'])} "
+            f"| {_ratio(r['compile_over_manual'])} | {_ratio(r['manual_over_floor'])} "
+            f"| {_ratio(r['readable_over_manual'])} | {_mib(r['manual_peak_bytes'])} "
+            f"| {_mib(r['twin_peak_bytes'])} | {'yes' if r['bitwise'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(path, rep):
+    """Replace the text between the markers, atomically (temp file in the folder + rename)."""
+    import tempfile
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.count(MARK_START) != 1 or text.count(MARK_END) != 1 \
+            or text.index(MARK_START) > text.index(MARK_END):
+        raise ValueError(f"--readme: expected one {MARK_START} … {MARK_END} block in {path}")
+    head, rest = text.split(MARK_START)
+    _, tail = rest.split(MARK_END)
+    fd, tmp = tempfile.mkstemp(prefix=".refnet-", suffix=".md.tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(head + MARK_START + "\n" + markdown(rep) + MARK_END + tail)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _mib(n):
+    if n < 10 * 2**10:
+        return f"{n} B"
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _ratio(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+HEADER = (f"{'size':7s} {'batch':>5s} {'layers':16s} {'dtype':7s} {'manual ms':>9s} "
+          f"{'autograd/man':>12s} {'compile/man':>11s} {'man/floor':>9s} {'readable/man':>12s} "
+          f"{'peak man':>11s} {'peak twin':>11s} bitwise")
+
+
+def format_row(r):
+    layers = "-".join(map(str, r["sizes"]))
+    line = (f"{r['size']:7s} {r['batch']:5d} {layers:16s} {r['dtype']:7s} "
+            f"{r['median_seconds']['manual'] * 1e3:9.3f} {_ratio(r['autograd_over_manual']):>12s} "
+            f"{_ratio(r['compile_over_manual']):>11s} {_ratio(r['manual_over_floor']):>9s} "
+            f"{_ratio(r['readable_over_manual']):>12s} {_mib(r['manual_peak_bytes']):>11s} "
+            f"{_mib(r['twin_peak_bytes']):>11s} {'yes' if r['bitwise'] else 'NO'}")
+    if r.get("graph_over_manual") is not None:
+        line += f"  graph/man {r['graph_over_manual']:.2f}"
+    if r["compile_over_manual"] is None and r.get("compile_error") \
+            and not r["compile_error"].startswith("skipped"):
+        line += f"  (compile: {r['compile_error']})"
+    return line
+
+
+def cmd_bench(args):
+    from refnet import bench
+    from refnet import report as report_mod
+    device = resolve_devices(args.device)[0]
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: expected an integer >= 1, got {args.threads}")
+    if not 0.0 <= args.momentum < 1.0:
+        raise ValueError(f"--momentum: expected a number in [0, 1), got {args.momentum}")
+    if args.json:
+        report_mod.check_writable(args.json)
+    if args.readme:
+        if not os.path.isfile(args.readme):
+            raise ValueError(f"--readme: file not found: {args.readme}")
+        with open(args.readme, encoding="utf-8") as f:
+            if f.read().count(MARK_START) != 1:
+                raise ValueError(f"--readme: expected one {MARK_START} … {MARK_END} block in "
+                                 f"{args.readme}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    print(HEADER, flush=True)
+    rep = bench.run(args.sizes, device, dtype, quick=args.quick, compile_=not args.no_compile,
+                    momentum=args.momentum, threads=args.threads,
+                    on_row=lambda r: print(format_row(r), flush=True))
+    print(f"device {rep['device']}, {rep['threads']} threads, torch {rep['torch']}, "
+          f"{rep['seconds']} s; medians of interleaved samples; ratios > 1 mean manual is faster "
+          f"(man/floor: < 1.10 is near the GEMM floor)")
+    if args.json:
+        report_mod.write_json(rep, args.json)
+    if args.readme:
+        update_readme(args.readme, rep)
+    return 0 if all(r["bitwise"] for r in rep["rows"]) or device != "cpu" else 1

@@ -1,0 +1,140 @@
+"""manual.fast.FastMLP: the same bits as the readable MLP.train_step and the autograd twin.
+
+Every case trains three copies from the same parameters for a few steps — readable manual, fast
+manual, twin (autograd + torch.optim) — and compares every loss and every final parameter by bits
+(and, with momentum, the momentum buffers).  Sizes include widths and batches not divisible by
+8/16 (vector tails) and one above 32768 elements (threaded elementwise kernels).
+"""
+import pytest
+import torch
+
+import manual
+from manual.fast import CudaGraphStep, FastMLP
+from manual.mlp import MLP, init_params
+from refnet import twin as twin_mod
+
+
+def bits(t):
+    as_int = torch.int32 if t.dtype == torch.float32 else torch.int64
+    return t.detach().cpu().contiguous().view(as_int)
+
+
+def same_bits(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+def data(n, sizes, dtype, device="cpu", seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, sizes[0]), generator=gen, dtype=torch.float64)
+    t = torch.randn((n, sizes[-1]), generator=gen, dtype=torch.float64)
+    return x.to(dtype=dtype, device=device), t.to(dtype=dtype, device=device)
+
+
+def build(sizes, act, bias, loss, opt, dtype, device="cpu"):
+    params = init_params(sizes, act, bias, seed=3, dtype=dtype, device=device)
+    clone = lambda: {k: v.clone() for k, v in params.items()}  # noqa: E731
+    readable = MLP(clone(), act, loss, manual.make_optimizer(**opt))
+    fast = FastMLP(MLP(clone(), act, loss, manual.make_optimizer(**opt)))
+    twin = twin_mod.Twin(sizes, act, bias, dtype=dtype, device=device)
+    twin_mod.load_params(twin, clone())
+    settings = dict(opt)
+    twin_opt = twin_mod.make_optimizer(twin, settings.pop("name"), **settings)
+    return readable, fast, (twin, twin_mod.loss_module(loss), twin_opt)
+
+
+def twin_step(twin, x, t):
+    model, loss_fn, opt = twin
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), t)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+CASES = [
+    # (batch, sizes, activation, bias, loss, optimizer)
+    (4, [2, 8, 1], "sigmoid", True, "sum_squared", {"name": "sgd", "lr": 0.5}),
+    (13, [7, 19, 5], "sigmoid", False, "sum_squared", {"name": "sgd", "lr": 1e-3}),
+    (37, [9, 23, 17, 3], "tanh", True, "mse", {"name": "sgd", "lr": 0.05, "momentum": 0.9}),
+    (21, [5, 11, 6], "relu", True, "mse", {"name": "sgd", "lr": 0.05, "momentum": 0.9,
+                                           "nesterov": True, "weight_decay": 1e-3}),
+    (1, [3, 6, 2], "identity", True, "sum_squared",
+     {"name": "sgd", "lr": 0.01, "momentum": 0.5, "dampening": 0.25}),
+    (129, [33, 300, 7], "sigmoid", True, "mse", {"name": "sgd", "lr": 0.1, "momentum": 0.9}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[2]}-{'x'.join(map(str, c[1]))}-n{c[0]}")
+def test_fast_step_is_bitwise_readable_and_twin(case, dtype):
+    n, sizes, act, bias, loss, opt = case
+    readable, fast, twin = build(sizes, act, bias, loss, opt, dtype)
+    x, t = data(n, sizes, dtype)
+    for step in range(4):
+        lr_, lf, lt = readable.train_step(x, t), fast.train_step(x, t), twin_step(twin, x, t)
+        assert same_bits(lf, lr_), f"step {step}: fast {lf.item()!r} != readable {lr_.item()!r}"
+        assert same_bits(lf, lt), f"step {step}: fast loss {lf.item()!r} != twin {lt.item()!r}"
+    final_twin = twin_mod.params_of(twin[0])
+    for name, p in fast.mlp.params.items():
+        assert same_bits(p, readable.params[name]), f"{name}: fast != readable"
+        assert same_bits(p, final_twin[name]), f"{name}: fast != twin"
+    for name, buf in readable.optimizer.buffers.items():
+        assert same_bits(fast.mlp.optimizer.buffers[name], buf), f"momentum buffer {name}"
+
+
+def test_losses_are_fresh_tensors_and_a_new_batch_size_rebuilds():
+    readable, fast, _ = build([4, 9, 2], "sigmoid", True, "mse", {"name": "sgd", "lr": 0.1},
+                              torch.float32)
+    losses = []
+    for n in (5, 5, 11, 5):
+        x, t = data(n, [4, 9, 2], torch.float32, seed=n)
+        losses.append(fast.train_step(x, t))
+        assert same_bits(losses[-1], readable.train_step(x, t))
+    assert len({id(v) for v in losses}) == 4 and not same_bits(losses[0], losses[1])
+
+
+def test_fallback_for_unspecialised_activation_is_bitwise():
+    readable, fast, twin = build([3, 8, 2], "leaky_relu", True, "mse",
+                                 {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+                                 torch.float64)
+    assert not fast.specialised
+    x, t = data(6, [3, 8, 2], torch.float64)
+    for _ in range(3):
+        assert same_bits(fast.train_step(x, t), readable.train_step(x, t))
+    for name, p in fast.mlp.params.items():
+        assert same_bits(p, readable.params[name])
+
+
+def test_bad_input_gets_the_readable_errors():
+    _, fast, _ = build([3, 4, 2], "sigmoid", True, "mse", {"name": "sgd", "lr": 0.1}, torch.float32)
+    x, t = data(5, [3, 4, 2], torch.float32)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        fast.train_step(x[:, :2], t)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        fast.train_step(x.double(), t)
+    with pytest.raises(ValueError, match="target: expected shape"):
+        fast.train_step(x, t[:, :1])
+    with pytest.raises(ValueError, match="non-empty"):
+        fast.train_step(x[:0], t[:0])
+    with pytest.raises(ValueError, match="optimizer"):
+        FastMLP(MLP(init_params([3, 4, 2], dtype=torch.float32), "sigmoid", "mse"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_cuda_graph_step_equals_uncaptured(momentum):
+    from refnet.settings import determinism
+    opt = {"name": "sgd", "lr": 0.05, "momentum": momentum}
+    sizes = [19, 70, 5]
+    with determinism("cuda"):
+        _, eager, _ = build(sizes, "tanh", True, "mse", opt, torch.float32, "cuda")
+        _, captured, _ = build(sizes, "tanh", True, "mse", opt, torch.float32, "cuda")
+        graph = CudaGraphStep(captured, *data(33, sizes, torch.float32, "cuda"))
+        for step in range(5):
+            x, t = data(33, sizes, torch.float32, "cuda", seed=10 + step)
+            le, lg = eager.train_step(x, t), graph.train_step(x, t)
+            assert same_bits(le, lg), f"step {step}: captured loss {lg.item()!r} != {le.item()!r}"
+        torch.cuda.synchronize()
+        for name, p in eager.mlp.params.items():
+            assert same_bits(p, captured.mlp.params[name]), name
