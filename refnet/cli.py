@@ -6,9 +6,6 @@ verdicts).  Errors a user can cause print one line and exit 2; failed checks exi
 import argparse
 import sys
 
-import torch
-
-from refnet import cmd_bench
 from refnet import report as report_mod
 from refnet.settings import default_device, resolve_devices
 
@@ -117,7 +114,7 @@ def build_parser():
     parser = _Parser(prog="refnet", description="Manual backprop vs autograd, verified bit for bit.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     add_verify(sub)
-    from refnet import cmd_check_port, cmd_export, cmd_train
+    from refnet import cmd_bench, cmd_check_port, cmd_export, cmd_train
     for command in (cmd_train, cmd_export, cmd_check_port, cmd_bench):
         command.add_parser(sub)
     return parser
