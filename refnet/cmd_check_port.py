@@ -19,6 +19,8 @@ def run(args):
     import os
     from refnet.golden import MANIFEST, check_port
 
+    if not os.path.isdir(args.dir):
+        raise ValueError(f"DIR: not a directory: {args.dir} (expected the port's output folder)")
     fixtures = args.fixtures
     if fixtures is None:
         path = os.path.join(args.dir, MANIFEST)

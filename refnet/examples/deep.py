@@ -23,7 +23,20 @@ def _spec(name, sizes, ctx, activation="relu"):
                 n_samples=DEEP_N, dtype=ctx.dtype_name, device=ctx.device, seed=5, name=name)
 
 
-@register("deep_fc", "f = W3·max(0, W2·max(0, W1x + b1) + b2) + b3 …: 3 and 5 layers", "5")
+def _export_case(dtype="float64", steps=None):
+    """refnet export: the 3-layer ReLU net with biases, a short training run (golden fixtures)."""
+    from refnet.examples import Context
+    from refnet.golden import EXPORT_STEPS, case_for_spec
+    ctx = Context(device="cpu", dtype=torch.float32 if dtype == "float32" else torch.float64)
+    sizes = DEEP_SIZES["3_layers"]
+    steps = EXPORT_STEPS if steps is None else steps
+    spec = Spec.from_dict({**_spec("deep_fc_3_layers", sizes, ctx).to_dict(), "steps": steps})
+    x, y = datasets.random(n=DEEP_N, d_in=sizes[0], d_out=sizes[-1], seed=6, dtype=ctx.dtype)
+    return case_for_spec(spec, data=(x, y), note=f"3 layers, training run cut to {steps} steps")
+
+
+@register("deep_fc", "f = W3·max(0, W2·max(0, W1x + b1) + b2) + b3 …: 3 and 5 layers", "5",
+          case=_export_case)
 def run_deep_fc(ctx):
     checks = []
     for label, sizes in DEEP_SIZES.items():

@@ -76,11 +76,27 @@ def _run(data_name, ctx):
     return checks
 
 
-@register("xor", "XOR: no line separates it; a tanh MLP does", "7")
+def _export_case(data_name):
+    """refnet export: the tanh MLP of this set-up, a short training run (golden fixtures)."""
+    def case(dtype="float64", steps=None):
+        from refnet.examples import Context
+        from refnet.golden import EXPORT_STEPS, case_for_spec
+        ctx = Context(device="cpu", dtype=torch.float32 if dtype == "float32" else torch.float64)
+        spec = spec_for(data_name, "mlp_tanh", ctx)
+        steps = EXPORT_STEPS if steps is None else steps
+        spec = Spec.from_dict({**spec.to_dict(), "steps": steps})
+        x, _, target = load(data_name, ctx)
+        return case_for_spec(spec, data=(x, target),
+                             note=f"the tanh MLP, training run cut to {steps} steps")
+    return case
+
+
+@register("xor", "XOR: no line separates it; a tanh MLP does", "7", case=_export_case("xor"))
 def run_xor(ctx):
     return _run("xor", ctx)
 
 
-@register("circles", "two concentric rings: linear ≈ chance, tanh MLP ≥ 98%", "7")
+@register("circles", "two concentric rings: linear ≈ chance, tanh MLP ≥ 98%", "7",
+          case=_export_case("circles"))
 def run_circles(ctx):
     return _run("circles", ctx)
