@@ -36,9 +36,14 @@ def add_verify(sub):
     p.set_defaults(func=cmd_verify)
 
 
+_notes_shown = set()
+
+
 def _print_row(r):
     print(report_mod.format_row(r), flush=True)
-    if r.get("note"):  # thresholds, kink counts, float64 rebuilds, known non-bitwise ops
+    # thresholds, kink counts, float64 rebuilds, known non-bitwise ops: each note once per example
+    if r.get("note") and (r["example"], r["note"]) not in _notes_shown:
+        _notes_shown.add((r["example"], r["note"]))
         print(f"    . {r['note']}", flush=True)
     for msg in r["failures"]:
         print(f"    ! {msg}", flush=True)
