@@ -54,7 +54,6 @@ def markdown(rep):
 
 def update_readme(path, rep):
     """Replace the text between the markers, atomically (temp file in the folder + rename)."""
-    import tempfile
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if text.count(MARK_START) != 1 or text.count(MARK_END) != 1 \
@@ -62,16 +61,8 @@ def update_readme(path, rep):
         raise ValueError(f"--readme: expected one {MARK_START} … {MARK_END} block in {path}")
     head, rest = text.split(MARK_START)
     _, tail = rest.split(MARK_END)
-    fd, tmp = tempfile.mkstemp(prefix=".refnet-", suffix=".md.tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(head + MARK_START + "\n" + markdown(rep) + MARK_END + tail)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from refnet.atomic import write_text
+    write_text(path, head + MARK_START + "\n" + markdown(rep) + MARK_END + tail)
 
 
 def _mib(n):

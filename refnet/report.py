@@ -1,12 +1,12 @@
 """Run examples into a report: rows for a table and the JSON report of DESIGN.md."""
 import json
 import os
-import tempfile
 import time
 
 import torch
 
 from refnet import examples
+from refnet.atomic import write_text
 from refnet.settings import determinism
 
 DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64}
@@ -122,16 +122,8 @@ def write_json(report, path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"--json: folder does not exist: {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=".refnet-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_clean(report), f, indent=2, allow_nan=False, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(_clean(report), indent=2, allow_nan=False, default=_json_default) + "\n"
+    write_text(path, text)
 
 
 def _json_default(obj):

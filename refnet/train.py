@@ -20,13 +20,13 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 
 import torch
 
 from refnet import harness
+from refnet.atomic import write_atomic
 from refnet import twin as twin_mod
 from refnet.compare import TIERS, compare_curves, compare_tensors
 from refnet.settings import determinism, resolve_devices
@@ -118,24 +118,6 @@ def default_tier(spec):
 
 # -- atomic files and checkpoints --
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-def _write_atomic(path, write):
-    """write(binary file) into a temp file beside path, then os.replace it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path, payload):
@@ -145,7 +127,7 @@ def save_checkpoint(path, payload):
     body = buf.getvalue()
     header = b"%s %d %s\n" % (CHECKPOINT_MAGIC, CHECKPOINT_FORMAT,
                               hashlib.sha256(body).hexdigest().encode())
-    _write_atomic(path, lambda f: (f.write(header), f.write(body)))
+    write_atomic(path, lambda f: (f.write(header), f.write(body)))
 
 
 _CHECKPOINT_KEYS = ("step", "spec", "example", "manual_params", "twin_params", "manual_optimizer",
@@ -487,7 +469,7 @@ def _write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target):
     for step, (a, b) in enumerate(zip(losses_m.tolist(), losses_t.tolist())):
         lines.append(f"{step},{a!r},{b!r},{abs(a - b)!r}")  # repr: the exact float, round-trips
     text = "\n".join(lines) + "\n"
-    _write_atomic(os.path.join(out_dir, "losses.csv"), lambda f: f.write(text.encode()))
+    write_atomic(os.path.join(out_dir, "losses.csv"), lambda f: f.write(text.encode()))
     if summary["last_checkpoint"] is not None:
         files.append(CHECKPOINT_NAME)
     try:
@@ -504,7 +486,7 @@ def _write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target):
             files.append("decision_boundary.png")
     summary["files"] = files
     blob = json.dumps(_json_safe(summary), indent=2, allow_nan=False, default=str) + "\n"
-    _write_atomic(os.path.join(out_dir, "summary.json"), lambda f: f.write(blob.encode()))
+    write_atomic(os.path.join(out_dir, "summary.json"), lambda f: f.write(blob.encode()))
     return files
 
 
@@ -528,7 +510,7 @@ def _figure(width, height):
 
 
 def _save_png(fig, path):
-    _write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _plot_losses(path, spec, losses_m, losses_t, summary):
