@@ -54,13 +54,7 @@ class FastMLP:
 
     # -- validation, once per signature: the checks of MLP.forward ---------------------------
     def _validate(self, x, target):
-        w0 = self.mlp.params["layers.0.weight"]
-        _check.tensor("x", x, ndim=2)
-        _check.same("params['layers.0.weight']", w0, "x", x)
-        if x.shape[0] == 0:
-            raise ValueError("x: expected a non-empty batch, got 0 rows")
-        if x.shape[1] != w0.shape[1]:
-            raise ValueError(f"x: expected shape [N, {w0.shape[1]}], got {list(x.shape)}")
+        self.mlp.check_input(x)
         _check.tensor("target", target, floating=False)
         if target.device != x.device:
             raise ValueError(f"target: expected device {x.device}, got {target.device}")

@@ -143,8 +143,8 @@ class MLP:
         key = {"leaky_relu": "slope", "elu": "alpha", "maxout": "k"}.get(name)
         return {key: self.options[key]} if key else {}
 
-    def predict(self, x, trace=None):
-        """Forward through the layers only.  x: (N, D) -> (output (N, C), per-layer caches)."""
+    def check_input(self, x):
+        """x must be a non-empty (N, D) floating tensor with the parameters' dtype and device."""
         w0 = self.params["layers.0.weight"]
         _check.tensor("x", x, ndim=2)
         _check.same("params['layers.0.weight']", w0, "x", x)
@@ -152,6 +152,10 @@ class MLP:
             raise ValueError("x: expected a non-empty batch, got 0 rows")
         if x.shape[1] != w0.shape[1]:
             raise ValueError(f"x: expected shape [N, {w0.shape[1]}], got {list(x.shape)}")
+
+    def predict(self, x, trace=None):
+        """Forward through the layers only.  x: (N, D) -> (output (N, C), per-layer caches)."""
+        self.check_input(x)
         caches = []
         h = x
         for i in range(self.n_layers):
