@@ -20,7 +20,10 @@ torch.profiler(profile_memory=True), summed in time order.  CUDA: max_memory_all
 reset_peak_memory_stats(), minus memory_allocated() at the start.  Inputs and targets (the same
 for both) and BLAS-internal workspaces (outside torch's allocator) are not counted.
 """
+import contextlib
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -146,6 +149,21 @@ def held_bytes(tensors):
     return total
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's C++ start/stop lines (they go to fd 2, below Python's sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def step_peak_bytes(fn, device):
     """Highest net allocation (bytes) above the level at the start of one call of fn."""
     if device.type == "cuda":
@@ -156,7 +174,7 @@ def step_peak_bytes(fn, device):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
