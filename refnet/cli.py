@@ -4,6 +4,7 @@ With no arguments it runs the main job (every document example on the default de
 verdicts).  Errors a user can cause print one line and exit 2; failed checks exit 1.
 """
 import argparse
+import os
 import sys
 
 from refnet import report as report_mod
@@ -135,6 +136,10 @@ def main(argv=None):
             build_parser().print_help()
             return EXIT_USAGE
         return args.func(args)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
     except (ValueError, TypeError, OSError) as exc:
         print(f"refnet: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -31,10 +31,27 @@ def add_parser(sub):
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
+def _command_line(args):
+    """The bench command that produced a table (output paths left out), for its README header."""
+    parts = ["refnet bench"]
+    if args.quick:
+        parts.append("--quick")
+    if args.sizes:
+        parts.append("--sizes " + " ".join(args.sizes))
+    for flag, value in (("--device", args.device if args.device not in (None, "auto", "cpu") else None),
+                        ("--dtype", args.dtype), ("--threads", args.threads),
+                        ("--momentum", args.momentum or None)):
+        if value is not None:
+            parts.append(f"{flag} {value}")
+    if args.no_compile:
+        parts.append("--no-compile")
+    return " ".join(parts)
+
+
 def markdown(rep):
     """The measured table as Markdown, with the machine and settings it was measured on."""
     import platform
-    cmd = "refnet bench" + (" --quick" if rep["quick"] else "")
+    cmd = rep.get("command") or ("refnet bench" + (" --quick" if rep["quick"] else ""))
     lines = [f"Measured with `{cmd}` on {rep['device']}, "
              f"{rep['threads']} torch threads ({os.cpu_count()} CPUs seen), torch {rep['torch']}, "
              f"Python {platform.python_version()}; {rep['seconds']} s in all.  Medians of "
@@ -120,6 +137,7 @@ def cmd_bench(args):
     print(f"device {rep['device']}, {rep['threads']} threads, torch {rep['torch']}, "
           f"{rep['seconds']} s; medians of interleaved samples; ratios > 1 mean manual is faster "
           f"(man/floor: < 1.10 is near the GEMM floor)")
+    rep["command"] = _command_line(args)
     if args.json:
         report_mod.write_json(rep, args.json)
     if args.readme:

@@ -106,18 +106,18 @@ def make_targets(y, kind, out_dim, dtype):
             raise ValueError(f"data: this loss needs integer class labels of shape [N], got "
                              f"{y.dtype} {list(y.shape)}")
         if int(y.max()) >= out_dim:
-            raise ValueError(f"sizes: the last layer has {out_dim} outputs but the labels go up to "
+            raise ValueError(f"sizes: the last layer has {out_dim} output(s) but the labels go up to "
                              f"{int(y.max())}")
         return y
     if y.dtype == torch.int64:
         if out_dim == 1:
             return y.to(dtype).unsqueeze(1)
         if int(y.max()) >= out_dim:
-            raise ValueError(f"sizes: the last layer has {out_dim} outputs but the labels go up to "
+            raise ValueError(f"sizes: the last layer has {out_dim} output(s) but the labels go up to "
                              f"{int(y.max())}")
         return torch.nn.functional.one_hot(y, out_dim).to(dtype)
     if y.dim() != 2 or y.shape[1] != out_dim:
-        raise ValueError(f"sizes: the last layer has {out_dim} outputs but the targets have shape "
+        raise ValueError(f"sizes: the last layer has {out_dim} output(s) but the targets have shape "
                          f"{list(y.shape)}")
     return y.to(dtype)
 

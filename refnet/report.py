@@ -26,10 +26,19 @@ def row(example, check, device, dtype):
         "steps": curves[0].steps if curves else None,
         "identical_steps": curves[0].identical_steps if curves else None,
         "first_divergence": curves[0].first_divergence if curves else None,
-        "note": check.note,
+        "note": _note(check),
         "failures": check.failures(),
         "tensors": [v.to_dict() for v in vs],
     }
+
+
+def _note(check):
+    """The check's note, plus where NaN met NaN at the same positions (agreement, but said)."""
+    nan = [f"{v.name} ({v.nan_positions})" for v in check.verdicts if v.nan_positions]
+    parts = [check.note] if check.note else []
+    if nan:
+        parts.append("NaN at the same positions on both sides, counted as agreement: " + ", ".join(nan))
+    return "; ".join(parts)
 
 
 def run(names=None, devices=("cpu",), dtypes=("float32", "float64"), strict_bits=False,
@@ -78,7 +87,7 @@ def summarize(rows, seconds, strict_bits=False, complete=True):
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-COLUMNS = [("example", 18), ("device", 6), ("dtype", 7), ("check", 22), ("tier", 9),
+COLUMNS = [("example", 16), ("device", 6), ("dtype", 7), ("check", 33), ("tier", 9),
            ("max_abs_diff", 12), ("max_ulp", 8), ("identical_steps", 15), ("passed", 6)]
 
 

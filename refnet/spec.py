@@ -138,6 +138,8 @@ class Spec:
 
     @classmethod
     def from_json(cls, path, **overrides):
+        if os.path.isdir(path):
+            raise ValueError(f"--spec: {path} is a folder; expected a JSON file")
         if not os.path.isfile(path):
             raise ValueError(f"--spec: file not found: {path}")
         try:

@@ -129,6 +129,7 @@ API_CASES = [
     ("spec json malformed", lambda t: Spec.from_json(write(t, "s.json", "{sizes: [2]}")), ValueError,
      "not valid JSON"),
     ("spec json missing", lambda t: Spec.from_json(str(t / "nope.json")), ValueError, "--spec: file not found"),
+    ("spec json folder", lambda t: Spec.from_json(str(t)), ValueError, "is a folder; expected a JSON file"),
     ("spec json binary", lambda t: Spec.from_json(str(t / "b.json")) if (t / "b.json").write_bytes(b"\xff\xfe\x00")
      else None, ValueError, "not UTF-8"),
     ("npz lacks y", lambda t: data.load_npz(npz(t, x=np.zeros((3, 2)))), ValueError, "lacks array(s) ['y']"),
@@ -138,7 +139,7 @@ API_CASES = [
     ("npz y rows", lambda t: data.load_npz(npz(t, x=np.zeros((3, 2)), y=np.zeros(4))), ValueError,
      "y in"),
     ("labels beyond outputs", lambda t: data.make_targets(torch.tensor([0, 5]), "values", 3, F64), ValueError,
-     "sizes: the last layer has 3 outputs"),
+     "sizes: the last layer has 3 output(s)"),
     ("device name", lambda t: settings.resolve_devices("tpu"), ValueError, "--device: expected cpu, cuda"),
     ("compare non-tensor", lambda t: compare_tensors("g", [1.0], torch.zeros(1)), TypeError, "g: expected two tensors"),
     ("twin activation", lambda t: twin.Twin([2, 3, 1], "swish"), ValueError, "activation: unknown name"),

@@ -44,3 +44,20 @@ def test_bad_input_one_line_exit_2(args, fragment, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in res.stderr
     assert res.stdout == ""
+
+
+def test_nan_agreement_is_reported_in_the_table(tmp_path):
+    """A run that blows up to NaN on both sides passes (same positions) but the table says so."""
+    spec = tmp_path / "nan.json"
+    spec.write_text(json.dumps({"sizes": [2, 8, 1], "activation": "tanh", "data": "xor", "steps": 20,
+                                "optimizer": {"name": "sgd", "lr": 1e30}}))
+    res = refnet("verify", "--spec", str(spec))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "NaN at the same positions on both sides, counted as agreement: loss_curve" in res.stdout
+
+
+def test_output_into_a_closed_pipe_is_quiet():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run(f"{sys.executable} -m refnet verify --example xor --dtype float32 | head -1",
+                         shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.stdout.startswith("example") and "Broken pipe" not in res.stderr, res.stderr
