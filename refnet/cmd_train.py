@@ -1,5 +1,6 @@
 """`refnet train`: train the manual MLP and its autograd twin in lockstep (refnet.train)."""
 import argparse
+import math
 import os
 import sys
 
@@ -18,14 +19,24 @@ def _positive_int():
     return parse
 
 
-def _positive_float(text):
+def _nonnegative_float(text):
+    """A finite number >= 0 (what a spec's lr accepts; 0 freezes the parameters)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+        value = None
+    if value is None or not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
+
+
+FULL_BATCH = "none"  # --batch-size none: override the spec to full batch (batch_size null)
+
+
+def _batch_size(text):
+    if text.strip().lower() == FULL_BATCH:
+        return FULL_BATCH
+    return _positive_int()(text)
 
 
 def add_parser(sub):
@@ -42,17 +53,22 @@ def add_parser(sub):
     p.add_argument("--dtype", choices=["float32", "float64"], help="default: the spec's (float64)")
     p.add_argument("--steps", type=_positive_int(), help="total steps (on --resume: the "
                    "step to continue up to)")
-    p.add_argument("--lr", type=_positive_float, help="learning rate (overrides the spec's)")
-    p.add_argument("--batch-size", type=_positive_int(),
+    p.add_argument("--lr", type=_nonnegative_float,
+                   help="learning rate >= 0 (overrides the spec's)")
+    p.add_argument("--batch-size", type=_batch_size, metavar="B|none",
                    help="mini-batch size (default: the spec's; none means full batch)")
     p.add_argument("--out", metavar="DIR", help="write losses.csv, summary.json, checkpoint.pt "
-                   "and plots here")
+                   "and plots here (without --out nothing is written, only the summary line is "
+                   "printed); refused if DIR already holds a run unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="let --out overwrite the run already in DIR")
     p.add_argument("--check-every", type=_positive_int(), default=50, metavar="K",
                    help="compare parameters and write a checkpoint every K steps (default 50); "
                         "losses are compared at every step")
     p.add_argument("--tier", choices=["bitwise", "ulp", "tolerance"],
                    help="worst agreement allowed before the run stops (default: bitwise on cpu, "
-                        "tolerance on cuda)")
+                        "tolerance on cuda or when the spec uses an op listed in refnet/known.py, "
+                        "e.g. ELU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     p.set_defaults(func=cmd_train)
 
@@ -67,7 +83,9 @@ def build_spec(args):
     from refnet import train as train_mod
     from refnet.spec import Spec
 
-    overrides = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, dtype=args.dtype)
+    full_batch = args.batch_size == FULL_BATCH
+    overrides = dict(steps=args.steps, lr=args.lr, dtype=args.dtype, full_batch=full_batch,
+                     batch_size=None if full_batch else args.batch_size)
     if args.resume:
         if args.example or args.spec:
             raise ValueError("--resume: the checkpoint names what to train; drop --example/--spec")
@@ -93,6 +111,11 @@ def cmd_train(args):
     out = args.out or args.resume
     if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):
         out = os.path.dirname(os.path.abspath(args.resume))
+    if args.out and not args.force and not _resumes_into(args.resume, args.out):
+        existing = train_mod.existing_run_files(args.out)
+        if existing:
+            raise ValueError(f"--out: {args.out} already holds a run ({', '.join(existing)}); "
+                             f"give --force to overwrite it, or --resume {args.out} to continue it")
     summary = train_mod.train(spec, out, check_every=args.check_every, tier=args.tier,
                               resume=args.resume, progress=False if args.quiet else None,
                               example=example)
@@ -104,9 +127,19 @@ def cmd_train(args):
         return EXIT_INTERRUPTED
     if not args.quiet:
         acc = summary.get("accuracy_manual")
+        nonfinite = summary.get("nonfinite")
         print(f"{summary['name']}: {summary['steps']} steps on {summary['device']}/{summary['dtype']}"
               f", loss manual {summary['final_loss_manual']:.6g} twin {summary['final_loss_twin']:.6g}"
               f", tier {summary['tier']} (allowed {summary['allowed_tier']})"
               + (f", accuracy {100 * acc:.1f} %" if acc is not None else "")
+              + (f"; {summary['status']}: {nonfinite}" if nonfinite else "")
               + (f"; wrote {', '.join(summary['files'])} in {out}" if out else ""))
     return 0
+
+
+def _resumes_into(resume, out):
+    """True when --resume targets the folder --out names (continuing a run in place)."""
+    if not resume:
+        return False
+    folder = resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(resume))
+    return os.path.realpath(folder) == os.path.realpath(out)

@@ -98,11 +98,16 @@ def get_example(name):
 
 
 def with_overrides(spec, **overrides):
-    """A copy of spec with steps/lr/batch_size/device/dtype replaced where given (None: keep)."""
+    """A copy of spec with steps/lr/batch_size/device/dtype replaced where given (None: keep);
+    full_batch=True sets batch_size to None (full batch)."""
     raw = spec.to_dict()
     lr = overrides.pop("lr", None)
     if lr is not None:
         raw["optimizer"] = {**raw["optimizer"], "lr": lr}
+    if overrides.pop("full_batch", False):
+        if overrides.get("batch_size") is not None:
+            raise ValueError("--batch-size: give a size or none, not both")
+        raw["batch_size"] = None
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return Spec.from_dict(raw)
 
@@ -118,6 +123,12 @@ def default_tier(spec):
 
 # -- atomic files and checkpoints --
 
+RUN_FILES = (CHECKPOINT_NAME, "losses.csv", "summary.json")
+
+
+def existing_run_files(out_dir):
+    """The files of an earlier run already in out_dir (checkpoint.pt, losses.csv, summary.json)."""
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
 
 
 def save_checkpoint(path, payload):
@@ -234,7 +245,9 @@ def train(spec, out_dir=None, *, check_every=50, tier=None, resume=None, progres
     data: (x, target) to train on; params: initial parameters (nn.Linear layout).
     on_step(step, loss_manual, loss_twin): called after every step (tests use it to interrupt).
 
-    summary["status"]: completed | diverged (summary["divergence"] says where) | interrupted.
+    summary["status"]: completed | diverged (summary["divergence"] says where) | interrupted;
+    "completed (non-finite from step K)" when the losses became NaN/inf at step K on both sides
+    alike (summary["nonfinite"] says so in words; first_nonfinite_step is K).
     """
     if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
         raise ValueError(f"--check-every: expected an integer >= 1, got {check_every!r}")
@@ -447,14 +460,36 @@ def _summary(spec, example, tier, state, status, message, start, losses_m, losse
     if status == "diverged":
         summary["divergence"] = message
     # NaN/inf on both sides at the same step is agreement, not divergence, but worth saying.
-    bad = (~torch.isfinite(losses_m)).nonzero()
-    summary["first_nonfinite_step"] = int(bad[0, 0]) if bad.numel() else None
+    k_m, k_t = _first_nonfinite(losses_m), _first_nonfinite(losses_t)
+    summary["first_nonfinite_step"] = k_m if k_t is None else k_t if k_m is None else min(k_m, k_t)
+    summary["first_nonfinite_step_manual"], summary["first_nonfinite_step_twin"] = k_m, k_t
+    summary["nonfinite"] = _nonfinite_note(k_m, k_t, losses_m, losses_t)
+    if summary["nonfinite"] and status == "completed":
+        summary["status"] = f"completed (non-finite from step {summary['first_nonfinite_step']})"
     labels = _labels(target)
     if labels is not None:
         with torch.no_grad():
             summary["accuracy_manual"] = _accuracy(pair.mlp.predict(x)[0], labels)
             summary["accuracy_twin"] = _accuracy(pair.twin(x), labels)
     return summary
+
+
+def _first_nonfinite(losses):
+    bad = (~torch.isfinite(losses)).nonzero()
+    return int(bad[0, 0]) if bad.numel() else None
+
+
+def _nonfinite_note(k_m, k_t, losses_m, losses_t):
+    """One line on where the losses stopped being finite (None when they never did)."""
+    if k_m is None and k_t is None:
+        return None
+    if k_m == k_t:
+        same = bool((torch.isfinite(losses_m) == torch.isfinite(losses_t)).all())
+        return (f"losses non-finite (NaN/inf) from step {k_m} on both sides"
+                + (", identically: a faithful reproduction of a diverging run" if same else
+                   "; later steps are non-finite on one side only"))
+    where = lambda k: f"from step {k}" if k is not None else "never"  # noqa: E731
+    return f"losses non-finite (NaN/inf): manual {where(k_m)}, twin {where(k_t)}"
 
 
 def _int_view(t):
@@ -518,23 +553,43 @@ def _plot_losses(path, spec, losses_m, losses_t, summary):
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     steps = torch.arange(losses_m.numel()).numpy()
     lm, lt = losses_m.double().numpy(), losses_t.double().numpy()
+    # |manual − twin| in torch: inf − inf gives NaN there without numpy's RuntimeWarning.
+    d = (losses_m.double() - losses_t.double()).abs()
+    finite = torch.isfinite(d)
+    diff, finite = d.numpy(), finite.numpy()
     top.plot(steps, lm, color="tab:blue", lw=2.5, label="manual")
     top.plot(steps, lt, color="tab:orange", lw=1.2, ls="--", label="autograd twin")
-    if (lm > 0).all() and (lt > 0).all():
+    shown_m, shown_t = lm[finite], lt[finite]
+    if shown_m.size and (shown_m > 0).all() and (shown_t > 0).all():
         top.set_yscale("log")
     top.set_ylabel(f"loss ({spec.loss})")
-    top.set_title(f"{spec.name}: {spec.device}/{spec.dtype}, tier {summary['tier']} "
-                  f"({summary['identical_steps']}/{summary['steps']} steps identical)")
+    title = f"{spec.name}: {spec.device}/{spec.dtype}, tier {summary['tier']} "
+    k = summary.get("first_nonfinite_step")
+    if k is None:
+        title += f"({summary['identical_steps']}/{summary['steps']} steps identical"
+    else:
+        both = (summary.get("first_nonfinite_step_manual")
+                == summary.get("first_nonfinite_step_twin"))
+        same = (losses_m.view(_int_view(losses_m)) == losses_t.view(_int_view(losses_t))).numpy()
+        title += (f"({int((same & finite).sum())}/{int(finite.sum())} finite steps identical;\n"
+                  f"loss non-finite from step {k}" + (" on both sides" if both else "")
+                  + ", not drawn beyond it")
+        for ax in (top, bottom):
+            ax.axvline(k, color="tab:red", lw=1.2, ls=":")
+        top.text(k, 0.5, f" non-finite (NaN/inf) from step {k}", color="tab:red", rotation=90,
+                 ha="right", va="center", transform=top.get_xaxis_transform())
+        top.set_xlim(-0.5, max(len(steps) - 0.5, k + 0.5))
+    top.set_title(title + ")")
     top.legend()
     top.grid(alpha=0.3)
-    diff = abs(lm - lt)
-    nonzero = diff > 0
+    nonzero = finite & (diff > 0)
     if nonzero.any():
         bottom.semilogy(steps[nonzero], diff[nonzero], ".", color="tab:red", ms=3)
     else:
         bottom.set_yscale("log")
         bottom.set_ylim(1e-20, 1e-15)
-        bottom.text(0.5, 0.5, "|manual − twin| = 0 at every step (bitwise)", ha="center",
+        where = "every step" if k is None else "every step with finite losses"
+        bottom.text(0.5, 0.5, f"|manual − twin| = 0 at {where} (bitwise)", ha="center",
                     va="center", transform=bottom.transAxes)
     bottom.set_ylabel("|manual − twin|")
     bottom.set_xlabel("step")

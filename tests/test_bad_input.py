@@ -208,7 +208,7 @@ def _cli_cases(t):
         ("unknown flag", ["verify", "--colour"], "--colour"),
         ("train example", ["train", "--example", "nope"], "--example: unknown name 'nope'"),
         ("train steps", ["train", "--example", "xor", "--steps", "1.5"], "--steps: expected an integer"),
-        ("train lr NaN", ["train", "--example", "xor", "--lr", "nan"], "--lr: expected a positive finite"),
+        ("train lr NaN", ["train", "--example", "xor", "--lr", "nan"], "--lr: expected a finite number >= 0"),
         ("train batch", ["train", "--example", "xor", "--batch-size", "0"], "--batch-size"),
         ("train resume missing", ["train", "--resume", str(t / "nope")], "--resume: no checkpoint"),
         ("train tier", ["train", "--example", "xor", "--tier", "exact"], "--tier"),

@@ -243,3 +243,113 @@ def test_cuda_lockstep_and_resume(tmp_path):
     train_mod.train(spec, tmp_path / "b", check_every=7, progress=False, resume=tmp_path / "b")
     # deterministic algorithms on (refnet.settings.determinism): same kernels, same bits
     assert read_csv(tmp_path / "a" / "losses.csv") == read_csv(tmp_path / "b" / "losses.csv")
+
+
+# -- QA fixes: --batch-size none, non-finite runs, --out over an earlier run, --lr 0, help --
+
+def test_batch_size_none_overrides_the_spec_to_full_batch(tmp_path, capsys):
+    from refnet import cmd_train
+    spec_path = tmp_path / "s.json"
+    spec_path.write_text(json.dumps(small_spec(steps=3).to_dict()))
+    parser = cli.build_parser()
+    for word in ("none", "None", "NONE"):
+        spec, _ = cmd_train.build_spec(parser.parse_args(
+            ["train", "--spec", str(spec_path), "--batch-size", word]))
+        assert spec.batch_size is None and small_spec().batch_size == 16
+    spec, _ = cmd_train.build_spec(parser.parse_args(
+        ["train", "--spec", str(spec_path), "--batch-size", "8"]))
+    assert spec.batch_size == 8
+    out = tmp_path / "o"
+    assert cli.main(["train", "--spec", str(spec_path), "--batch-size", "none", "--out", str(out),
+                     "--quiet"]) == 0
+    assert json.loads((out / "summary.json").read_text())["spec"]["batch_size"] is None
+    assert cli.main(["train", "--spec", str(spec_path), "--batch-size", "nothing"]) == 2
+    assert "--batch-size: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_nonfinite_run_is_reported_without_warnings(tmp_path, capsys):
+    spec_path = tmp_path / "e.json"
+    spec_path.write_text(json.dumps({"sizes": [2, 8, 1], "activation": "tanh", "data": "xor",
+                                     "steps": 12, "optimizer": {"name": "sgd", "lr": 1e30}}))
+    out = tmp_path / "d"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's inf − inf warning fails the test
+        assert cli.main(["train", "--spec", str(spec_path), "--out", str(out)]) == 0
+    res = capsys.readouterr()
+    assert res.err == ""
+    summary = json.loads((out / "summary.json").read_text())
+    k = summary["first_nonfinite_step"]
+    assert k is not None and 0 < k < 12
+    assert summary["first_nonfinite_step_manual"] == summary["first_nonfinite_step_twin"] == k
+    assert summary["status"] == f"completed (non-finite from step {k})"
+    assert f"non-finite (NaN/inf) from step {k} on both sides, identically" in summary["nonfinite"]
+    assert f"completed (non-finite from step {k})" in res.out and "on both sides" in res.out
+    assert summary["tier"] == "bitwise"  # agreement stays honest: NaN at the same steps
+    # a finite run says nothing of the kind
+    fine = train_mod.train(small_spec(steps=3), None, progress=False)
+    assert fine["status"] == "completed" and fine["nonfinite"] is None
+    if HAS_MPL:
+        from matplotlib.figure import Figure
+        drawn = []
+        real = Figure.savefig
+        monkey = pytest.MonkeyPatch()
+        monkey.setattr(Figure, "savefig",
+                       lambda fig, *a, **kw: (drawn.append(fig), real(fig, *a, **kw))[1])
+        try:
+            train_mod._write_outputs(str(out), Spec.from_dict(summary["spec"]), summary,
+                                     *_losses_of(out), None, torch.zeros(1, 3), torch.zeros(1, 1))
+        finally:
+            monkey.undo()
+        top = drawn[0].axes[0]
+        assert f"non-finite from step {k} on both sides" in top.get_title()
+        assert f"{k}/{k} finite steps identical" in top.get_title()
+        assert "12/12" not in top.get_title()
+        assert any(list(line.get_xdata()) == [k, k] for line in top.get_lines())
+        assert any(f"from step {k}" in t.get_text() for t in top.texts)
+
+
+def _losses_of(out):
+    rows = [line.split(",") for line in read_csv(out / "losses.csv")[1:]]
+    return (torch.tensor([float(r[1]) for r in rows], dtype=torch.float64),
+            torch.tensor([float(r[2]) for r in rows], dtype=torch.float64))
+
+
+def test_out_refuses_an_earlier_run_unless_force_or_resume(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    base = ["train", "--example", "xor", "--steps", "5", "--device", "cpu", "--quiet"]
+    assert cli.main(base + ["--out", out]) == 0
+    before = read_csv(os.path.join(out, "losses.csv"))
+    capsys.readouterr()
+    assert cli.main(base + ["--out", out, "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"refnet: error: --out: {out} already holds a run")
+    assert "--force" in err[0] and read_csv(os.path.join(out, "losses.csv")) == before
+    for name in ("summary.json", "losses.csv"):  # any one of the run's files is enough
+        other = tmp_path / name.split(".")[0]
+        other.mkdir()
+        (other / name).write_text("x")
+        assert cli.main(base + ["--out", str(other)]) == 2
+        assert "already holds a run" in capsys.readouterr().err
+    assert cli.main(base + ["--out", out, "--lr", "0.5", "--force"]) == 0
+    assert read_csv(os.path.join(out, "losses.csv")) != before
+    assert cli.main(["train", "--resume", out, "--out", out, "--steps", "8", "--quiet"]) == 0
+    assert len(read_csv(os.path.join(out, "losses.csv"))) == 9
+    (tmp_path / "empty").mkdir()
+    assert cli.main(base + ["--out", str(tmp_path / "empty")]) == 0
+
+
+def test_lr_accepts_zero_and_help_tells_the_truth(tmp_path, capsys):
+    out = tmp_path / "z"
+    assert cli.main(["train", "--example", "xor", "--steps", "3", "--device", "cpu", "--lr", "0",
+                     "--out", str(out), "--quiet"]) == 0
+    losses = _losses_of(out)[0]
+    assert json.loads((out / "summary.json").read_text())["spec"]["optimizer"]["lr"] == 0
+    assert bool((losses == losses[0]).all())  # lr 0: the parameters never move
+    for bad in ("-1", "nan", "inf", "x"):
+        assert cli.main(["train", "--example", "xor", "--lr", bad]) == 2
+        assert f"--lr: expected a finite number >= 0, got {bad!r}" in capsys.readouterr().err
+    text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["train"]
+                    .format_help().split())
+    assert "refnet/known.py" in text and "--force" in text
+    assert "without --out nothing is written" in text
