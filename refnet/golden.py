@@ -226,7 +226,11 @@ def export(out, cases, force=False):
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary directory
         manifest = {"schema_version": SCHEMA_VERSION, "format": FORMAT,
-                    "created_with": {"torch": torch.__version__, "device": "cpu"},
+                    # float32 values of large GEMMs depend on the thread count and the CPU's
+                    # kernels (BLAS blocking/accumulation order); float64 ones did not in our runs
+                    "created_with": {"torch": torch.__version__, "device": "cpu",
+                                     "threads": torch.get_num_threads(),
+                                     "cpu_capability": torch.backends.cpu.get_cpu_capability()},
                     "order": "tensors are listed in the order the computation produces them; "
                              "see README.md 'Porting kit'",
                     "required_tier": "tolerance", "cases": []}

@@ -290,3 +290,80 @@ def test_isolated_elementwise_ops_are_bitwise(exported, tmp_path):
         assert tiers[case, "backward.layers.0.grad_pre_activation"] == "bitwise"   # tanh / sigmoid
     assert tiers["small.float64", "backward.layers.1.grad_pre_activation"] == "bitwise"  # maxout
     assert tiers["small.float64", "forward.layers.1.activation"] == "bitwise"           # maxout
+
+
+# --- QA fixes: reg, label losses, refusing what the port does not support, created_with ----------
+LOSS_SPECS = {
+    "reg": {"sizes": [3, 6, 2], "activation": "relu", "reg": 0.05, "loss": "mse", "steps": 5,
+            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "batch_size": 16,
+            "n_samples": 40},
+    "ce": {"sizes": [2, 6, 5, 3], "activation": "tanh", "reg": 0.01, "loss": "cross_entropy",
+           "data": "spiral", "n_samples": 40, "batch_size": 16, "steps": 5,
+           "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}},
+    "svm": {"sizes": [2, 6, 3], "activation": "relu", "loss": "svm", "data": "spiral",
+            "n_samples": 40, "steps": 5, "optimizer": {"name": "sgd", "lr": 0.1}},
+}
+
+
+@pytest.fixture(scope="module")
+def loss_fixtures(tmp_path_factory):
+    base = tmp_path_factory.mktemp("losses")
+    cases = []
+    for name, spec in LOSS_SPECS.items():
+        path = base / f"{name}.json"
+        path.write_text(json.dumps({"name": name, **spec}))
+        cases += cases_for(None, str(path), "all")
+    golden.export(str(base / "fixtures"), cases)
+    return base / "fixtures"
+
+
+def test_port_implements_reg_cross_entropy_and_svm(loss_fixtures, tmp_path, capsys):
+    """reg (L2 on the weights, manual's order) and the label losses pass check-port in both dtypes;
+    with --isolate the loss and its gradient are bitwise in float64."""
+    port = load_port()
+    assert port.main([str(loss_fixtures), str(tmp_path / "port")]) == 0
+    capsys.readouterr()
+    rc, out, err = check(capsys, tmp_path / "port")
+    assert rc == 0, out + err
+    assert "first fails" not in out
+    rows = golden.check_port(str(tmp_path / "port"), str(loss_fixtures))
+    assert len({r["case"] for r in rows}) == 6 and all(r["passed"] for r in rows)
+    assert port.main(["--isolate", str(loss_fixtures), str(tmp_path / "iso")]) == 0
+    tiers = {(r["case"], r["name"]): r["tier"] for r in golden.check_port(str(tmp_path / "iso"),
+                                                                         str(loss_fixtures))}
+    for case in ("reg.float64", "svm.float64", "svm.float32"):
+        assert tiers[case, "backward.grad_output"] == "bitwise"
+    for case in ("reg.float64", "ce.float64", "svm.float64"):
+        assert tiers[case, "forward.loss"] == "bitwise"
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("loss", "huber", "loss 'huber' is not supported by the NumPy port"),
+    ("activation", ["relu", "gelu"], "activation 'gelu' is not supported by the NumPy port"),
+    ("optimizer", {"name": "adam", "lr": 0.01}, "optimizer 'adam' is not supported by the NumPy port"),
+    ("optimizer", {"name": "sgd", "lr": 0.1, "maximize": True}, "optimizer settings ['maximize']"),
+    ("dtype", "float16", "dtype 'float16' is not supported by the NumPy port"),
+    ("reg", -1.0, "reg -1.0 is not supported by the NumPy port"),
+    ("dropout", 0.5, "spec key(s) ['dropout'] are not supported by the NumPy port"),
+])
+def test_port_refuses_unsupported_specs_before_computing(loss_fixtures, tmp_path, capsys,
+                                                         key, value, says):
+    """An unsupported setting in any case (here the second) is one line and exit 2, before any
+    case is computed or any file written."""
+    fixtures = tmp_path / "fixtures"
+    shutil.copytree(loss_fixtures, fixtures)
+    manifest = json.loads((fixtures / "manifest.json").read_text())
+    manifest["cases"][1]["spec"][key] = value
+    (fixtures / "manifest.json").write_text(json.dumps(manifest))
+    port = load_port()
+    assert port.main([str(fixtures), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("numpy port: error: case 'reg.float64': ")
+    assert says in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_records_threads_and_cpu_capability(exported):
+    created = json.loads((exported[0] / "manifest.json").read_text())["created_with"]
+    assert created["threads"] == torch.get_num_threads() >= 1
+    assert created["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

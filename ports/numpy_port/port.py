@@ -206,21 +206,103 @@ ACTIVATIONS = {"sigmoid": (sigmoid_forward, sigmoid_backward, None),
                "identity": (identity_forward, identity_backward, None)}
 
 
-# --- losses ---------------------------------------------------------------------------------
-def loss_forward(name, out, target):
+# --- losses: forward(out, target) -> (loss, cache); backward(cache) -> dL/dout (dL = 1) --------
+def sum_squared_forward(out, target):
     diff = out - target
     sq = diff * diff
-    if name == "sum_squared":
-        return sq.sum(dtype=sq.dtype), diff       # L = Σ (out − target)²
-    if name == "mse":
-        return sq.mean(dtype=sq.dtype), diff      # L = mean (out − target)²
-    raise ValueError(f"loss {name!r} is not supported by the NumPy port")
+    return sq.sum(dtype=sq.dtype), diff           # L = Σ (out − target)²
 
 
-def loss_backward(name, diff):
-    if name == "sum_squared":
-        return 2.0 * diff * diff.dtype.type(1)    # dL/dout = 2·diff
-    return diff.dtype.type(2.0 / diff.size) * diff  # dL/dout = (2/numel)·diff
+def sum_squared_backward(diff):
+    return 2.0 * diff * diff.dtype.type(1)        # dL/dout = 2·diff
+
+
+def mse_forward(out, target):
+    diff = out - target
+    sq = diff * diff
+    return sq.mean(dtype=sq.dtype), diff          # L = mean (out − target)²
+
+
+def mse_backward(diff):
+    return diff.dtype.type(2.0 / diff.size) * diff  # dL/dout = (2/numel)·diff, 2/numel in double
+
+
+def cross_entropy_forward(out, labels):
+    """L = −(1/N) Σᵢ log softmax(out)ᵢ[labelsᵢ]; out (N, C), labels (N,) int64."""
+    shifted = out - out.max(axis=1, keepdims=True)                 # log_softmax: x − max first
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    picked = logp[np.arange(out.shape[0]), labels]
+    # nll_loss's CPU loop: 8 partial sums, sample b subtracted from partial 0, partial j folded
+    # into j + 1 while b's low 4·(j+1) bits are zero; then partials added in order, ÷ N.
+    zero = out.dtype.type(0)
+    partial = [zero] * 8
+    for b in range(out.shape[0]):
+        partial[0] = partial[0] - picked[b]
+        for j in range(7):
+            if b & (15 << (4 * j)):
+                break
+            partial[j + 1], partial[j] = partial[j + 1] + partial[j], zero
+    total = zero
+    for v in partial:
+        total = total + v
+    return total / out.dtype.type(out.shape[0]), (logp, labels)
+
+
+def cross_entropy_backward(cache):
+    logp, labels = cache
+    n = logp.shape[0]
+    dlogp = np.zeros_like(logp)
+    dlogp[np.arange(n), labels] = -(logp.dtype.type(1) / logp.dtype.type(n))  # nll: −1/N at tᵢ
+    row_sum = dlogp.sum(axis=1, keepdims=True)
+    return fma(-np.exp(logp), np.broadcast_to(row_sum, logp.shape), dlogp)  # G − e^logp·ΣG, fused
+
+
+def svm_forward(out, labels):
+    """L = (1/N) Σᵢ (1/C) Σ_{j≠tᵢ} max(0, 1 − out_{i,tᵢ} + out_{i,j}) (PyTorch's MultiMarginLoss)."""
+    n, c = out.shape
+    t = out.dtype.type
+    z = (t(1) - out[np.arange(n), labels][:, None]) + out          # margins (N, C)
+    active = (z > 0) & (np.arange(c)[None, :] != labels[:, None])
+    row = np.zeros(n, dtype=out.dtype)
+    for j in range(c):                                             # classes in order, in the dtype
+        row = row + np.where(active[:, j], z[:, j], t(0))
+    row = row / t(c)
+    total = 0.0                                                    # rows accumulated in double
+    for v in row.astype(np.float64):
+        total += float(v)
+    return t(total / n), (active, labels, out.dtype)
+
+
+def svm_backward(cache):
+    active, labels, dt = cache
+    n, c = active.shape
+    dy = np.where(active, dt.type(1.0 / (n * c)), dt.type(0))       # 1/(N·C) per active j ≠ tᵢ
+    dy_target = np.zeros(n, dtype=dt)
+    for j in range(c):                                             # −Σ_j, class by class
+        dy_target = dy_target - dy[:, j]
+    dy[np.arange(n), labels] = dy_target
+    return dy
+
+
+LOSSES = {"sum_squared": (sum_squared_forward, sum_squared_backward),
+          "mse": (mse_forward, mse_backward),
+          "cross_entropy": (cross_entropy_forward, cross_entropy_backward),
+          "svm": (svm_forward, svm_backward)}
+
+
+def l2_forward(weights, reg):
+    """R = reg·Σ_layers Σ W² (weights only), as manual: s = ΣW₀²; s = s + ΣW₁² …; R = s·reg."""
+    total = None
+    for w in weights:
+        sq = w * w
+        s = sq.sum(dtype=sq.dtype)
+        total = s if total is None else total + s
+    return total * total.dtype.type(reg)
+
+
+def l2_backward(weights, reg):
+    g = weights[0].dtype.type(reg)                # dloss·reg with dloss = 1
+    return [g * (2.0 * w) for w in weights]       # ∂R/∂W = (g·reg)·(2W)
 
 
 # --- the MLP ----------------------------------------------------------------------------------
@@ -231,11 +313,12 @@ class MLP:
         act = spec["activation"]
         self.acts = [act] * (self.n_layers - 1) if isinstance(act, str) else list(act)
         self.loss = spec["loss"]
+        self.reg = spec.get("reg", 0.0)
         self.options = {"slope": spec["slope"], "alpha": spec["alpha"], "k": spec["k"]}
         self.bias = spec["bias"]
-        for a in self.acts:
-            if a not in ACTIVATIONS:
-                raise ValueError(f"activation {a!r} is not supported by the NumPy port")
+
+    def weights(self):
+        return [self.params[f"layers.{i}.weight"] for i in range(self.n_layers)]
 
     def forward(self, x, target, trace, feed=None):
         """Forward, recording every intermediate in `trace`.  With `feed` (the fixtures), each op
@@ -255,13 +338,15 @@ class MLP:
             caches.append((h, act_cache))
             h = y
         h = record(trace, feed, "forward.output", h)
-        loss, diff = loss_forward(self.loss, h, target)
+        loss, loss_cache = LOSSES[self.loss][0](h, target)
+        if self.reg:                                  # L = data loss + reg·Σ W²
+            loss = loss + l2_forward(self.weights(), self.reg)
         trace["forward.loss"] = np.asarray(loss, dtype=h.dtype)
-        return loss, (caches, diff)
+        return loss, (caches, loss_cache)
 
     def backward(self, cache, trace, feed=None):
-        caches, diff = cache
-        dh = record(trace, feed, "backward.grad_output", loss_backward(self.loss, diff))
+        caches, loss_cache = cache
+        dh = record(trace, feed, "backward.grad_output", LOSSES[self.loss][1](loss_cache))
         grads = {}
         for i in reversed(range(self.n_layers)):
             x_in, act_cache = caches[i]
@@ -275,6 +360,10 @@ class MLP:
             if self.bias:
                 grads[f"layers.{i}.bias"] = db
                 trace[f"grads.layers.{i}.bias"] = db
+        if self.reg:  # the second use of each W: its gradient is added to the data gradient (one add)
+            for i, dw_reg in enumerate(l2_backward(self.weights(), self.reg)):
+                dw = grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dw_reg
+                trace[f"grads.layers.{i}.weight"] = dw
         trace["backward.grad_input"] = dh
         return grads
 
@@ -283,6 +372,41 @@ def record(trace, feed, name, value):
     """Keep our value for the output file; go on with the fixture's value when isolating."""
     trace[name] = value
     return value if feed is None else feed[name]
+
+
+# --- what this port supports: checked for every case before anything is computed ----------------
+SPEC_KEYS_READ = {"sizes", "activation", "bias", "loss", "reg", "optimizer", "steps", "batch_size",
+                  "dtype", "slope", "alpha", "k"}
+SPEC_KEYS_IGNORED = {"name", "data", "n_samples", "seed", "init", "device"}  # inputs come from the file
+SGD_SETTINGS = {"lr", "momentum", "dampening", "nesterov", "weight_decay"}
+
+
+def check_supported(spec):
+    """Raise ValueError (one line ending 'not supported by the NumPy port') for anything the port
+    does not implement, so that it refuses a case before computing or writing anything."""
+    unknown = sorted(set(spec) - SPEC_KEYS_READ - SPEC_KEYS_IGNORED)
+    if unknown:
+        raise ValueError(f"spec key(s) {unknown} are not supported by the NumPy port")
+    if spec.get("dtype") not in ("float32", "float64"):
+        raise ValueError(f"dtype {spec.get('dtype')!r} is not supported by the NumPy port "
+                         f"(float32, float64)")
+    if spec.get("loss") not in LOSSES:
+        raise ValueError(f"loss {spec.get('loss')!r} is not supported by the NumPy port "
+                         f"({', '.join(LOSSES)})")
+    act = spec.get("activation")
+    for a in [act] if isinstance(act, str) else list(act or []):
+        if a not in ACTIVATIONS:
+            raise ValueError(f"activation {a!r} is not supported by the NumPy port "
+                             f"({', '.join(ACTIVATIONS)})")
+    opt = spec.get("optimizer") or {}
+    if opt.get("name") != "sgd":
+        raise ValueError(f"optimizer {opt.get('name')!r} is not supported by the NumPy port (sgd)")
+    rest = sorted(set(opt) - SGD_SETTINGS - {"name"})
+    if rest:
+        raise ValueError(f"optimizer settings {rest} are not supported by the NumPy port")
+    reg = spec.get("reg", 0.0)
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not 0 <= reg < float("inf"):
+        raise ValueError(f"reg {reg!r} is not supported by the NumPy port (a finite number >= 0)")
 
 
 class SGD:
@@ -314,9 +438,9 @@ class SGD:
 # --- a case: read, run, write ----------------------------------------------------------------
 def run_case(case, tensors, isolate=False):
     spec = case["spec"]
+    check_supported(spec)
     opt = dict(spec["optimizer"])
-    if opt.pop("name") != "sgd":
-        raise ValueError(f"optimizer {spec['optimizer']['name']!r} is not supported by the NumPy port")
+    opt.pop("name")
     x, target = tensors["inputs.x"], tensors["inputs.target"]
     params = {k[len("init."):]: v.copy() for k, v in tensors.items() if k.startswith("init.")}
     out = {}
@@ -359,6 +483,11 @@ def main(argv):
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"manifest.json: schema_version {manifest.get('schema_version')!r}, "
                              f"this port reads {SCHEMA_VERSION}")
+        for case in manifest["cases"]:          # refuse before computing or writing anything
+            try:
+                check_supported(case["spec"])
+            except ValueError as exc:
+                raise ValueError(f"case {case.get('name')!r}: {exc}") from None
         os.makedirs(out_dir, exist_ok=True)
         written = []
         for case in manifest["cases"]:
