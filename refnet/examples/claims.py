@@ -16,7 +16,10 @@ from refnet.spec import Spec
 WIDTHS = (1, 2, 4, 16)
 WIDTH_STEPS, WIDTH_N = 400, 32
 CAPACITY = {"1x2": [1, 2, 1], "1x32": [1, 32, 1], "2x32": [1, 32, 32, 1]}
-GAP_STEPS, GAP_TRAIN, GAP_HELD_OUT, GAP_NOISE = 400, 12, 200, 0.3
+GAP_STEPS, GAP_TRAIN, GAP_HELD_OUT, GAP_NOISE = 1000, 12, 200, 0.3
+# Adam drives the bigger nets well below the noise floor (0.3² = 0.09) on 12 points, which is what
+# overfitting means; SGD at 400 steps left all three near 0.09 (weak evidence, measured).
+GAP_OPTIMIZER = {"name": "adam", "lr": 0.02}
 
 
 def sine(n, ctx, noise=0.0, seed=0):
@@ -26,9 +29,10 @@ def sine(n, ctx, noise=0.0, seed=0):
     return x.to(ctx.dtype).to(ctx.device), y.to(ctx.dtype).to(ctx.device)
 
 
-def _train(sizes, x, y, steps, ctx, lr, name):
+def _train(sizes, x, y, steps, ctx, lr, name, optimizer=None):
     spec = Spec(sizes=sizes, activation="tanh", bias=True, loss="mse",
-                optimizer={"name": "sgd", "lr": lr, "momentum": 0.9}, steps=steps, data="random",
+                optimizer=optimizer or {"name": "sgd", "lr": lr, "momentum": 0.9}, steps=steps,
+                data="random",
                 dtype=ctx.dtype_name, device=ctx.device, seed=2, name=name)
     pair = build_pair(spec)
     verdicts, (losses, _) = curve_checks(pair, x, y, steps, strict_bits=ctx.strict_bits)
@@ -61,13 +65,15 @@ def run_capacity_gap(ctx):
     xh, yh = sine(GAP_HELD_OUT, ctx, noise=GAP_NOISE, seed=2)
     checks, train, gap = [], {}, {}
     for name, sizes in CAPACITY.items():
-        pair, verdicts = _train(sizes, x, y, GAP_STEPS, ctx, 0.1, name)
+        pair, verdicts = _train(sizes, x, y, GAP_STEPS, ctx, None, name, GAP_OPTIMIZER)
         checks.append(Check(f"{name}.loss_curve[{GAP_STEPS}]", verdicts[:1]))
         train[name] = _mse(pair, x, y)
         gap[name] = _mse(pair, xh, yh) - train[name]
     table = "; ".join(f"{n}: train {train[n]:.3f}, gap {gap[n]:.3f}" for n in CAPACITY)
     names = list(CAPACITY)
-    checks.append(claim_check("train_error_falls", train[names[-1]] < train[names[0]],
-                              f"{table}"))
+    falls = all(train[a] > train[b] for a, b in zip(names, names[1:]))
+    checks.append(claim_check("train_error_falls", falls and train[names[-1]] < 0.5 * train[names[0]],
+                              f"{table} (training MSE falls with each step up in capacity; the "
+                              f"largest < 1/2 of the smallest)"))
     checks.append(claim_check("gap_grows", gap[names[-1]] > gap[names[0]], f"{table}"))
     return checks
