@@ -9,7 +9,7 @@ on the same operands in the same order, so the same roundings — but:
 * activations are applied in place on the pre-activation (sigmoid, tanh, ReLU and identity need
   only their output y in the backward), the loss's difference is formed in the output buffer;
 * the input gradient of the first layer, which a training step never uses, is not computed;
-* ``dloss`` = 1 (the seed of loss.backward()) is not multiplied in: x·1 = x exactly;
+* ``dloss`` = 1 (the seed autograd starts from) is not multiplied in: x·1 = x exactly;
 * on the CPU, SGD's per-tensor ``add_`` calls go through one ``torch._foreach_add_``, whose CPU
   implementation is a loop of the same ``add_`` (CUDA's fused foreach kernel is different
   arithmetic, so there it stays per tensor).

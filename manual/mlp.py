@@ -198,7 +198,7 @@ class MLP:
         caches, loss_cache = cache
         w0 = self.params["layers.0.weight"]
         if dloss is None:
-            dloss = torch.ones((), dtype=w0.dtype, device=w0.device)  # the seed of loss.backward()
+            dloss = torch.ones((), dtype=w0.dtype, device=w0.device)  # the seed autograd starts from (1.0)
         dh = loss_backward(self.loss, dloss, loss_cache)
         if trace is not None:
             trace["grad_output"] = dh
