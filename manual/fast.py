@@ -26,9 +26,8 @@ manual/__init__.py.
 import torch
 
 from manual import _check
-from manual.activations import activation_backward, activation_forward
-from manual.layers import _column_major, linear_backward, linear_forward
-from manual.losses import loss_backward, loss_forward, target_kind
+from manual.layers import _column_major
+from manual.losses import target_kind
 from manual.optim import SGD
 
 FAST_ACTIVATIONS = ("sigmoid", "tanh", "relu", "identity")

@@ -46,6 +46,7 @@ def linear_backward(dout, cache):
     broadcast bias gradient with ``sum(0)``.  ``x.t().mm(dout).t()`` is the same math but different
     bits.
     """
+    # out = x·Wᵀ + b  ⇒  dx = dout·W,  dW = doutᵀ·x,  db = Σₙ dout
     x, weight, has_bias = cache
     if dout.shape != (x.shape[0], weight.shape[0]):
         raise ValueError(f"dout: expected shape {[x.shape[0], weight.shape[0]]}, "

@@ -58,7 +58,7 @@ def mse_backward(dloss, diff):
 # on every element tried — and form the difference with addcmul (one FMA).
 
 
-def kernel_exp(logp):
+def log_softmax_backward_exp(logp):
     """exp as the CPU log_softmax backward kernel evaluates it: vec::map2 runs every element,
     partial last vector included, through Sleef's exp on AVX2/AVX512 builds (no scalar tail,
     unlike elu_backward), so manual.kernel_exp.sleef_exp applies at every position.
@@ -115,7 +115,7 @@ def cross_entropy_backward(dloss, cache):
     dlogp = torch.zeros_like(logp)
     dlogp.scatter_(1, labels.unsqueeze(1), (-(dloss / float(n))).expand(n, 1).contiguous())
     row_sum = dlogp.sum(1, keepdim=True)                          # (N, 1)
-    return torch.addcmul(dlogp, kernel_exp(logp), row_sum, value=-1)
+    return torch.addcmul(dlogp, log_softmax_backward_exp(logp), row_sum, value=-1)
 
 
 # -- multiclass SVM (hinge) loss, PyTorch's MultiMarginLoss(p=1, margin=1) ---------------------------

@@ -65,8 +65,6 @@ def cmd_verify(args):
         dtypes = _dtypes(args.dtype) if args.dtype else [base.dtype]
         if "cuda" in devices:
             resolve_devices("cuda")
-        from refnet.harness import load_data
-        load_data(base)  # data errors (missing arrays, feature count) fail before any output
         run = lambda: run_spec(base, devices, dtypes, args.strict_bits, on_row)  # noqa: E731
     else:
         for name in args.example or []:

@@ -1,4 +1,4 @@
-"""Run examples into a report: rows for a table and the JSON report of DESIGN.md."""
+"""Run examples into a report: rows for a table and the JSON report (fields in README.md)."""
 import json
 import os
 import time

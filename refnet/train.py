@@ -113,12 +113,9 @@ def with_overrides(spec, **overrides):
 
 
 def default_tier(spec):
-    """bitwise on the CPU unless the spec uses an op known not to be bitwise; tolerance on CUDA."""
-    # Ops in refnet.known (ELU's tail exp, cross-entropy off Sleef builds) make rare 1-ulp gradient
-    # differences that compound over the steps: such runs are held to a tolerance, not the ulp.
-    if spec.device != "cpu" or known.known_issues(spec):
-        return "tolerance"
-    return "bitwise"
+    """The tier a run is held to: refnet.known's expectation for gradients (bitwise on CPU; tolerance
+    on CUDA or when the spec uses a known non-bitwise op, whose 1-ulp differences compound)."""
+    return known.expected_tier(spec, spec.device, "grad")
 
 
 # -- atomic files and checkpoints --

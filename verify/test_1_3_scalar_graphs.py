@@ -16,7 +16,6 @@ def test_three_oracles(name, device, dtype):
 
 
 def test_scalar_graph_numbers(device, dtype):
-    ctx = Context(device=device, dtype=dtype)
     got = S.scalar_graph_manual(**{k: torch.tensor(v, dtype=dtype, device=device)
                                    for k, v in S.SCALAR_GRAPH_INPUTS.items()})
     for key, want in S.SCALAR_GRAPH_DOC.items():

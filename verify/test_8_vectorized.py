@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from refnet.examples import Context
 from refnet.examples import vectorized as V
 from verify._examples import assert_all, run
 

@@ -5,7 +5,6 @@ manual.OPTIMIZERS), so a new activation, loss or optimizer is fuzzed as soon as 
 
 Example count: the "ci" profile (40) by default; `--hypothesis-profile thorough` for 500.
 """
-import pytest
 import torch
 from hypothesis import event, given, note, strategies as st
 

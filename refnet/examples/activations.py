@@ -7,7 +7,6 @@ import torch
 
 from manual.activations import activation_backward, activation_forward
 from refnet import data as datasets
-from refnet.compare import compare_tensors
 from refnet.examples import Check, register
 from refnet.examples._common import doc_check, fd_check, twin_check
 from refnet.harness import build_pair, gradient_checks

@@ -4,7 +4,6 @@
 - capacity_gap: small noisy training set; wider and deeper nets fit it better and the gap between
   held-out and training error grows.
 """
-import math
 
 import torch
 

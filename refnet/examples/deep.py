@@ -8,7 +8,6 @@ from refnet.examples import Check, register
 from refnet.examples._common import fd_check, sample_indices
 from refnet.harness import build_pair, curve_checks, gradient_checks
 from refnet.spec import Spec
-from refnet.twin import grads_of
 
 DEEP_SIZES = {"3_layers": [6, 10, 8, 3], "5_layers": [6, 12, 10, 9, 7, 3]}
 DEEP_N, DEEP_STEPS = 21, 30
