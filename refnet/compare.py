@@ -40,6 +40,12 @@ def _ordered(t):
     return torch.where(bits < 0, sign_min - bits, bits)
 
 
+def same_bits(a, b):
+    """Elementwise: identical bits, or NaN on both sides (counted as agreement).  Same shape/dtype."""
+    iv = _INT_VIEW[b.dtype]
+    return (a.contiguous().view(iv) == b.contiguous().view(iv)) | (torch.isnan(a) & torch.isnan(b))
+
+
 def ulp_distance(a, b):
     """Elementwise distance in units in the last place, as float64.
 
@@ -146,9 +152,8 @@ def compare_tensors(name, a, b, kind="grad", *, strict_bits=False, ulp_limit=Non
     ulp_limit = ULP_LIMIT[b.dtype] if ulp_limit is None else ulp_limit
     base.update(rtol=rtol, atol=atol, ulp_limit=ulp_limit, numel=b.numel())
 
-    iv = _INT_VIEW[b.dtype]
     both_nan = torch.isnan(a_c) & torch.isnan(b_c)
-    bits_equal = (a_c.contiguous().view(iv) == b_c.contiguous().view(iv)) | both_nan
+    bits_equal = same_bits(a_c, b_c)
     ulps = ulp_distance(a_c, b_c)
     ad, bd = a_c.double(), b_c.double()
     abs_diff = torch.where(both_nan | (ad == bd), 0.0, (ad - bd).abs())
@@ -190,9 +195,8 @@ def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, a
     verdict = compare_tensors(name, a, b, kind="curve", strict_bits=strict_bits, required=required,
                               rtol=rtol, atol=atol)
     if a.shape == b.shape and a.dim() == 1 and a.dtype == b.dtype:
-        iv = _INT_VIEW[b.dtype]
-        a_c, b_c = a.cpu().contiguous(), b.cpu().contiguous()
-        same = (a_c.view(iv) == b_c.view(iv)) | (torch.isnan(a_c) & torch.isnan(b_c))
+        a_c, b_c = a.cpu(), b.cpu()
+        same = same_bits(a_c, b_c)
         verdict.steps = int(b.numel())
         verdict.identical_steps = int(same.sum())
         parted = (~same).nonzero()

@@ -8,8 +8,8 @@ import torch
 from refnet import examples
 from refnet.atomic import write_text
 from refnet.settings import determinism
+from refnet.spec import DTYPES
 
-DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def row(example, check, device, dtype):
@@ -61,7 +61,7 @@ def run(names=None, devices=("cpu",), dtypes=("float32", "float64"), strict_bits
                 for dtype in dtypes:
                     if dtype not in ex.dtypes:
                         continue
-                    ctx = examples.Context(device=device, dtype=DTYPE_NAMES[dtype],
+                    ctx = examples.Context(device=device, dtype=DTYPES[dtype],
                                            strict_bits=strict_bits)
                     with determinism(device):
                         checks = ex.run(ctx)
@@ -133,7 +133,7 @@ def write_json(report, path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"--json: folder does not exist: {folder}")
-    text = json.dumps(_clean(report), indent=2, allow_nan=False, default=_json_default) + "\n"
+    text = json.dumps(json_safe(report), indent=2, allow_nan=False, default=_json_default) + "\n"
     write_text(path, text)
 
 
@@ -141,12 +141,12 @@ def _json_default(obj):
     return str(obj)
 
 
-def _clean(obj):
+def json_safe(obj):
     """JSON has no inf/NaN: write them as the strings "inf", "-inf", "nan"."""
     if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
         return "nan" if obj != obj else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj

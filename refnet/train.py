@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import hashlib
 import io
 import json
-import math
 import os
 import signal
 import sys
@@ -28,7 +27,8 @@ import torch
 from refnet import harness
 from refnet.atomic import write_atomic
 from refnet import twin as twin_mod
-from refnet.compare import TIERS, compare_curves, compare_tensors
+from refnet.compare import TIERS, compare_curves, compare_tensors, same_bits
+from refnet.report import json_safe
 from refnet.settings import determinism, resolve_devices
 from refnet import known
 from refnet.spec import Spec
@@ -449,8 +449,7 @@ def _summary(spec, example, tier, state, status, message, start, losses_m, losse
         "last_checkpoint": state["last_checkpoint"],
         "final_loss_manual": float(losses_m[-1]) if n else None,
         "final_loss_twin": float(losses_t[-1]) if n else None,
-        "identical_steps": int((losses_m.view(_int_view(losses_m)) ==
-                                losses_t.view(_int_view(losses_t))).sum()) if n else 0,
+        "identical_steps": int(same_bits(losses_m, losses_t).sum()) if n else 0,
         "max_abs_loss_diff": float((losses_m.double() - losses_t.double()).abs().max()) if n else 0.0,
         "spec": spec.to_dict(), "seconds": round(seconds, 3), "torch": str(torch.__version__),
     }
@@ -489,10 +488,6 @@ def _nonfinite_note(k_m, k_t, losses_m, losses_t):
     return f"losses non-finite (NaN/inf): manual {where(k_m)}, twin {where(k_t)}"
 
 
-def _int_view(t):
-    return {torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype]
-
-
 # -- outputs --
 
 def _write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target):
@@ -517,20 +512,9 @@ def _write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target):
                            summary)
             files.append("decision_boundary.png")
     summary["files"] = files
-    blob = json.dumps(_json_safe(summary), indent=2, allow_nan=False, default=str) + "\n"
+    blob = json.dumps(json_safe(summary), indent=2, allow_nan=False, default=str) + "\n"
     write_atomic(os.path.join(out_dir, "summary.json"), lambda f: f.write(blob.encode()))
     return files
-
-
-def _json_safe(obj):
-    """NaN/inf (a loss that blew up) as strings: JSON has no such numbers."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return repr(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _figure(width, height):
@@ -567,7 +551,7 @@ def _plot_losses(path, spec, losses_m, losses_t, summary):
     else:
         both = (summary.get("first_nonfinite_step_manual")
                 == summary.get("first_nonfinite_step_twin"))
-        same = (losses_m.view(_int_view(losses_m)) == losses_t.view(_int_view(losses_t))).numpy()
+        same = same_bits(losses_m, losses_t).numpy()
         title += (f"({int((same & finite).sum())}/{int(finite.sum())} finite steps identical;\n"
                   f"loss non-finite from step {k}" + (" on both sides" if both else "")
                   + ", not drawn beyond it")
