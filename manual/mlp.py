@@ -18,11 +18,13 @@ from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward, 
 INIT_SCHEMES = ("uniform", "randn")
 
 
-def _activation_list(activation, n_hidden):
-    acts = [activation] * n_hidden if isinstance(activation, str) else list(activation)
-    if len(acts) != n_hidden:
+def activation_list(activation, n_hidden):
+    """One activation name per hidden layer, from a single name or a list of n_hidden names."""
+    acts = [activation] * n_hidden if isinstance(activation, str) else activation
+    if not isinstance(acts, (list, tuple)) or len(acts) != n_hidden:
         raise ValueError(f"activation: expected one name or a list of {n_hidden} (one per hidden "
-                         f"layer), got {len(acts)}")
+                         f"layer), got {activation!r}")
+    acts = list(acts)
     for a in acts:
         if a not in ACTIVATIONS:
             raise ValueError(f"activation: unknown name {a!r}; expected one of "
@@ -53,7 +55,7 @@ def init_params(sizes, activation="sigmoid", bias=True, *, scheme="uniform", see
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"init: unknown scheme {scheme!r}; expected one of {', '.join(INIT_SCHEMES)}")
-    acts = _activation_list(activation, len(sizes) - 2)
+    acts = activation_list(activation, len(sizes) - 2)
     gen = torch.Generator().manual_seed(seed)
     params = {}
     for i, (fan_in, width) in enumerate(zip(sizes[:-1], linear_widths(sizes, acts, k))):
@@ -96,7 +98,7 @@ class MLP:
             _check.same("params['layers.0.weight']", first, f"params[{name!r}]", t)
         self.params = params
         self.n_layers = n_layers
-        self.activations = _activation_list(activation, n_layers - 1)
+        self.activations = activation_list(activation, n_layers - 1)
         self.loss = loss
         target_kind(loss)  # validates the name
         self.optimizer = optimizer

@@ -11,7 +11,7 @@ import os
 import torch
 
 import manual
-from manual.mlp import INIT_SCHEMES
+from manual.mlp import INIT_SCHEMES, activation_list
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DATASETS = ("xor", "circles", "spiral", "random")
@@ -57,14 +57,7 @@ class Spec:
             raise ValueError(f"sizes: expected every width >= 1, got {list(self.sizes)}")
         self.sizes = list(self.sizes)
         n_hidden = len(self.sizes) - 2
-        acts = [self.activation] * n_hidden if isinstance(self.activation, str) else self.activation
-        if not isinstance(acts, (list, tuple)) or len(acts) != n_hidden:
-            raise ValueError(f"activation: expected a name or a list of {n_hidden} names (one per "
-                             f"hidden layer), got {self.activation!r}")
-        for a in acts:
-            if a not in manual.ACTIVATIONS:
-                raise ValueError(f"activation: unknown name {a!r}; expected one of "
-                                 f"{', '.join(manual.ACTIVATIONS)}")
+        activation_list(self.activation, n_hidden)
         if not isinstance(self.activation, str):
             self.activation = list(self.activation)
         if not isinstance(self.bias, bool):
@@ -114,8 +107,7 @@ class Spec:
 
     @property
     def activations(self):
-        n_hidden = len(self.sizes) - 2
-        return [self.activation] * n_hidden if isinstance(self.activation, str) else list(self.activation)
+        return activation_list(self.activation, len(self.sizes) - 2)
 
     @property
     def options(self):

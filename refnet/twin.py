@@ -73,7 +73,7 @@ class Twin(nn.Module):
     def __init__(self, sizes, activation="sigmoid", bias=True, *, slope=0.1, alpha=1.0, k=2,
                  dtype=torch.float64, device="cpu"):
         super().__init__()
-        acts = manual.mlp._activation_list(activation, len(sizes) - 2)
+        acts = manual.mlp.activation_list(activation, len(sizes) - 2)
         widths = manual.mlp.linear_widths(sizes, acts, k)
         # skip_init: no draw from the global RNG; the parameters are copied in afterwards.
         self.layers = nn.ModuleList(

@@ -40,7 +40,7 @@ def test_npz_data_mixed_activations_all_dtypes(tmp_path, capsys):
 
 @pytest.mark.parametrize("spec, fragment", [
     ({"sizes": [2, 3, 1], "actvation": "relu"}, "spec: unknown key(s) ['actvation']"),
-    ({"sizes": [2, 3, 3, 1], "activation": ["relu"]}, "activation: expected a name or a list of 2"),
+    ({"sizes": [2, 3, 3, 1], "activation": ["relu"]}, "activation: expected one name or a list of 2"),
     ({"sizes": [2, 3, 1], "optimizer": {"name": "sgd", "lr": 0.1, "momentom": 0.9}},
      "optimizer.momentom: not a setting of 'sgd'"),
     ({"sizes": [2, 3, 1], "steps": 0}, "steps: expected an integer >= 1"),
