@@ -123,7 +123,8 @@ def _same_pieces(a, b):
     return all(p is None or torch.equal(p, q) for p, q in zip(a, b))
 
 
-def _sample(numel, per_tensor, gen):
+def sample_indices(numel, per_tensor, gen):
+    """Sorted distinct flat indices: all of them when numel <= per_tensor, else a seeded sample."""
     if numel <= per_tensor:
         return torch.arange(numel)
     return torch.randperm(numel, generator=gen)[:per_tensor].sort().values
@@ -183,7 +184,7 @@ def _fd_checks(spec, data, settings):
     kinks = by_bracket = by_frozen = sampled = 0
     for name, t, analytic in tensors:
         flat, a_flat = t.view(-1), analytic.reshape(-1)
-        idx = _sample(flat.numel(), st.per_tensor, gen)
+        idx = sample_indices(flat.numel(), st.per_tensor, gen)
         numeric = torch.empty(len(idx), dtype=torch.float64)
         ok = torch.ones(len(idx), dtype=torch.bool)
         bracketed = torch.zeros(len(idx), dtype=torch.bool)

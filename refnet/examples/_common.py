@@ -9,12 +9,13 @@ import torch
 
 from refnet.compare import Verdict, compare_tensors
 from refnet.examples import Check
-from refnet.fd import numeric_gradient
+from refnet import fd
 
-# Central differences with h = 1e-6 in float64: truncation O(h²) + rounding O(ε/h) ≈ 1e-10 relative
-# on the smooth functions used here.
-FD_EPS = 1e-6
-FD_RTOL, FD_ATOL = 1e-6, 1e-8
+# Central differences in float64 with refnet.fd's h and rel_error bound (h = 1e-6: truncation O(h²)
+# + rounding O(ε/h) ≈ 1e-10 relative on the smooth functions used here); these gradients are O(1),
+# so a fixed absolute floor of 1e-8 stands in for fd's 1e-8·max(1, |L|).
+FD_EPS, FD_RTOL = fd.FDSettings.eps, fd.FDSettings.rtol
+FD_ATOL = fd.FDSettings.atol_scale
 
 
 def as_tensor(v, ctx):
@@ -52,7 +53,7 @@ def fd_check(name, f, inputs, analytic, indices=None, note=""):
     verdicts = []
     for key, x in inputs.items():
         idx = None if indices is None else indices.get(key)
-        num = numeric_gradient(lambda: f(**inputs), x, eps=FD_EPS, indices=idx)
+        num = fd.numeric_gradient(lambda: f(**inputs), x, eps=FD_EPS, indices=idx)
         ana = analytic[key].detach().double()
         if idx is not None:
             flat = torch.as_tensor(list(idx), dtype=torch.long, device=ana.device)
@@ -64,10 +65,7 @@ def fd_check(name, f, inputs, analytic, indices=None, note=""):
 
 def sample_indices(numel, k, seed=0):
     """k distinct flat indices (all when numel <= k), seeded."""
-    if numel <= k:
-        return list(range(numel))
-    gen = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(numel, generator=gen)[:k].tolist())
+    return fd.sample_indices(numel, k, torch.Generator().manual_seed(seed)).tolist()
 
 
 def claim_check(name, holds, note):

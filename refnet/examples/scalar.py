@@ -157,40 +157,46 @@ def _gate_twin(gate, ins, upstream):
     return out.detach(), tuple(t.grad for t in leaves)
 
 
-def gate_patterns_manual(ctx):
+def _gate_values(ctx, gate_fn):
+    """Run every gate of the document through gate_fn (_gate_manual or _gate_twin)."""
     values = {}
     for gate, case in GATE_DOC.items():
         ins = [as_tensor(v, ctx) for v in case["inputs"]]
         up = as_tensor(case["upstream"], ctx)
         up = tuple(up.unbind()) if up.dim() else up
-        out, grads = _gate_manual(gate, ins, up)
+        out, grads = gate_fn(gate, ins, up)
         values[f"{gate}.out"] = out
         values[f"{gate}.grads"] = torch.stack(list(grads))
     return values
+
+
+def gate_patterns_manual(ctx):
+    return _gate_values(ctx, _gate_manual)
 
 
 def ties_manual(ctx):
     values = {}
     a, b = (as_tensor(v, ctx) for v in TIE_CASES["maximum_tie"]["inputs"])
     _, cache = gates.maximum_forward(a, b)
-    values["maximum_tie"] = torch.stack(gates.maximum_backward(as_tensor(9.0, ctx), cache))
+    up = {name: as_tensor(case["upstream"], ctx) for name, case in TIE_CASES.items()}
+    values["maximum_tie"] = torch.stack(gates.maximum_backward(up["maximum_tie"], cache))
     x = as_tensor(TIE_CASES["max_dim_tie"]["inputs"], ctx)
     _, cache = gates.max_dim_forward(x, 0)
-    values["max_dim_tie"] = gates.max_dim_backward(as_tensor(9.0, ctx), cache)
+    values["max_dim_tie"] = gates.max_dim_backward(up["max_dim_tie"], cache)
     x = as_tensor(TIE_CASES["amax_tie"]["inputs"], ctx)
     _, cache = gates.amax_forward(x, 0)
-    values["amax_tie"] = gates.amax_backward(as_tensor(9.0, ctx), cache)
+    values["amax_tie"] = gates.amax_backward(up["amax_tie"], cache)
     return values
 
 
 def ties_twin(ctx):
     values = {}
     a, b = (as_tensor(v, ctx).requires_grad_() for v in TIE_CASES["maximum_tie"]["inputs"])
-    torch.maximum(a, b).backward(as_tensor(9.0, ctx))
+    torch.maximum(a, b).backward(as_tensor(TIE_CASES["maximum_tie"]["upstream"], ctx))
     values["maximum_tie"] = torch.stack([a.grad, b.grad])
     for name, op in (("max_dim_tie", lambda x: x.max(0).values), ("amax_tie", lambda x: x.amax(0))):
         x = as_tensor(TIE_CASES[name]["inputs"], ctx).requires_grad_()
-        op(x).backward(as_tensor(9.0, ctx))
+        op(x).backward(as_tensor(TIE_CASES[name]["upstream"], ctx))
         values[name] = x.grad
     return values
 
@@ -198,13 +204,7 @@ def ties_twin(ctx):
 @register("gate_patterns", "add, mul, max, copy gates; max ties both ways", "3")
 def run_gate_patterns(ctx):
     m = gate_patterns_manual(ctx)
-    t = {}
-    for gate, case in GATE_DOC.items():
-        ins = [as_tensor(v, ctx) for v in case["inputs"]]
-        up = as_tensor(case["upstream"], ctx)
-        up = tuple(up.unbind()) if up.dim() else up
-        out, grads = _gate_twin(gate, ins, up)
-        t[f"{gate}.out"], t[f"{gate}.grads"] = out, torch.stack(list(grads))
+    t = _gate_values(ctx, _gate_twin)
     expected = {}
     for gate, case in GATE_DOC.items():
         expected[f"{gate}.out"] = (case["out"], 0.0)
