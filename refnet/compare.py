@@ -1,10 +1,7 @@
 """Graded comparison of two tensors or two loss curves.
 
-Every comparison yields exactly one tier, best first:
-  bitwise    every element has identical bits (NaN against NaN at the same index counts as agreement)
-  ulp        the largest distance is at most ULP_LIMIT units in the last place
-  tolerance  |a − b| ≤ atol + rtol·|b| everywhere, with rtol/atol from TOLERANCES by dtype and kind
-  fail       anything else, or a shape/dtype mismatch (never broadcast)
+Every comparison yields exactly one tier of TIERS, best first (bitwise, ulp, tolerance, fail);
+what each means, with the ULP_LIMIT and TOLERANCES values: docs/verification.md.
 """
 from dataclasses import asdict, dataclass, field
 import math

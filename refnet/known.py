@@ -8,7 +8,8 @@ random elements, float32 and float64, torch 2.13.0 CPU).  Through a network the 
 gradients at init are expected within the tolerance tier; through training the rounding
 differences compound (with a large learning rate, chaotically), so the loss curve after step 0 and
 the final parameters have no bound: they are graded and reported, not expected.  Step 0's loss is
-a forward value and stays bitwise.
+a forward value and stays bitwise.  The table as a page, and the rule: docs/bit-exactness.md,
+docs/verification.md ("The expected-tier rule").
 """
 
 KNOWN_NOT_BITWISE = {
@@ -54,7 +55,7 @@ def expected_tier(spec, device="cpu", stage="grad"):
 
     stage "grad": gradients at init; "training": loss curve and final parameters.  Bitwise on CPU
     unless a known op is used (then tolerance for "grad", None for "training"); tolerance on CUDA
-    (README.md, "Devices")."""
+    (docs/verification.md, "The expected-tier rule")."""
     if known_issues(spec):
         return "tolerance" if stage == "grad" else None
     return "tolerance" if str(device).startswith("cuda") else "bitwise"

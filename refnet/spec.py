@@ -1,6 +1,6 @@
 """One spec builds both implementations: the manual MLP and the autograd twin.
 
-The JSON form (``refnet verify --spec FILE.json``) has the same keys as the dataclass; README.md
+The JSON form (``refnet verify --spec FILE.json``) has the same keys as the dataclass; docs/spec.md
 documents each key and its default.  Unknown keys are rejected.
 """
 from dataclasses import asdict, dataclass, field, fields
