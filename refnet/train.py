@@ -23,7 +23,7 @@ import torch
 from refnet import examples, harness, known, plots
 from refnet.atomic import write_atomic
 from refnet import twin as twin_mod
-from refnet.checkpoint import (CHECKPOINT_NAME, check_resume_spec, existing_run_files,  # noqa: F401
+from refnet.checkpoint import (CHECKPOINT_NAME, check_resume_spec,
                                load_checkpoint, restore_run, save_run)
 from refnet.compare import TIERS, compare_curves, compare_tensors, same_bits
 from refnet.report import json_safe
