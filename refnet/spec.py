@@ -1,7 +1,8 @@
 """One spec builds both implementations: the manual MLP and the autograd twin.
 
 The JSON form (``refnet verify --spec FILE.json``) has the same keys as the dataclass; docs/spec.md
-documents each key and its default.  Unknown keys are rejected.
+documents each key and its default.  Unknown keys are rejected.  A relative ``.npz`` path in
+"data" is read beside the spec file.
 """
 from dataclasses import asdict, dataclass, field, fields
 import json
@@ -144,4 +145,14 @@ class Spec:
             raise ValueError(f"--spec: {path} is not UTF-8 text") from None
         if isinstance(raw, dict) and "name" not in raw:
             raw["name"] = os.path.splitext(os.path.basename(path))[0]
+        if isinstance(raw, dict) and "data" in raw:
+            raw["data"] = _beside(path, raw["data"])
         return cls.from_dict(raw, **overrides)
+
+
+def _beside(spec_path, data):
+    """A relative .npz path in a spec file names a file beside the spec, not in the current
+    folder: `"data": "mine.npz"` in runs/net.json is runs/mine.npz wherever refnet runs."""
+    if isinstance(data, str) and data.endswith(".npz") and not os.path.isabs(data):
+        return os.path.join(os.path.dirname(os.path.abspath(spec_path)), data)
+    return data

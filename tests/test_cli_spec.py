@@ -61,3 +61,26 @@ def test_cuda_without_a_gpu_is_a_usage_error(tmp_path, capsys, monkeypatch):
     code, text, err = run(capsys, "verify", "--spec", write(tmp_path, {"sizes": [2, 3, 1]}),
                           "--device", "cuda")
     assert code == 2 and "--device: cuda requested but torch sees no CUDA device" in err
+
+
+def test_relative_npz_path_is_read_beside_the_spec_file(tmp_path, capsys, monkeypatch):
+    from refnet.spec import Spec
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    np.savez(folder / "mine.npz", x=rng.normal(size=(8, 3)), y=rng.normal(size=(8, 2)))
+    spec = write(folder, {"sizes": [3, 4, 2], "loss": "mse", "data": "mine.npz", "steps": 2})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the current folder holds no mine.npz
+    assert Spec.from_json(spec).data == str(folder / "mine.npz")
+    code, text, err = run(capsys, "verify", "--spec", spec, "--dtype", "float64", "--quiet")
+    assert code == 0, text + err
+    # absolute paths and the generated data sets are left as they are
+    absolute = write(folder, {"sizes": [3, 4, 2], "data": str(folder / "mine.npz")}, "abs.json")
+    assert Spec.from_json(absolute).data == str(folder / "mine.npz")
+    assert Spec.from_json(write(folder, {"sizes": [2, 1], "data": "xor"}, "x.json")).data == "xor"
+    # a missing relative file names the path it looked for
+    missing = write(folder, {"sizes": [3, 1], "data": "gone.npz"}, "m.json")
+    code, _, err = run(capsys, "verify", "--spec", missing)
+    assert code == 2 and f"data: file not found: {folder / 'gone.npz'}" in err

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from refnet import cli, golden
-from refnet.cmd_export import cases_for
+from refnet.cli.export import cases_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PORT = os.path.join(ROOT, "ports", "numpy_port", "port.py")

@@ -44,6 +44,18 @@ def seed_params(w1, w2):
     return {"layers.0.weight": w1.t().contiguous(), "layers.1.weight": w2.t().contiguous()}
 
 
+def example_data(spec):
+    """The document's x and y, on the spec's device and dtype (`train --example two_layer_seed`)."""
+    x, y, _, _ = seed_data(spec.seed)
+    return x.to(spec.torch_dtype).to(spec.device), y.to(spec.torch_dtype).to(spec.device)
+
+
+def example_params(spec):
+    """The document's w1 and w2 in nn.Linear layout."""
+    _, _, w1, w2 = seed_data(spec.seed)
+    return seed_params(w1, w2)
+
+
 def export_case(dtype="float64", steps=None):
     """The golden-fixture case (refnet export): the same program, a short training run."""
     from refnet.golden import EXPORT_STEPS, case_for_spec
@@ -57,7 +69,7 @@ def export_case(dtype="float64", steps=None):
 
 
 @register("two_layer_seed", "The document's two-layer numpy program, 2000 SGD steps", "6",
-          case=export_case)
+          case=export_case, spec=seed_spec, data=example_data, params=example_params)
 def run(ctx, steps=STEPS):
     spec = seed_spec(ctx.dtype_name, ctx.device, steps)
     x, y, w1, w2 = seed_data()

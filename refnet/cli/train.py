@@ -1,10 +1,19 @@
-"""`refnet train`: train the manual MLP and its autograd twin in lockstep (refnet.train)."""
+"""`refnet train`: train the manual MLP and its autograd twin in lockstep (refnet.train).
+
+--example NAME trains the example's one net from the registry (refnet.examples): the same spec
+`refnet verify --example NAME` checks, with the flags below as overrides.
+"""
 import argparse
 import math
 import os
 import sys
 
-EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+from refnet import examples
+from refnet import train as train_mod
+from refnet.checkpoint import existing_run_files, load_checkpoint
+from refnet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from refnet.settings import resolve_devices
+from refnet.spec import Spec
 
 
 def _positive_int():
@@ -43,7 +52,8 @@ def add_parser(sub):
     p = sub.add_parser("train", help="train manual and twin in lockstep, checking agreement as it goes")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--example", metavar="NAME",
-                     help="xor, circles, spiral, two_layer_seed or random")
+                     help="an example that trains one MLP: xor, circles, spiral, two_layer_seed "
+                          "or random (the net `refnet verify --example NAME` checks)")
     src.add_argument("--spec", metavar="FILE.json", help="train the MLP described in this JSON file")
     p.add_argument("--resume", metavar="DIR",
                    help="continue from DIR/checkpoint.pt (or a checkpoint file); outputs go to DIR "
@@ -69,50 +79,60 @@ def add_parser(sub):
                    help="worst agreement allowed before the run stops (default: bitwise on cpu, "
                         "tolerance on cuda or when the spec uses an op listed in refnet/known.py, "
                         "e.g. ELU)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar; only the summary line (as verify --quiet)")
+    p.set_defaults(func=run)
 
 
 def _resolve_device(choice):
-    from refnet.settings import resolve_devices
     return resolve_devices(choice)[0]
 
 
-def build_spec(args):
-    """The Spec to train (None on --resume without overrides) and the example name, from args."""
-    from refnet import train as train_mod
-    from refnet.spec import Spec
+def with_overrides(spec, **overrides):
+    """A copy of spec with steps/lr/batch_size/device/dtype replaced where given (None: keep);
+    full_batch=True sets batch_size to None (full batch)."""
+    raw = spec.to_dict()
+    lr = overrides.pop("lr", None)
+    if lr is not None:
+        raw["optimizer"] = {**raw["optimizer"], "lr": lr}
+    if overrides.pop("full_batch", False):
+        if overrides.get("batch_size") is not None:
+            raise ValueError("--batch-size: give a size or none, not both")
+        raw["batch_size"] = None
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return Spec.from_dict(raw)
 
+
+def build_spec(args):
+    """The Spec to train and the example name (None for --spec), from args."""
     full_batch = args.batch_size == FULL_BATCH
     overrides = dict(steps=args.steps, lr=args.lr, dtype=args.dtype, full_batch=full_batch,
                      batch_size=None if full_batch else args.batch_size)
     if args.resume:
         if args.example or args.spec:
             raise ValueError("--resume: the checkpoint names what to train; drop --example/--spec")
-        ck = train_mod.load_checkpoint(args.resume)
+        ck = load_checkpoint(args.resume)
         base = Spec.from_dict(dict(ck["spec"]))
         device = _resolve_device(args.device) if args.device else base.device
-        return train_mod.with_overrides(base, device=device, **overrides), ck["example"]
+        return with_overrides(base, device=device, **overrides), ck["example"]
     if args.example:
-        base = train_mod.get_example(args.example).spec()
         device = _resolve_device(args.device or "auto")
-        return train_mod.with_overrides(base, device=device, **overrides), args.example
+        base = examples.get(args.example).build_spec(args.dtype or "float64", device)
+        return with_overrides(base, device=device, **overrides), args.example
     if args.spec:
         base = Spec.from_json(args.spec)
         device = _resolve_device(args.device) if args.device else base.device
-        return train_mod.with_overrides(base, device=device, **overrides), None
+        return with_overrides(base, device=device, **overrides), None
     raise ValueError("train: give --example NAME, --spec FILE.json or --resume DIR")
 
 
-def cmd_train(args):
-    from refnet import train as train_mod
-
+def run(args):
     spec, example = build_spec(args)
     out = args.out or args.resume
     if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):
         out = os.path.dirname(os.path.abspath(args.resume))
     if args.out and not args.force and not _resumes_into(args.resume, args.out):
-        existing = train_mod.existing_run_files(args.out)
+        existing = existing_run_files(args.out)
         if existing:
             raise ValueError(f"--out: {args.out} already holds a run ({', '.join(existing)}); "
                              f"give --force to overwrite it, or --resume {args.out} to continue it")
@@ -125,16 +145,15 @@ def cmd_train(args):
     if summary["status"] == "interrupted":
         print(f"refnet train: {summary['message']}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if not args.quiet:
-        acc = summary.get("accuracy_manual")
-        nonfinite = summary.get("nonfinite")
-        print(f"{summary['name']}: {summary['steps']} steps on {summary['device']}/{summary['dtype']}"
-              f", loss manual {summary['final_loss_manual']:.6g} twin {summary['final_loss_twin']:.6g}"
-              f", tier {summary['tier']} (allowed {summary['allowed_tier']})"
-              + (f", accuracy {100 * acc:.1f} %" if acc is not None else "")
-              + (f"; {summary['status']}: {nonfinite}" if nonfinite else "")
-              + (f"; wrote {', '.join(summary['files'])} in {out}" if out else ""))
-    return 0
+    acc = summary.get("accuracy_manual")
+    nonfinite = summary.get("nonfinite")
+    print(f"{summary['name']}: {summary['steps']} steps on {summary['device']}/{summary['dtype']}"
+          f", loss manual {summary['final_loss_manual']:.6g} twin {summary['final_loss_twin']:.6g}"
+          f", tier {summary['tier']} (allowed {summary['allowed_tier']})"
+          + (f", accuracy {100 * acc:.1f} %" if acc is not None else "")
+          + (f"; {summary['status']}: {nonfinite}" if nonfinite else "")
+          + (f"; wrote {', '.join(summary['files'])} in {out}" if out else ""))
+    return EXIT_OK
 
 
 def _resumes_into(resume, out):

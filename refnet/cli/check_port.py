@@ -1,4 +1,9 @@
 """`refnet check-port DIR`: compare a port's outputs with the golden fixtures, tensor by tensor."""
+import json
+import os
+
+from refnet.cli.common import EXIT_FAILED, EXIT_OK
+from refnet.golden import MANIFEST, check_port
 
 
 def add_parser(sub):
@@ -15,10 +20,6 @@ def _fmt(v, spec):
 
 
 def run(args):
-    import json
-    import os
-    from refnet.golden import MANIFEST, check_port
-
     if not os.path.isdir(args.dir):
         raise ValueError(f"DIR: not a directory: {args.dir} (expected the port's output folder)")
     fixtures = args.fixtures
@@ -58,4 +59,4 @@ def run(args):
         print(f"your port first fails at {fails['case']}/{fails['name']}")
     n_pass = sum(r["passed"] for r in rows)
     print(f"{n_pass}/{len(rows)} tensors pass  tiers {tiers}")
-    return 0 if fails is None and rows else 1
+    return EXIT_OK if fails is None and rows else EXIT_FAILED
