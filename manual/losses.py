@@ -72,20 +72,24 @@ def log_softmax_backward_exp(logp):
     return torch.exp(logp)
 
 
-def _nll_mean(picked, n):
-    """−(1/N) Σ picked, summed as nll_loss_out_frame (LossNLL.cpp) does on the CPU.
+NLL_LEVELS = 8        # nll_loss_out_frame's cascade_sum_num_levels
+NLL_LEVEL_STEP = 16   # its level_step: 1 << max(4, CeilLog2(N) / 8), i.e. 16 for N ≤ 2^39
 
-    picked: (N,) log-probabilities of the targets.  The kernel keeps 8 partial sums; each sample is
-    subtracted from partial 0, and whenever the sample index b has its low 4·(j+1) bits zero,
-    partial j is folded into partial j+1.  At the end partials 0..7 are added in order, and the
-    sum is divided by (scalar_t)N.
+
+def _nll_mean_reference(picked, n):
+    """−(1/N) Σ picked, one sample at a time exactly as nll_loss_out_frame (LossNLL.cpp) loops.
+
+    The plain reference for ``_nll_mean`` (O(N) tensor ops; tests compare the two bit for bit).
+    The kernel keeps 8 partial sums; each sample is subtracted from partial 0, and whenever the
+    sample index b has its low 4·(j+1) bits zero, partial j is folded into partial j+1.  At the
+    end partials 0..7 are added in order, and the sum is divided by (scalar_t)N.
     """
     zero = torch.zeros((), dtype=picked.dtype, device=picked.device)
-    partial = [zero] * 8
+    partial = [zero] * NLL_LEVELS
     for b in range(n):
         partial[0] = partial[0] - picked[b]
-        for j in range(7):
-            if b & (15 << (4 * j)):
+        for j in range(NLL_LEVELS - 1):
+            if b & ((NLL_LEVEL_STEP - 1) << (4 * j)):
                 break
             partial[j + 1] = partial[j + 1] + partial[j]
             partial[j] = zero
@@ -93,6 +97,69 @@ def _nll_mean(picked, n):
     for p in partial:
         total = total + p
     return total / float(n)
+
+
+def sequential_sum_into(acc, index, values, alpha=1):
+    """acc[index[i]] += alpha·values[i] for i = 0, 1, … in that order, each add rounded in the
+    tensor's dtype; returns acc.
+
+    On the CPU, ``index_add_`` of a 1-D tensor is exactly this serial loop (TensorAdvancedIndexing.cpp,
+    index_add_cpu_out: ``*self_ip += source[i] * alpha``; ·1 and ·(−1) are exact), one thread, so it
+    sums many short sequences in their written order in one op — unlike ``sum``, which vectorizes
+    and blocks.  acc, index, values: 1-D.
+    """
+    return acc.index_add_(0, index, values, alpha=alpha)
+
+
+def _cascade_level(v, level):
+    """One level of the kernel's cascade, for all its inputs at once (one sequential-sum op).
+
+    v: (L,) the values level j receives, in order (level 0: the samples, which it subtracts).
+    Level j starts at 0, takes its inputs one by one and, after input m with m % 16 == 0 (m = 0
+    included), hands its sum to level j+1 and restarts at 0.  So its hand-offs are the sums of
+    the groups {v₀}, {v₁..v₁₆}, {v₁₇..v₃₂}, … — input m is in group (m + 15) // 16 — and what it
+    holds at the end is the sum of the incomplete last group (0 if there is none).  Level 7
+    never hands off: everything it receives is one group.
+
+    Returns (hand-offs (K+1,), what the level keeps: a (1,) tensor, or None when it is 0).
+    """
+    length = v.shape[0]
+    if level == NLL_LEVELS - 1:
+        group = torch.zeros(length, dtype=torch.int64, device=v.device)
+    else:
+        group = torch.arange(NLL_LEVEL_STEP - 1, length + NLL_LEVEL_STEP - 1,
+                             device=v.device) // NLL_LEVEL_STEP
+    sums = sequential_sum_into(v.new_zeros(int(group[-1]) + 1), group, v,
+                               alpha=-1 if level == 0 else 1)
+    if level == NLL_LEVELS - 1:
+        return None, sums
+    complete = (length - 1) % NLL_LEVEL_STEP == 0          # the last group has its 16 (or is {v₀})
+    return (sums, None) if complete else (sums[:-1], sums[-1:])
+
+
+def _nll_mean(picked, n):
+    """−(1/N) Σ picked with the bits of nll_loss_out_frame, in O(1) tensor ops (≤ 8 levels).
+
+    The kernel's cascade (``_nll_mean_reference`` follows it one sample at a time) is a fixed
+    blocked summation: each level sums, in order, groups of 16 of what the level below handed
+    it; ``_cascade_level`` does one level in one op.  A level that receives a single value hands
+    it up unchanged (0 + v = v: a sum started at +0 is never −0), so the loop stops there and
+    that value is what partial 7 ends with.  Partials that are 0 are left out of the final sum
+    (s + 0 = s for the same reason); the rest are added in level order, starting from 0.
+    """
+    partials = []                    # partials 0..7 that are not 0, in level order
+    v, level = picked, 0
+    while level < NLL_LEVELS and (v.shape[0] > 1 or level == 0):
+        v, keep = _cascade_level(v, level)
+        if keep is not None:
+            partials.append(keep)
+        level += 1
+    if v is not None:                # the single value that rises to partial 7
+        partials.append(v)
+    values = torch.cat(partials)
+    total = sequential_sum_into(picked.new_zeros(1), torch.zeros(values.shape[0], dtype=torch.int64,
+                                                                 device=values.device), values)
+    return total[0] / float(n)
 
 
 def cross_entropy_forward(y_pred, labels):
@@ -124,35 +191,43 @@ def cross_entropy_backward(dloss, cache):
 def svm_forward(y_pred, labels, margin=1.0):
     """L = (1/N) Σᵢ (1/C) Σ_{j≠tᵢ} max(0, margin − y_{i,tᵢ} + y_{i,j})  (= CS231n's SVM loss / C).
 
-    Summation as multi_margin_loss_cpu_kernel: per row, classes in order in the tensor's dtype,
-    then ÷C; rows accumulated in double (acc_type), ÷N in double, cast back.
+    Summation as multi_margin_loss_cpu_kernel: per row, classes in order in the tensor's dtype
+    (inactive classes are skipped; adding +0 instead is the same), then ÷C; rows accumulated in
+    double (acc_type) in order, ÷N in double, cast back.  Both sums are sequential sums, each one
+    op (sequential_sum_into) whatever N and C.
     """
     n, c = y_pred.shape
     y_target = y_pred.gather(1, labels.unsqueeze(1))              # (N, 1)
     z = (margin - y_target) + y_pred                              # (N, C) margins
     not_target = torch.arange(c, device=y_pred.device).unsqueeze(0) != labels.unsqueeze(1)
     active = (z > 0) & not_target                                 # (N, C)
-    row = torch.zeros(n, dtype=y_pred.dtype, device=y_pred.device)
-    for j in range(c):
-        row = row + torch.where(active[:, j], z[:, j], 0.0)
-    row = row / c
-    total = 0.0                                                   # Python float = C double
-    for v in row.double().tolist():
-        total += v
-    loss = torch.tensor(total / n, dtype=y_pred.dtype, device=y_pred.device)
-    return loss, (active, labels, n, c)
+    hinge = torch.where(active, z, 0.0)
+    if y_pred.device.type == "cpu":
+        row_of = torch.arange(n).repeat_interleave(c)             # (N·C,) row of each element
+        row = sequential_sum_into(y_pred.new_zeros(n), row_of, hinge.reshape(-1)) / c
+        total = sequential_sum_into(torch.zeros(1, dtype=torch.float64),
+                                    torch.zeros(n, dtype=torch.int64), row.double())[0]
+    else:  # CUDA's kernel reduces in its own order: plain sums (not bitwise-checked)
+        row_of = None
+        row = hinge.sum(1) / c
+        total = row.double().sum()
+    loss = (total / n).to(y_pred.dtype)
+    return loss, (active, labels, n, c, row_of)
 
 
 def svm_backward(dloss, cache):
     # ∂L/∂y_{i,j} = 1/(N·C) for each active j ≠ tᵢ;  ∂L/∂y_{i,tᵢ} = −Σ_j of those (subtracted in
     # class order, as the kernel does); the factor 1/(N·C) is formed in double, then cast.
-    active, labels, n, c = cache
+    active, labels, n, c, row_of = cache
     g = torch.tensor(1.0 / (n * c), dtype=torch.float64).to(dloss.dtype)
     dy = torch.where(active, g.to(active.device), torch.zeros((), dtype=dloss.dtype,
                                                               device=active.device))
     dy_target = torch.zeros(n, dtype=dloss.dtype, device=active.device)
-    for j in range(c):
-        dy_target = dy_target - dy[:, j]
+    if row_of is not None:   # CPU: 0 − dy[:, 0] − dy[:, 1] − …, one sequential op
+        sequential_sum_into(dy_target, row_of, dy.reshape(-1), alpha=-1)
+    else:
+        for j in range(c):
+            dy_target = dy_target - dy[:, j]
     dy = dy.scatter(1, labels.unsqueeze(1), dy_target.unsqueeze(1))
     return dy * dloss
 
