@@ -30,7 +30,7 @@ from refnet import twin as twin_mod
 from refnet.compare import TIERS, compare_curves, compare_tensors, same_bits
 from refnet.report import json_safe
 from refnet.settings import determinism, resolve_devices
-from refnet import known
+from refnet import not_bitwise
 from refnet.spec import Spec
 
 ALLOWED_TIERS = ("bitwise", "ulp", "tolerance")
@@ -113,9 +113,10 @@ def with_overrides(spec, **overrides):
 
 
 def default_tier(spec):
-    """The tier a run is held to: refnet.known's expectation for gradients (bitwise on CPU; tolerance
-    on CUDA or when the spec uses a known non-bitwise op, whose 1-ulp differences compound)."""
-    return known.expected_tier(spec, spec.device, "grad")
+    """The tier a run is held to: refnet.not_bitwise's expectation for gradients (bitwise on CPU;
+    tolerance on CUDA or when the spec uses a known non-bitwise op, whose 1-ulp differences
+    compound)."""
+    return not_bitwise.expected_tier(spec, spec.device, "grad")
 
 
 # -- atomic files and checkpoints --

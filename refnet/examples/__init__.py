@@ -1,15 +1,13 @@
 """The example registry: every example of the source document, by name.
 
-An example is a function ``run(ctx) -> list[Check]`` registered with ``@register``.  Numbers from
-the document appear once, in the example's module, and `verify/` reads them from there.
+An example is a function ``run(ctx) -> list[refnet.compare.Check]`` registered with
+``@register``.  Numbers from the document appear once, in the example's module, and `verify/` reads them from there.
 Modules of this package register their examples when imported (see _MODULES).
 """
 from dataclasses import dataclass, field
 import importlib
 
 import torch
-
-from refnet.compare import TIERS, Verdict
 
 
 @dataclass
@@ -24,26 +22,6 @@ class Context:
 
 
 @dataclass
-class Check:
-    """One named check of an example: the verdicts of every tensor it compared."""
-    name: str
-    verdicts: list
-    oracle: str = "manual vs autograd"   # which two things were compared
-    note: str = ""
-
-    @property
-    def tier(self):
-        return max((v.tier for v in self.verdicts), key=TIERS.index, default="fail")
-
-    @property
-    def passed(self):
-        return bool(self.verdicts) and all(v.passed for v in self.verdicts)
-
-    def failures(self):
-        return [v.message() for v in self.verdicts if not v.passed]
-
-
-@dataclass
 class Example:
     name: str
     title: str
@@ -52,7 +30,7 @@ class Example:
     dtypes: tuple = ("float32", "float64")
     devices: tuple = ("cpu", "cuda")
     tags: tuple = field(default_factory=tuple)
-    case: object = None   # optional case(dtype) -> refnet.golden.case_for_spec(...): exportable
+    case: object = None   # optional case(dtype) -> refnet.fixtures.case_for_spec(...): exportable
 
 
 REGISTRY = {}
@@ -90,4 +68,4 @@ def get(name):
     return REGISTRY[name]
 
 
-__all__ = ["Check", "Context", "Example", "Verdict", "all_examples", "get", "register"]
+__all__ = ["Context", "Example", "all_examples", "get", "register"]
