@@ -1,4 +1,4 @@
-"""`refnet export --out DIR`: golden fixtures for ports (format: refnet/golden.py, README.md)."""
+"""`refnet export --out DIR`: golden fixtures for ports (format: refnet/fixtures.py, README.md)."""
 
 
 def add_parser(sub):
@@ -19,7 +19,7 @@ def add_parser(sub):
 def cases_for(example_names, spec_path, dtype_choice, steps=None):
     """[(case name, case dict)] for the requested examples and spec."""
     from refnet import examples
-    from refnet.golden import case_for_spec
+    from refnet.fixtures import case_for_spec
     from refnet.spec import Spec
 
     if steps is not None and steps < 1:
@@ -48,7 +48,7 @@ def cases_for(example_names, spec_path, dtype_choice, steps=None):
 
 def run(args):
     import os
-    from refnet.golden import export
+    from refnet.fixtures import export
 
     manifest = export(args.out, cases_for(args.example, args.spec, args.dtype, args.steps), args.force)
     for case in manifest["cases"]:

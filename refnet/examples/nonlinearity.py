@@ -5,8 +5,10 @@ import torch
 
 from manual.losses import target_kind
 from refnet import data as datasets
-from refnet.examples import Check, register
+from refnet.compare import Check
+from refnet.examples import Context, register
 from refnet.examples._common import claim_check
+from refnet.fixtures import EXPORT_STEPS, case_for_spec
 from refnet.harness import build_pair, curve_checks
 from refnet.spec import Spec
 
@@ -79,8 +81,6 @@ def _run(data_name, ctx):
 def _export_case(data_name):
     """refnet export: the tanh MLP of this set-up, a short training run (golden fixtures)."""
     def case(dtype="float64", steps=None):
-        from refnet.examples import Context
-        from refnet.golden import EXPORT_STEPS, case_for_spec
         ctx = Context(device="cpu", dtype=torch.float32 if dtype == "float32" else torch.float64)
         spec = spec_for(data_name, "mlp_tanh", ctx)
         steps = EXPORT_STEPS if steps is None else steps
