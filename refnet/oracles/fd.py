@@ -19,6 +19,9 @@ between the two one-sided differences (widened by atol), or else when it equals 
 difference of the loss with every piece frozen as at θ (the derivative of the branch PyTorch's
 convention picks at the kink: ReLU'(0) = 0, the first maximal Maxout piece, ...).  Kink
 coordinates are counted in the report, with how each was accepted; gradcheck skips them.
+
+One module (~300 lines) because it is one oracle: the float64 forward with its kink pieces, the
+sampler, the comparison and gradcheck share the same coordinates and thresholds.
 """
 from dataclasses import dataclass
 
