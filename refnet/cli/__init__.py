@@ -18,8 +18,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _verbs():
-    # Imported here, not at the top: the verb modules load torch (seconds), and main() must be
-    # running already so that a Ctrl-C during that start-up ends in one line and exit 130.
+    # The verb modules load torch (seconds); main() must be running already so that a Ctrl-C
+    # during that start-up ends in one line and exit 130.
+    # lazy: start-up interrupt handling (see above)
     from refnet.cli import bench, check_port, export, train, verify
     return (verify, train, export, check_port, bench)
 
@@ -36,8 +37,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser()
-        if not argv:  # the main job: every document example on the default device
-            argv = _verbs()[0].main_job_argv()
+        if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+            # the main job: every document example on the default device; options given without
+            # a verb (`refnet --quiet`, `refnet --json r.json`) are verify's options for it
+            argv = _verbs()[0].main_job_argv() + argv
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

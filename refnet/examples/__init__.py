@@ -1,7 +1,7 @@
 """The example registry: every example of the source document, by name.
 
-An example is a function ``run(ctx) -> list[Check]`` registered with ``@register``.  Numbers from
-the document appear once, in the example's module, and `verify/` reads them from there.
+An example is a function ``run(ctx) -> list[refnet.compare.Check]`` registered with
+``@register``.  Numbers from the document appear once, in the example's module, and `verify/` reads them from there.
 Modules of this package register their examples when imported (see _MODULES).
 
 One name, one net: an example that trains one MLP registers it as ``spec(dtype, device) -> Spec``
@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import importlib
 
 import torch
-
-from refnet.compare import TIERS, Verdict
 
 
 @dataclass
@@ -30,26 +28,6 @@ class Context:
 
 
 @dataclass
-class Check:
-    """One named check of an example: the verdicts of every tensor it compared."""
-    name: str
-    verdicts: list
-    oracle: str = "manual vs autograd"   # which two things were compared
-    note: str = ""
-
-    @property
-    def tier(self):
-        return max((v.tier for v in self.verdicts), key=TIERS.index, default="fail")
-
-    @property
-    def passed(self):
-        return bool(self.verdicts) and all(v.passed for v in self.verdicts)
-
-    def failures(self):
-        return [v.message() for v in self.verdicts if not v.passed]
-
-
-@dataclass
 class Example:
     name: str
     title: str
@@ -57,9 +35,9 @@ class Example:
     run: object
     dtypes: tuple = ("float32", "float64")
     devices: tuple = ("cpu", "cuda")
-    case: object = None     # optional case(dtype, steps) -> refnet.golden.case_for_spec(...)
+    case: object = None     # optional case(dtype, steps) -> refnet.fixtures.case_for_spec(...)
     spec: object = None     # optional (dtype="float64", device="cpu") -> Spec: the example's net
-    data: object = None     # optional (spec) -> (x, target): its data; None: harness.load_data
+    data: object = None     # optional (spec) -> (x, target): its data; None: refnet.data.load_data
     params: object = None   # optional (spec) -> initial params; None: the spec's seeded init
 
     def build_spec(self, dtype="float64", device="cpu"):
@@ -117,5 +95,5 @@ def get(name):
     return REGISTRY[name]
 
 
-__all__ = ["Check", "Context", "Example", "Verdict", "all_examples", "document_examples", "get",
-           "register", "trainable"]
+__all__ = ["Context", "Example", "all_examples", "document_examples", "get", "register",
+           "trainable"]
