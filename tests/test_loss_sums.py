@@ -91,3 +91,36 @@ def test_loss_op_count_does_not_grow_with_the_batch():
     for name in ("cross_entropy", "svm"):
         small, large = ops(name, 300), ops(name, 4096)
         assert large <= small + 16, (name, small, large)
+
+
+def _kernel_exp(x):
+    """eˣ as the log_softmax backward kernel computes it: with a row sum of −1 in column 0,
+    dx_j = 0 − exp(x_j)·(−1) = exp(x_j) exactly, for any values x placed in columns 1…"""
+    rows = x.view(-1, 64)
+    lp = torch.cat([torch.zeros(rows.shape[0], 1, dtype=x.dtype), rows], 1)
+    probe = torch.zeros_like(lp)
+    probe[:, 0] = -1.0
+    return torch.ops.aten._log_softmax_backward_data(probe, lp, 1, x.dtype)[:, 1:].reshape(-1)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="the kernel uses std::exp under ATEN_CPU_CAPABILITY=default")
+def test_sleef_exp_is_bitwise_with_the_kernel_on_wide_sweeps():
+    """The shortened exp (cached constants; float32 scaled by 2^q in one float64 product) against
+    the kernel: every float32 in [−104.5, −86] (where results go subnormal and the scaling
+    matters), and dense sweeps over the whole range of both dtypes, infinities and NaN included."""
+    from manual.kernel_exp import sleef_exp
+    lo, hi = (torch.tensor([v], dtype=torch.float32).view(torch.int32).item() for v in (-86.0, -104.5))
+    every = torch.arange(lo, hi + 1, dtype=torch.int32).view(torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    for dtype, low, high, extra in ((torch.float32, -120.0, 110.0, [every]),
+                                    (torch.float64, -1100.0, 720.0, [])):
+        sweep = torch.linspace(low, high, 1 << 20, dtype=torch.float64).to(dtype)
+        noise = (torch.rand(1 << 20, generator=gen, dtype=torch.float64) * (high - low) + low).to(dtype)
+        special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")] + [1.0] * 59,
+                               dtype=dtype)
+        x = torch.cat([special] + extra + [sweep, noise])
+        x = x[: x.numel() // 64 * 64]
+        mine, kernel = sleef_exp(x), _kernel_exp(x)
+        same = (mine == kernel) | (mine.isnan() & kernel.isnan())
+        assert bool(same.all()), (dtype, x[~same][:5])
