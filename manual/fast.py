@@ -239,6 +239,21 @@ class FastMLP:
             for p, g in zip(params, grads):
                 p.add_(g, alpha=-opt.lr)
 
+    def held_tensors(self):
+        """Every tensor this step keeps from one call to the next: the parameters, the optimizer's
+        state and the fast path's buffers (what peak-memory accounting counts as held)."""
+        tensors = list(self.mlp.params.values())
+        for value in vars(self.mlp.optimizer).values():
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+            elif isinstance(value, dict):
+                tensors += [t for t in value.values() if isinstance(t, torch.Tensor)]
+        plan = self._plan or {}
+        tensors += list(plan.get("grads", {}).values()) + [plan.get("one")]
+        tensors += list(plan.get("scratch", ()))
+        tensors += [h for _, _, h, _ in plan.get("forward", [])]
+        return [t for t in tensors if t is not None]
+
     @property
     def grads(self):
         """The gradients of the last specialised step, by parameter name (None before one)."""
