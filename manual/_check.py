@@ -4,7 +4,6 @@ Every error is one line that names the argument and says what was expected (Type
 type or dtype, ValueError for a wrong shape, device or value).  Shapes as in manual/__init__.py.
 """
 import math
-import weakref
 
 import torch
 
@@ -87,37 +86,36 @@ def loss_target(kind, y_pred, target):
 
 
 class _Validated:
-    """The last labels tensor found in range: a weak reference, its version and class count.
+    """The last labels tensor found in range (held, so its identity cannot be reused), its
+    in-place version counter and the class count it was checked against.
 
     Reading min and max of the labels is a device sync on CUDA, so a training loop that passes the
-    same labels tensor every step (unchanged: same in-place version counter) checks it once.
+    same labels tensor every step (unchanged: same version) reads it once, not every step.
     """
-    ref, version, classes = None, None, None
+    labels, version, classes = None, None, None
 
 
 def _version(t):
     try:
-        return t._version           # bumped by every in-place write
+        return t._version           # bumped by every in-place write to t or a view of it
     except RuntimeError:            # inference tensors keep no version: check them every time
         return None
 
 
 def labels(target, n_classes):
-    """target (N,) int64 labels must lie in [0, n_classes − 1]; a tensor already found in range
-    (the same object, not written since) is not read again."""
+    """target (N,) int64 labels must lie in [0, n_classes − 1].  A tensor already found in range
+    (the same object, not written in place since) is not read again."""
     version = _version(target)
-    if version is not None and _Validated.ref is not None and _Validated.ref() is target \
-            and _Validated.version == version and _Validated.classes == n_classes:
+    if version is not None and _Validated.labels is target and _Validated.version == version \
+            and _Validated.classes == n_classes:
         return
     if target.numel():
-        low, high = torch.aminmax(target)
-        low, high = torch.stack((low, high)).tolist()   # one read from the device
+        low, high = torch.stack(torch.aminmax(target)).tolist()   # one read from the device
         if low < 0 or high >= n_classes:
             raise ValueError(f"target: expected labels in [0, {n_classes - 1}], got "
                              f"[{low}, {high}]")
     if version is not None:
-        _Validated.ref, _Validated.version, _Validated.classes = \
-            weakref.ref(target), version, n_classes
+        _Validated.labels, _Validated.version, _Validated.classes = target, version, n_classes
 
 
 def sgd_settings(lr, momentum, dampening, nesterov, weight_decay):
