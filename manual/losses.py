@@ -46,8 +46,34 @@ def mse_backward(dloss, diff):
 
 
 # -- softmax cross-entropy ------------------------------------------------------------------------
-#
-# F.cross_entropy(y, t) is nll_loss(log_softmax(y, 1), t).  The forward uses the log_softmax
+
+
+def cross_entropy_forward(y_pred, labels):
+    """L = −(1/N) Σᵢ log softmax(y_pred)ᵢ[labelsᵢ].  y_pred (N, C), labels (N,) int64.
+
+    Bits: see the note after cross_entropy_backward."""
+    n = y_pred.shape[0]
+    logp = torch.log_softmax(y_pred, 1)                          # (N, C)
+    picked = logp.gather(1, labels.unsqueeze(1)).squeeze(1)      # (N,)
+    if y_pred.device.type == "cpu":
+        loss = _nll_mean(picked, n)
+    else:  # CUDA's nll kernel reduces in its own block order: sum then divide (not bitwise-checked)
+        loss = -(picked.sum()) / float(n)
+    return loss, (logp, labels)
+
+
+def cross_entropy_backward(dloss, cache):
+    # nll: dlogp = −dloss/N at [i, labelsᵢ], 0 elsewhere (nll_loss_backward: −(g / total_weight)).
+    # log_softmax: dy_pred = dlogp − exp(logp)·Σ_c dlogp, the sum per row (one nonzero: exact).
+    logp, labels = cache
+    n = logp.shape[0]
+    dlogp = torch.zeros_like(logp)
+    dlogp.scatter_(1, labels.unsqueeze(1), (-(dloss / float(n))).expand(n, 1).contiguous())
+    row_sum = dlogp.sum(1, keepdim=True)                          # (N, 1)
+    return torch.addcmul(dlogp, log_softmax_backward_exp(logp), row_sum, value=-1)
+
+
+# Bits: F.cross_entropy(y, t) is nll_loss(log_softmax(y, 1), t).  The forward uses the log_softmax
 # primitive (it subtracts the row max first, so logits of ±1e4 are fine) and writes nll_loss by
 # hand with the CPU kernel's summation order.  The backward of log_softmax is, in
 # SoftMaxKernel.cpp (_vec_host_softmax_backward_lastdim, log variant), per row
@@ -94,29 +120,6 @@ def _nll_mean(picked, n):
     for p in partial:
         total = total + p
     return total / float(n)
-
-
-def cross_entropy_forward(y_pred, labels):
-    """L = −(1/N) Σᵢ log softmax(y_pred)ᵢ[labelsᵢ].  y_pred (N, C), labels (N,) int64."""
-    n = y_pred.shape[0]
-    logp = torch.log_softmax(y_pred, 1)                          # (N, C)
-    picked = logp.gather(1, labels.unsqueeze(1)).squeeze(1)      # (N,)
-    if y_pred.device.type == "cpu":
-        loss = _nll_mean(picked, n)
-    else:  # CUDA's nll kernel reduces in its own block order: sum then divide (not bitwise-checked)
-        loss = -(picked.sum()) / float(n)
-    return loss, (logp, labels)
-
-
-def cross_entropy_backward(dloss, cache):
-    # nll: dlogp = −dloss/N at [i, labelsᵢ], 0 elsewhere (nll_loss_backward: −(g / total_weight)).
-    # log_softmax: dy_pred = dlogp − exp(logp)·Σ_c dlogp, the sum per row (one nonzero: exact).
-    logp, labels = cache
-    n = logp.shape[0]
-    dlogp = torch.zeros_like(logp)
-    dlogp.scatter_(1, labels.unsqueeze(1), (-(dloss / float(n))).expand(n, 1).contiguous())
-    row_sum = dlogp.sum(1, keepdim=True)                          # (N, 1)
-    return torch.addcmul(dlogp, log_softmax_backward_exp(logp), row_sum, value=-1)
 
 
 # -- multiclass SVM (hinge) loss, PyTorch's MultiMarginLoss(p=1, margin=1) ---------------------------
