@@ -159,8 +159,9 @@ class FastMLP:
                 shape = (n, out_width(i - 1))
                 free = scratch[1] if dz_in is scratch[0] else scratch[0]
                 other = scratch[0] if free is scratch[1] else scratch[1]
+                bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
                 entry.update(act=act, dy=view(free, shape), tmp=view(other, shape),
-                             mask=view(other, shape, torch.bool) if act == "relu" else None)
+                             mask=view(other, shape, bits) if act == "relu" else None)
                 if act in ("relu", "identity"):   # d pre-activation left in dy's scratch
                     dz_in = free
                 else:                             # in y's buffer, or a new tensor
@@ -248,9 +249,12 @@ class FastMLP:
                 tmp.addcmul_(y, y, value=-1)
                 dz = torch.mul(dy, tmp, out=y)
             elif act == "relu":
-                # dx = where(y <= 0, +0, dy): a fill (a select, not dy·mask), so +0 not −0
-                torch.le(y, 0, out=e["mask"])
-                dz = dy.masked_fill_(e["mask"], 0.0)
+                # dx = where(y <= 0, +0, dy), a select (not dy·mask: +0 not −0, no inf·0), written
+                # as bit ops, which are vectorized (where and masked_fill_ are not): the mask is
+                # (y <= 0) − 1 as integers, all ones where dy passes and 0 where +0 goes.
+                mask = torch.le(y, 0, out=e["mask"]).sub_(1)
+                dz = dy
+                dy.view(mask.dtype).bitwise_and_(mask)
             elif act == "identity":
                 dz = dy                                 # dx = dy, already in place
             else:                                       # the readable backward of the pair
