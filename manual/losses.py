@@ -100,7 +100,8 @@ def log_softmax_backward_exp(logp):
 
 
 NLL_LEVELS = 8        # nll_loss_out_frame's cascade_sum_num_levels
-NLL_LEVEL_STEP = 16   # its level_step: 1 << max(4, CeilLog2(N) / 8), i.e. 16 for N ≤ 2^39
+NLL_LEVEL_POWER = 4   # its level_power: max(4, CeilLog2(N) / 8), i.e. 4 for N ≤ 2^39
+NLL_LEVEL_STEP = 1 << NLL_LEVEL_POWER
 
 
 def _nll_mean_reference(picked, n):
@@ -116,7 +117,7 @@ def _nll_mean_reference(picked, n):
     for b in range(n):
         partial[0] = partial[0] - picked[b]
         for j in range(NLL_LEVELS - 1):
-            if b & ((NLL_LEVEL_STEP - 1) << (4 * j)):
+            if b & ((NLL_LEVEL_STEP - 1) << (NLL_LEVEL_POWER * j)):
                 break
             partial[j + 1] = partial[j + 1] + partial[j]
             partial[j] = zero
@@ -138,55 +139,72 @@ def sequential_sum_into(acc, index, values, alpha=1):
     return acc.index_add_(0, index, values, alpha=alpha)
 
 
-def _cascade_level(v, level):
-    """One level of the kernel's cascade, for all its inputs at once (one sequential-sum op).
+class NllCascade:
+    """nll_loss_out_frame's cascade for N samples, as a fixed plan of sequential sums.
 
-    v: (L,) the values level j receives, in order (level 0: the samples, which it subtracts).
-    Level j starts at 0, takes its inputs one by one and, after input m with m % 16 == 0 (m = 0
-    included), hands its sum to level j+1 and restarts at 0.  So its hand-offs are the sums of
-    the groups {v₀}, {v₁..v₁₆}, {v₁₇..v₃₂}, … — input m is in group (m + 15) // 16 — and what it
-    holds at the end is the sum of the incomplete last group (0 if there is none).  Level 7
-    never hands off: everything it receives is one group.
+    The kernel's cascade (``_nll_mean_reference`` follows it one sample at a time) is a fixed
+    blocked summation.  Level j starts at 0, takes its inputs one by one (level 0: the samples,
+    subtracted) and, after input m with m % 16 == 0 (m = 0 included), hands its sum to level
+    j+1 and restarts at 0.  So its hand-offs are the sums of the groups {v₀}, {v₁..v₁₆},
+    {v₁₇..v₃₂}, … — input m is in group (m + 15) // 16 — and what it holds at the end is the sum
+    of the incomplete last group (0 if there is none).  Level 7 never hands off: everything it
+    receives is one group.  A level that receives a single value hands it up unchanged
+    (0 + v = v: a sum started at +0 is never −0), so the levels stop there and that value is
+    what partial 7 ends with.  Partials that are 0 are left out of the final sum (s + 0 = s for
+    the same reason); the others are added in level order, starting from 0, and divided by N.
 
-    Returns (hand-offs (K+1,), what the level keeps: a (1,) tensor, or None when it is 0).
+    All levels' group sums live in one flat buffer of ``size`` entries: level j's in
+    ``[offset_j, offset_j + groups_j)``.  ``levels``: (offset, groups, alpha, group index
+    (inputs,) int64, where its inputs start: None for the samples (level 0), else the offset of
+    the level below, whose first sums they are); ``kept``: (P,) int64 positions of the partials
+    to add at the end.
     """
-    length = v.shape[0]
-    if level == NLL_LEVELS - 1:
-        group = torch.zeros(length, dtype=torch.int64, device=v.device)
-    else:
-        group = torch.arange(NLL_LEVEL_STEP - 1, length + NLL_LEVEL_STEP - 1,
-                             device=v.device) // NLL_LEVEL_STEP
-    sums = sequential_sum_into(v.new_zeros(int(group[-1]) + 1), group, v,
-                               alpha=-1 if level == 0 else 1)
-    if level == NLL_LEVELS - 1:
-        return None, sums
-    complete = (length - 1) % NLL_LEVEL_STEP == 0          # the last group has its 16 (or is {v₀})
-    return (sums, None) if complete else (sums[:-1], sums[-1:])
+
+    def __init__(self, n, device="cpu"):
+        self.n, self.levels, kept = n, [], []
+        offset, length, level, last = 0, n, 0, None
+        while level < NLL_LEVELS and (length > 1 or level == 0):
+            if level == NLL_LEVELS - 1:
+                group = torch.zeros(length, dtype=torch.int64, device=device)
+                groups = 1
+            else:
+                group = torch.arange(NLL_LEVEL_STEP - 1, length + NLL_LEVEL_STEP - 1,
+                                     device=device) // NLL_LEVEL_STEP
+                groups = (length - 1 + NLL_LEVEL_STEP - 1) // NLL_LEVEL_STEP + 1
+            self.levels.append((offset, groups, -1 if level == 0 else 1, group, last))
+            if level == NLL_LEVELS - 1:
+                kept.append(offset)                       # partial 7 sums all it receives
+            elif (length - 1) % NLL_LEVEL_STEP:           # an incomplete last group: kept
+                kept.append(offset + groups - 1)
+                length = groups - 1
+            else:
+                length = groups
+            last, offset, level = offset, offset + groups, level + 1
+        if level < NLL_LEVELS:                            # stopped at a single hand-off:
+            kept.append(last)                             # the value rising to partial 7
+        self.size = offset
+        self.kept = torch.tensor(kept, dtype=torch.int64, device=device)
+        self.kept_into = torch.zeros(len(kept), dtype=torch.int64, device=device)
+
+    def mean(self, picked, sums, kept_values, total):
+        """−(1/N) Σ picked with the kernel's bits, in 3 + (levels) ops, into the given buffers:
+        sums (size,), kept_values (P,), total (1,), all of picked's dtype.  Returns a new 0-d
+        tensor."""
+        sums.zero_()
+        for offset, groups, alpha, group, below in self.levels:
+            inputs = picked if below is None else sums[below:below + group.shape[0]]
+            sequential_sum_into(sums[offset:offset + groups], group, inputs, alpha)
+        torch.index_select(sums, 0, self.kept, out=kept_values)
+        sequential_sum_into(total.zero_(), self.kept_into, kept_values)
+        return total[0] / float(self.n)
 
 
 def _nll_mean(picked, n):
-    """−(1/N) Σ picked with the bits of nll_loss_out_frame, in O(1) tensor ops (≤ 8 levels).
-
-    The kernel's cascade (``_nll_mean_reference`` follows it one sample at a time) is a fixed
-    blocked summation: each level sums, in order, groups of 16 of what the level below handed
-    it; ``_cascade_level`` does one level in one op.  A level that receives a single value hands
-    it up unchanged (0 + v = v: a sum started at +0 is never −0), so the loop stops there and
-    that value is what partial 7 ends with.  Partials that are 0 are left out of the final sum
-    (s + 0 = s for the same reason); the rest are added in level order, starting from 0.
-    """
-    partials = []                    # partials 0..7 that are not 0, in level order
-    v, level = picked, 0
-    while level < NLL_LEVELS and (v.shape[0] > 1 or level == 0):
-        v, keep = _cascade_level(v, level)
-        if keep is not None:
-            partials.append(keep)
-        level += 1
-    if v is not None:                # the single value that rises to partial 7
-        partials.append(v)
-    values = torch.cat(partials)
-    total = sequential_sum_into(picked.new_zeros(1), torch.zeros(values.shape[0], dtype=torch.int64,
-                                                                 device=values.device), values)
-    return total[0] / float(n)
+    """−(1/N) Σ picked with the bits of nll_loss_out_frame, in O(1) tensor ops (see NllCascade;
+    ``_nll_mean_reference`` is the plain one-sample-at-a-time version)."""
+    plan = NllCascade(n, picked.device)
+    new = lambda size: picked.new_empty(size)  # noqa: E731
+    return plan.mean(picked, new(plan.size), new(plan.kept.shape[0]), new(1))
 
 
 # -- multiclass SVM (hinge) loss, PyTorch's MultiMarginLoss(p=1, margin=1) ---------------------------

@@ -52,6 +52,18 @@ def test_the_nll_check_can_fail():
     assert differs >= 1
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 127, 128, 129, 130, 131, 200, 257, 300])
+def test_nll_cascade_with_a_small_step_reaches_its_last_level(n, monkeypatch):
+    """With a level step of 2 instead of 16 (both versions read the same constants), a few
+    hundred samples reach level 7, which sums everything it receives: that branch is checked
+    against the reference loop here."""
+    monkeypatch.setattr(losses, "NLL_LEVEL_POWER", 1)
+    monkeypatch.setattr(losses, "NLL_LEVEL_STEP", 2)
+    y, t = _logits(n, 5, torch.float32, 0)
+    picked = torch.log_softmax(y, 1).gather(1, t.unsqueeze(1)).squeeze(1)
+    assert _same(losses._nll_mean(picked, n), losses._nll_mean_reference(picked, n)), n
+
+
 def test_nll_cascade_past_one_level_of_4096():
     """65537 samples reach level 4 of the cascade (checked against autograd only: the reference
     loop would take a minute)."""
