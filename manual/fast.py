@@ -11,8 +11,10 @@ on the same operands in the same order, so the same roundings — but:
   needs only the output y); leaky ReLU, ELU and maxout, whose backward needs the pre-activation
   or the arg-max, run the readable activation pair on the pre-activation buffer (their output
   and gradient are new tensors each step);
-* the losses: sum_squared and mse form the difference in the output buffer; cross_entropy and
-  svm run the readable forward/backward (O(1) ops, manual/losses.py) and leave d output there;
+* the losses: sum_squared and mse form the difference in the output buffer; cross_entropy runs
+  manual.losses' ops into buffers (the nll cascade's plan made once per batch size; the row sums
+  of d log-probabilities, which are −1/N exactly, kept) and writes d output into the output
+  buffer; svm runs the readable forward/backward (O(1) ops) and copies d output there;
 * the input gradient of the first layer, which a training step never uses, is not computed;
 * ``dloss`` = 1 (the seed autograd starts from) is not multiplied in where it would be the
   last op (x·1 = x exactly);
@@ -36,7 +38,8 @@ import torch
 from manual import _check
 from manual.activations import activation_backward, activation_forward
 from manual.layers import _column_major
-from manual.losses import loss_backward, loss_forward, target_kind
+from manual.losses import (NllCascade, log_softmax_backward_exp, loss_backward, loss_forward,
+                           target_kind)
 from manual.optim import SGD, Adam, AdamW
 
 IN_PLACE_ACTIVATIONS = ("sigmoid", "tanh", "relu", "identity")
@@ -96,6 +99,7 @@ class FastMLP:
         """Forget the buffers (after replacing parameter tensors or changing the optimizer)."""
         self._signature = None
         self._plan = None
+        self._ce = None
 
     # -- validation, once per signature: the checks of MLP.forward ---------------------------
     def _validate(self, x, target):
@@ -167,7 +171,16 @@ class FastMLP:
                 else:                             # in y's buffer, or a new tensor
                     dz_in = None
             backward.append(entry)
-        self._plan = {"one": torch.ones((), **opts), "forward": forward, "backward": backward,
+        one = torch.ones((), **opts)
+        if mlp.loss == "cross_entropy":
+            cascade = NllCascade(n, x.device)
+            g = (-(one / float(n))).expand(n, 1).contiguous()   # as cross_entropy_backward forms it
+            self._ce = {"cascade": cascade, "logp": torch.empty_like(out), "dlogp": torch.empty_like(out),
+                        "picked": torch.empty((n, 1), **opts), "g": g,
+                        "sums": torch.empty(cascade.size, **opts),
+                        "kept": torch.empty(cascade.kept.shape[0], **opts),
+                        "total": torch.empty(1, **opts)}
+        self._plan = {"one": one, "forward": forward, "backward": backward,
                       "out": out, "sq": view(scratch[1], tuple(out.shape)), "grads": grads,
                       "scratch": scratch, "params": list(p.values()),
                       "grad_list": [grads[name] for name in p], "names": list(p)}
@@ -276,9 +289,28 @@ class FastMLP:
                 loss = sq.sum()
                 out.mul_(2.0)                # (2·diff)·dloss with dloss = 1
             return loss
-        # cross_entropy, svm: the readable pair (its caches do not hold out, so out is free)
+        if name == "cross_entropy":
+            return self._cross_entropy(out, target)
+        # svm: the readable pair (its cache does not hold out, so out is free)
         loss, cache = loss_forward(name, out, target)
         out.copy_(loss_backward(name, self._plan["one"], cache))
+        return loss
+
+    def _cross_entropy(self, out, labels):
+        """manual.losses.cross_entropy_forward and _backward (dloss = 1), op for op, into the
+        buffers; d output is written into out."""
+        ce = self._ce
+        _check.labels(labels, out.shape[1])
+        logp = torch.log_softmax(out, 1, out=ce["logp"])
+        column = labels.unsqueeze(1)
+        picked = torch.gather(logp, 1, column, out=ce["picked"]).view(-1)
+        if out.device.type == "cpu":
+            loss = ce["cascade"].mean(picked, ce["sums"], ce["kept"], ce["total"])
+        else:  # as cross_entropy_forward off the CPU
+            loss = -(picked.sum()) / float(out.shape[0])
+        # dlogp = −(1/N) at [i, labelᵢ], 0 elsewhere; its row sums are that one value, exactly
+        dlogp = ce["dlogp"].zero_().scatter_(1, column, ce["g"])
+        torch.addcmul(dlogp, log_softmax_backward_exp(logp), ce["g"], value=-1, out=out)
         return loss
 
     # -- the update -------------------------------------------------------------------------
@@ -381,6 +413,8 @@ class FastMLP:
         plan = self._plan or {}
         tensors += list(plan.get("grads", {}).values()) + [plan.get("one")]
         tensors += list(plan.get("scratch", ()))
+        if plan and self.mlp.loss == "cross_entropy":
+            tensors += [t for t in self._ce.values() if isinstance(t, torch.Tensor)]
         tensors += [entry[2] for entry in plan.get("forward", [])]
         return [t for t in tensors if t is not None]
 
