@@ -70,6 +70,19 @@ def _each(op, first, *others, **kwargs):
             for i, t in enumerate(first)]
 
 
+def relu_backward_over(dy, y_bits):
+    """dx = where(y <= 0, +0, dy) in place in dy, as activations.relu_backward (a select, not
+    dy·mask: +0 not −0, no inf·0), for y = ReLU's output given as its bits (an integer view),
+    which this overwrites.  Integer ops on the bits are vectorized and allocate nothing (where,
+    masked_fill_ and a comparison into integers do neither).  ReLU's output is ±0, positive or
+    NaN, so y <= 0 exactly where its bits without the sign are 0; the mask is all ones where dy
+    passes and 0 where +0 goes.  Returns dy."""
+    magnitude = torch.iinfo(y_bits.dtype).max                 # every bit but the sign
+    mask = torch.bitwise_and(y_bits, magnitude, out=y_bits).clamp_max_(1).neg_()
+    dy.view(mask.dtype).bitwise_and_(mask)
+    return dy
+
+
 class FastMLP:
     """A fast training step for a manual.MLP (see the module docstring)."""
 
@@ -120,24 +133,22 @@ class FastMLP:
         """Buffers and a fixed schedule of ops for a batch of N rows.
 
         H[i] (N, width_i): layer i's pre-activation; for an in-place activation then its
-        activation, then (sigmoid, tanh: in place) d pre-activation.  A and B (N·max width, flat):
-        scratch shared by all layers for d activation and the activation backward's temporary;
-        the loss's diff² and ReLU's mask are views of them.  Gradients: one buffer per
-        parameter.  Which scratch buffer each op uses is decided here once, so the step itself
-        only calls kernels.  A layer with a readable activation (leaky_relu, elu, maxout) gets
-        its output and its d pre-activation as new tensors from the readable pair.
+        activation, then (sigmoid, tanh: in place) d pre-activation; ReLU's backward mask is
+        written over its output y once y is no longer needed.  Scratch buffers A and B (flat,
+        each as large as the largest view placed in it, B only where some layer needs it):
+        d activation, alternating between A and B where d pre-activation stays in the scratch
+        buffer (ReLU, identity), and the temporary of sigmoid/tanh's backward; the regression
+        losses' diff² is a view of A.  Gradients: one buffer per parameter.  Which buffer each op
+        uses is decided here once, so the step itself only calls kernels.  A layer with a
+        readable activation (leaky_relu, elu, maxout) gets its output and its d pre-activation as
+        new tensors from the readable pair.
         """
         mlp, n = self.mlp, x.shape[0]
         p = mlp.params
         opts = dict(dtype=x.dtype, device=x.device)
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
         weights = [p[f"layers.{i}.weight"] for i in range(mlp.n_layers)]
-        widest = max(w.shape[0] for w in weights)
-        scratch = (torch.empty(n * widest, **opts), torch.empty(n * widest, **opts))
         grads = {name: torch.empty_like(t) for name, t in p.items()}
-
-        def view(buf, shape, dtype=None):
-            flat = buf if dtype is None else buf.view(torch.uint8).view(dtype)
-            return flat[:shape[0] * shape[1]].view(shape)
 
         def out_width(i):   # width of layer i's activation output (maxout: H of its H·K)
             w = weights[i].shape[0]
@@ -150,6 +161,10 @@ class FastMLP:
             forward.append((w.t(), p.get(f"layers.{i}.bias"), hs[i], act,
                             mlp._act_options(act) if act else {}))
         out = hs[-1]
+        # which scratch buffer (0: A, 1: B) and shape each view takes; sizes follow
+        views = []     # (entry, key, scratch index, shape)
+        if mlp.loss in ("sum_squared", "mse"):
+            views.append((None, "sq", 0, tuple(out.shape)))
         backward = []  # per layer, last to first: see _forward_backward
         dz_in = None   # the scratch buffer d pre-activation lives in (None: not a scratch one)
         for i in range(mlp.n_layers - 1, -1, -1):
@@ -161,16 +176,24 @@ class FastMLP:
             if i > 0:
                 act = mlp.activations[i - 1]
                 shape = (n, out_width(i - 1))
-                free = scratch[1] if dz_in is scratch[0] else scratch[0]
-                other = scratch[0] if free is scratch[1] else scratch[1]
-                bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
-                entry.update(act=act, dy=view(free, shape), tmp=view(other, shape),
-                             mask=view(other, shape, bits) if act == "relu" else None)
-                if act in ("relu", "identity"):   # d pre-activation left in dy's scratch
-                    dz_in = free
-                else:                             # in y's buffer, or a new tensor
-                    dz_in = None
+                free = 1 if dz_in == 0 else 0      # not where d pre-activation (the mm's input) is
+                views.append((entry, "dy", free, shape))
+                entry["act"] = act
+                if act in ("sigmoid", "tanh"):
+                    views.append((entry, "tmp", 1 - free, shape))
+                if act == "relu":
+                    entry["mask"] = hs[i - 1].view(bits)
+                dz_in = free if act in ("relu", "identity") else None  # else in y, or new
             backward.append(entry)
+        sizes = [max((sh[0] * sh[1] for _, _, k, sh in views if k == j), default=0) for j in (0, 1)]
+        scratch = [torch.empty(size, **opts) if size else None for size in sizes]
+        sq = None
+        for entry, key, k, shape in views:
+            view = scratch[k][:shape[0] * shape[1]].view(shape)
+            if entry is None:
+                sq = view
+            else:
+                entry[key] = view
         one = torch.ones((), **opts)
         if mlp.loss == "cross_entropy":
             cascade = NllCascade(n, x.device)
@@ -181,7 +204,7 @@ class FastMLP:
                         "kept": torch.empty(cascade.kept.shape[0], **opts),
                         "total": torch.empty(1, **opts)}
         self._plan = {"one": one, "forward": forward, "backward": backward,
-                      "out": out, "sq": view(scratch[1], tuple(out.shape)), "grads": grads,
+                      "out": out, "sq": sq, "grads": grads,
                       "scratch": scratch, "params": list(p.values()),
                       "grad_list": [grads[name] for name in p], "names": list(p)}
 
@@ -250,7 +273,7 @@ class FastMLP:
                 torch.mm(e["w"].t(), dz.t(), out=dy.t())
             else:
                 torch.mm(dz, e["w"], out=dy)
-            act, tmp = e["act"], e["tmp"]
+            act, tmp = e["act"], e.get("tmp")
             if act == "sigmoid":
                 # dx = dy·(1 − y)·y: (1 − y), ·dy, ·y into y's buffer (a·b = b·a exactly)
                 torch.sub(plan["one"], y, out=tmp)      # 1 − y, one correctly rounded subtraction
@@ -262,12 +285,7 @@ class FastMLP:
                 tmp.addcmul_(y, y, value=-1)
                 dz = torch.mul(dy, tmp, out=y)
             elif act == "relu":
-                # dx = where(y <= 0, +0, dy), a select (not dy·mask: +0 not −0, no inf·0), written
-                # as bit ops, which are vectorized (where and masked_fill_ are not): the mask is
-                # (y <= 0) − 1 as integers, all ones where dy passes and 0 where +0 goes.
-                mask = torch.le(y, 0, out=e["mask"]).sub_(1)
-                dz = dy
-                dy.view(mask.dtype).bitwise_and_(mask)
+                dz = relu_backward_over(dy, e["mask"])     # over y, which is done with
             elif act == "identity":
                 dz = dy                                 # dx = dy, already in place
             else:                                       # the readable backward of the pair

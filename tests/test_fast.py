@@ -212,3 +212,21 @@ def test_cuda_graph_step_equals_uncaptured(momentum):
         torch.cuda.synchronize()
         for name, p in eager.mlp.params.items():
             assert same_bits(p, captured.mlp.params[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_relu_backward_bit_select_on_special_values(dtype):
+    """The fast ReLU backward selects with integer ops on y's bits; at ±0, NaN, infinities and
+    tiny values it gives activations.relu_backward's bits (where(y <= 0, +0, dy))."""
+    from manual.activations import relu_backward, relu_forward
+    from manual.fast import relu_backward_over
+    tiny = torch.finfo(dtype).tiny / 4                    # subnormal
+    z = torch.tensor([0.0, -0.0, 1.5, float("nan"), -2.0, float("-inf"), float("inf"), tiny,
+                      -tiny, 3.0] * 7, dtype=dtype).view(7, 10)
+    dy = torch.tensor([-1.0, 3.0, float("inf"), -2.0, -0.0, float("nan"), -4.0, -5.0, 6.0,
+                       float("-inf")] * 7, dtype=dtype).view(7, 10).roll(1, 0)
+    y, _ = relu_forward(z)
+    expected = relu_backward(dy, y)
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    got = relu_backward_over(dy.clone(), y.clone().view(bits))
+    assert same_bits(got, expected)
