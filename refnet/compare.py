@@ -205,3 +205,12 @@ def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, a
             verdict.first_divergence = step
             verdict.divergence_values = [a_c[step].item(), b_c[step].item()]
     return verdict
+
+
+# --- public-API additions (refnet.api, helper "api"); kept as one block at the end ------------
+def _verdict_truth(self):
+    """A Verdict is true only when it passed: `assert refnet.compare(a, b)` cannot pass silently."""
+    return self.passed
+
+
+Verdict.__bool__ = _verdict_truth
