@@ -160,6 +160,7 @@ class Report(list):
         self.required = required
         self.title = title
         self.forward = None      # check_backward: the verdict of the forward output
+        self.fd = None           # check_backward(fd=True): a Report against finite differences
 
     @property
     def tier(self):
@@ -168,7 +169,8 @@ class Report(list):
 
     @property
     def passed(self):
-        return all(v.passed for v in self) and (self.forward is None or self.forward.passed)
+        return (all(v.passed for v in self) and (self.forward is None or self.forward.passed)
+                and (self.fd is None or self.fd.passed))
 
     def __bool__(self):
         # true only when every check passed: `assert report` cannot pass silently
@@ -184,21 +186,28 @@ class Report(list):
 
     def failures(self):
         every = ([self.forward] if self.forward is not None else []) + list(self)
-        return [describe(v, self.required) for v in every if not v.passed]
+        return [describe(v, self.required) for v in every if not v.passed] + \
+            (self.fd.failures() if self.fd is not None else [])
 
     def table(self):
         width = max((len(v.name) for v in self), default=4)
         rows = []
         for v in self:
             mark = "ok  " if v.passed else "FAIL"
-            detail = f"max ulp {v.max_ulp:.6g}, max abs diff {v.max_abs_diff:.3g}" \
-                if v.numel and v.tier != "bitwise" and v.worst_index is not None else v.note
+            if v.numel and v.tier != "bitwise" and v.worst_index is not None:
+                detail = (f"max rel error {v.max_rel_diff:.3g}" if math.isnan(v.max_ulp) else
+                          f"max ulp {v.max_ulp:.6g}") + f", max abs diff {v.max_abs_diff:.3g}"
+            else:
+                detail = v.note
             rows.append(f"  {mark} {v.name:<{width}}  {v.tier:<9} {detail}".rstrip())
         return "\n".join(rows)
 
     def __str__(self):
-        return (f"{self.title}: {len(self)} checks, worst tier {self.tier!r}, required "
+        text = (f"{self.title}: {len(self)} checks, worst tier {self.tier!r}, required "
                 f"{self.required!r}: {'passed' if self.passed else 'FAILED'}\n{self.table()}")
+        if self.forward is not None and self.forward.tier != "bitwise":
+            text += f"\n  forward output: {self.forward.tier}"
+        return text + (f"\n{self.fd}" if self.fd is not None else "")
 
     def assert_ok(self):
         """Raise AssertionError with every failing verdict's report; return self when all pass."""
@@ -358,9 +367,13 @@ def check_backward(fn, inputs, backward_fn=None, *, tier=DEFAULT_TIER, reference
                                   note="backward_fn returned None for this gradient"))
         else:
             report.append(compare(g.detach(), r.detach(), name=nm, tier=required))
-    if fd and backward_fn is not None:
-        report.extend(_fd_verdicts(fn, inputs, backward_fn, wrt, names, dout, fd_settings or
-                                   FDSettings(), seed))
+    if fd:
+        if backward_fn is None:
+            raise ValueError("fd: finite differences check a hand-written backward_fn; with "
+                             "backward_fn=None compare against `reference` instead")
+        report.fd = Report(_fd_verdicts(fn, inputs, backward_fn, wrt, names, dout, fd_settings or
+                                        FDSettings(), seed),
+                           required="tolerance", title="finite differences (float64)")
     if not report.forward.passed:
         for v in report:
             v.note = "; ".join(filter(None, [v.note, f"the forward output already differs "
@@ -519,7 +532,8 @@ class TrainingCheck:
         both computed from the SAME parameters (the manual side's at that step) and batch, so a
         tier here measures the gradient, not the drift of the trajectory.
     curve: the loss-curve verdict (first step the curves part, identical steps).
-    growth: (step, |loss_manual − loss_twin|) at each checked step.
+    growth: (step, max |Δloss|, max |Δloss| / max(|loss_manual|, |loss_twin|)) over the steps
+        since the previous check (up to and including `step`).
     """
     verdict: str
     passed: bool
@@ -574,6 +588,7 @@ def check_training(spec, *, pair=None, data=None, steps=None, check_every=None,
                             device=spec.device, **spec.options)
     scratch_loss = twin_mod.loss_module(spec.loss, spec.reg, scratch)
     grad_checks, growth, losses_m, losses_t = [], [], [], []
+    window = [0.0, 0.0]          # the largest |Δloss| and |Δloss|/|loss| since the last check
     for step, idx in enumerate(datasets.batches(x.shape[0], spec.batch_size, steps, spec.seed)):
         xb, tb = (x, target) if idx is None else (x[idx.to(x.device)], target[idx.to(x.device)])
         checked = step % check_every == 0 or step == steps - 1
@@ -587,8 +602,12 @@ def check_training(spec, *, pair=None, data=None, steps=None, check_every=None,
         pair.twin_opt.step()
         losses_m.append(loss_m)
         losses_t.append(loss_t.detach())
+        diff = abs(float(loss_m) - float(losses_t[-1]))
+        rel = diff / max(abs(float(loss_m)), abs(float(losses_t[-1]))) if diff else 0.0
+        window = [max(window[0], diff), max(window[1], rel)]
         if checked:
-            growth.append((step, abs(float(loss_m) - float(loss_t))))
+            growth.append((step, window[0], window[1]))
+            window = [0.0, 0.0]
     curve = compare_curves("loss_curve", torch.stack(losses_m), torch.stack(losses_t),
                            required=required)
     worst = max((r.tier for _, r in grad_checks), key=TIERS.index)
@@ -609,14 +628,15 @@ def check_training(spec, *, pair=None, data=None, steps=None, check_every=None,
         verdict, passed = "rounds differently", True
         first = curve.first_divergence
         d0 = abs(curve.divergence_values[0] - curve.divergence_values[1])
-        peak_step, peak = max(growth, key=lambda g: g[1])
+        peak_step, peak_abs, peak = max(growth, key=lambda g: g[2])
         message = (f"rounds differently: gradients agree at {worst!r} or better at every checked "
-                   f"step ({tiers}), but the loss curves part at step {first} (|dloss| {d0:.3g}) "
-                   f"and the difference grows to {peak:.3g} at step {peak_step}; "
-                   f"{curve.identical_steps}/{curve.steps} steps identical, curve tier "
-                   f"{curve.tier!r}. Expected for chaotic training (each step amplifies the last "
-                   f"one's rounding), not a wrong gradient. |dloss| by step: "
-                   + ", ".join(f"{s}: {d:.3g}" for s, d in growth))
+                   f"step ({tiers}), but the loss curves part at step {first} (|dloss| {d0:.3g}); "
+                   f"the relative difference peaks at {peak:.3g} (|dloss| {peak_abs:.3g}, up to step "
+                   f"{peak_step}) and is "
+                   f"{growth[-1][2]:.3g} at the end; {curve.identical_steps}/{curve.steps} steps "
+                   f"identical, curve tier {curve.tier!r}. Expected when training amplifies "
+                   f"rounding (chaotic dynamics), not a wrong gradient. Largest |dloss| / max(|loss|) "
+                   f"up to each checked step: " + ", ".join(f"{s}: {r:.3g}" for s, _, r in growth))
     return TrainingCheck(verdict, passed, required, curve, grad_checks, growth, message)
 
 

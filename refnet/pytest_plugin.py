@@ -81,7 +81,7 @@ class RefnetCheck:
         """refnet.check_backward, recorded; asserts that every gradient meets the tier."""
         __tracebackhide__ = True
         report = api.check_backward(fn, inputs, backward_fn, tier=self.tier(tier), **kwargs)
-        self._record([report.forward, *report])
+        self._record([report.forward, *report, *(report.fd or [])])
         return report.assert_ok()
 
     def trace_compare(self, manual, reference, *, tier=None):
