@@ -34,14 +34,14 @@ def test_the_three_worked_examples_are_there():
 
 def test_examples_use_only_the_public_api():
     for path in EXAMPLES:
-        imports = re.findall(r"^\s*(?:from|import) +([\w.]+)", path.read_text(), re.M)
+        imports = re.findall(r"^\s*(?:from|import) +([\w.]+)", path.read_text(encoding="utf-8"), re.M)
         private = [m for m in imports if m.startswith(("refnet.", "manual"))]
         assert not private, f"{path.name} imports {private}; the examples use `import refnet` only"
 
 
 def check_api_example():
     """The first ```python block of docs/check-api.md."""
-    text = (ROOT / "docs" / "check-api.md").read_text()
+    text = (ROOT / "docs" / "check-api.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks, "docs/check-api.md: no ```python block"
     return blocks[0]
