@@ -295,3 +295,12 @@ def test_one_default_activation_everywhere():
     defaults = {inspect.signature(f).parameters["activation"].default
                 for f in (MLP.__init__, init_params, refnet.Twin.__init__)}
     assert defaults == {spec_default} == {"sigmoid"}
+
+
+def test_docstring_examples_run():
+    import doctest
+    import refnet.api
+    import refnet.twin
+    for module in (refnet.api, refnet.twin):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

@@ -39,12 +39,22 @@ def test_examples_use_only_the_public_api():
         assert not private, f"{path.name} imports {private}; the examples use `import refnet` only"
 
 
-def check_api_example():
-    """The first ```python block of docs/check-api.md."""
+def python_blocks():
+    """The ```python blocks of docs/check-api.md (```py blocks are fragments, not run)."""
     text = (ROOT / "docs" / "check-api.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert blocks, "docs/check-api.md: no ```python block"
-    return blocks[0]
+    assert len(blocks) >= 2, "docs/check-api.md: expected the copyable and the MLP example"
+    return blocks
+
+
+def check_api_example():
+    return python_blocks()[0]
+
+
+def test_check_api_md_mlp_example_runs(capsys):
+    exec(compile(python_blocks()[1], "docs/check-api.md (MLP)", "exec"), {})
+    out = capsys.readouterr().out
+    assert "completed identical" in out and "'layers.0.weight'" in out
 
 
 def test_check_api_md_example_runs_and_is_short():
