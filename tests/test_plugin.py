@@ -125,8 +125,14 @@ def test_fixture_methods_assert_and_record(refnet_check):
     trace = refnet_check.trace_compare({"a": x}, {"a": x.clone()})
     assert trace.passed
     assert len(refnet_check.verdicts) == before + 4     # one, forward + dx, one
+    # a deliberate failure, on a private counter so this run's summary keeps "fail 0"
+    from collections import Counter
+    private = plugin.RefnetCheck(None, Counter())
     with pytest.raises(AssertionError, match="first departure at #1 of 1: 'a'"):
-        refnet_check.trace_compare({"a": x + 1}, {"a": x})
+        private.trace_compare({"a": x + 1}, {"a": x})
+    assert private.counts == Counter(fail=1)
+    with pytest.raises(AssertionError, match="refnet: g is 'ulp', required 'bitwise'"):
+        plugin.RefnetCheck("bitwise", Counter())(torch.nextafter(x, x + 1), x, tier="ulp", name="g")
 
 
 def test_summary_line_format():
