@@ -114,16 +114,21 @@ def describe(verdict, required=None):
     if required is not None:
         head += f", required {required!r} or better"
     lines = [head, f"  expected: {v.shape} {v.dtype} on {v.device}"]
-    if v.numel and v.worst_index is not None or (v.numel and v.mismatched):
-        share = 100.0 * v.mismatched / v.numel if v.numel else 0.0
-        lines.append(f"  {v.mismatched} of {v.numel} elements differ in their bits ({share:.3g}%)")
+    sampled = v.ulp_limit is None        # a finite-difference verdict: sampled coordinates
+    if v.numel and (v.mismatched or v.worst_index is not None):
+        share = 100.0 * v.mismatched / v.numel
+        what = "sampled coordinates miss the threshold" if sampled else "elements differ in their bits"
+        lines.append(f"  {v.mismatched} of {v.numel} {what} ({share:.3g}%)")
     if v.worst_index is not None:
         a, b = v.worst_values
-        ulp = "inf" if v.max_ulp == math.inf else f"{v.max_ulp:.6g}"
+        ulp = "" if math.isnan(v.max_ulp) else \
+            ("inf ulp apart; " if v.max_ulp == math.inf else f"{v.max_ulp:.6g} ulp apart; ")
         lines.append(f"  worst at index {v.worst_index}: actual {a!r} vs expected {b!r} "
-                     f"({ulp} ulp apart; max abs diff {v.max_abs_diff:.3g}, "
-                     f"max rel diff {v.max_rel_diff:.3g})")
-    if v.rtol is not None:
+                     f"({ulp}max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g})")
+    if v.rtol is not None and sampled:
+        lines.append(f"  thresholds: rel_error |a - n| / (|a| + |n|) <= {v.rtol:g}, or "
+                     f"|a - n| <= {v.atol:g}")
+    elif v.rtol is not None:
         ulp_part = f"ulp <= {v.ulp_limit}; " if v.ulp_limit is not None else ""
         lines.append(f"  thresholds: {ulp_part}tolerance |actual - expected| <= {v.atol:g} + "
                      f"{v.rtol:g}*|expected|")
@@ -441,8 +446,8 @@ def _fd_verdicts(fn, inputs, backward_fn, wrt, names, dout, st, seed):
                         numel=len(idx), mismatched=bad, max_abs_diff=float(diff.max()),
                         max_rel_diff=float(rel_error(a_s, numeric).max()), rtol=st.rtol,
                         atol=atol, note=f"{len(idx)}/{flat.numel()} coordinates, {kinks} at a kink "
-                                        f"(accepted between the one-sided differences); "
-                                        f"{st.describe()}")
+                                        f"(accepted between the one-sided differences); central "
+                                        f"differences in float64, h {st.eps:g}")
             if worst_j is not None:
                 k = int(idx[worst_j])
                 v.worst_index = [int(c) for c in torch.unravel_index(torch.tensor(k), t.shape)] \
