@@ -347,6 +347,10 @@ def check_backward(fn, inputs, backward_fn=None, *, tier=DEFAULT_TIER, reference
     elif dout.shape != ref_out.shape:
         raise ValueError(f"dout: expected shape {list(ref_out.shape)} (fn's output), got "
                          f"{list(dout.shape)}")
+    if not ref_out.requires_grad:
+        raise ValueError(f"reference: the output of {getattr(ref_fn, '__name__', 'reference')} "
+                         f"does not depend on the inputs through autograd (detached, computed "
+                         f"under no_grad, or via numpy); expected stock torch ops")
     ref_grads = torch.autograd.grad(ref_out, [ref_in[i] for i in wrt], dout, allow_unused=True)
     ref_grads = [torch.zeros_like(ref_in[i]) if g is None else g for g, i in zip(ref_grads, wrt)]
 

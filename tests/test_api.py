@@ -169,6 +169,8 @@ def test_check_backward_bad_arguments():
         refnet.check_backward(affine, x, affine_backward, dout=torch.ones(3))
     with pytest.raises(TypeError, match="fn: .* returned a tuple of 3"):
         refnet.check_backward(lambda x: (x, x, x), [x[0]], lambda dout, c: dout)
+    with pytest.raises(ValueError, match="reference: the output of <lambda> does not depend"):
+        refnet.check_backward(lambda x: x.detach() * 2, [x[0]], lambda dout, x: dout * 2)
     with pytest.raises(ValueError, match=r"wrt: inputs \[3\] are not floating-point tensors"):
         refnet.check_backward(lambda x, w, b, y: x @ w + b, [*x, torch.arange(4)],
                               lambda dout, x, w, b, y: dout, wrt=[0, 3])
