@@ -79,3 +79,14 @@ def test_check_api_md_example_fails_loudly_when_the_backward_is_wrong():
     fn = next(fn for name, fn in namespace.items() if name.startswith("test_"))
     with pytest.raises(AssertionError, match=r"dw is 'fail'.*\n.*expected: \[5, 3\]"):
         fn()
+
+
+def test_readme_python_block_runs_and_catches_a_wrong_backward():
+    """README.md's tour shows one ```python block: it runs as printed, and with dw wrong it fails."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    exec(compile(code, "README.md", "exec"), {})
+    broken = code.replace("x.T @ dout", "(x.T @ dout) * 1.001")
+    assert broken != code
+    with pytest.raises(AssertionError, match=r"dw is 'fail'"):
+        exec(compile(broken, "README.md (broken)", "exec"), {})
