@@ -33,14 +33,15 @@ Build on refnet's own MLP:
 Tiers, best first: bitwise, ulp (<= 8 units in the last place), tolerance (rtol/atol by dtype),
 fail.  Shapes, dtypes and devices must match exactly; refnet never broadcasts.
 """
-from refnet.api import (DEFAULT_TIER, Report, Trace, TrainingCheck, assert_same, check_backward,
-                        check_training, compare, describe, trace_compare)
+from refnet.api import DEFAULT_TIER, Report, Trace, assert_same, compare, describe, trace_compare
+from refnet.backward_check import check_backward
 from refnet.compare import TIERS, Verdict, compare_curves, compare_tensors, ulp_distance
 from refnet.data import load_data
 from refnet.harness import (Pair, build_pair, curve_checks, gradient_checks, spec_checks,
                             train_lockstep)
 from refnet.spec import Spec
 from refnet.train import train as run_training
+from refnet.training_check import TrainingCheck, check_training
 from refnet.twin import Twin, grads_of, params_of
 
 __version__ = "0.1.0"

@@ -22,6 +22,8 @@ from collections import Counter
 import pytest
 
 from refnet import api
+from refnet.backward_check import check_backward
+from refnet.training_check import check_training
 from refnet.compare import TIERS
 
 _COUNTS = pytest.StashKey[Counter]()
@@ -80,7 +82,7 @@ class RefnetCheck:
     def check_backward(self, fn, inputs, backward_fn=None, *, tier=None, **kwargs):
         """refnet.check_backward, recorded; asserts that every gradient meets the tier."""
         __tracebackhide__ = True
-        report = api.check_backward(fn, inputs, backward_fn, tier=self.tier(tier), **kwargs)
+        report = check_backward(fn, inputs, backward_fn, tier=self.tier(tier), **kwargs)
         self._record([report.forward, *report, *(report.fd or [])])
         return report.assert_ok()
 
@@ -94,7 +96,7 @@ class RefnetCheck:
     def check_training(self, spec, *, tier=None, **kwargs):
         """refnet.check_training, recorded (every checked gradient); asserts it passed."""
         __tracebackhide__ = True
-        result = api.check_training(spec, tier=self.tier(tier), **kwargs)
+        result = check_training(spec, tier=self.tier(tier), **kwargs)
         self._record([v for _, report in result.grad_checks for v in report])
         if not result.passed:
             raise AssertionError(result.message)

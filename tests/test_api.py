@@ -302,7 +302,9 @@ def test_one_default_activation_everywhere():
 def test_docstring_examples_run():
     import doctest
     import refnet.api
+    import refnet.backward_check
+    import refnet.training_check
     import refnet.twin
-    for module in (refnet.api, refnet.twin):
+    for module in (refnet.api, refnet.backward_check, refnet.training_check, refnet.twin):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__
