@@ -59,14 +59,25 @@ def _optimizer_kind(opt):
     return None
 
 
+# (torch._foreach_* op, the torch.Tensor method it loops over on the CPU)
+ADD_ = (torch._foreach_add_, torch.Tensor.add_)
+MUL_ = (torch._foreach_mul_, torch.Tensor.mul_)
+DIV_ = (torch._foreach_div_, torch.Tensor.div_)
+LERP_ = (torch._foreach_lerp_, torch.Tensor.lerp_)
+ADDCMUL_ = (torch._foreach_addcmul_, torch.Tensor.addcmul_)
+ADDCDIV_ = (torch._foreach_addcdiv_, torch.Tensor.addcdiv_)
+SQRT = (torch._foreach_sqrt, torch.Tensor.sqrt)
+
+
 def _each(op, first, *others, **kwargs):
-    """Tensor method ``op`` on every tensor of the list ``first``; each of ``others`` is a list
-    (its matching item is passed) or a number (passed to all).  On the CPU one
-    ``torch._foreach_<op>`` call — its CPU implementation is this loop of the per-tensor op, so
-    the same bits; elsewhere the loop itself."""
+    """The tensor method of op (a pair above) on every tensor of the list ``first``; each of
+    ``others`` is a list (its matching item is passed) or a number (passed to all).  On the CPU
+    one call of op's torch._foreach_* function, whose CPU implementation is this loop of the
+    per-tensor method, so the same bits; elsewhere the loop itself."""
+    foreach, method = op
     if first and first[0].device.type == "cpu":
-        return getattr(torch, f"_foreach_{op}")(first, *others, **kwargs)
-    return [getattr(t, op)(*[o[i] if isinstance(o, list) else o for o in others], **kwargs)
+        return foreach(first, *others, **kwargs)
+    return [method(t, *[o[i] if isinstance(o, list) else o for o in others], **kwargs)
             for i, t in enumerate(first)]
 
 
@@ -92,7 +103,7 @@ class FastMLP:
         self.mlp = mlp
         self.fallback = None
         if mlp.reg:
-            self.fallback = "L2 regularization (reg) runs the readable forward/backward"
+            self.fallback = "L2 regularization (reg) runs the readable step"
         elif any(a not in FAST_ACTIVATIONS for a in mlp.activations):
             self.fallback = f"activations {mlp.activations}: not all in {FAST_ACTIVATIONS}"
         elif mlp.loss not in FAST_LOSSES:
@@ -198,7 +209,8 @@ class FastMLP:
         if mlp.loss == "cross_entropy":
             cascade = NllCascade(n, x.device)
             g = (-(one / float(n))).expand(n, 1).contiguous()   # as cross_entropy_backward forms it
-            self._ce = {"cascade": cascade, "logp": torch.empty_like(out), "dlogp": torch.empty_like(out),
+            self._ce = {"cascade": cascade, "logp": torch.empty_like(out),
+                        "dlogp": torch.empty_like(out),
                         "picked": torch.empty((n, 1), **opts), "g": g,
                         "sums": torch.empty(cascade.size, **opts),
                         "kept": torch.empty(cascade.kept.shape[0], **opts),
@@ -354,12 +366,12 @@ class FastMLP:
         if copy and (opt.weight_decay != 0 or opt.nesterov):
             grads = [g.clone() for g in grads]
         if opt.weight_decay != 0:
-            _each("add_", grads, params, alpha=opt.weight_decay)       # g.add(p, alpha=wd)
+            _each(ADD_, grads, params, alpha=opt.weight_decay)  # g.add(p, alpha=wd)
         if opt.momentum != 0:
             if all(name in opt.buffers for name in names):
                 bufs = [opt.buffers[name] for name in names]
-                _each("mul_", bufs, opt.momentum)                      # b·μ
-                _each("add_", bufs, grads, alpha=1 - opt.dampening)    # + (1 − τ)·g
+                _each(MUL_, bufs, opt.momentum)  # b·μ
+                _each(ADD_, bufs, grads, alpha=1 - opt.dampening)  # + (1 − τ)·g
             else:   # the first step: b = g
                 bufs = []
                 for name, g in zip(names, grads):
@@ -370,10 +382,10 @@ class FastMLP:
                         buf.mul_(opt.momentum).add_(g, alpha=1 - opt.dampening)
                     bufs.append(buf)
             if opt.nesterov:
-                _each("add_", grads, bufs, alpha=opt.momentum)         # g + μ·b
+                _each(ADD_, grads, bufs, alpha=opt.momentum)  # g + μ·b
             else:
                 grads = bufs
-        _each("add_", params, grads, alpha=-opt.lr)                    # p − lr·g
+        _each(ADD_, params, grads, alpha=-opt.lr)  # p − lr·g
 
     @staticmethod
     def _adam(opt, names, params, grads, copy):
@@ -391,16 +403,16 @@ class FastMLP:
             opt.steps[name] += 1
         if wd != 0:
             if opt.decoupled_weight_decay:
-                _each("mul_", params, 1 - lr * wd)                     # p·(1 − lr·wd)
+                _each(MUL_, params, 1 - lr * wd)  # p·(1 − lr·wd)
             else:
                 if copy:
                     grads = [g.clone() for g in grads]
-                _each("add_", grads, params, alpha=wd)                 # g + wd·p
+                _each(ADD_, grads, params, alpha=wd)  # g + wd·p
         ms = [opt.exp_avg[name] for name in names]
         vs = [opt.exp_avg_sq[name] for name in names]
-        _each("lerp_", ms, grads, 1 - beta1)                           # m ← lerp(m, g, 1 − β₁)
-        _each("mul_", vs, beta2)                                       # v ← β₂·v
-        _each("addcmul_", vs, grads, grads, value=1 - beta2)           #     + (1 − β₂)·g²
+        _each(LERP_, ms, grads, 1 - beta1)  # m ← lerp(m, g, 1 − β₁)
+        _each(MUL_, vs, beta2)  # v ← β₂·v
+        _each(ADDCMUL_, vs, grads, grads, value=1 - beta2)  # + (1 − β₂)·g²
         if opt.amsgrad:
             vmaxs = [opt.max_exp_avg_sq[name] for name in names]
             for vmax, v in zip(vmaxs, vs):
@@ -413,11 +425,11 @@ class FastMLP:
         for t, idx in groups.items():
             step_size = lr / (1 - beta1 ** float(t))
             bias_correction2_sqrt = (1 - beta2 ** float(t)) ** 0.5
-            denom = _each("sqrt", [vs[i] for i in idx])
-            _each("div_", denom, bias_correction2_sqrt)               # √v / √(1 − β₂ᵗ)
-            _each("add_", denom, eps)                                  #     + eps
-            _each("addcdiv_", [params[i] for i in idx], [ms[i] for i in idx], denom,
-                  value=-step_size)                                    # p − step·m / denom
+            denom = _each(SQRT, [vs[i] for i in idx])
+            _each(DIV_, denom, bias_correction2_sqrt)  # √v / √(1 − β₂ᵗ)
+            _each(ADD_, denom, eps)  # + eps
+            _each(ADDCDIV_, [params[i] for i in idx], [ms[i] for i in idx], denom,
+                  value=-step_size)  # p − step·m / denom
 
     def held_tensors(self):
         """Every tensor this step keeps from one call to the next: the parameters, the optimizer's
