@@ -8,7 +8,7 @@ import os
 import sys
 
 from refnet import report as report_mod
-from refnet.settings import default_device, resolve_devices
+from refnet.settings import apply_threads, default_device, largest_gemm_macs, resolve_devices
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -34,6 +34,9 @@ def add_verify(sub):
                    help="anything short of bitwise is a failure")
     p.add_argument("--json", metavar="OUT.json", help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: OMP_NUM_THREADS if set, else 1 for the "
+                        "document's examples and small specs; refnet.settings.choose_threads)")
     p.set_defaults(func=cmd_verify)
 
 
@@ -60,7 +63,8 @@ def cmd_verify(args):
             raise ValueError("--spec: give either --spec or --example, not both")
         base = Spec.from_json(args.spec)
         from refnet.harness import load_data
-        load_data(base)  # a data/sizes mismatch fails before any output
+        x, _ = load_data(base)  # a data/sizes mismatch fails before any output
+        apply_threads(args.threads, largest_gemm_macs(base.sizes, base.batch_size or x.shape[0]))
         devices = resolve_devices(args.device) if args.device else [base.device]
         dtypes = _dtypes(args.dtype) if args.dtype else [base.dtype]
         if "cuda" in devices:
@@ -71,6 +75,7 @@ def cmd_verify(args):
             examples.get(name)  # unknown names fail before any output
         devices = resolve_devices(args.device or "auto")
         dtypes = _dtypes(args.dtype or "all")
+        apply_threads(args.threads)  # the document's examples are small (largest GEMM 6.4 M)
         run = lambda: report_mod.run(args.example, devices, dtypes, args.strict_bits, on_row)  # noqa: E731
     if args.json:
         report_mod.check_writable(args.json)

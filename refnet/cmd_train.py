@@ -70,6 +70,9 @@ def add_parser(sub):
                         "tolerance on cuda or when the spec uses an op listed in refnet/known.py, "
                         "e.g. ELU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+    p.add_argument("--threads", type=_positive_int(), metavar="N",
+                   help="torch CPU threads (default: OMP_NUM_THREADS if set, else 1 unless the "
+                        "net's largest GEMM is large; refnet.settings.choose_threads)")
     p.set_defaults(func=cmd_train)
 
 
@@ -108,6 +111,7 @@ def cmd_train(args):
     from refnet import train as train_mod
 
     spec, example = build_spec(args)
+    _apply_threads(spec, args.threads)
     out = args.out or args.resume
     if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):
         out = os.path.dirname(os.path.abspath(args.resume))
@@ -135,6 +139,16 @@ def cmd_train(args):
               + (f"; {summary['status']}: {nonfinite}" if nonfinite else "")
               + (f"; wrote {', '.join(summary['files'])} in {out}" if out else ""))
     return 0
+
+
+def _apply_threads(spec, requested):
+    """The thread policy for this net: its largest GEMM at the training batch size."""
+    from refnet.settings import apply_threads, largest_gemm_macs
+    batch = spec.batch_size or spec.n_samples
+    if batch is None:  # full batch of a data set of its default size
+        from refnet.harness import load_data
+        batch = load_data(spec)[0].shape[0]
+    return apply_threads(requested, largest_gemm_macs(spec.sizes, batch))
 
 
 def _resumes_into(resume, out):
