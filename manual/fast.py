@@ -57,7 +57,7 @@ class FastMLP:
                 and self.mlp.loss in FAST_LOSSES)
 
     def reset(self):
-        """Forget the buffers (after replacing parameter tensors or changing the optimizer)."""
+        """Forget the buffers and the plan; the next step validates and builds them again."""
         self._signature = None
         self._plan = None
 

@@ -1,7 +1,8 @@
 """Operations whose manual backward is known NOT to be bit-identical to autograd, with the measured
 bound and the reason.  A spec that uses one expects the `tolerance` tier (or better) on its
 manual-vs-autograd checks instead of `bitwise`, and its report note says why.  Everything else is
-expected bitwise on CPU.  Keys: "activation:NAME", "loss:NAME", "optimizer:NAME".
+expected bitwise on CPU.  Keys: "activation:NAME", "loss:NAME", "optimizer:NAME".  CUDA has its
+own table, CUDA_NOT_BITWISE (below): the tier and the note follow the device a spec runs on.
 
 `ulp` is the largest distance measured for the op alone (manual vs aten backward, 5 × 20 000
 random elements, float32 and float64, torch 2.13.0 CPU).  Through a network the distance grows:
