@@ -33,6 +33,12 @@ Build on refnet's own MLP:
 Tiers, best first: bitwise, ulp (<= 8 units in the last place), tolerance (rtol/atol by dtype),
 fail.  Shapes, dtypes and devices must match exactly; refnet never broadcasts.
 """
+import os
+
+# Deterministic cuBLAS needs this before the process's first CUDA matmul, which may come before
+# any refnet.settings.determinism() (refnet/settings.py says why); a user's value is kept.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 from refnet.api import DEFAULT_TIER, Report, Trace, assert_same, compare, describe, trace_compare
 from refnet.backward_check import check_backward
 from refnet.compare import TIERS, Verdict, compare_curves, compare_tensors, ulp_distance
