@@ -94,20 +94,25 @@ def test_losses_are_fresh_tensors_and_a_new_batch_size_rebuilds():
     assert len({id(v) for v in losses}) == 4 and not same_bits(losses[0], losses[1])
 
 
-def test_fallback_for_regularization_and_foreign_optimizers_is_bitwise():
+def test_fallback_and_foreign_optimizers_are_visible_and_bitwise(monkeypatch):
     """What the fast path does not specialise runs the readable code, visibly (specialised
-    False, fallback naming why) and with the same bits."""
+    False, fallback naming why) and with the same bits; an optimizer that is not exactly one of
+    manual.optim's runs its own step."""
+    import manual.fast as fast_mod
     sizes, opt = [3, 8, 2], {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}
     params = init_params(sizes, "leaky_relu", True, seed=3, dtype=torch.float64)
     clone = lambda: {k: v.clone() for k, v in params.items()}  # noqa: E731
     readable = MLP(clone(), "leaky_relu", "mse", manual.make_optimizer(**opt), reg=0.01)
     fast = FastMLP(MLP(clone(), "leaky_relu", "mse", manual.make_optimizer(**opt), reg=0.01))
-    assert not fast.specialised and "reg" in fast.fallback
+    assert fast.specialised and fast.fallback is None
+    monkeypatch.setattr(fast_mod, "FAST_ACTIVATIONS", ("sigmoid", "tanh"))  # as if not written
+    assert not fast.specialised and "leaky_relu" in fast.fallback
     x, t = data(6, sizes, torch.float64)
     for _ in range(3):
         assert same_bits(fast.train_step(x, t), readable.train_step(x, t))
     for name, p in fast.mlp.params.items():
         assert same_bits(p, readable.params[name])
+    monkeypatch.undo()
 
     class Halving(manual.optim.SGD):   # a subclass: its step may differ, so it runs its own
         def step(self, params, grads):
