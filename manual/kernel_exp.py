@@ -34,18 +34,28 @@ def _fma(a, b, c):
     return torch.addcmul(c, a, b)
 
 
+def _pow2_float64(k):
+    # 2^k for integer-valued k in [−1022, 1023], written into a float64's exponent bits
+    return (k.to(torch.int64) + 1023).bitwise_left_shift_(52).view(torch.float64)
+
+
 def _scale_by_pow2(u, q):
-    # u·2^q in two exact steps, as SLEEF's vldexp2 (keeps 2^(q/2) finite for every q it sees)
+    # u·2^q in two exact steps, as SLEEF's vldexp2 (keeps 2^(q/2) finite for every q it sees).
+    # float64 only: for x in the caller's [low, high], q ∈ [−1443, 1024], so both halves are
+    # normal powers of two; outside it the caller's selects decide (u may be anything there).
     q = torch.nan_to_num(q, nan=0.0).clamp(-2200.0, 2200.0)
     half = torch.floor(q / 2)
-    return u * torch.pow(2.0, half).to(u.dtype) * torch.pow(2.0, q - half).to(u.dtype)
+    return u * _pow2_float64(half) * _pow2_float64(q - half)
 
 
 def _scale_by_pow2_float32(u, q):
     # The same u·2^q for float32 in fewer passes: in float64 the product u·2^q is exact for every
     # q the caller keeps (|q| ≤ 150), so rounding it once to float32 gives the correctly rounded
-    # product — what vldexp2's exact first step and rounding second step give.  NaN stays NaN.
-    return (u.double() * torch.pow(2.0, q.double())).float()
+    # product — what vldexp2's exact first step and rounding second step give.  2^q is written
+    # straight into a float64's exponent bits ((q + 1023) << 52; pow is a slow scalar loop).
+    # Where q is not finite (x = ±inf or NaN), u is NaN and the caller's selects decide.
+    two_q = (q.to(torch.int64) + 1023).bitwise_left_shift_(52).view(torch.float64)
+    return (u.double() * two_q).float()
 
 
 _F32_POLY = (0.000198527617612853646278381, 0.00139304355252534151077271,
