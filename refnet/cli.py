@@ -34,6 +34,8 @@ def add_verify(sub):
                    help="anything short of bitwise is a failure")
     p.add_argument("--json", metavar="OUT.json", help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
+    p.add_argument("--nproc", type=int, metavar="N", help="data-parallel: manual DP vs "
+                   "DistributedDataParallel on N processes (docs/data-parallel.md)")
     p.set_defaults(func=cmd_verify)
 
 
@@ -54,6 +56,9 @@ def cmd_verify(args):
     from refnet import examples
     from refnet.spec import Spec
 
+    if args.nproc or os.environ.get("TORCHELASTIC_RUN_ID"):  # data-parallel (docs/data-parallel.md)
+        from refnet import dp_launch
+        return dp_launch.run_verb(args)
     on_row = None if args.quiet else _print_row
     if args.spec:
         if args.example:

@@ -70,6 +70,8 @@ def add_parser(sub):
                         "tolerance on cuda or when the spec uses an op listed in refnet/known.py, "
                         "e.g. ELU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+    p.add_argument("--nproc", type=_positive_int(), metavar="N", help="data-parallel on N "
+                   "processes, manual vs DistributedDataParallel (docs/data-parallel.md)")
     p.set_defaults(func=cmd_train)
 
 
@@ -107,6 +109,9 @@ def build_spec(args):
 def cmd_train(args):
     from refnet import train as train_mod
 
+    if args.nproc or os.environ.get("TORCHELASTIC_RUN_ID"):  # data-parallel (docs/data-parallel.md)
+        from refnet import dp_launch
+        return dp_launch.run_verb(args)
     spec, example = build_spec(args)
     out = args.out or args.resume
     if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):

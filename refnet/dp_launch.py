@@ -1,0 +1,259 @@
+"""Start N data-parallel processes (or join torchrun's), run a job on each, and fail cleanly.
+
+`refnet train|verify|bench --nproc N` spawns N processes here with a FileStore rendezvous in a
+temporary folder.  Under `torchrun --nproc-per-node N [--nnodes M --node-rank K
+--rdzv-endpoint HOST:PORT] -m refnet …` the current process is one rank (env:// rendezvous).
+
+Faults: every collective times out after TIMEOUT_S (the process group's timeout).  When a spawned
+rank exits abnormally (an exception or a signal), the launcher waits at most TIMEOUT_S + GRACE_S
+for the others to fail on their own (a closed connection usually ends them at once), kills what
+is left, and raises RankFailed with one line naming the rank.  Rank 0 writes checkpoints
+atomically, so a failure leaves the last complete checkpoint to --resume from.
+"""
+import datetime
+import os
+import pickle
+import shutil
+import signal
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from refnet import distributed as dist_mod
+from refnet.settings import determinism
+
+GRACE_S = 5
+
+
+def under_torchrun():
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def _init(rank, world_size, device, init_method, timeout_s):
+    torch.set_num_threads(1)  # N ranks share the cores; one thread each
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    dist.init_process_group(dist_mod.backend_for(device), init_method=init_method, rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _work(rank, world_size, job):
+    """The job on this rank, inside the process group; rank 0's result."""
+    if job["mode"] == "verify":
+        results = []
+        for raw in job["specs"]:
+            spec = dist_mod.Spec.from_dict(raw[rank] if isinstance(raw, list) else raw)
+            with determinism(spec.device):
+                checks = dist_mod.verify_spec(spec, rank, world_size, job)
+            results.append((spec.name, spec.device, spec.dtype, checks))
+        return results
+    if job["mode"] == "train":
+        from refnet.dp_train import train_worker
+        with determinism(job["spec"]["device"]):
+            return train_worker(rank, world_size, job)
+    if job["mode"] == "bench":
+        from refnet.bench_dp import bench_worker
+        return bench_worker(rank, world_size, job)
+    raise ValueError(f"job mode: expected verify, train or bench, got {job['mode']!r}")
+
+
+def _entry(rank, world_size, job, folder, timeout_s):
+    """One spawned rank: run the job, leave rank 0's result or this rank's one-line error."""
+    code = 0
+    try:
+        _init(rank, world_size, job["device"], f"file://{os.path.join(folder, 'store')}", timeout_s)
+        result = _work(rank, world_size, job)
+        if rank == 0:
+            with open(os.path.join(folder, "result.pkl"), "wb") as f:
+                pickle.dump(result, f)
+    except BaseException as exc:  # noqa: BLE001 -- reported as one line, then a nonzero exit
+        line = " ".join(f"{exc.__class__.__name__}: {exc}".split())[:400]
+        with open(os.path.join(folder, f"rank{rank}.err"), "w") as f:
+            f.write(line)
+        if os.environ.get("REFNET_DP_TRACEBACK"):
+            traceback.print_exc()
+        code = 2 if isinstance(exc, (ValueError, TypeError)) else 1
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 -- a broken group cannot be torn down cleanly
+                pass
+    os._exit(code)  # skip interpreter teardown: a dead peer must not make exit hang
+
+
+def _why(exitcode):
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+def launch(job, nproc, timeout_s=None):
+    """Run job on nproc spawned ranks; rank 0's result, or RankFailed / ValueError (one line)."""
+    timeout_s = timeout_s or dist_mod.TIMEOUT_S
+    ctx = mp.get_context("spawn")
+    folder = tempfile.mkdtemp(prefix="refnet-dp-")
+    procs = []
+    try:
+        for rank in range(nproc):
+            p = ctx.Process(target=_entry, args=(rank, nproc, job, folder, timeout_s))
+            p.start()
+            procs.append(p)
+        first, deadline = None, None
+        while any(p.is_alive() for p in procs):
+            if first is None:
+                bad = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if bad:
+                    first, deadline = bad[0], time.time() + timeout_s + GRACE_S
+            elif time.time() > deadline:
+                break
+            time.sleep(0.05)
+        if first is None:
+            bad = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            first = bad[0] if bad else None
+        if first is not None:
+            raise _failure(folder, procs, first)
+        with open(os.path.join(folder, "result.pkl"), "rb") as f:
+            return pickle.load(f)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _failure(folder, procs, first):
+    """One line: which rank failed first and why (its own message when it left one)."""
+    def err(r):
+        path = os.path.join(folder, f"rank{r}.err")
+        return open(path).read().strip() if os.path.exists(path) else None
+    msg, code = err(first), procs[first].exitcode
+    if msg and code == 2:  # a usage error the same on every rank (spec, --nproc, data mismatch)
+        return ValueError(msg.split(": ", 1)[1] if ": " in msg else msg)
+    others = [r for r in range(len(procs)) if r != first]
+    return dist_mod.RankFailed(
+        f"rank {first} of {len(procs)} failed ({_why(code)}{': ' + msg if msg else ''}); "
+        f"ranks {', '.join(map(str, others))} stopped")
+
+
+def run_job(job, nproc):
+    """Spawn nproc ranks here, or, under torchrun, be one rank; rank 0's result (others: None)."""
+    if not under_torchrun():
+        return launch(job, nproc)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if nproc and nproc != world_size:
+        raise ValueError(f"--nproc: {nproc} given but torchrun started {world_size} processes; "
+                         f"drop --nproc under torchrun or make them agree")
+    _init(rank, world_size, job["device"], "env://", dist_mod.TIMEOUT_S)
+    try:
+        result = _work(rank, world_size, job)
+    except (ValueError, TypeError):
+        raise
+    except Exception as exc:  # a collective failed: a peer died or timed out
+        raise dist_mod.RankFailed(f"rank {rank}: {' '.join(str(exc).split())[:300]}") from None
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 -- a broken group cannot be torn down cleanly
+            pass
+    return result if rank == 0 else None
+
+
+# -- the verbs (refnet/cli.py and refnet/cmd_train.py call run_verb when --nproc is given) --
+
+def run_verb(args):
+    """`refnet verify|train|bench --nproc N`: exit code; one-line errors as the CLI prints them."""
+    import sys
+    try:
+        if args.command == "verify":
+            return _verify_verb(args)
+        if args.command == "train":
+            return _train_verb(args)
+        if args.command == "bench":
+            from refnet.bench_dp import bench_verb
+            return bench_verb(args, run_job)
+        raise ValueError(f"--nproc: not available for {args.command}")
+    except dist_mod.RankFailed as exc:
+        print(f"refnet: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _verify_verb(args):
+    import sys
+    import time
+    from refnet import report as report_mod
+    from refnet.spec import Spec
+    both = args.dtype == "all" or (args.dtype is None and not args.spec)
+    dtypes = ["float32", "float64"] if both else [args.dtype] if args.dtype else None
+    device = "cuda" if args.device == "cuda" else "cpu"
+    if args.spec:
+        base = Spec.from_json(args.spec)
+        specs = [Spec.from_dict({**base.to_dict(), "dtype": dt, "device": device})
+                 for dt in (dtypes or [base.dtype])]
+    else:
+        specs = [s for dt in dtypes for s in dist_mod.dp_specs(dt, device)]
+    started = time.time()
+    results = run_job({"mode": "verify", "device": device, "specs": [s.to_dict() for s in specs]},
+                      args.nproc)
+    if results is None:  # a rank other than 0 under torchrun
+        return 0
+    rows = []
+    if not args.quiet:
+        print(report_mod.header(), flush=True)
+    for name, dev, dtype, checks in results:
+        for check in checks:
+            r = report_mod.row(name, check, dev, dtype)
+            rows.append(r)
+            if not args.quiet:
+                print(report_mod.format_row(r), flush=True)
+                if r.get("note"):
+                    print(f"    . {r['note']}", flush=True)
+                for msg in r["failures"]:
+                    print(f"    ! {msg}", flush=True)
+    s = report_mod.summarize(rows, time.time() - started, args.strict_bits, True)
+    if args.json:
+        report_mod.write_json({"results": rows, "complete": True, "summary": s}, args.json)
+    print(f"{s['passed']}/{s['checks']} checks passed  tiers {s['tiers']}  ({s['seconds']} s, "
+          f"torch {s['torch']}, {args.nproc or os.environ.get('WORLD_SIZE')} processes)")
+    return 0 if s["all_passed"] else 1
+
+
+def _train_verb(args):
+    import sys
+    from refnet import cmd_train
+    from refnet import train as train_mod
+    spec, example = cmd_train.build_spec(args)
+    out = args.out or args.resume
+    if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):
+        out = os.path.dirname(os.path.abspath(args.resume))
+    if args.out and not args.force and not cmd_train._resumes_into(args.resume, args.out):
+        existing = train_mod.existing_run_files(args.out)
+        if existing:
+            raise ValueError(f"--out: {args.out} already holds a run ({', '.join(existing)}); "
+                             f"give --force to overwrite it, or --resume {args.out} to continue it")
+    if out:
+        os.makedirs(out, exist_ok=True)
+    job = {"mode": "train", "device": spec.device, "spec": spec.to_dict(), "example": example,
+           "out": out, "resume": args.resume, "check_every": args.check_every, "tier": args.tier}
+    summary = run_job(job, args.nproc)
+    if summary is None:
+        return 0
+    if summary["status"] == "diverged":
+        print(f"refnet train: diverged: {summary['message']}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"{summary['name']}: {summary['steps']} steps on {summary['world_size']} processes "
+              f"({summary['backend']}) {summary['device']}/{summary['dtype']}, loss manual "
+              f"{summary['final_loss_manual']:.6g} DDP twin {summary['final_loss_twin']:.6g}, tier "
+              f"{summary['tier']} (allowed {summary['allowed_tier']})"
+              + (f"; wrote {', '.join(summary['files'])} in {out}" if out else ""))
+    return 0

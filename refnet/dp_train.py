@@ -1,0 +1,115 @@
+"""`refnet train --nproc N`: the lockstep training run of refnet.train, data-parallel.
+
+Every rank trains both sides on its shard of each global mini-batch; rank 0 alone writes
+losses.csv (a column per side: the mean over ranks of the rank losses), summary.json, the plots
+and the checkpoints, all atomically (refnet.train's writers, refnet.atomic).  The checkpoint
+records the world size; resuming with another N is refused.  Parameters and optimizer states
+are identical on every rank (checked at every check point), so rank 0's are the run's.
+"""
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from refnet import data as datasets
+from refnet import train as train_mod
+from refnet import twin as twin_mod
+from refnet.compare import compare_curves, compare_tensors
+from refnet.distributed import DPPair, _data, _faults, _flat, check_same_everywhere
+from refnet.spec import Spec
+
+
+def train_worker(rank, world_size, job):
+    """Train job["spec"] (a dict) on this rank; returns rank 0's summary (others: None)."""
+    spec, example, out_dir = Spec.from_dict(job["spec"]), job.get("example"), job.get("out")
+    check_every, tier = job.get("check_every", 50), job.get("tier") or train_mod.default_tier(spec)
+    ck = train_mod.load_checkpoint(job["resume"]) if job.get("resume") else None
+    if ck is not None and ck.get("world_size") != world_size:
+        raise ValueError(f"--nproc: the checkpoint was trained on {ck.get('world_size')} "
+                         f"processes; resume it with --nproc {ck.get('world_size')}, not "
+                         f"{world_size}")
+    if ck is not None and ck["step"] >= spec.steps:
+        raise ValueError(f"--steps: the checkpoint is already at step {ck['step']}; give --steps "
+                         f"larger than that to continue")
+    started = time.time()
+    x, target = _data(spec, example, rank, job)
+    params = None
+    if example is not None and train_mod.get_example(example).params is not None:
+        params = train_mod.get_example(example).params(spec)
+    dp = DPPair(spec, rank, world_size, params)
+    check_same_everywhere(rank, spec, x, target, dp.pair.mlp.params)
+    start, hist_m, hist_t = 0, [], []
+    if ck is not None:
+        # DDP is rebuilt from scratch on resume: its first step uses the registration-order
+        # bucket again, and so does a fresh GradReducer (mirroring DDP, not the unbroken run).
+        train_mod._restore(dp.pair, ck, spec.device)
+        start = int(ck["step"])
+        hist_m, hist_t = [ck["losses_manual"]], [ck["losses_twin"]]
+    state = {"worst": ck.get("worst_tier", "bitwise") if ck else "bitwise", "checks": 0,
+             "interrupted": False, "last_checkpoint": None}
+    sched = datasets.batches(x.shape[0], spec.batch_size, spec.steps, spec.seed)[start:]
+    status, message = "completed", ""
+    for step, idx in enumerate(sched, start):
+        _faults(job, rank, step)
+        rows = dp.shard(idx, x.shape[0]).to(x.device)
+        loss_m, loss_t, red, grads_t = dp.step(x[rows], target[rows])
+        pair_loss = torch.stack([loss_m, loss_t])
+        everyone = [torch.empty_like(pair_loss) for _ in range(world_size)]
+        dist.all_gather(everyone, pair_loss)
+        mean = torch.stack(everyone).sum(0) / world_size
+        hist_m.append(mean[0:1].cpu())
+        hist_t.append(mean[1:2].cpu())
+        verdicts = [compare_curves("loss", loss_m.reshape(1), loss_t.reshape(1), required=tier)]
+        verdicts += [compare_tensors(f"{n}.grad", red[n], grads_t[n], required=tier) for n in red]
+        done = step + 1
+        if done % check_every == 0 or done == spec.steps:
+            twin_final = twin_mod.params_of(dp.pair.twin)
+            verdicts += [compare_tensors(n, p, twin_final[n], "curve", required=tier)
+                         for n, p in dp.pair.mlp.params.items()]
+            flat = torch.cat([_flat(dp.pair.mlp.params), _flat(twin_final)])
+            ref = flat.clone()
+            dist.broadcast(ref, 0)
+            verdicts.append(compare_tensors("params vs rank 0", flat, ref, "curve",
+                                            strict_bits=True))
+        bad = [f"rank {rank}: {v.message()}" for v in verdicts if not v.passed]
+        for v in verdicts:
+            state["checks"] += 1
+            state["worst"] = max(state["worst"], v.tier, key=train_mod.TIERS.index)
+        flags = [None] * world_size
+        dist.all_gather_object(flags, bad)
+        bad = [m for f in flags for m in f]
+        if bad:
+            status, message = "diverged", f"step {step}: {bad[0]}"
+            break
+        if (done % check_every == 0 or done == spec.steps) and rank == 0 and out_dir:
+            _save(out_dir, dp.pair, spec, example, done, hist_m, hist_t, state, world_size)
+        if (done % check_every == 0 or done == spec.steps):
+            dist.barrier()  # no rank runs ahead of a checkpoint being written
+    if rank != 0:
+        return None
+    losses_m, losses_t = torch.cat(hist_m), torch.cat(hist_t)
+    summary = train_mod._summary(spec, example, tier, state, status, message, start, losses_m,
+                                 losses_t, dp.pair, x, target, time.time() - started)
+    summary.update(world_size=world_size, backend=dist.get_backend(),
+                   loss_note="losses: the mean over ranks of each rank's loss on its shard")
+    if out_dir:
+        summary["files"] = train_mod._write_outputs(out_dir, spec, summary, losses_m, losses_t,
+                                                    dp.pair, x, target)
+    return summary
+
+
+def _save(out_dir, pair, spec, example, step, hist_m, hist_t, state, world_size):
+    """refnet.train's checkpoint payload plus the world size, written atomically by rank 0."""
+    payload = {
+        "format": train_mod.CHECKPOINT_FORMAT, "step": step, "spec": spec.to_dict(),
+        "example": example, "world_size": world_size,
+        "manual_params": train_mod._cpu(pair.mlp.params),
+        "twin_params": train_mod._cpu(twin_mod.params_of(pair.twin)),
+        "manual_optimizer": train_mod._cpu(pair.mlp.optimizer.state_dict()),
+        "twin_optimizer": train_mod._cpu(pair.twin_opt.state_dict()),
+        "losses_manual": torch.cat(hist_m).cpu(), "losses_twin": torch.cat(hist_t).cpu(),
+        "worst_tier": state["worst"], "torch": str(torch.__version__),
+    }
+    train_mod.save_checkpoint(os.path.join(out_dir, train_mod.CHECKPOINT_NAME), payload)
+    state["last_checkpoint"] = step
