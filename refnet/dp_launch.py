@@ -240,6 +240,12 @@ def _train_verb(args):
         if existing:
             raise ValueError(f"--out: {args.out} already holds a run ({', '.join(existing)}); "
                              f"give --force to overwrite it, or --resume {args.out} to continue it")
+    if args.resume:  # refuse another N before starting any process
+        saved = train_mod.load_checkpoint(args.resume).get("world_size")
+        nproc = args.nproc or int(os.environ.get("WORLD_SIZE", 0))
+        if saved != nproc:
+            raise ValueError(f"--nproc: the checkpoint was trained on {saved} processes; resume "
+                             f"it with --nproc {saved}, not {nproc}")
     if out:
         os.makedirs(out, exist_ok=True)
     job = {"mode": "train", "device": spec.device, "spec": spec.to_dict(), "example": example,
