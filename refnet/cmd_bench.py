@@ -25,6 +25,8 @@ def add_parser(sub):
     p.add_argument("--json", metavar="OUT.json", help="write the results here")
     p.add_argument("--readme", metavar="FILE.md",
                    help=f"replace the table between {MARK_START} and {MARK_END} in this file")
+    p.add_argument("--nproc", type=int, metavar="N", help="data-parallel bench: manual DP vs DDP "
+                   "step time and peak memory for 1..N processes (refnet/bench_dp.py)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -113,6 +115,9 @@ def format_row(r):
 
 
 def cmd_bench(args):
+    if args.nproc:  # data-parallel bench (refnet/bench_dp.py)
+        from refnet import dp_launch
+        return dp_launch.run_verb(args)
     from refnet import bench
     from refnet import report as report_mod
     device = resolve_devices(args.device)[0]
