@@ -64,6 +64,15 @@ class DPPair:
                              f"{self.world_size} processes; give a batch of at least that many")
         return torch.tensor_split(idx, self.world_size)[self.rank]
 
+    def resume_buckets(self, xb, tb):
+        """After a restart, put both sides in the bucket layout of the unbroken run: one
+        discarded DDP forward/backward (no optimizer step) lets DDP record the gradient-ready
+        order and rebuild its buckets at the next forward; the manual reducer rebuilds directly."""
+        self.pair.twin_opt.zero_grad(set_to_none=True)
+        self.pair.twin_loss(self.ddp(xb), tb).backward()
+        self.pair.twin_opt.zero_grad(set_to_none=True)
+        self.reducer.rebuild()
+
     def step(self, xb, tb):
         """One step on both sides; returns (loss_m, loss_t, reduced manual grads, DDP grads)."""
         mlp = self.pair.mlp

@@ -41,14 +41,16 @@ def train_worker(rank, world_size, job):
     check_same_everywhere(rank, spec, x, target, dp.pair.mlp.params)
     start, hist_m, hist_t = 0, [], []
     if ck is not None:
-        # DDP is rebuilt from scratch on resume: its first step uses the registration-order
-        # bucket again, and so does a fresh GradReducer (mirroring DDP, not the unbroken run).
         train_mod._restore(dp.pair, ck, spec.device)
         start = int(ck["step"])
         hist_m, hist_t = [ck["losses_manual"]], [ck["losses_twin"]]
     state = {"worst": ck.get("worst_tier", "bitwise") if ck else "bitwise", "checks": 0,
              "interrupted": False, "last_checkpoint": None}
     sched = datasets.batches(x.shape[0], spec.batch_size, spec.steps, spec.seed)[start:]
+    if start and sched:
+        # a fresh DDP would use its first-iteration bucket again; the unbroken run had rebuilt
+        rows = dp.shard(sched[0], x.shape[0]).to(x.device)
+        dp.resume_buckets(x[rows], target[rows])
     status, message = "completed", ""
     for step, idx in enumerate(sched, start):
         _faults(job, rank, step)

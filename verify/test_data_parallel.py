@@ -71,28 +71,34 @@ def _train_job(out, spec, resume=None, **faults):
 
 
 def test_kill_one_rank_then_resume_bitwise(tmp_path):
+    # N = 3: the bucket order decides bits, so resuming must restore DDP's rebuilt buckets
     spec = _small_spec()
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     whole.mkdir()
     broken.mkdir()
-    summary = dp_launch.launch(_train_job(whole, spec), 2)
+    summary = dp_launch.launch(_train_job(whole, spec), 3)
     assert summary["status"] == "completed" and summary["tier"] == "bitwise"
     started = time.time()
     with pytest.raises(dist_mod.RankFailed) as info:
-        dp_launch.launch(_train_job(broken, spec, kill_at=[1, 5]), 2)
+        dp_launch.launch(_train_job(broken, spec, kill_at=[1, 5]), 3)
     elapsed = time.time() - started
     msg = str(info.value)
-    assert "rank 1 of 2 failed (killed by SIGKILL)" in msg and "\n" not in msg, msg
+    assert "rank 1 of 3 failed (killed by SIGKILL)" in msg and "\n" not in msg, msg
     assert elapsed < dist_mod.TIMEOUT_S + dp_launch.GRACE_S
     # the last complete checkpoint (step 3) is intact; no temporary file is left behind
     ck = train_mod.load_checkpoint(str(broken))
-    assert ck["step"] == 3 and ck["world_size"] == 2
+    assert ck["step"] == 3 and ck["world_size"] == 3
     assert not [f for f in os.listdir(broken) if f.endswith(".tmp")]
-    resumed = dp_launch.launch(_train_job(broken, spec, resume=str(broken)), 2)
+    resumed = dp_launch.launch(_train_job(broken, spec, resume=str(broken)), 3)
     assert resumed["resumed_from"] == 3 and resumed["status"] == "completed"
+    assert resumed["tier"] == "bitwise"  # manual DP vs DDP
     assert (broken / "losses.csv").read_text() == (whole / "losses.csv").read_text()
+    a, b = train_mod.load_checkpoint(str(whole)), train_mod.load_checkpoint(str(broken))
+    for side in ("manual_params", "twin_params"):
+        for name, p in a[side].items():
+            assert torch.equal(p, b[side][name]), (side, name)
     # another N is refused with one line, before any process starts
-    rc = main(["train", "--resume", str(broken), "--nproc", "3", "--steps", "12", "--quiet"])
+    rc = main(["train", "--resume", str(broken), "--nproc", "2", "--steps", "12", "--quiet"])
     assert rc == 2
 
 
