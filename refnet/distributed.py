@@ -1,24 +1,18 @@
 """Data-parallel runs: the manual MLP reduced by manual/data_parallel.py beside the twin wrapped in
 nn.parallel.DistributedDataParallel, on N processes (gloo on CPU, NCCL on CUDA).
 
-Launch: `launch(job, nproc)` spawns N processes on this machine with a FileStore rendezvous, or,
-under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set), `run_job(job)` joins torchrun's env://
-rendezvous in the current process.  Every collective has the process group's timeout
-(TIMEOUT_S): a rank that dies or hangs makes the others fail within it instead of hanging.
+Launching N ranks (or joining torchrun's) is refnet/dp_launch.py; training is refnet/dp_train.py.
+Every collective has the process group's timeout (TIMEOUT_S): a rank that dies or hangs makes
+the others fail within it instead of hanging.
 
 Each step takes the global mini-batch of single-process training (refnet.data.batches, same seed)
 and gives rank r the r-th of N contiguous pieces (torch.tensor_split).  Both sides then run on the
 shard; the manual side averages its gradients with GradReducer, the twin with DDP; both apply the
 same optimizer step on every rank.
 """
-import datetime
 import hashlib
 import os
-import pickle
-import shutil
 import signal
-import tempfile
-import time
 
 import torch
 import torch.distributed as dist
@@ -30,7 +24,6 @@ from refnet import train as train_mod
 from refnet import twin as twin_mod
 from refnet.compare import compare_curves, compare_tensors
 from refnet.examples import Check
-from refnet.settings import determinism
 from refnet.spec import Spec
 
 TIMEOUT_S = 30          # every collective (and the rendezvous) fails after this many seconds

@@ -15,6 +15,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -23,7 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from refnet import bench_dp, dp_train
 from refnet import distributed as dist_mod
+from refnet import report as report_mod
+from refnet import train as train_mod
 from refnet.settings import determinism
 
 GRACE_S = 5
@@ -52,12 +56,10 @@ def _work(rank, world_size, job):
             results.append((spec.name, spec.device, spec.dtype, checks))
         return results
     if job["mode"] == "train":
-        from refnet.dp_train import train_worker
         with determinism(job["spec"]["device"]):
-            return train_worker(rank, world_size, job)
+            return dp_train.train_worker(rank, world_size, job)
     if job["mode"] == "bench":
-        from refnet.bench_dp import bench_worker
-        return bench_worker(rank, world_size, job)
+        return bench_dp.bench_worker(rank, world_size, job)
     raise ValueError(f"job mode: expected verify, train or bench, got {job['mode']!r}")
 
 
@@ -101,7 +103,7 @@ def _context():
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["refnet.dp_launch", "refnet.dp_train", "refnet.bench_dp"])
+    ctx.set_forkserver_preload(["refnet.dp_launch"])
     return ctx
 
 
@@ -182,15 +184,13 @@ def run_job(job, nproc):
 
 def run_verb(args):
     """`refnet verify|train|bench --nproc N`: exit code; one-line errors as the CLI prints them."""
-    import sys
     try:
         if args.command == "verify":
             return _verify_verb(args)
         if args.command == "train":
             return _train_verb(args)
         if args.command == "bench":
-            from refnet.bench_dp import bench_verb
-            return bench_verb(args, run_job)
+            return bench_dp.bench_verb(args, run_job)
         raise ValueError(f"--nproc: not available for {args.command}")
     except dist_mod.RankFailed as exc:
         print(f"refnet: error: {exc}", file=sys.stderr)
@@ -198,16 +198,12 @@ def run_verb(args):
 
 
 def _verify_verb(args):
-    import sys
-    import time
-    from refnet import report as report_mod
-    from refnet.spec import Spec
     both = args.dtype == "all" or (args.dtype is None and not args.spec)
     dtypes = ["float32", "float64"] if both else [args.dtype] if args.dtype else None
     device = "cuda" if args.device == "cuda" else "cpu"
     if args.spec:
-        base = Spec.from_json(args.spec)
-        specs = [Spec.from_dict({**base.to_dict(), "dtype": dt, "device": device})
+        base = dist_mod.Spec.from_json(args.spec)
+        specs = [dist_mod.Spec.from_dict({**base.to_dict(), "dtype": dt, "device": device})
                  for dt in (dtypes or [base.dtype])]
     else:
         specs = [s for dt in dtypes for s in dist_mod.dp_specs(dt, device)]
@@ -238,9 +234,7 @@ def _verify_verb(args):
 
 
 def _train_verb(args):
-    import sys
-    from refnet import cmd_train
-    from refnet import train as train_mod
+    from refnet import cmd_train  # the verb's own module (a sibling): its spec building and checks
     spec, example = cmd_train.build_spec(args)
     out = args.out or args.resume
     if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):
