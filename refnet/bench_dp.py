@@ -5,7 +5,6 @@
 peak memory.  CPU: one torch thread per rank; peak memory is the process's peak RSS (both sides
 live in one process, so no per-side split).  CUDA: torch.cuda.max_memory_allocated per side.
 """
-import json
 import resource
 import time
 
@@ -88,17 +87,3 @@ def bench_dp(nprocs, run_job, device="cpu", dtype="float32", steps=20):
         rows.append(row)
     return rows
 
-
-def bench_verb(args, run_job):
-    """`refnet bench --nproc N`: rows for N = 1 … N, printed as JSON (and to --json)."""
-    device = "cuda" if args.device == "cuda" else "cpu"
-    rows = bench_dp(range(1, args.nproc + 1), run_job, device, args.dtype or "float32",
-                    steps=5 if args.quick else 20)
-    if rows is None:
-        return 0
-    text = json.dumps(rows, indent=2)
-    print(text)
-    if args.json:
-        from refnet.atomic import write_text
-        write_text(args.json, text + "\n")
-    return 0

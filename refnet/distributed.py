@@ -19,11 +19,9 @@ import torch.distributed as dist
 
 from manual.data_parallel import GradReducer
 from refnet import data as datasets
-from refnet import harness
-from refnet import train as train_mod
+from refnet import examples, harness
 from refnet import twin as twin_mod
-from refnet.compare import compare_curves, compare_tensors
-from refnet.examples import Check
+from refnet.compare import Check, compare_curves, compare_tensors
 from refnet.spec import Spec
 
 TIMEOUT_S = 30          # every collective (and the rendezvous) fails after this many seconds
@@ -118,10 +116,11 @@ def _faults(job, rank, step):
 
 
 def _data(spec, example, rank, job):
-    if example is not None and train_mod.get_example(example).data is not None:
-        x, target = train_mod.get_example(example).data(spec)
+    ex = examples.get(example) if example is not None else None
+    if ex is not None and ex.data is not None:
+        x, target = ex.data(spec)
     else:
-        x, target = harness.load_data(spec)
+        x, target = datasets.load_data(spec)
     if job.get("perturb_data") == rank:  # test hook: this rank's data differs
         x = x.clone()
         x.view(-1)[0] += 1

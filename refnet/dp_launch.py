@@ -1,7 +1,7 @@
 """Start N data-parallel processes (or join torchrun's), run a job on each, and fail cleanly.
 
-`refnet train|verify|bench --nproc N` spawns N processes here with a FileStore rendezvous in a
-temporary folder.  Under `torchrun --nproc-per-node N [--nnodes M --node-rank K
+`refnet train|verify|bench --nproc N` (refnet/cli/dp.py builds the job) spawns N processes here
+with a FileStore rendezvous in a temporary folder.  Under `torchrun --nproc-per-node N [--nnodes M --node-rank K
 --rdzv-endpoint HOST:PORT] -m refnet …` the current process is one rank (env:// rendezvous).
 
 Faults: every collective times out after TIMEOUT_S (the process group's timeout).  When a spawned
@@ -15,7 +15,6 @@ import os
 import pickle
 import shutil
 import signal
-import sys
 import tempfile
 import time
 import traceback
@@ -26,8 +25,6 @@ import torch.multiprocessing as mp
 
 from refnet import bench_dp, dp_train
 from refnet import distributed as dist_mod
-from refnet import report as report_mod
-from refnet import train as train_mod
 from refnet.settings import determinism
 
 GRACE_S = 5
@@ -179,91 +176,3 @@ def run_job(job, nproc):
             pass
     return result if rank == 0 else None
 
-
-# -- the verbs (refnet/cli.py and refnet/cmd_train.py call run_verb when --nproc is given) --
-
-def run_verb(args):
-    """`refnet verify|train|bench --nproc N`: exit code; one-line errors as the CLI prints them."""
-    try:
-        if args.command == "verify":
-            return _verify_verb(args)
-        if args.command == "train":
-            return _train_verb(args)
-        if args.command == "bench":
-            return bench_dp.bench_verb(args, run_job)
-        raise ValueError(f"--nproc: not available for {args.command}")
-    except dist_mod.RankFailed as exc:
-        print(f"refnet: error: {exc}", file=sys.stderr)
-        return 1
-
-
-def _verify_verb(args):
-    both = args.dtype == "all" or (args.dtype is None and not args.spec)
-    dtypes = ["float32", "float64"] if both else [args.dtype] if args.dtype else None
-    device = "cuda" if args.device == "cuda" else "cpu"
-    if args.spec:
-        base = dist_mod.Spec.from_json(args.spec)
-        specs = [dist_mod.Spec.from_dict({**base.to_dict(), "dtype": dt, "device": device})
-                 for dt in (dtypes or [base.dtype])]
-    else:
-        specs = [s for dt in dtypes for s in dist_mod.dp_specs(dt, device)]
-    started = time.time()
-    results = run_job({"mode": "verify", "device": device, "specs": [s.to_dict() for s in specs]},
-                      args.nproc)
-    if results is None:  # a rank other than 0 under torchrun
-        return 0
-    rows = []
-    if not args.quiet:
-        print(report_mod.header(), flush=True)
-    for name, dev, dtype, checks in results:
-        for check in checks:
-            r = report_mod.row(name, check, dev, dtype)
-            rows.append(r)
-            if not args.quiet:
-                print(report_mod.format_row(r), flush=True)
-                if r.get("note"):
-                    print(f"    . {r['note']}", flush=True)
-                for msg in r["failures"]:
-                    print(f"    ! {msg}", flush=True)
-    s = report_mod.summarize(rows, time.time() - started, args.strict_bits, True)
-    if args.json:
-        report_mod.write_json({"results": rows, "complete": True, "summary": s}, args.json)
-    print(f"{s['passed']}/{s['checks']} checks passed  tiers {s['tiers']}  ({s['seconds']} s, "
-          f"torch {s['torch']}, {args.nproc or os.environ.get('WORLD_SIZE')} processes)")
-    return 0 if s["all_passed"] else 1
-
-
-def _train_verb(args):
-    from refnet import cmd_train  # the verb's own module (a sibling): its spec building and checks
-    spec, example = cmd_train.build_spec(args)
-    out = args.out or args.resume
-    if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):
-        out = os.path.dirname(os.path.abspath(args.resume))
-    if args.out and not args.force and not cmd_train._resumes_into(args.resume, args.out):
-        existing = train_mod.existing_run_files(args.out)
-        if existing:
-            raise ValueError(f"--out: {args.out} already holds a run ({', '.join(existing)}); "
-                             f"give --force to overwrite it, or --resume {args.out} to continue it")
-    if args.resume:  # refuse another N before starting any process
-        saved = train_mod.load_checkpoint(args.resume).get("world_size")
-        nproc = args.nproc or int(os.environ.get("WORLD_SIZE", 0))
-        if saved != nproc:
-            raise ValueError(f"--nproc: the checkpoint was trained on {saved} processes; resume "
-                             f"it with --nproc {saved}, not {nproc}")
-    if out:
-        os.makedirs(out, exist_ok=True)
-    job = {"mode": "train", "device": spec.device, "spec": spec.to_dict(), "example": example,
-           "out": out, "resume": args.resume, "check_every": args.check_every, "tier": args.tier}
-    summary = run_job(job, args.nproc)
-    if summary is None:
-        return 0
-    if summary["status"] == "diverged":
-        print(f"refnet train: diverged: {summary['message']}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        print(f"{summary['name']}: {summary['steps']} steps on {summary['world_size']} processes "
-              f"({summary['backend']}) {summary['device']}/{summary['dtype']}, loss manual "
-              f"{summary['final_loss_manual']:.6g} DDP twin {summary['final_loss_twin']:.6g}, tier "
-              f"{summary['tier']} (allowed {summary['allowed_tier']})"
-              + (f"; wrote {', '.join(summary['files'])} in {out}" if out else ""))
-    return 0

@@ -13,18 +13,20 @@ import torch
 import torch.distributed as dist
 
 from refnet import data as datasets
-from refnet import train as train_mod
+from refnet import examples
 from refnet import twin as twin_mod
-from refnet.compare import compare_curves, compare_tensors
+from refnet.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_run, save_run
+from refnet.compare import TIERS, compare_curves, compare_tensors
 from refnet.distributed import DPPair, _data, _faults, _flat, check_same_everywhere
 from refnet.spec import Spec
+from refnet.train import default_tier, run_summary, write_outputs
 
 
 def train_worker(rank, world_size, job):
     """Train job["spec"] (a dict) on this rank; returns rank 0's summary (others: None)."""
     spec, example, out_dir = Spec.from_dict(job["spec"]), job.get("example"), job.get("out")
-    check_every, tier = job.get("check_every", 50), job.get("tier") or train_mod.default_tier(spec)
-    ck = train_mod.load_checkpoint(job["resume"]) if job.get("resume") else None
+    check_every, tier = job.get("check_every", 50), job.get("tier") or default_tier(spec)
+    ck = load_checkpoint(job["resume"]) if job.get("resume") else None
     if ck is not None and ck.get("world_size") != world_size:
         raise ValueError(f"--nproc: the checkpoint was trained on {ck.get('world_size')} "
                          f"processes; resume it with --nproc {ck.get('world_size')}, not "
@@ -34,14 +36,13 @@ def train_worker(rank, world_size, job):
                          f"larger than that to continue")
     started = time.time()
     x, target = _data(spec, example, rank, job)
-    params = None
-    if example is not None and train_mod.get_example(example).params is not None:
-        params = train_mod.get_example(example).params(spec)
+    ex = examples.get(example) if example is not None else None
+    params = ex.params(spec) if ex is not None and ex.params is not None else None
     dp = DPPair(spec, rank, world_size, params)
     check_same_everywhere(rank, spec, x, target, dp.pair.mlp.params)
     start, hist_m, hist_t = 0, [], []
     if ck is not None:
-        train_mod._restore(dp.pair, ck, spec.device)
+        restore_run(dp.pair, ck, spec.device)
         start = int(ck["step"])
         hist_m, hist_t = [ck["losses_manual"]], [ck["losses_twin"]]
     state = {"worst": ck.get("worst_tier", "bitwise") if ck else "bitwise", "checks": 0,
@@ -77,7 +78,7 @@ def train_worker(rank, world_size, job):
         bad = [f"rank {rank}: {v.message()}" for v in verdicts if not v.passed]
         for v in verdicts:
             state["checks"] += 1
-            state["worst"] = max(state["worst"], v.tier, key=train_mod.TIERS.index)
+            state["worst"] = max(state["worst"], v.tier, key=TIERS.index)
         flags = [None] * world_size
         dist.all_gather_object(flags, bad)
         bad = [m for f in flags for m in f]
@@ -91,27 +92,18 @@ def train_worker(rank, world_size, job):
     if rank != 0:
         return None
     losses_m, losses_t = torch.cat(hist_m), torch.cat(hist_t)
-    summary = train_mod._summary(spec, example, tier, state, status, message, start, losses_m,
-                                 losses_t, dp.pair, x, target, time.time() - started)
+    summary = run_summary(spec, example, tier, state, status, message, start, losses_m, losses_t,
+                          dp.pair, x, target, time.time() - started)
     summary.update(world_size=world_size, backend=dist.get_backend(),
                    loss_note="losses: the mean over ranks of each rank's loss on its shard")
     if out_dir:
-        summary["files"] = train_mod._write_outputs(out_dir, spec, summary, losses_m, losses_t,
-                                                    dp.pair, x, target)
+        summary["files"] = write_outputs(out_dir, spec, summary, losses_m, losses_t, dp.pair, x,
+                                         target)
     return summary
 
 
 def _save(out_dir, pair, spec, example, step, hist_m, hist_t, state, world_size):
-    """refnet.train's checkpoint payload plus the world size, written atomically by rank 0."""
-    payload = {
-        "format": train_mod.CHECKPOINT_FORMAT, "step": step, "spec": spec.to_dict(),
-        "example": example, "world_size": world_size,
-        "manual_params": train_mod._cpu(pair.mlp.params),
-        "twin_params": train_mod._cpu(twin_mod.params_of(pair.twin)),
-        "manual_optimizer": train_mod._cpu(pair.mlp.optimizer.state_dict()),
-        "twin_optimizer": train_mod._cpu(pair.twin_opt.state_dict()),
-        "losses_manual": torch.cat(hist_m).cpu(), "losses_twin": torch.cat(hist_t).cpu(),
-        "worst_tier": state["worst"], "torch": str(torch.__version__),
-    }
-    train_mod.save_checkpoint(os.path.join(out_dir, train_mod.CHECKPOINT_NAME), payload)
+    """refnet.checkpoint's run checkpoint plus the world size, written atomically by rank 0."""
+    save_run(os.path.join(out_dir, CHECKPOINT_NAME), pair, spec, example, step,
+             torch.cat(hist_m), torch.cat(hist_t), state["worst"], world_size=world_size)
     state["last_checkpoint"] = step

@@ -3,6 +3,7 @@
 Every test spawns its ranks through refnet.dp_launch.launch, which kills whatever is still alive
 in a `finally`, so a failing test leaves no process behind.  One torch thread per rank.
 """
+import json
 import os
 import time
 
@@ -12,7 +13,7 @@ import torch
 from manual.data_parallel import FIRST_BUCKET_BYTES, assign_buckets, ready_order
 from refnet import dp_launch
 from refnet import distributed as dist_mod
-from refnet import train as train_mod
+from refnet.checkpoint import load_checkpoint
 from refnet.cli import main
 from refnet.spec import Spec
 
@@ -86,14 +87,14 @@ def test_kill_one_rank_then_resume_bitwise(tmp_path):
     assert "rank 1 of 3 failed (killed by SIGKILL)" in msg and "\n" not in msg, msg
     assert elapsed < dist_mod.TIMEOUT_S + dp_launch.GRACE_S
     # the last complete checkpoint (step 3) is intact; no temporary file is left behind
-    ck = train_mod.load_checkpoint(str(broken))
+    ck = load_checkpoint(str(broken))
     assert ck["step"] == 3 and ck["world_size"] == 3
     assert not [f for f in os.listdir(broken) if f.endswith(".tmp")]
     resumed = dp_launch.launch(_train_job(broken, spec, resume=str(broken)), 3)
     assert resumed["resumed_from"] == 3 and resumed["status"] == "completed"
     assert resumed["tier"] == "bitwise"  # manual DP vs DDP
     assert (broken / "losses.csv").read_text() == (whole / "losses.csv").read_text()
-    a, b = train_mod.load_checkpoint(str(whole)), train_mod.load_checkpoint(str(broken))
+    a, b = load_checkpoint(str(whole)), load_checkpoint(str(broken))
     for side in ("manual_params", "twin_params"):
         for name, p in a[side].items():
             assert torch.equal(p, b[side][name]), (side, name)
@@ -124,3 +125,22 @@ def test_nccl_two_gpus():
     for _name, _device, _dtype, checks in results:
         for check in checks:
             assert check.passed, check.failures()
+
+
+def test_cli_dispatches_nproc_once(tmp_path, monkeypatch, capsys):
+    # refnet.cli.main sends --nproc to refnet/cli/dp.py; its report rows carry the spec
+    spec = _small_spec(steps=2, batch_size=24)
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(spec.to_dict()))
+    out = tmp_path / "r.json"
+    assert main(["verify", "--nproc", "2", "--spec", str(path), "--quiet", "--json", str(out)]) == 0
+    assert "processes)" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["results"]
+    assert {r["check"] for r in rows} >= {"dp2.reduced_grads", "dp2.ranks_identical",
+                                         "dp2_vs_single.grad@step0"}
+    assert all(r["spec"]["name"] == "dp_train" and r["passed"] for r in rows)
+    # under torchrun a verb that does not run data-parallel is one line, exit 2
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    assert main(["export", "--example", "xor", "--out", str(tmp_path / "e")]) == 2
+    assert "export: does not run data-parallel" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
