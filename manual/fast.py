@@ -37,6 +37,9 @@ parameter tensors' identity, the activations, the loss, reg) is part of the sign
 every step, so replacing a tensor in ``mlp.params`` or changing the loss rebuilds the plan rather
 than updating stale tensors; ``reset()`` drops it explicitly.  Shapes: x (N, D), target (N, C)
 values or (N,) labels; letters as in manual/__init__.py.
+
+One module (about 580 lines) because it is one thing: a single plan whose buffers, loss and
+optimizer stages share lifetimes; split, each part would need the others' buffer layout.
 """
 import torch
 

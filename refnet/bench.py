@@ -20,7 +20,7 @@ torch.profiler(profile_memory=True), summed in time order.  CUDA: max_memory_all
 reset_peak_memory_stats(), minus memory_allocated() at the start.  Inputs and targets (the same
 for both) and BLAS-internal workspaces (outside torch's allocator) are not counted.
 
-One module (~300 lines) because it is one measurement: the variants, their timing and their
+One module (about 370 lines) because it is one measurement: the variants, their timing and their
 memory are taken on the same copies in one interleaved run.
 """
 import contextlib
