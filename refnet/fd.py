@@ -108,12 +108,24 @@ def forward_pieces(spec, params, x, target, pieces=None):
     n_layers = len(spec.sizes) - 1
     used = []
     h = x
+    gen = torch.Generator().manual_seed(spec.seed)  # dropout: the same masks at every evaluation
     with torch.no_grad():
+        if spec.embedding is not None:
+            h = params["embed.weight"][x].reshape(x.shape[0], -1)
         for i in range(n_layers):
             h = F.linear(h, params[f"layers.{i}.weight"], params.get(f"layers.{i}.bias"))
             if i < n_layers - 1:
+                if spec.norm == "batchnorm":   # training mode: batch statistics, biased variance
+                    h = F.batch_norm(h, None, None, params[f"norms.{i}.weight"],
+                                     params[f"norms.{i}.bias"], True, 0.0, spec.eps)
+                elif spec.norm == "layernorm":
+                    h = F.layer_norm(h, [h.shape[1]], params[f"norms.{i}.weight"],
+                                     params[f"norms.{i}.bias"], spec.eps)
                 h, p = _activation(acts[i], h, spec, None if pieces is None else pieces[i])
                 used.append(p)
+                if spec.dropout:
+                    h = h * torch.empty_like(h).bernoulli_(1 - spec.dropout, generator=gen) \
+                        .div_(1 - spec.dropout)
         loss, p = _loss(spec.loss, h, target, None if pieces is None else pieces[-1])
     used.append(p)
     return loss, used
@@ -139,18 +151,20 @@ def _float64_setup(spec, data):
 
     spec64 = spec if spec.dtype == "float64" else Spec.from_dict({**spec.to_dict(), "dtype": "float64"})
     params = init_params(spec64.sizes, spec64.activation, spec64.bias, scheme=spec64.init,
-                         seed=spec64.seed, dtype=torch.float64, device=spec64.device, k=spec64.k)
+                         seed=spec64.seed, dtype=torch.float64, device=spec64.device, k=spec64.k,
+                         norm=spec64.norm, embedding=spec64.embedding)
     if data is None:
         x, target = load_data(spec64)
     else:
         x, target = data
-        x = x.detach().to(torch.float64)
+        x = x.detach().to(torch.float64) if x.is_floating_point() else x.detach()
         if target.is_floating_point():
             target = target.detach().to(torch.float64)
     x = x.clone().contiguous()
     opt = dict(spec64.optimizer)
     mlp = MLP({n: t.clone() for n, t in params.items()}, spec64.activation, spec64.loss,
-              manual.make_optimizer(opt.pop("name"), **opt), **spec64.options)
+              manual.make_optimizer(opt.pop("name"), **opt), **spec64.options,
+              **spec64.layer_options, generator=torch.Generator().manual_seed(spec64.seed))
     loss, cache = mlp.forward(x, target)
     grads, dx = mlp.backward(cache)
     return spec64, params, x, target, grads, dx, float(loss)
@@ -269,8 +283,9 @@ def _gradcheck(spec64, params, x, target, coords, atol, st, kinks, rebuilt):
     from refnet.twin import Twin, load_params, loss_module
 
     twin = Twin(spec64.sizes, spec64.activation, spec64.bias, dtype=torch.float64,
-                device=spec64.device, **spec64.options)
+                device=spec64.device, **spec64.options, **spec64.layer_options, seed=spec64.seed)
     load_params(twin, params)
+    twin.fixed_masks = True  # the same dropout masks at every evaluation, as the manual gradient
     loss_fn = loss_module(spec64.loss)
     base = {name: p.detach() for name, p in twin.named_parameters()}
     base["input"] = x

@@ -32,14 +32,17 @@ def build_pair(spec, params=None):
     dtype, device = spec.torch_dtype, spec.device
     if params is None:
         params = init_params(spec.sizes, spec.activation, spec.bias, scheme=spec.init,
-                             seed=spec.seed, dtype=dtype, device=device, k=spec.k)
+                             seed=spec.seed, dtype=dtype, device=device, k=spec.k,
+                             norm=spec.norm, embedding=spec.embedding)
     params = {name: t.detach().to(dtype=dtype, device=device).clone() for name, t in params.items()}
     opt_settings = dict(spec.optimizer)
     opt_name = opt_settings.pop("name")
+    # dropout: both sides draw from their own stream seeded with spec.seed (manual/dropout.py)
     mlp = MLP(params, spec.activation, spec.loss, manual.make_optimizer(opt_name, **opt_settings),
-              **spec.options, reg=spec.reg)
+              **spec.options, reg=spec.reg, **spec.layer_options,
+              generator=torch.Generator().manual_seed(spec.seed))
     twin = twin_mod.Twin(spec.sizes, spec.activation, spec.bias, dtype=dtype, device=device,
-                         **spec.options)
+                         **spec.options, **spec.layer_options, seed=spec.seed)
     twin_mod.load_params(twin, params)
     twin_opt = twin_mod.make_optimizer(twin, opt_name, **opt_settings)
     return Pair(spec, mlp, twin, twin_mod.loss_module(spec.loss, spec.reg, twin), twin_opt)

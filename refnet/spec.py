@@ -11,7 +11,8 @@ import os
 import torch
 
 import manual
-from manual.mlp import INIT_SCHEMES, activation_list
+from manual.dropout import check_p
+from manual.mlp import INIT_SCHEMES, activation_list, check_embedding, check_norm
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DATASETS = ("xor", "circles", "spiral", "random")
@@ -40,6 +41,11 @@ class Spec:
     slope: float = 0.1                   # leaky_relu
     alpha: float = 1.0                   # elu
     k: int = 2                           # maxout pieces
+    norm: str | None = None              # null | batchnorm | layernorm, after each hidden linear
+    dropout: float = 0.0                 # p of inverted dropout after each hidden activation
+    momentum: float = 0.1                # batch norm's running-statistics momentum
+    eps: float = 1e-5                    # the norms' eps
+    embedding: dict | None = None        # {"vocab": V, "dim": E, "context": T}: integer inputs (N, T)
     name: str = "spec"
 
     def __post_init__(self):
@@ -98,6 +104,26 @@ class Spec:
                 raise ValueError(f"{key}: expected a finite number, got {v!r}")
         if not is_int(self.k) or self.k < 1:
             raise ValueError(f"k: expected an integer >= 1, got {self.k!r}")
+        check_norm(self.norm)
+        check_p(self.dropout)
+        check_embedding(self.embedding)
+        for key, lo_open in (("momentum", False), ("eps", True)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 \
+                    or (lo_open and v == 0):
+                raise ValueError(f"{key}: expected a number in {'(0, 1]' if lo_open else '[0, 1]'}, "
+                                 f"got {v!r}")
+        if self.embedding is not None:
+            e = self.embedding
+            if self.sizes[0] != e["context"] * e["dim"]:
+                raise ValueError(f"embedding: context·dim = {e['context'] * e['dim']} must equal "
+                                 f"sizes[0], got {self.sizes[0]}")
+            if self.data in DATASETS:
+                raise ValueError(f"embedding: needs integer token data (an .npz of indices), but "
+                                 f"data {self.data!r} is real-valued")
+        if self.norm == "batchnorm" and self.batch_size == 1:
+            raise ValueError("batch_size: batch norm in training needs at least 2 rows per batch, "
+                             "got 1")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
 
@@ -112,6 +138,12 @@ class Spec:
     @property
     def options(self):
         return {"slope": self.slope, "alpha": self.alpha, "k": self.k}
+
+    @property
+    def layer_options(self):
+        """The optional layers' settings, as MLP and Twin take them."""
+        return {"norm": self.norm, "dropout": self.dropout, "momentum": self.momentum,
+                "eps": self.eps, "embedding": self.embedding}
 
     def to_dict(self):
         return asdict(self)

@@ -105,6 +105,7 @@ class Twin(nn.Module):
         if self.p:
             self.drops = nn.ModuleList(nn.Dropout(self.p) for _ in acts)
             self._rng_state = torch.Generator().manual_seed(seed).get_state()
+        self.fixed_masks = False  # True: every forward redraws the same masks (finite differences)
 
     def forward(self, x):
         if not (self.p and self.training):
@@ -112,7 +113,8 @@ class Twin(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._rng_state)
             out = self._forward(x)
-            self._rng_state = torch.get_rng_state()
+            if not self.fixed_masks:
+                self._rng_state = torch.get_rng_state()
         return out
 
     def _forward(self, x):

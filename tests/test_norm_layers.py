@@ -163,3 +163,35 @@ def test_embedding_bitwise_with_repeats(dtype, vocab, dim, n, t, threads):
 def test_embedding_bad_indices(idx, match):
     with pytest.raises(ValueError, match=match):
         embedding_forward(idx, torch.randn(27, 4))
+
+
+# --- the spec keys and the pair -----------------------------------------------------------------
+from refnet.spec import Spec  # noqa: E402
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("norm", "groupnorm", "norm"), ("dropout", 1.0, "dropout"), ("dropout", -0.1, "dropout"),
+    ("momentum", 2, "momentum"), ("eps", 0, "eps"),
+    ("embedding", {"vocab": 27, "dim": 10}, "embedding"),
+    ("embedding", {"vocab": 27, "dim": 1, "context": 3}, "embedding"),   # real-valued data set
+])
+def test_spec_bad_new_keys(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        Spec(sizes=[3, 8, 2], data="random", **{key: value})
+
+
+@pytest.mark.parametrize("norm", [None, "batchnorm"])
+def test_pair_with_norm_and_dropout_is_bitwise_over_steps(norm):
+    from refnet.harness import build_pair, load_data, train_lockstep
+    spec = Spec(sizes=[2, 17, 9, 3], activation="relu", loss="cross_entropy", data="spiral",
+                norm=norm, dropout=0.25, steps=5, batch_size=30, dtype="float32", seed=2,
+                optimizer={"name": "sgd", "lr": 0.1})
+    pair = build_pair(spec)
+    assert set(pair.twin.state_dict()) == set(pair.mlp.params) | set(pair.mlp.buffers)
+    x, target = load_data(spec)
+    manual_losses, twin_losses = train_lockstep(pair, x, target, 5, batch_size=30, seed=2)
+    assert torch.equal(manual_losses, twin_losses)
+    for name, t in pair.twin.named_buffers():
+        assert torch.equal(t, pair.mlp.buffers[name])
+    for name, p in pair.twin.named_parameters():
+        assert torch.equal(p.detach(), pair.mlp.params[name])
