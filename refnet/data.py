@@ -60,8 +60,46 @@ def random(n=64, d_in=1000, d_out=10, seed=0, dtype=torch.float64, device="cpu")
     return _out(x, y, dtype, device)
 
 
+# --- character-level names (makemore), generated here: no download ---------------------------------
+CHARS = "." + "abcdefghijklmnopqrstuvwxyz"   # '.' (index 0) marks the start and the end of a name
+_ONSETS = ("", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w",
+           "z", "br", "ch", "cl", "dr", "gr", "kr", "sh", "st", "th", "tr", "qu", "x", "y")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ie", "oa", "ou", "y")
+_CODAS = ("", "", "", "n", "l", "r", "s", "th", "nd", "x", "m", "k")
+
+
+def name_list(n=2000, seed=0):
+    """n pronounceable lowercase names from a seeded syllable generator (1–3 syllables each)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    names = []
+    for _ in range(n):
+        syllables = 1 + int(torch.randint(3, (1,), generator=gen))
+        names.append("".join(pick(_ONSETS) + pick(_VOWELS) + pick(_CODAS) for _ in range(syllables)))
+    return names
+
+
+def names(context=3, n_names=2000, seed=0, device="cpu"):
+    """makemore's data set: every (context characters -> next character) pair of the names, with
+    '.' padding at the start and '.' as the end token.  x (N, context) int64, y (N,) int64 in [0, 27)."""
+    xs, ys = [], []
+    for word in name_list(n_names, seed):
+        window = [0] * context
+        for ch in word + ".":
+            ix = CHARS.index(ch)
+            xs.append(window)
+            ys.append(ix)
+            window = window[1:] + [ix]
+    return (torch.tensor(xs, dtype=torch.int64, device=device),
+            torch.tensor(ys, dtype=torch.int64, device=device))
+
+
 def load_npz(path, dtype=torch.float64, device="cpu"):
-    """User data: an .npz with a float array `x` (N, D) and `y`, either (N,) int labels or (N, C)."""
+    """User data: an .npz with a float array `x` (N, D) (or integer token indices (N, T) for an
+    embedding spec) and `y`, either (N,) int labels or (N, C)."""
     if not os.path.isfile(path):
         raise ValueError(f"data: file not found: {path}")
     try:
@@ -93,6 +131,8 @@ def load_npz(path, dtype=torch.float64, device="cpu"):
         y = torch.from_numpy(np.ascontiguousarray(y_np, dtype=np.float64))
         if y.dim() == 1:
             y = y.unsqueeze(1)
+    if np.issubdtype(x_np.dtype, np.integer):  # token indices (an embedding spec): kept integer
+        return torch.from_numpy(x_np.astype(np.int64)).to(device), _out(x, y, dtype, device)[1]
     return _out(x, y, dtype, device)
 
 

@@ -193,7 +193,9 @@ def _fd_checks(spec, data, settings):
     atol = st.atol_scale * max(1.0, abs(loss0))
     base_loss, base_pieces = forward_pieces(spec64, params, x, target)
     gen = torch.Generator().manual_seed(spec64.seed)
-    tensors = [(name, params[name], grads[name]) for name in params] + [("input", x, dx)]
+    tensors = [(name, params[name], grads[name]) for name in params]
+    if x.is_floating_point():  # integer token inputs (embedding) have no gradient
+        tensors.append(("input", x, dx))
     verdicts, smooth_coords = [], []
     kinks = by_bracket = by_frozen = sampled = 0
     for name, t, analytic in tensors:

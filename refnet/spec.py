@@ -15,7 +15,8 @@ from manual.dropout import check_p
 from manual.mlp import INIT_SCHEMES, activation_list, check_embedding, check_norm
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-DATASETS = ("xor", "circles", "spiral", "random")
+DATASETS = ("xor", "circles", "spiral", "random", "names")
+TOKEN_DATASETS = ("names",)  # integer token inputs: need an embedding
 
 
 def _default_optimizer():
@@ -32,7 +33,7 @@ class Spec:
     optimizer: dict = field(default_factory=_default_optimizer)
     steps: int = 100
     batch_size: int | None = None        # None: full batch
-    data: str = "random"                 # xor | circles | spiral | random | path/to/file.npz
+    data: str = "random"                 # xor | circles | spiral | random | names | path/to/file.npz
     n_samples: int | None = None         # size of a generated data set (None: its default)
     dtype: str = "float64"
     device: str = "cpu"
@@ -118,9 +119,11 @@ class Spec:
             if self.sizes[0] != e["context"] * e["dim"]:
                 raise ValueError(f"embedding: context·dim = {e['context'] * e['dim']} must equal "
                                  f"sizes[0], got {self.sizes[0]}")
-            if self.data in DATASETS:
-                raise ValueError(f"embedding: needs integer token data (an .npz of indices), but "
-                                 f"data {self.data!r} is real-valued")
+            if self.data in DATASETS and self.data not in TOKEN_DATASETS:
+                raise ValueError(f"embedding: needs integer token data ({', '.join(TOKEN_DATASETS)} "
+                                 f"or an .npz of indices), but data {self.data!r} is real-valued")
+        elif self.data in TOKEN_DATASETS:
+            raise ValueError(f"data: {self.data!r} is integer token data; it needs the embedding key")
         if self.norm == "batchnorm" and self.batch_size == 1:
             raise ValueError("batch_size: batch norm in training needs at least 2 rows per batch, "
                              "got 1")
