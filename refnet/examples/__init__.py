@@ -56,7 +56,8 @@ class Example:
 
 
 REGISTRY = {}
-_MODULES = ("seed", "scalar", "activations", "vectorized", "deep", "nonlinearity", "claims")
+_MODULES = ("seed", "scalar", "activations", "vectorized", "deep", "nonlinearity", "claims",
+            "norm_layers")
 _loaded = False
 
 
