@@ -197,13 +197,24 @@ def layernorm_forward(x, weight, bias, eps=1e-5):
     return out, (x, weight, mean.view(-1), rstd.view(-1))
 
 
+def _ln_sequential_width(dtype, device):
+    """Widths below which the kernel's row sums are plain left-to-right sums: the row fits in half
+    a vector register (measured on AVX-512, torch 2.13: D < 8 float32, D < 4 float64)."""
+    if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return 0
+    return 256 // torch.finfo(dtype).bits
+
+
 def layernorm_backward(dout, cache):
     """dout (N, D) -> (dx (N, D), dweight (D,), dbias (D,)), in the terms of layer_norm_kernel.cpp
     (a = 1/σᵢ, scale = 1/D, per row: ds = Σⱼ dy·x·w, db = Σⱼ dy·w):
         b = (db·μ − ds)·a³·scale,  c = −b·μ − db·a·scale,  dx = a·dy·w + b·x + c
         dweight = Σᵢ dy·(a·x − a·μ),  dbias = Σᵢ dy   (sequential over rows per thread chunk)
-    The kernel's row sums ds, db run in vector lanes folded by a shuffle tree; here they are
-    torch.sum, so dx is within a few ulp, not bitwise (refnet/known.py lists it).
+    with the compiler's contractions: db·μ − ds, −b·μ − (db·a·scale) and (a·dy·w) + b·x are each
+    one FMA.  The row sums ds, db: for rows narrower than half a vector register (D < 8 float32,
+    D < 4 float64 on AVX-512) the kernel adds left to right, and so do we — bitwise; wider rows
+    are summed in vector lanes in an order we have not reproduced, so there we use torch.sum and
+    dx is close, not bitwise (refnet/known.py lists it).  dweight and dbias are bitwise.
     """
     # dx = (1/σ)(w·dy − mean(w·dy) − x̂·mean(w·dy·x̂));  dw = Σᵢ dy·x̂;  db = Σᵢ dy
     x, weight, mean, rstd = cache
@@ -214,11 +225,16 @@ def layernorm_backward(dout, cache):
     a = rstd.unsqueeze(1)
     mu = mean.unsqueeze(1)
     dyw = dout * w
-    ds = (dyw * x).sum(1, keepdim=True)
-    db = dyw.sum(1, keepdim=True)
-    b = (db * mu - ds) * a * a * a * scale
-    c = -b * mu - db * a * scale
-    dx = a * dout * w + b * x + c
+    dsx = (dout * x) * w
+    if x.shape[1] < _ln_sequential_width(x.dtype, x.device):
+        ds, db = dsx[:, :1], dyw[:, :1]
+        for j in range(1, x.shape[1]):
+            ds, db = ds + dsx[:, j:j + 1], db + dyw[:, j:j + 1]
+    else:
+        ds, db = dsx.sum(1, keepdim=True), dyw.sum(1, keepdim=True)
+    b = torch.addcmul(-ds, db, mu) * a * a * a * scale         # fma(db, μ, −ds)·a³·scale
+    c = torch.addcmul(-(db * a * scale), -b, mu)               # fma(−b, μ, −db·a·scale)
+    dx = torch.addcmul((a * dout) * w, b.expand_as(x), x) + c  # fma(b, x, a·dy·w) + c
     dweight = dbias = None
     if weight is not None:
         zero = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
