@@ -197,12 +197,54 @@ def layernorm_forward(x, weight, bias, eps=1e-5):
     return out, (x, weight, mean.view(-1), rstd.view(-1))
 
 
-def _ln_sequential_width(dtype, device):
-    """Widths below which the kernel's row sums are plain left-to-right sums: the row fits in half
-    a vector register (measured on AVX-512, torch 2.13: D < 8 float32, D < 4 float64)."""
-    if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512":
+def _ln_lanes(dtype, device):
+    """Lanes of the vectors layer_norm_backward_frame reduces in: 256-bit ones (8 float32, 4
+    float64), measured on an AVX-512 machine with torch 2.13; 0 where not measured (plain sums)."""
+    if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX2"):
         return 0
     return 256 // torch.finfo(dtype).bits
+
+
+def _ln_row_sum(factors, lanes):
+    """Σⱼ Πfactors per row, as vec::map{2,3}_reduce_all sums it (a, b: (N, D) -> (N, 1)).
+
+    D < lanes: left to right.  Otherwise a lanes-wide accumulator starts from the first chunk, adds
+    each further full chunk (acc + product, two roundings), adds the partial last chunk with one
+    FMA per lane (the compiler contracts that one), then folds the lanes: float32 by the shuffle
+    tree (lane i + lane i^4, then i^2, then i^1), float64 left to right.
+    """
+    def prod(sl):
+        out = factors[0][:, sl] * factors[1][:, sl]
+        return out * factors[2][:, sl] if len(factors) == 3 else out
+
+    n = factors[0].shape[1]
+    if not lanes or n < lanes:
+        if not lanes:
+            return prod(slice(0, n)).sum(1, keepdim=True)
+        terms = prod(slice(0, n))
+        total = terms[:, :1]
+        for j in range(1, n):
+            total = total + terms[:, j:j + 1]
+        return total
+    acc = prod(slice(0, lanes))
+    d = lanes
+    while d + lanes <= n:
+        acc = acc + prod(slice(d, d + lanes))
+        d += lanes
+    if d < n:
+        r = n - d
+        head = factors[0][:, d:] * factors[1][:, d:] if len(factors) == 3 else factors[0][:, d:]
+        last = factors[-1][:, d:]
+        acc = torch.cat([torch.addcmul(acc[:, :r], head, last), acc[:, r:]], 1)
+    if factors[0].dtype == torch.float32:
+        while acc.shape[1] > 1:
+            half = acc.shape[1] // 2
+            acc = acc[:, :half] + acc[:, half:]
+        return acc
+    total = acc[:, :1]
+    for j in range(1, lanes):
+        total = total + acc[:, j:j + 1]
+    return total
 
 
 def layernorm_backward(dout, cache):
@@ -211,10 +253,10 @@ def layernorm_backward(dout, cache):
         b = (db·μ − ds)·a³·scale,  c = −b·μ − db·a·scale,  dx = a·dy·w + b·x + c
         dweight = Σᵢ dy·(a·x − a·μ),  dbias = Σᵢ dy   (sequential over rows per thread chunk)
     with the compiler's contractions: db·μ − ds, −b·μ − (db·a·scale) and (a·dy·w) + b·x are each
-    one FMA.  The row sums ds, db: for rows narrower than half a vector register (D < 8 float32,
-    D < 4 float64 on AVX-512) the kernel adds left to right, and so do we — bitwise; wider rows
-    are summed in vector lanes in an order we have not reproduced, so there we use torch.sum and
-    dx is close, not bitwise (refnet/known.py lists it).  dweight and dbias are bitwise.
+    one FMA, and the row sums ds, db in the kernel's lane order (``_ln_row_sum``).  Measured
+    bitwise on AVX-512 (torch 2.13) for every width tried (1–19, 37, 64, 100, 257; 1 and 2
+    threads); AVX2 takes the same 256-bit rule unmeasured; other capabilities fall back to
+    torch.sum (refnet/known.py).  dweight and dbias are sequential over rows.
     """
     # dx = (1/σ)(w·dy − mean(w·dy) − x̂·mean(w·dy·x̂));  dw = Σᵢ dy·x̂;  db = Σᵢ dy
     x, weight, mean, rstd = cache
@@ -224,14 +266,10 @@ def layernorm_backward(dout, cache):
     scale = 1.0 / x.shape[1]
     a = rstd.unsqueeze(1)
     mu = mean.unsqueeze(1)
-    dyw = dout * w
-    dsx = (dout * x) * w
-    if x.shape[1] < _ln_sequential_width(x.dtype, x.device):
-        ds, db = dsx[:, :1], dyw[:, :1]
-        for j in range(1, x.shape[1]):
-            ds, db = ds + dsx[:, j:j + 1], db + dyw[:, j:j + 1]
-    else:
-        ds, db = dsx.sum(1, keepdim=True), dyw.sum(1, keepdim=True)
+    wn = w.expand_as(x)
+    lanes = _ln_lanes(x.dtype, x.device)
+    ds = _ln_row_sum((dout, x, wn), lanes)                     # Σⱼ dy·x·w
+    db = _ln_row_sum((dout, wn), lanes)                        # Σⱼ dy·w
     b = torch.addcmul(-ds, db, mu) * a * a * a * scale         # fma(db, μ, −ds)·a³·scale
     c = torch.addcmul(-(db * a * scale), -b, mu)               # fma(−b, μ, −db·a·scale)
     dx = torch.addcmul((a * dout) * w, b.expand_as(x), x) + c  # fma(b, x, a·dy·w) + c

@@ -48,12 +48,13 @@ def specs(draw):
         embedding = {"vocab": draw(st.integers(1, 30)), "dim": draw(st.integers(1, 6)),
                      "context": draw(st.integers(1, 4))}
         sizes[0] = embedding["dim"] * embedding["context"]
+    bias = draw(st.booleans())
     n = draw(st.integers(2 if norm == "batchnorm" else 1, 32))
     batch = draw(st.one_of(st.none(), st.integers(2 if norm == "batchnorm" else 1, n)))
     if norm == "batchnorm" and batch is not None and batch < n and n % batch == 1:
         batch = None                        # batch norm cannot train on a last batch of one row
     dropout = draw(st.sampled_from([0.0, 0.0, 0.1, 0.5])) if depth > 1 else 0.0
-    return Spec(sizes=sizes, activation=activation, bias=draw(st.booleans()),
+    return Spec(sizes=sizes, activation=activation, bias=bias,
                 norm=norm, dropout=dropout, momentum=draw(st.sampled_from([0.1, 0.3])),
                 eps=draw(st.sampled_from([1e-5, 1e-3])), embedding=embedding,
                 loss=draw(st.sampled_from(sorted(manual.LOSSES))),

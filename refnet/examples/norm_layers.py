@@ -191,8 +191,7 @@ def run_fc_norm_dropout(ctx):
     xt, yt = _fc_data(FC_TRAIN_N, ctx, seed=232)
     for label in FC_VARIANTS:
         spec = _fc_spec(label, ctx)
-        note = ("layer norm's dx is not bitwise (refnet/known.py: norm:layernorm)"
-                if label == "layernorm" else "")
+        note = ""
         checks.append(Check(f"{label}.grad", gradient_checks(build_pair(spec), x, y, ctx.strict_bits),
                             note=note))
         verdicts, _ = curve_checks(build_pair(spec), xt, yt, FC_STEPS, FC_BATCH, spec.seed,
