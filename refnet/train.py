@@ -391,12 +391,29 @@ def _restore(pair, ck, device):
     twin_mod.load_params(pair.twin, ck["twin_params"])
     pair.mlp.optimizer.load_state_dict(_to(ck["manual_optimizer"], device))
     pair.twin_opt.load_state_dict(ck["twin_optimizer"])
+    # batch norm's running statistics and the dropout streams (absent in older checkpoints,
+    # whose specs have neither)
+    buffers = ck.get("manual_buffers", {})
+    if set(buffers) != set(pair.mlp.buffers):
+        raise ValueError(f"--resume: checkpoint buffers are {sorted(buffers)}, the spec's model "
+                         f"has {sorted(pair.mlp.buffers)}")
+    for name, b in pair.mlp.buffers.items():
+        b.copy_(buffers[name])
+    twin_mod.load_buffers(pair.twin, ck.get("twin_buffers", {}))
+    if ck.get("manual_rng") is not None and pair.mlp.generator is not None:
+        pair.mlp.generator.set_state(ck["manual_rng"])
+    if ck.get("twin_rng") is not None and hasattr(pair.twin, "_rng_state"):
+        pair.twin._rng_state = ck["twin_rng"].clone()
 
 
 def _save(out_dir, pair, spec, example, step, hist_m, hist_t, state):
     payload = {
         "format": CHECKPOINT_FORMAT, "step": step, "spec": spec.to_dict(), "example": example,
         "manual_params": _cpu(pair.mlp.params), "twin_params": _cpu(twin_mod.params_of(pair.twin)),
+        "manual_buffers": _cpu(pair.mlp.buffers),
+        "twin_buffers": _cpu(twin_mod.buffers_of(pair.twin)),
+        "manual_rng": pair.mlp.generator.get_state() if pair.mlp.generator is not None else None,
+        "twin_rng": getattr(pair.twin, "_rng_state", None),
         "manual_optimizer": _cpu(pair.mlp.optimizer.state_dict()),
         "twin_optimizer": _cpu(pair.twin_opt.state_dict()),
         "losses_manual": torch.cat(hist_m).cpu(), "losses_twin": torch.cat(hist_t).cpu(),
@@ -463,10 +480,14 @@ def _summary(spec, example, tier, state, status, message, start, losses_m, losse
     if summary["nonfinite"] and status == "completed":
         summary["status"] = f"completed (non-finite from step {summary['first_nonfinite_step']})"
     labels = _labels(target)
-    if labels is not None:
+    if labels is not None:  # in eval mode: running statistics, no dropout
+        pair.mlp.eval()
+        pair.twin.eval()
         with torch.no_grad():
             summary["accuracy_manual"] = _accuracy(pair.mlp.predict(x)[0], labels)
             summary["accuracy_twin"] = _accuracy(pair.twin(x), labels)
+        pair.mlp.train()
+        pair.twin.train()
     return summary
 
 
@@ -587,8 +608,11 @@ def _plot_boundary(path, spec, pair, x, labels, summary):
     g0, g1 = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], 300),
                          np.linspace(lo[1] - pad[1], hi[1] + pad[1], 300))
     grid = torch.from_numpy(np.stack([g0.ravel(), g1.ravel()], 1)).to(x.dtype).to(x.device)
-    with torch.no_grad():
+    with torch.no_grad():  # eval mode: running statistics, no dropout, no stream advanced
+        training = pair.mlp.training
+        pair.mlp.eval()
         cls = predict_class(pair.mlp.predict(grid)[0]).cpu().numpy().reshape(g0.shape)
+        pair.mlp.train(training)
     classes = max(int(yc.max()), int(cls.max())) + 1
     from matplotlib.colors import ListedColormap
     palette = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown",
