@@ -15,7 +15,8 @@ on the same operands in the same order, so the same roundings — but:
   arithmetic, so there it stays per tensor).
 
 Anything it does not specialise falls back to the readable code: an activation other than
-sigmoid/tanh/relu/identity or a loss other than sum_squared/mse runs ``MLP.forward/backward``; an
+sigmoid/tanh/relu/identity, a loss other than sum_squared/mse, or a norm, dropout or embedding
+layer runs ``MLP.forward/backward``; an
 optimizer that is not exactly manual.optim.SGD runs its own ``step``.  tests/test_fast.py checks
 bit identity with the readable path and the autograd twin.
 
@@ -42,8 +43,10 @@ class FastMLP:
         if mlp.optimizer is None:
             raise ValueError("mlp: expected an MLP built with an optimizer (it has none)")
         self.mlp = mlp
+        # norm, dropout and embedding layers are not specialised: the readable path runs them
         self.specialised = (all(a in FAST_ACTIVATIONS for a in mlp.activations)
-                            and mlp.loss in FAST_LOSSES)
+                            and mlp.loss in FAST_LOSSES and mlp.norm is None
+                            and not mlp.dropout and mlp.embedding is None)
         self.reset()
 
     def reset(self):

@@ -214,3 +214,20 @@ def test_pair_with_norm_and_dropout_is_bitwise_over_steps(norm):
         assert torch.equal(t, pair.mlp.buffers[name])
     for name, p in pair.twin.named_parameters():
         assert torch.equal(p.detach(), pair.mlp.params[name])
+
+
+@pytest.mark.parametrize("layers", [{"norm": "batchnorm"}, {"norm": "layernorm"}, {"dropout": 0.3}])
+def test_fast_mlp_falls_back_for_the_new_layers(layers):
+    # FastMLP's specialised plan has no norm/dropout: it must run the readable path, same bits
+    from manual.fast import FastMLP
+    from refnet.harness import build_pair, load_data
+    spec = Spec(sizes=[2, 12, 3], activation="tanh", loss="mse", data="spiral", steps=3,
+                batch_size=None, seed=1, **layers)
+    slow, fast_pair = build_pair(spec), build_pair(spec)
+    fast = FastMLP(fast_pair.mlp)
+    assert not fast.specialised
+    x, target = load_data(spec)
+    for _ in range(3):
+        assert torch.equal(slow.mlp.train_step(x, target), fast.train_step(x, target))
+    for name, p in slow.mlp.params.items():
+        assert torch.equal(p, fast_pair.mlp.params[name])
