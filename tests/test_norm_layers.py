@@ -231,3 +231,10 @@ def test_fast_mlp_falls_back_for_the_new_layers(layers):
         assert torch.equal(slow.mlp.train_step(x, target), fast.train_step(x, target))
     for name, p in slow.mlp.params.items():
         assert torch.equal(p, fast_pair.mlp.params[name])
+
+
+def test_export_refuses_the_new_layers_in_one_line():
+    from refnet.golden import case_for_spec
+    spec = Spec(sizes=[2, 8, 3], loss="cross_entropy", data="spiral", norm="batchnorm")
+    with pytest.raises(ValueError, match=r"export: spec key\(s\) \['norm'\] are not exported yet"):
+        case_for_spec(spec)
