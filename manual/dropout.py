@@ -20,16 +20,10 @@ import torch
 from manual import _check
 
 
-def check_p(p, name="dropout"):
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"{name}: expected a probability p with 0 <= p < 1, got {p!r}")
-    return float(p)
-
-
 def dropout_forward(x, p, *, training=True, generator=None):
     """x (N, D) -> (out (N, D), cache); the cache is the scaled mask mask/(1 − p) or None."""
     _check.tensor("x", x)
-    p = check_p(p)
+    p = _check.check_dropout(p)
     if not training or p == 0 or x.numel() == 0:
         return x, None
     noise = torch.empty_like(x).bernoulli_(1 - p, generator=generator)

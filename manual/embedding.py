@@ -17,21 +17,10 @@ import torch
 from manual import _check
 
 
-def check_indices(idx, vocab, name="x"):
-    if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor of token indices, got {type(idx).__name__}")
-    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
-        raise ValueError(f"{name}: embedding expects integer token indices, got dtype {idx.dtype}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab):
-        raise ValueError(f"{name}: token indices must lie in [0, {vocab}), got values in "
-                         f"[{int(idx.min())}, {int(idx.max())}]")
-    return idx
-
-
 def embedding_forward(idx, weight):
     """idx (N, T) integer, weight (V, E) -> (out (N, T, E), cache)."""
     _check.tensor("embedding.weight", weight, ndim=2)
-    check_indices(idx, weight.shape[0])
+    _check.token_indices(idx, weight.shape[0])
     if idx.device != weight.device:
         raise ValueError(f"x: expected device {weight.device} to match embedding.weight, "
                          f"got {idx.device}")

@@ -44,17 +44,6 @@ from manual import _check
 _VECTOR_BITS = {"AVX512": 512, "AVX2": 256}
 
 
-def _check_norm_args(x, weight, bias, name):
-    _check.tensor("x", x, ndim=2)
-    for arg, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            _check.tensor(f"{name}.{arg}", t, ndim=1)
-            _check.same("x", x, f"{name}.{arg}", t)
-            if t.shape[0] != x.shape[1]:
-                raise ValueError(f"{name}.{arg}: expected shape [{x.shape[1]}] to match x's "
-                                 f"features, got {list(t.shape)}")
-
-
 # --- batch norm: forward ---------------------------------------------------------------------
 def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=True,
                       momentum=0.1, eps=1e-5, num_batches_tracked=None):
@@ -64,7 +53,7 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
     training: out = weight·(x − μ)/√(σ² + eps) + bias with batch μ, biased σ²; eval: with the
     running statistics.  Uses torch.native_batch_norm (the forward kernel nn.BatchNorm1d runs).
     """
-    _check_norm_args(x, weight, bias, "batchnorm")
+    _check.norm_args(x, weight, bias, "batchnorm")
     for arg, t in (("running_mean", running_mean), ("running_var", running_var)):
         _check.tensor(f"batchnorm.{arg}", t, ndim=1)
         _check.same("x", x, f"batchnorm.{arg}", t)
@@ -158,7 +147,7 @@ def batchnorm_forward_steps(x, weight, bias, eps=1e-5):
         xhat = xc·inv;  out = weight·xhat + bias
     x (N, D) -> (out (N, D), cache).  Running statistics are not touched.
     """
-    _check_norm_args(x, weight, bias, "batchnorm")
+    _check.norm_args(x, weight, bias, "batchnorm")
     n = x.shape[0]
     mu = x.sum(0, keepdim=True) / n
     xc = x - mu
@@ -192,7 +181,7 @@ def batchnorm_backward_steps(dout, cache):
 def layernorm_forward(x, weight, bias, eps=1e-5):
     """x (N, D) -> (out (N, D), cache);  out = weight·(x − μᵢ)/√(σᵢ² + eps) + bias, per row i.
     Uses torch.native_layer_norm (nn.LayerNorm's forward kernel) for μᵢ and 1/σᵢ."""
-    _check_norm_args(x, weight, bias, "layernorm")
+    _check.norm_args(x, weight, bias, "layernorm")
     out, mean, rstd = torch.native_layer_norm(x, [x.shape[1]], weight, bias, eps)
     return out, (x, weight, mean.view(-1), rstd.view(-1))
 
@@ -256,7 +245,7 @@ def layernorm_backward(dout, cache):
     one FMA, and the row sums ds, db in the kernel's lane order (``_ln_row_sum``).  Measured
     bitwise on AVX-512 (torch 2.13) for every width tried (1–19, 37, 64, 100, 257; 1 and 2
     threads); AVX2 takes the same 256-bit rule unmeasured; other capabilities fall back to
-    torch.sum (refnet/known.py).  dweight and dbias are sequential over rows.
+    torch.sum (refnet/not_bitwise.py).  dweight and dbias are sequential over rows.
     """
     # dx = (1/σ)(w·dy − mean(w·dy) − x̂·mean(w·dy·x̂));  dw = Σᵢ dy·x̂;  db = Σᵢ dy
     x, weight, mean, rstd = cache

@@ -1,10 +1,10 @@
 """Graded comparison of two tensors or two loss curves.
 
-Every comparison yields exactly one tier, best first:
-  bitwise    every element has identical bits (NaN against NaN at the same index counts as agreement)
-  ulp        the largest distance is at most ULP_LIMIT units in the last place
-  tolerance  |a − b| ≤ atol + rtol·|b| everywhere, with rtol/atol from TOLERANCES by dtype and kind
-  fail       anything else, or a shape/dtype mismatch (never broadcast)
+Every comparison yields exactly one tier of TIERS, best first (bitwise, ulp, tolerance, fail);
+what each means, with the ULP_LIMIT and TOLERANCES values: docs/verification.md.
+
+The result types live here with the comparison: `Verdict` (one comparison) and `Check` (a named
+group of verdicts from one oracle); `count_tiers` tallies tiers for a summary.
 """
 from dataclasses import asdict, dataclass, field
 import math
@@ -92,6 +92,10 @@ class Verdict:
     divergence_values: list | None = None
     note: str = ""
 
+    def __bool__(self):
+        # true only when it passed: `assert refnet.compare(a, b)` cannot pass silently
+        return self.passed
+
     def to_dict(self):
         return {k: (None if isinstance(v, float) and math.isnan(v) else v)
                 for k, v in asdict(self).items()}
@@ -118,7 +122,8 @@ class Verdict:
         return "; ".join(parts)
 
 
-def _unravel(flat_index, shape):
+def unravel(flat_index, shape):
+    """The multi-index of a C-order flat index in `shape` (a list)."""
     idx = []
     for dim in reversed(shape):
         idx.append(flat_index % dim)
@@ -170,7 +175,7 @@ def compare_tensors(name, a, b, kind="grad", *, strict_bits=False, ulp_limit=Non
         tier = "tolerance"
     else:
         tier = "fail"
-    verdict = Verdict(tier=tier, passed=TIERS.index(tier) <= TIERS.index(required),
+    verdict = Verdict(tier=tier, passed=meets(tier, required),
                       mismatched=mismatched, nan_positions=int(both_nan.sum()), **base)
     if b.numel():
         verdict.max_abs_diff = float(abs_diff.max())
@@ -181,7 +186,7 @@ def compare_tensors(name, a, b, kind="grad", *, strict_bits=False, ulp_limit=Non
             score = ulps.flatten() * 1e30 + abs_diff.flatten() if verdict.max_ulp < math.inf \
                 else torch.where(torch.isinf(ulps.flatten()), math.inf, abs_diff.flatten())
             flat = int(torch.argmax(torch.nan_to_num(score, posinf=1e308)))
-            verdict.worst_index = _unravel(flat, list(b.shape))
+            verdict.worst_index = unravel(flat, list(b.shape))
             verdict.worst_values = [a_c.flatten()[flat].item(), b_c.flatten()[flat].item()]
     if verdict.nan_positions:
         verdict.note = f"{verdict.nan_positions} NaN at the same positions on both sides (counted as agreement)"
@@ -205,3 +210,37 @@ def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, a
             verdict.first_divergence = step
             verdict.divergence_values = [a_c[step].item(), b_c[step].item()]
     return verdict
+
+
+@dataclass
+class Check:
+    """One named check of an example: the verdicts of every tensor it compared."""
+    name: str
+    verdicts: list
+    oracle: str = "manual vs autograd"   # which two things were compared
+    note: str = ""
+
+    @property
+    def tier(self):
+        return max((v.tier for v in self.verdicts), key=TIERS.index, default="fail")
+
+    @property
+    def passed(self):
+        return bool(self.verdicts) and all(v.passed for v in self.verdicts)
+
+    def failures(self):
+        return [v.message() for v in self.verdicts if not v.passed]
+
+
+def count_tiers(tiers):
+    """{tier: count} over an iterable of tier names, in the order they first occur (the summary
+    line of `refnet verify` and `refnet check-port`)."""
+    counts = {}
+    for tier in tiers:
+        counts[tier] = counts.get(tier, 0) + 1
+    return counts
+
+
+def meets(tier, required):
+    """True when `tier` is `required` or better (TIERS order: bitwise best, fail worst)."""
+    return TIERS.index(tier) <= TIERS.index(required)

@@ -1,4 +1,11 @@
-"""Run examples into a report: rows for a table and the JSON report (fields in README.md)."""
+"""Run examples (or a user's spec) into a report: rows for a table and the JSON report.
+
+One loop, `run`, serves both `refnet verify --example` and `refnet verify --spec`.  Each row
+carries a "spec", as `refnet train`'s summary.json does, so a run can be reproduced from its
+report: the user's spec, or the example's one net (refnet.examples; the rows of the comparison
+models inside an example, such as xor's linear model, carry the example's net too, which is what
+`--example NAME` reproduces), or None for the examples that train no MLP.  Fields: docs/verification.md.
+"""
 import json
 import os
 import time
@@ -7,12 +14,12 @@ import torch
 
 from refnet import examples
 from refnet.atomic import write_text
+from refnet.harness import spec_checks
 from refnet.settings import determinism
-from refnet.spec import DTYPES
+from refnet.spec import DTYPES, Spec
 
 
-
-def row(example, check, device, dtype):
+def row(example, check, device, dtype, spec=None):
     vs = check.verdicts
     numeric = [v for v in vs if v.numel]
     curves = [v for v in vs if v.steps is not None]
@@ -31,6 +38,7 @@ def row(example, check, device, dtype):
         "note": _note(check),
         "failures": check.failures(),
         "tensors": [v.to_dict() for v in vs],
+        "spec": spec,
     }
 
 
@@ -43,33 +51,60 @@ def _note(check):
     return "; ".join(parts)
 
 
+def example_spec(example, device, dtype):
+    """The spec `verify --example` reports for an example on (device, dtype): its one net, the
+    same spec `train --example` builds (None when the example trains no single MLP)."""
+    ex = examples.get(example) if isinstance(example, str) else example
+    return ex.build_spec(dtype, device) if ex.spec is not None else None
+
+
+def _example_jobs(names, devices, dtypes, strict_bits):
+    """(name, device, dtype, spec dict or None, checks()) for every example run asked for."""
+    todo = [examples.get(n) for n in names] if names else \
+        list(examples.document_examples().values())
+    for ex in todo:
+        for device in devices:
+            if device not in ex.devices:
+                continue
+            for dtype in dtypes:
+                if dtype not in ex.dtypes:
+                    continue
+                ctx = examples.Context(device=device, dtype=DTYPES[dtype], strict_bits=strict_bits)
+                spec = example_spec(ex, device, dtype)
+                yield (ex.name, device, dtype, spec and spec.to_dict(),
+                       lambda ex=ex, ctx=ctx: ex.run(ctx))
+
+
+def _spec_jobs(base, devices, dtypes, strict_bits):
+    """The same for a user's spec, once per (device, dtype)."""
+    for device in devices:
+        for dtype in dtypes:
+            spec = Spec.from_dict({**base.to_dict(), "device": device, "dtype": dtype})
+            yield (spec.name, device, dtype, spec.to_dict(),
+                   lambda spec=spec: spec_checks(spec, strict_bits))
+
+
 def run(names=None, devices=("cpu",), dtypes=("float32", "float64"), strict_bits=False,
-        on_row=None):
-    """Run the named examples (default: all) -> report dict.  on_row(row) after each check.
+        on_row=None, spec=None):
+    """Run the named examples (default: every document example), or with spec= a user's Spec on
+    each of devices × dtypes -> report dict.  on_row(row) after each check.
 
     Ctrl-C (KeyboardInterrupt) stops the run and returns the rows so far in a report marked
     ``"complete": false`` whose summary never claims success.
     """
-    todo = [examples.get(n) for n in names] if names else list(examples.all_examples().values())
+    jobs = _spec_jobs(spec, devices, dtypes, strict_bits) if spec is not None else \
+        _example_jobs(names, devices, dtypes, strict_bits)
     rows, started = [], time.time()
-    report = {"results": rows, "summary": {}, "complete": False}
+    report = {"results": rows, "summary": {}, "complete": False, "interrupted": False}
     try:
-        for ex in todo:
-            for device in devices:
-                if device not in ex.devices:
-                    continue
-                for dtype in dtypes:
-                    if dtype not in ex.dtypes:
-                        continue
-                    ctx = examples.Context(device=device, dtype=DTYPES[dtype],
-                                           strict_bits=strict_bits)
-                    with determinism(device):
-                        checks = ex.run(ctx)
-                    for check in checks:
-                        r = row(ex.name, check, device, dtype)
-                        rows.append(r)
-                        if on_row:
-                            on_row(r)
+        for name, device, dtype, spec_dict, checks in jobs:
+            with determinism(device):
+                done = checks()
+            for check in done:
+                r = row(name, check, device, dtype, spec_dict)
+                rows.append(r)
+                if on_row:
+                    on_row(r)
         report["complete"] = True
     except KeyboardInterrupt:
         report["interrupted"] = True

@@ -1,7 +1,8 @@
 """One spec builds both implementations: the manual MLP and the autograd twin.
 
-The JSON form (``refnet verify --spec FILE.json``) has the same keys as the dataclass; README.md
-documents each key and its default.  Unknown keys are rejected.
+The JSON form (``refnet verify --spec FILE.json``) has the same keys as the dataclass; docs/spec.md
+documents each key and its default.  Unknown keys are rejected.  A relative ``.npz`` path in
+"data" is read beside the spec file.
 """
 from dataclasses import asdict, dataclass, field, fields
 import json
@@ -11,12 +12,21 @@ import os
 import torch
 
 import manual
-from manual.dropout import check_p
-from manual.mlp import INIT_SCHEMES, activation_list, check_embedding, check_norm
+from manual.mlp import INIT_SCHEMES, activation_list
+from refnet.data import DATASETS, TOKEN_DATASETS
+from refnet.twin import CUDA_DROPOUT
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-DATASETS = ("xor", "circles", "spiral", "random", "names")
-TOKEN_DATASETS = ("names",)  # integer token inputs: need an embedding
+
+
+def check_finite(key, value, minimum=None):
+    """A finite int or float (not a bool), at least `minimum` when given; else a ValueError that
+    names the key: "KEY: expected a finite number [>= MINIMUM], got VALUE"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        raise ValueError(f"{key}: expected a finite number{bound}, got {value!r}")
+    return value
 
 
 def _default_optimizer():
@@ -26,7 +36,8 @@ def _default_optimizer():
 @dataclass
 class Spec:
     sizes: list
-    activation: object = "tanh"          # a name, or a list with one name per hidden layer
+    activation: object = "sigmoid"       # a name, or one per hidden layer; sigmoid: the document's,
+                                         # and the default of manual.mlp.MLP and twin.Twin too
     bias: bool = True
     loss: str = "sum_squared"
     reg: float = 0.0                     # L2 regularization: loss + reg·Σ W² over weights (not biases)
@@ -72,9 +83,7 @@ class Spec:
         if self.loss not in manual.LOSSES:
             raise ValueError(f"loss: unknown name {self.loss!r}; expected one of "
                              f"{', '.join(manual.LOSSES)}")
-        if isinstance(self.reg, bool) or not isinstance(self.reg, (int, float)) \
-                or not math.isfinite(self.reg) or self.reg < 0:
-            raise ValueError(f"reg: expected a finite number >= 0, got {self.reg!r}")
+        check_finite("reg", self.reg, minimum=0)
         if not isinstance(self.optimizer, dict) or "name" not in self.optimizer:
             raise ValueError(f"optimizer: expected an object with a 'name', got {self.optimizer!r}")
         opt = dict(self.optimizer)
@@ -100,14 +109,14 @@ class Spec:
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"init: expected one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
         for key in ("slope", "alpha"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{key}: expected a finite number, got {v!r}")
+            check_finite(key, getattr(self, key))
         if not is_int(self.k) or self.k < 1:
             raise ValueError(f"k: expected an integer >= 1, got {self.k!r}")
-        check_norm(self.norm)
-        check_p(self.dropout)
-        check_embedding(self.embedding)
+        manual.check_norm(self.norm)
+        manual.check_dropout(self.dropout)
+        manual.check_embedding(self.embedding)
+        if self.dropout and self.device == "cuda":
+            raise ValueError(CUDA_DROPOUT)
         for key, lo_open in (("momentum", False), ("eps", True)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 \
@@ -182,4 +191,14 @@ class Spec:
             raise ValueError(f"--spec: {path} is not UTF-8 text") from None
         if isinstance(raw, dict) and "name" not in raw:
             raw["name"] = os.path.splitext(os.path.basename(path))[0]
+        if isinstance(raw, dict) and "data" in raw:
+            raw["data"] = _beside(path, raw["data"])
         return cls.from_dict(raw, **overrides)
+
+
+def _beside(spec_path, data):
+    """A relative .npz path in a spec file names a file beside the spec, not in the current
+    folder: `"data": "mine.npz"` in runs/net.json is runs/mine.npz wherever refnet runs."""
+    if isinstance(data, str) and data.endswith(".npz") and not os.path.isabs(data):
+        return os.path.join(os.path.dirname(os.path.abspath(spec_path)), data)
+    return data

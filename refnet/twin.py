@@ -3,7 +3,7 @@ torch loss, torch.optim), so that autograd — not this file — computes its gr
 import torch
 from torch import nn
 
-import manual.dropout
+import manual
 import manual.mlp
 
 
@@ -34,7 +34,7 @@ def loss_module(name, reg=0.0, twin=None):
     """The stock torch loss for a spec's loss name; with reg > 0, wrapped in L2Regularized.
 
     "svm" is nn.MultiMarginLoss(margin=1): CS231n's multiclass SVM loss divided by the number
-    of classes C (see manual/losses.py and README.md).
+    of classes C (see manual/losses.py and docs/spec.md).
     """
     makers = {"sum_squared": lambda: nn.MSELoss(reduction="sum"), "mse": nn.MSELoss,
               "cross_entropy": nn.CrossEntropyLoss, "svm": lambda: nn.MultiMarginLoss(margin=1.0)}
@@ -68,6 +68,11 @@ class L2Regularized(nn.Module):
         return self.base(out, target) + total * self.reg
 
 
+CUDA_DROPOUT = ("dropout: not supported on device cuda (CUDA's fused native_dropout kernel draws its "
+                "masks from the Philox generator in its own order, which manual's bernoulli_ "
+                "cannot reproduce); use device cpu or dropout 0")
+
+
 class Twin(nn.Module):
     """layers: ModuleList of nn.Linear; acts: one activation module per hidden layer; optional
     embed (nn.Embedding) in front, norms (nn.BatchNorm1d / nn.LayerNorm) after each hidden linear
@@ -83,9 +88,11 @@ class Twin(nn.Module):
                  dtype=torch.float64, device="cpu", norm=None, dropout=0.0, momentum=0.1,
                  eps=1e-5, embedding=None, seed=0):
         super().__init__()
+        if manual.check_dropout(dropout) and str(device).startswith("cuda"):
+            raise ValueError(CUDA_DROPOUT)
         acts = manual.mlp.activation_list(activation, len(sizes) - 2)
         widths = manual.mlp.linear_widths(sizes, acts, k)
-        embedding = manual.mlp.check_embedding(embedding)
+        embedding = manual.check_embedding(embedding)
         if embedding is not None:
             self.embed = torch.nn.utils.skip_init(nn.Embedding, embedding["vocab"], embedding["dim"],
                                                   dtype=dtype, device=device)
@@ -94,14 +101,14 @@ class Twin(nn.Module):
             torch.nn.utils.skip_init(nn.Linear, d_in, width, bias=bias, dtype=dtype, device=device)
             for d_in, width in zip(sizes[:-1], widths))
         self.acts = nn.ModuleList(activation_module(a, slope, alpha, k) for a in acts)
-        norm = manual.mlp.check_norm(norm)
+        norm = manual.check_norm(norm)
         if norm == "batchnorm":
             self.norms = nn.ModuleList(nn.BatchNorm1d(w, eps=eps, momentum=momentum, dtype=dtype,
                                                       device=device) for w in widths[:-1])
         elif norm == "layernorm":
             self.norms = nn.ModuleList(nn.LayerNorm(w, eps=eps, dtype=dtype, device=device)
                                        for w in widths[:-1])
-        self.p = manual.dropout.check_p(dropout)
+        self.p = manual.check_dropout(dropout)
         if self.p:
             self.drops = nn.ModuleList(nn.Dropout(self.p) for _ in acts)
             self._rng_state = torch.Generator().manual_seed(seed).get_state()
@@ -166,6 +173,21 @@ def params_of(twin):
 
 
 def grads_of(twin):
+    """The twin's parameter gradients after a backward, as a dict named like its state_dict
+    (``layers.{i}.weight`` / ``layers.{i}.bias``) — the names of the manual MLP's gradients, so
+    the two compare by name.  A parameter that took no part in the backward maps to None.
+
+    >>> import torch, refnet
+    >>> spec = refnet.Spec.from_dict({"sizes": [2, 3, 1], "data": "xor"})
+    >>> pair = refnet.build_pair(spec)
+    >>> x, target = refnet.load_data(spec)
+    >>> pair.twin_loss(pair.twin(x), target).backward()
+    >>> sorted(refnet.grads_of(pair.twin))
+    ['layers.0.bias', 'layers.0.weight', 'layers.1.bias', 'layers.1.weight']
+
+    The grads are the live ``.grad`` tensors (not copies): clone them to keep them past the next
+    ``zero_grad``.
+    """
     return {name: p.grad for name, p in twin.named_parameters()}
 
 

@@ -1,4 +1,4 @@
-"""Thin wrapper: `python scripts/train.py ARGS` is `refnet train ARGS` (see refnet/cmd_train.py)."""
+"""Thin wrapper: `python scripts/train.py ARGS` is `refnet train ARGS` (see refnet/cli/train.py)."""
 import os
 import sys
 

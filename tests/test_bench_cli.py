@@ -8,7 +8,7 @@ import sys
 import torch
 
 from refnet import bench
-from refnet.cmd_bench import format_row
+from refnet.cli.bench import format_row
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,8 +73,8 @@ def test_format_row_reports_compile_failure():
     assert "NO" in line and "no compiler" in line and "3.00" in line
 
 
-def test_update_readme_replaces_only_the_marked_block(tmp_path):
-    from refnet.cmd_bench import MARK_END, MARK_START, update_readme
+def test_update_table_replaces_only_the_marked_block(tmp_path):
+    from refnet.cli.bench import MARK_END, MARK_START, update_table
     row = {"size": "xor", "batch": 4, "sizes": [2, 8, 1], "dtype": "float32",
            "median_seconds": {"manual": 1e-4}, "autograd_over_manual": 3.25,
            "compile_over_manual": None, "manual_over_floor": 2.0, "readable_over_manual": 1.5,
@@ -83,12 +83,23 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path):
            "seconds": 1.0}
     path = tmp_path / "R.md"
     path.write_text(f"# top\n{MARK_START}\nold table\n{MARK_END}\ntail\n")
-    update_readme(str(path), rep)
+    update_table(str(path), rep)
     text = path.read_text()
     assert text.startswith("# top\n") and text.endswith(f"{MARK_END}\ntail\n")
     assert "old table" not in text and "| xor | 4 | 2-8-1 |" in text and "3.25" in text
     path.write_text("no markers\n")
     import pytest
-    with pytest.raises(ValueError, match="--readme"):
-        update_readme(str(path), rep)
+    with pytest.raises(ValueError, match="--table"):
+        update_table(str(path), rep)
     assert path.read_text() == "no markers\n"
+
+
+def test_table_flag_targets_a_docs_page_and_keeps_readme_as_alias():
+    from refnet.cli import build_parser
+    parser = build_parser()
+    for flag in ("--table", "--readme"):
+        args = parser.parse_args(["bench", flag, "docs/benchmark.md"])
+        assert args.table == "docs/benchmark.md"
+    assert parser.parse_args(["bench"]).table is None  # nothing is rewritten unless asked
+    text = " ".join(parser._subparsers._group_actions[0].choices["bench"].format_help().split())
+    assert "docs/benchmark.md" in text and "README" not in text

@@ -31,3 +31,23 @@ def test_sigint_gives_incomplete_report(tmp_path):
     assert report["summary"]["all_passed"] is False and report["summary"]["complete"] is False
     assert 1 <= len(report["results"]) < 7
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_interrupt_during_train_start_up_leaves_no_empty_out(tmp_path, monkeypatch, capsys):
+    # Ctrl-C while the run is being set up (before any file is written): one line, exit 130,
+    # and the --out folder it had just created is gone again.
+    from refnet import cli, harness
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "build_pair", interrupted)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--example", "xor", "--device", "cpu", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["refnet: interrupted"] and "Traceback" not in err
+    assert not out.exists()
+    # a folder that existed before the run is left where it was
+    out.mkdir()
+    assert cli.main(["train", "--example", "xor", "--device", "cpu", "--out", str(out)]) == 130
+    assert out.is_dir() and not os.listdir(out)

@@ -5,8 +5,14 @@ import torch
 
 from manual.dropout import dropout_backward, dropout_forward
 from manual.embedding import embedding_backward, embedding_forward
+from manual.fast import FastMLP
 from manual.norm import (batchnorm_backward, batchnorm_backward_steps, batchnorm_forward,
                          batchnorm_forward_steps, layernorm_backward, layernorm_forward)
+from refnet.data import load_data
+from refnet.fixtures import case_for_spec
+from refnet.harness import build_pair, train_lockstep
+from refnet.spec import Spec
+from refnet.twin import Twin
 
 DTYPES = [torch.float32, torch.float64]
 SHAPES = [(32, 64), (7, 13), (50, 37), (3, 100), (2, 1), (257, 21)]
@@ -185,8 +191,6 @@ def test_embedding_bad_indices(idx, match):
 
 
 # --- the spec keys and the pair -----------------------------------------------------------------
-from refnet.spec import Spec  # noqa: E402
-
 
 @pytest.mark.parametrize("key,value,match", [
     ("norm", "groupnorm", "norm"), ("dropout", 1.0, "dropout"), ("dropout", -0.1, "dropout"),
@@ -201,7 +205,6 @@ def test_spec_bad_new_keys(key, value, match):
 
 @pytest.mark.parametrize("norm", [None, "batchnorm"])
 def test_pair_with_norm_and_dropout_is_bitwise_over_steps(norm):
-    from refnet.harness import build_pair, load_data, train_lockstep
     spec = Spec(sizes=[2, 17, 9, 3], activation="relu", loss="cross_entropy", data="spiral",
                 norm=norm, dropout=0.25, steps=5, batch_size=30, dtype="float32", seed=2,
                 optimizer={"name": "sgd", "lr": 0.1})
@@ -219,8 +222,6 @@ def test_pair_with_norm_and_dropout_is_bitwise_over_steps(norm):
 @pytest.mark.parametrize("layers", [{"norm": "batchnorm"}, {"norm": "layernorm"}, {"dropout": 0.3}])
 def test_fast_mlp_falls_back_for_the_new_layers(layers):
     # FastMLP's specialised plan has no norm/dropout: it must run the readable path, same bits
-    from manual.fast import FastMLP
-    from refnet.harness import build_pair, load_data
     spec = Spec(sizes=[2, 12, 3], activation="tanh", loss="mse", data="spiral", steps=3,
                 batch_size=None, seed=1, **layers)
     slow, fast_pair = build_pair(spec), build_pair(spec)
@@ -234,7 +235,19 @@ def test_fast_mlp_falls_back_for_the_new_layers(layers):
 
 
 def test_export_refuses_the_new_layers_in_one_line():
-    from refnet.golden import case_for_spec
     spec = Spec(sizes=[2, 8, 3], loss="cross_entropy", data="spiral", norm="batchnorm")
     with pytest.raises(ValueError, match=r"export: spec key\(s\) \['norm'\] are not exported yet"):
         case_for_spec(spec)
+
+
+def test_dropout_on_cuda_is_refused_in_one_line():
+    # CUDA's nn.Dropout runs the fused native_dropout kernel (Philox, its own draw order): manual's
+    # bernoulli_ cannot draw the same masks, so such a spec is refused when it is built
+    with pytest.raises(ValueError, match=r"^dropout: not supported on device cuda \(CUDA's fused") as err:
+        Spec(sizes=[2, 8, 3], loss="cross_entropy", data="spiral", dropout=0.25, device="cuda")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="^dropout: not supported on device cuda"):
+        Twin([2, 8, 3], dropout=0.25, device="cuda")
+    # dropout 0 on CUDA, and dropout on the CPU, are fine
+    Spec(sizes=[2, 8, 3], loss="cross_entropy", data="spiral", dropout=0.0, device="cuda")
+    Spec(sizes=[2, 8, 3], loss="cross_entropy", data="spiral", dropout=0.25, device="cpu")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import manual.mlp
-from refnet import cli, data, train as train_mod
+from refnet import cli, data, examples, train as train_mod
+from refnet.cli import train as cli_train
 from refnet.spec import Spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,12 +215,14 @@ def test_default_tier_and_example_table():
     assert train_mod.default_tier(small_spec()) == "bitwise"
     assert train_mod.default_tier(small_spec(activation="elu")) == "tolerance"
     assert train_mod.default_tier(small_spec(device="cpu", activation="relu")) == "bitwise"
-    assert set(train_mod.EXAMPLES) >= {"xor", "circles", "spiral", "two_layer_seed", "random"}
-    seed = train_mod.get_example("two_layer_seed")
-    spec = seed.spec()
+    assert set(examples.trainable()) >= {"xor", "circles", "spiral", "two_layer_seed", "random"}
+    seed = examples.get("two_layer_seed")
+    spec = seed.build_spec()
     assert spec.sizes == [1000, 100, 10] and seed.params(spec)["layers.0.weight"].shape == (100, 1000)
     with pytest.raises(ValueError, match="--example: unknown name 'nope'"):
-        train_mod.get_example("nope")
+        examples.get("nope")
+    with pytest.raises(ValueError, match="--example: 'scalar_graph' trains no single MLP"):
+        examples.get("scalar_graph").build_spec()
     with pytest.raises(ValueError, match="--tier"):
         train_mod.train(small_spec(steps=1), None, tier="close enough")
 
@@ -248,15 +251,14 @@ def test_cuda_lockstep_and_resume(tmp_path):
 # -- QA fixes: --batch-size none, non-finite runs, --out over an earlier run, --lr 0, help --
 
 def test_batch_size_none_overrides_the_spec_to_full_batch(tmp_path, capsys):
-    from refnet import cmd_train
     spec_path = tmp_path / "s.json"
     spec_path.write_text(json.dumps(small_spec(steps=3).to_dict()))
     parser = cli.build_parser()
     for word in ("none", "None", "NONE"):
-        spec, _ = cmd_train.build_spec(parser.parse_args(
+        spec, _ = cli_train.build_spec(parser.parse_args(
             ["train", "--spec", str(spec_path), "--batch-size", word]))
         assert spec.batch_size is None and small_spec().batch_size == 16
-    spec, _ = cmd_train.build_spec(parser.parse_args(
+    spec, _ = cli_train.build_spec(parser.parse_args(
         ["train", "--spec", str(spec_path), "--batch-size", "8"]))
     assert spec.batch_size == 8
     out = tmp_path / "o"
@@ -297,8 +299,8 @@ def test_nonfinite_run_is_reported_without_warnings(tmp_path, capsys):
         monkey.setattr(Figure, "savefig",
                        lambda fig, *a, **kw: (drawn.append(fig), real(fig, *a, **kw))[1])
         try:
-            train_mod._write_outputs(str(out), Spec.from_dict(summary["spec"]), summary,
-                                     *_losses_of(out), None, torch.zeros(1, 3), torch.zeros(1, 1))
+            train_mod.write_outputs(str(out), Spec.from_dict(summary["spec"]), summary,
+                                    *_losses_of(out), None, torch.zeros(1, 3), torch.zeros(1, 1))
         finally:
             monkey.undo()
         top = drawn[0].axes[0]
@@ -321,7 +323,7 @@ def test_out_refuses_an_earlier_run_unless_force_or_resume(tmp_path, capsys):
     assert cli.main(base + ["--out", out]) == 0
     before = read_csv(os.path.join(out, "losses.csv"))
     capsys.readouterr()
-    assert cli.main(base + ["--out", out, "--lr", "0.5"]) == 2
+    assert cli.main(base + ["--out", out, "--lr", "0.3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"refnet: error: --out: {out} already holds a run")
     assert "--force" in err[0] and read_csv(os.path.join(out, "losses.csv")) == before
@@ -331,7 +333,7 @@ def test_out_refuses_an_earlier_run_unless_force_or_resume(tmp_path, capsys):
         (other / name).write_text("x")
         assert cli.main(base + ["--out", str(other)]) == 2
         assert "already holds a run" in capsys.readouterr().err
-    assert cli.main(base + ["--out", out, "--lr", "0.5", "--force"]) == 0
+    assert cli.main(base + ["--out", out, "--lr", "0.3", "--force"]) == 0
     assert read_csv(os.path.join(out, "losses.csv")) != before
     assert cli.main(["train", "--resume", out, "--out", out, "--steps", "8", "--quiet"]) == 0
     assert len(read_csv(os.path.join(out, "losses.csv"))) == 9
@@ -351,5 +353,55 @@ def test_lr_accepts_zero_and_help_tells_the_truth(tmp_path, capsys):
         assert f"--lr: expected a finite number >= 0, got {bad!r}" in capsys.readouterr().err
     text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["train"]
                     .format_help().split())
-    assert "refnet/known.py" in text and "--force" in text
+    assert "refnet/not_bitwise.py" in text and "--force" in text
     assert "without --out nothing is written" in text
+
+
+# -- one registry: every example name means one net for every verb --
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_verify_and_train_build_the_same_spec_for_every_example(dtype):
+    from refnet import report
+    parser = cli.build_parser()
+    names = examples.trainable()
+    assert {"xor", "circles", "two_layer_seed", "spiral", "random"} <= set(names)
+    for name in names:
+        for_verify = report.example_spec(name, "cpu", dtype)
+        for_train, example = cli_train.build_spec(parser.parse_args(
+            ["train", "--example", name, "--device", "cpu", "--dtype", dtype]))
+        assert example == name
+        assert for_verify.to_dict() == for_train.to_dict(), name
+
+
+def test_verify_report_carries_the_spec_train_trains(tmp_path, capsys):
+    report_path = tmp_path / "r.json"
+    assert cli.main(["verify", "--example", "xor", "--device", "cpu", "--dtype", "float64",
+                     "--json", str(report_path), "--quiet"]) == 0
+    rows = json.loads(report_path.read_text())["results"]
+    out = tmp_path / "t"
+    assert cli.main(["train", "--example", "xor", "--device", "cpu", "--out", str(out),
+                     "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert rows and all(r["spec"] == summary["spec"] for r in rows)
+    assert summary["spec"]["name"] == "xor_mlp_tanh" and summary["spec"]["sizes"] == [2, 4, 1]
+    # examples that train no MLP report no spec
+    assert cli.main(["verify", "--example", "scalar_graph", "--device", "cpu", "--dtype",
+                     "float64", "--json", str(report_path), "--quiet"]) == 0
+    assert all(r["spec"] is None for r in json.loads(report_path.read_text())["results"])
+    # a spec's report carries the spec it ran, on each device/dtype
+    spec_path = tmp_path / "s.json"
+    spec_path.write_text(json.dumps(small_spec(steps=3).to_dict()))
+    assert cli.main(["verify", "--spec", str(spec_path), "--dtype", "all", "--json",
+                     str(report_path), "--quiet"]) == 0
+    rows = json.loads(report_path.read_text())["results"]
+    assert {r["spec"]["dtype"] for r in rows} == {"float32", "float64"}
+    assert all(r["spec"]["dtype"] == r["dtype"] and r["spec"]["name"] == "small" for r in rows)
+
+
+def test_quiet_train_prints_the_summary_line(tmp_path, capsys):
+    assert cli.main(["train", "--example", "xor", "--steps", "5", "--device", "cpu",
+                     "--quiet"]) == 0
+    res = capsys.readouterr()
+    lines = res.out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xor_mlp_tanh: 5 steps on cpu/float64")
+    assert "tier bitwise" in lines[0] and res.err == ""

@@ -8,9 +8,13 @@ def run(name, device, dtype):
         return {c.name: c for c in get(name).run(Context(device=device, dtype=dtype))}
 
 
-def assert_all(checks, device):
-    """Every check passes; on CPU every manual-vs-autograd check is bitwise."""
+def assert_all(checks, device, refnet_check=None):
+    """Every check passes; on CPU every manual-vs-autograd check is bitwise.
+
+    refnet_check: the plugin's fixture; every verdict is counted in the run's summary line."""
     for c in checks.values():
+        if refnet_check is not None:
+            refnet_check.record(c.verdicts)
         assert c.passed, f"{c.name}: " + "\n".join(c.failures())
         if device == "cpu" and c.oracle == "manual vs autograd":
             assert c.tier == "bitwise", f"{c.name}: " + "\n".join(v.message() for v in c.verdicts)

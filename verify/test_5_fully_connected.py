@@ -5,9 +5,9 @@ from refnet.examples import deep as D
 from verify._examples import assert_all, run
 
 
-def test_deep_fc(device, dtype):
+def test_deep_fc(device, dtype, refnet_check):
     checks = run("deep_fc", device, dtype)
-    assert_all(checks, device)
+    assert_all(checks, device, refnet_check)
     for label in D.DEEP_SIZES:
         assert checks[f"{label}.loss_curve[{D.DEEP_STEPS}]"].verdicts[0].steps == D.DEEP_STEPS
         if device == "cpu":
@@ -16,7 +16,7 @@ def test_deep_fc(device, dtype):
             assert checks[f"{label}.fd"].passed
 
 
-def test_linear_collapse(device, dtype):
+def test_linear_collapse(device, dtype, refnet_check):
     checks = run("linear_collapse", device, dtype)
-    assert_all(checks, device)
+    assert_all(checks, device, refnet_check)
     assert checks["collapse"].tier in ("bitwise", "ulp", "tolerance")

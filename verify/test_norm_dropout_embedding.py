@@ -1,10 +1,10 @@
 """Issue 15: makemore's backprop ninja and CS231n's FullyConnectedNet with batch norm, layer norm
 and dropout — every manual-vs-autograd check bitwise on CPU (layer norm: where its lane order is
-measured, refnet/known.py), and CS231n's finite-difference bands in float64."""
+measured, refnet/not_bitwise.py), and CS231n's finite-difference bands in float64."""
 import pytest
 import torch
 
-from refnet import known
+from refnet import not_bitwise
 from refnet.examples import norm_layers
 from verify._examples import run
 
@@ -37,9 +37,9 @@ def test_fc_norm_dropout(dtype):
         assert c.passed, f"{c.name}: " + "\n".join(c.failures())
         if c.oracle != "manual vs autograd":
             continue
-        if c.name.startswith("layernorm") and known.known_issues(
+        if c.name.startswith("layernorm") and not_bitwise.known_issues(
                 norm_layers._fc_spec("layernorm", _Ctx(dtype))):
-            continue      # not measured on this CPU capability (refnet/known.py)
+            continue      # not measured on this CPU capability (refnet/not_bitwise.py)
         assert c.tier == "bitwise", f"{c.name}: " + "\n".join(v.message() for v in c.verdicts)
     if dtype == torch.float64:
         bn, drop = checks["batchnorm_layer.fd"], checks["dropout_layer.fd"]

@@ -1,15 +1,19 @@
 """The example registry: every example of the source document, by name.
 
-An example is a function ``run(ctx) -> list[Check]`` registered with ``@register``.  Numbers from
-the document appear once, in the example's module, and `verify/` reads them from there.
+An example is a function ``run(ctx) -> list[refnet.compare.Check]`` registered with
+``@register``.  Numbers from the document appear once, in the example's module, and `verify/` reads them from there.
 Modules of this package register their examples when imported (see _MODULES).
+
+One name, one net: an example that trains one MLP registers it as ``spec(dtype, device) -> Spec``
+(with its own ``data`` and ``params`` where the document fixes them), and every verb builds that
+same spec: `verify` runs it (and reports it), `train --example` trains it, `export` cuts its run
+short.  Examples with ``section=None`` go beyond the document (training demos): `verify` runs
+them only when named.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import importlib
 
 import torch
-
-from refnet.compare import TIERS, Verdict
 
 
 @dataclass
@@ -24,26 +28,6 @@ class Context:
 
 
 @dataclass
-class Check:
-    """One named check of an example: the verdicts of every tensor it compared."""
-    name: str
-    verdicts: list
-    oracle: str = "manual vs autograd"   # which two things were compared
-    note: str = ""
-
-    @property
-    def tier(self):
-        return max((v.tier for v in self.verdicts), key=TIERS.index, default="fail")
-
-    @property
-    def passed(self):
-        return bool(self.verdicts) and all(v.passed for v in self.verdicts)
-
-    def failures(self):
-        return [v.message() for v in self.verdicts if not v.passed]
-
-
-@dataclass
 class Example:
     name: str
     title: str
@@ -51,22 +35,32 @@ class Example:
     run: object
     dtypes: tuple = ("float32", "float64")
     devices: tuple = ("cpu", "cuda")
-    tags: tuple = field(default_factory=tuple)
-    case: object = None   # optional case(dtype) -> refnet.golden.case_for_spec(...): exportable
+    case: object = None     # optional case(dtype, steps) -> refnet.fixtures.case_for_spec(...)
+    spec: object = None     # optional (dtype="float64", device="cpu") -> Spec: the example's net
+    data: object = None     # optional (spec) -> (x, target): its data; None: refnet.data.load_data
+    params: object = None   # optional (spec) -> initial params; None: the spec's seeded init
+
+    def build_spec(self, dtype="float64", device="cpu"):
+        """The example's one net on (dtype, device); ValueError when it trains no single MLP."""
+        if self.spec is None:
+            raise ValueError(f"--example: {self.name!r} trains no single MLP; examples that do: "
+                             f"{', '.join(trainable())}")
+        return self.spec(dtype, device)
 
 
 REGISTRY = {}
 _MODULES = ("seed", "scalar", "activations", "vectorized", "deep", "nonlinearity", "claims",
-            "norm_layers")
+            "demos", "norm_layers")
 _loaded = False
 
 
 def register(name, title, section, dtypes=("float32", "float64"), devices=("cpu", "cuda"),
-             case=None):
+             case=None, spec=None, data=None, params=None):
     def deco(fn):
         if name in REGISTRY:
             raise RuntimeError(f"example {name!r} registered twice")
-        REGISTRY[name] = Example(name, title, section, fn, tuple(dtypes), tuple(devices), case=case)
+        REGISTRY[name] = Example(name, title, section, fn, tuple(dtypes), tuple(devices), case=case,
+                                 spec=spec, data=data, params=params)
         return fn
     return deco
 
@@ -84,6 +78,16 @@ def all_examples():
     return dict(REGISTRY)
 
 
+def document_examples():
+    """The examples of the source document (the main job runs these)."""
+    return {n: e for n, e in all_examples().items() if e.section is not None}
+
+
+def trainable():
+    """Names of the examples that train one MLP (accepted by `refnet train --example`)."""
+    return [n for n, e in all_examples().items() if e.spec is not None]
+
+
 def get(name):
     _load()
     if name not in REGISTRY:
@@ -91,4 +95,5 @@ def get(name):
     return REGISTRY[name]
 
 
-__all__ = ["Check", "Context", "Example", "Verdict", "all_examples", "get", "register"]
+__all__ = ["Context", "Example", "all_examples", "document_examples", "get", "register",
+           "trainable"]

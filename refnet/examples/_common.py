@@ -7,11 +7,10 @@
 """
 import torch
 
-from refnet.compare import Verdict, compare_tensors
-from refnet.examples import Check
-from refnet import fd
+from refnet.compare import Check, Verdict, compare_tensors
+from refnet.oracles import fd
 
-# Central differences in float64 with refnet.fd's h and rel_error bound (h = 1e-6: truncation O(h²)
+# Central differences in float64 with refnet.oracles.fd's h and rel_error bound (h = 1e-6: truncation O(h²)
 # + rounding O(ε/h) ≈ 1e-10 relative on the smooth functions used here); these gradients are O(1),
 # so a fixed absolute floor of 1e-8 stands in for fd's 1e-8·max(1, |L|).
 FD_EPS, FD_RTOL = fd.FDSettings.eps, fd.FDSettings.rtol

@@ -7,7 +7,8 @@ import torch
 
 from manual.activations import activation_backward, activation_forward
 from refnet import data as datasets
-from refnet.examples import Check, register
+from refnet.compare import Check
+from refnet.examples import register
 from refnet.examples._common import doc_check, fd_check, twin_check
 from refnet.harness import build_pair, gradient_checks
 from refnet.spec import Spec

@@ -5,10 +5,12 @@ import torch
 
 from manual.losses import target_kind
 from refnet import data as datasets
-from refnet.examples import Check, register
+from refnet.compare import Check
+from refnet.examples import Context, register
 from refnet.examples._common import claim_check
+from refnet.fixtures import EXPORT_STEPS, case_for_spec
 from refnet.harness import build_pair, curve_checks
-from refnet.spec import Spec
+from refnet.spec import DTYPES, Spec
 
 # model name -> (hidden sizes, activation)
 MODELS = {"linear": ([], "identity"), "mlp_no_activation": ([8], "identity"),
@@ -76,27 +78,39 @@ def _run(data_name, ctx):
     return checks
 
 
+def example_spec(data_name):
+    """The example's one net (what every verb builds): the tanh MLP of this set-up."""
+    def spec(dtype="float64", device="cpu"):
+        return spec_for(data_name, "mlp_tanh", Context(device=device, dtype=DTYPES[dtype]))
+    return spec
+
+
+def example_data(data_name):
+    """The example's data set, (x, target) on the spec's device and dtype (as `load`)."""
+    def data(spec):
+        x, _, target = load(data_name, Context(device=spec.device, dtype=spec.torch_dtype))
+        return x, target
+    return data
+
+
 def _export_case(data_name):
     """refnet export: the tanh MLP of this set-up, a short training run (golden fixtures)."""
     def case(dtype="float64", steps=None):
-        from refnet.examples import Context
-        from refnet.golden import EXPORT_STEPS, case_for_spec
-        ctx = Context(device="cpu", dtype=torch.float32 if dtype == "float32" else torch.float64)
-        spec = spec_for(data_name, "mlp_tanh", ctx)
         steps = EXPORT_STEPS if steps is None else steps
-        spec = Spec.from_dict({**spec.to_dict(), "steps": steps})
-        x, _, target = load(data_name, ctx)
-        return case_for_spec(spec, data=(x, target),
+        spec = Spec.from_dict({**example_spec(data_name)(dtype, "cpu").to_dict(), "steps": steps})
+        return case_for_spec(spec, data=example_data(data_name)(spec),
                              note=f"the tanh MLP, training run cut to {steps} steps")
     return case
 
 
-@register("xor", "XOR: no line separates it; a tanh MLP does", "7", case=_export_case("xor"))
+@register("xor", "XOR: no line separates it; a tanh MLP does", "7", case=_export_case("xor"),
+          spec=example_spec("xor"), data=example_data("xor"))
 def run_xor(ctx):
     return _run("xor", ctx)
 
 
 @register("circles", "two concentric rings: linear ≈ chance, tanh MLP ≥ 98%", "7",
-          case=_export_case("circles"))
+          case=_export_case("circles"), spec=example_spec("circles"),
+          data=example_data("circles"))
 def run_circles(ctx):
     return _run("circles", ctx)

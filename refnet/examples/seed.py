@@ -6,8 +6,9 @@ loss = Σ(y_pred − y)²; SGD, lr 1e-4, 2000 steps, no biases.
 import numpy as np
 import torch
 
-from refnet.compare import compare_curves, compare_tensors
-from refnet.examples import Check, register
+from refnet.compare import Check, compare_curves, compare_tensors
+from refnet.examples import register
+from refnet.fixtures import EXPORT_STEPS, case_for_spec
 from refnet.harness import build_pair, curve_checks, gradient_checks
 from refnet.oracles import numpy_seed
 from refnet.spec import Spec
@@ -44,9 +45,20 @@ def seed_params(w1, w2):
     return {"layers.0.weight": w1.t().contiguous(), "layers.1.weight": w2.t().contiguous()}
 
 
+def example_data(spec):
+    """The document's x and y, on the spec's device and dtype (`train --example two_layer_seed`)."""
+    x, y, _, _ = seed_data(spec.seed)
+    return x.to(spec.torch_dtype).to(spec.device), y.to(spec.torch_dtype).to(spec.device)
+
+
+def example_params(spec):
+    """The document's w1 and w2 in nn.Linear layout."""
+    _, _, w1, w2 = seed_data(spec.seed)
+    return seed_params(w1, w2)
+
+
 def export_case(dtype="float64", steps=None):
     """The golden-fixture case (refnet export): the same program, a short training run."""
-    from refnet.golden import EXPORT_STEPS, case_for_spec
     steps = EXPORT_STEPS if steps is None else steps
     x, y, w1, w2 = seed_data()
     torch_dtype = torch.float32 if dtype == "float32" else torch.float64
@@ -57,7 +69,7 @@ def export_case(dtype="float64", steps=None):
 
 
 @register("two_layer_seed", "The document's two-layer numpy program, 2000 SGD steps", "6",
-          case=export_case)
+          case=export_case, spec=seed_spec, data=example_data, params=example_params)
 def run(ctx, steps=STEPS):
     spec = seed_spec(ctx.dtype_name, ctx.device, steps)
     x, y, w1, w2 = seed_data()

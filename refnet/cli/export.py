@@ -1,4 +1,10 @@
-"""`refnet export --out DIR`: golden fixtures for ports (format: refnet/golden.py, README.md)."""
+"""`refnet export --out DIR`: golden fixtures for ports (format: refnet/fixtures.py, docs/porting.md)."""
+import os
+
+from refnet import examples
+from refnet.cli.common import EXIT_OK, dtypes
+from refnet.fixtures import case_for_spec, export
+from refnet.spec import Spec
 
 
 def add_parser(sub):
@@ -18,13 +24,9 @@ def add_parser(sub):
 
 def cases_for(example_names, spec_path, dtype_choice, steps=None):
     """[(case name, case dict)] for the requested examples and spec."""
-    from refnet import examples
-    from refnet.golden import case_for_spec
-    from refnet.spec import Spec
-
     if steps is not None and steps < 1:
         raise ValueError(f"--steps: expected an integer >= 1, got {steps}")
-    dtypes = ["float32", "float64"] if dtype_choice in ("all", None) else [dtype_choice]
+    dtype_names = dtypes("all" if dtype_choice is None else dtype_choice)
     if example_names is None:
         example_names = [] if spec_path else [n for n, e in examples.all_examples().items() if e.case]
     cases = []
@@ -33,12 +35,12 @@ def cases_for(example_names, spec_path, dtype_choice, steps=None):
         if ex.case is None:
             raise ValueError(f"--example: {name!r} provides no exportable case (not an MLP run); "
                              f"exportable: {', '.join(n for n, e in examples.all_examples().items() if e.case)}")
-        for dt in dtypes:
+        for dt in dtype_names:
             if dt in ex.dtypes:
                 cases.append((f"{name}.{dt}", ex.case(dt, steps) if steps else ex.case(dt)))
     if spec_path:
         base = Spec.from_json(spec_path)
-        for dt in dtypes if dtype_choice else [base.dtype]:
+        for dt in dtype_names if dtype_choice else [base.dtype]:
             over = {"dtype": dt, "device": "cpu", **({"steps": steps} if steps else {})}
             cases.append((f"{base.name}.{dt}", case_for_spec(Spec.from_dict({**base.to_dict(), **over}))))
     if not cases:
@@ -47,12 +49,9 @@ def cases_for(example_names, spec_path, dtype_choice, steps=None):
 
 
 def run(args):
-    import os
-    from refnet.golden import export
-
     manifest = export(args.out, cases_for(args.example, args.spec, args.dtype, args.steps), args.force)
     for case in manifest["cases"]:
         print(f"{case['file']:<40} {len(case['tensors']):>3} tensors {case['bytes']:>10} bytes  "
               f"steps {case['steps']}")
     print(f"wrote {len(manifest['cases'])} case(s) to {os.path.abspath(args.out)}")
-    return 0
+    return EXIT_OK

@@ -1,33 +1,27 @@
-"""`refnet train`: train the manual MLP and its autograd twin in lockstep (refnet.train)."""
+"""`refnet train`: train the manual MLP and its autograd twin in lockstep (refnet.train).
+
+--example NAME trains the example's one net from the registry (refnet.examples): the same spec
+`refnet verify --example NAME` checks, with the flags below as overrides.
+"""
 import argparse
-import math
 import os
 import sys
 
-EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
-
-
-def _positive_int():
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-        return value
-    return parse
+from refnet import examples
+from refnet import train as train_mod
+from refnet.checkpoint import existing_run_files, load_checkpoint
+from refnet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, positive_int
+from refnet.data import load_data
+from refnet.settings import apply_threads, largest_gemm_macs, resolve_devices
+from refnet.spec import Spec, check_finite
 
 
 def _nonnegative_float(text):
     """A finite number >= 0 (what a spec's lr accepts; 0 freezes the parameters)."""
     try:
-        value = float(text)
+        return check_finite("--lr", float(text), minimum=0)
     except ValueError:
-        value = None
-    if value is None or not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
 
 
 FULL_BATCH = "none"  # --batch-size none: override the spec to full batch (batch_size null)
@@ -36,14 +30,15 @@ FULL_BATCH = "none"  # --batch-size none: override the spec to full batch (batch
 def _batch_size(text):
     if text.strip().lower() == FULL_BATCH:
         return FULL_BATCH
-    return _positive_int()(text)
+    return positive_int()(text)
 
 
 def add_parser(sub):
     p = sub.add_parser("train", help="train manual and twin in lockstep, checking agreement as it goes")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--example", metavar="NAME",
-                     help="xor, circles, spiral, two_layer_seed or random")
+                     help="an example that trains one MLP: xor, circles, spiral, two_layer_seed "
+                          "or random (the net `refnet verify --example NAME` checks)")
     src.add_argument("--spec", metavar="FILE.json", help="train the MLP described in this JSON file")
     p.add_argument("--resume", metavar="DIR",
                    help="continue from DIR/checkpoint.pt (or a checkpoint file); outputs go to DIR "
@@ -51,7 +46,7 @@ def add_parser(sub):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="default: auto (cuda if present) for --example, the spec's device for --spec")
     p.add_argument("--dtype", choices=["float32", "float64"], help="default: the spec's (float64)")
-    p.add_argument("--steps", type=_positive_int(), help="total steps (on --resume: the "
+    p.add_argument("--steps", type=positive_int(), help="total steps (on --resume: the "
                    "step to continue up to)")
     p.add_argument("--lr", type=_nonnegative_float,
                    help="learning rate >= 0 (overrides the spec's)")
@@ -62,57 +57,73 @@ def add_parser(sub):
                    "printed); refused if DIR already holds a run unless --force")
     p.add_argument("--force", action="store_true",
                    help="let --out overwrite the run already in DIR")
-    p.add_argument("--check-every", type=_positive_int(), default=50, metavar="K",
+    p.add_argument("--check-every", type=positive_int(), default=50, metavar="K",
                    help="compare parameters and write a checkpoint every K steps (default 50); "
                         "losses are compared at every step")
     p.add_argument("--tier", choices=["bitwise", "ulp", "tolerance"],
                    help="worst agreement allowed before the run stops (default: bitwise on cpu, "
-                        "tolerance on cuda or when the spec uses an op listed in refnet/known.py, "
-                        "e.g. ELU)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
-    p.set_defaults(func=cmd_train)
+                        "tolerance on cuda or when the spec uses an op listed in "
+                        "refnet/not_bitwise.py, e.g. ELU)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar; only the summary line (as verify --quiet)")
+    p.add_argument("--threads", type=positive_int(), metavar="N",
+                   help="torch CPU threads (default: OMP_NUM_THREADS if set, else 1 unless the "
+                        "net's largest GEMM is large; refnet.settings.choose_threads)")
+    p.add_argument("--nproc", type=positive_int(), metavar="N", help="data-parallel on N "
+                   "processes, manual vs DistributedDataParallel (docs/data-parallel.md)")
+    p.set_defaults(func=run)
 
 
 def _resolve_device(choice):
-    from refnet.settings import resolve_devices
     return resolve_devices(choice)[0]
 
 
-def build_spec(args):
-    """The Spec to train (None on --resume without overrides) and the example name, from args."""
-    from refnet import train as train_mod
-    from refnet.spec import Spec
+def with_overrides(spec, **overrides):
+    """A copy of spec with steps/lr/batch_size/device/dtype replaced where given (None: keep);
+    full_batch=True sets batch_size to None (full batch)."""
+    raw = spec.to_dict()
+    lr = overrides.pop("lr", None)
+    if lr is not None:
+        raw["optimizer"] = {**raw["optimizer"], "lr": lr}
+    if overrides.pop("full_batch", False):
+        if overrides.get("batch_size") is not None:
+            raise ValueError("--batch-size: give a size or none, not both")
+        raw["batch_size"] = None
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return Spec.from_dict(raw)
 
+
+def build_spec(args):
+    """The Spec to train and the example name (None for --spec), from args."""
     full_batch = args.batch_size == FULL_BATCH
     overrides = dict(steps=args.steps, lr=args.lr, dtype=args.dtype, full_batch=full_batch,
                      batch_size=None if full_batch else args.batch_size)
     if args.resume:
         if args.example or args.spec:
             raise ValueError("--resume: the checkpoint names what to train; drop --example/--spec")
-        ck = train_mod.load_checkpoint(args.resume)
+        ck = load_checkpoint(args.resume)
         base = Spec.from_dict(dict(ck["spec"]))
         device = _resolve_device(args.device) if args.device else base.device
-        return train_mod.with_overrides(base, device=device, **overrides), ck["example"]
+        return with_overrides(base, device=device, **overrides), ck["example"]
     if args.example:
-        base = train_mod.get_example(args.example).spec()
         device = _resolve_device(args.device or "auto")
-        return train_mod.with_overrides(base, device=device, **overrides), args.example
+        base = examples.get(args.example).build_spec(args.dtype or "float64", device)
+        return with_overrides(base, device=device, **overrides), args.example
     if args.spec:
         base = Spec.from_json(args.spec)
         device = _resolve_device(args.device) if args.device else base.device
-        return train_mod.with_overrides(base, device=device, **overrides), None
+        return with_overrides(base, device=device, **overrides), None
     raise ValueError("train: give --example NAME, --spec FILE.json or --resume DIR")
 
 
-def cmd_train(args):
-    from refnet import train as train_mod
-
+def run(args):
     spec, example = build_spec(args)
+    _apply_threads(spec, args.threads)
     out = args.out or args.resume
     if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):
         out = os.path.dirname(os.path.abspath(args.resume))
-    if args.out and not args.force and not _resumes_into(args.resume, args.out):
-        existing = train_mod.existing_run_files(args.out)
+    if args.out and not args.force and not resumes_into(args.resume, args.out):
+        existing = existing_run_files(args.out)
         if existing:
             raise ValueError(f"--out: {args.out} already holds a run ({', '.join(existing)}); "
                              f"give --force to overwrite it, or --resume {args.out} to continue it")
@@ -125,19 +136,26 @@ def cmd_train(args):
     if summary["status"] == "interrupted":
         print(f"refnet train: {summary['message']}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if not args.quiet:
-        acc = summary.get("accuracy_manual")
-        nonfinite = summary.get("nonfinite")
-        print(f"{summary['name']}: {summary['steps']} steps on {summary['device']}/{summary['dtype']}"
-              f", loss manual {summary['final_loss_manual']:.6g} twin {summary['final_loss_twin']:.6g}"
-              f", tier {summary['tier']} (allowed {summary['allowed_tier']})"
-              + (f", accuracy {100 * acc:.1f} %" if acc is not None else "")
-              + (f"; {summary['status']}: {nonfinite}" if nonfinite else "")
-              + (f"; wrote {', '.join(summary['files'])} in {out}" if out else ""))
-    return 0
+    acc = summary.get("accuracy_manual")
+    nonfinite = summary.get("nonfinite")
+    print(f"{summary['name']}: {summary['steps']} steps on {summary['device']}/{summary['dtype']}"
+          f", loss manual {summary['final_loss_manual']:.6g} twin {summary['final_loss_twin']:.6g}"
+          f", tier {summary['tier']} (allowed {summary['allowed_tier']})"
+          + (f", accuracy {100 * acc:.1f} %" if acc is not None else "")
+          + (f"; {summary['status']}: {nonfinite}" if nonfinite else "")
+          + (f"; wrote {', '.join(summary['files'])} in {out}" if out else ""))
+    return EXIT_OK
 
 
-def _resumes_into(resume, out):
+def _apply_threads(spec, requested):
+    """The thread policy for this net: its largest GEMM at the training batch size."""
+    batch = spec.batch_size or spec.n_samples
+    if batch is None:  # full batch of a data set of its default size
+        batch = load_data(spec)[0].shape[0]
+    return apply_threads(requested, largest_gemm_macs(spec.sizes, batch))
+
+
+def resumes_into(resume, out):
     """True when --resume targets the folder --out names (continuing a run in place)."""
     if not resume:
         return False

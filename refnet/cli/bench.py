@@ -1,13 +1,25 @@
-"""`refnet bench`: manual vs autograd (and torch.compile, and the GEMM floor), as ratios."""
+"""`refnet bench`: manual vs autograd (and torch.compile, and the GEMM floor), as ratios.
+
+`--table docs/benchmark.md` rewrites the measured table between the markers
+`<!-- bench:start -->` and `<!-- bench:end -->` of that page (`--readme` is the old name of the
+flag); nothing is rewritten unless asked.
+"""
 import os
+import platform
 
 import torch
 
+from refnet import bench, report
+from refnet.atomic import write_text
+from refnet.bench import SIZES
+from refnet.cli.common import EXIT_FAILED, EXIT_OK, positive_int
 from refnet.settings import resolve_devices
+
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+DOCS_PAGE = "docs/benchmark.md"
 
 
 def add_parser(sub):
-    from refnet.bench import SIZES
     p = sub.add_parser("bench", help="time a training step: manual vs autograd vs compile vs the "
                                      "GEMM floor, and peak memory")
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), metavar="SIZE",
@@ -23,16 +35,17 @@ def add_parser(sub):
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--json", metavar="OUT.json", help="write the results here")
-    p.add_argument("--readme", metavar="FILE.md",
-                   help=f"replace the table between {MARK_START} and {MARK_END} in this file")
-    p.set_defaults(func=cmd_bench)
-
-
-MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+    p.add_argument("--table", "--readme", dest="table", metavar="FILE.md",
+                   help=f"replace the table between {MARK_START} and {MARK_END} in this file "
+                        f"(the documented one: {DOCS_PAGE}; --readme is an alias)")
+    p.add_argument("--nproc", type=positive_int(), metavar="N",
+                   help="data-parallel bench: manual DP vs DDP step time and peak memory for "
+                        "1..N processes (refnet/bench_dp.py, docs/data-parallel.md)")
+    p.set_defaults(func=run)
 
 
 def _command_line(args):
-    """The bench command that produced a table (output paths left out), for its README header."""
+    """The bench command that produced a table (output paths left out), for the table's header."""
     parts = ["refnet bench"]
     if args.quick:
         parts.append("--quick")
@@ -50,7 +63,6 @@ def _command_line(args):
 
 def markdown(rep):
     """The measured table as Markdown, with the machine and settings it was measured on."""
-    import platform
     cmd = rep.get("command") or ("refnet bench" + (" --quick" if rep["quick"] else ""))
     lines = [f"Measured with `{cmd}` on {rep['device']}, "
              f"{rep['threads']} torch threads ({os.cpu_count()} CPUs seen), torch {rep['torch']}, "
@@ -69,16 +81,16 @@ def markdown(rep):
     return "\n".join(lines) + "\n"
 
 
-def update_readme(path, rep):
-    """Replace the text between the markers, atomically (temp file in the folder + rename)."""
+def update_table(path, rep):
+    """Replace the text between the markers in the page at path (e.g. docs/benchmark.md),
+    atomically (temp file in the folder + rename)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if text.count(MARK_START) != 1 or text.count(MARK_END) != 1 \
             or text.index(MARK_START) > text.index(MARK_END):
-        raise ValueError(f"--readme: expected one {MARK_START} … {MARK_END} block in {path}")
+        raise ValueError(f"--table: expected one {MARK_START} … {MARK_END} block in {path}")
     head, rest = text.split(MARK_START)
     _, tail = rest.split(MARK_END)
-    from refnet.atomic import write_text
     write_text(path, head + MARK_START + "\n" + markdown(rep) + MARK_END + tail)
 
 
@@ -112,23 +124,21 @@ def format_row(r):
     return line
 
 
-def cmd_bench(args):
-    from refnet import bench
-    from refnet import report as report_mod
+def run(args):
     device = resolve_devices(args.device)[0]
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads: expected an integer >= 1, got {args.threads}")
     if not 0.0 <= args.momentum < 1.0:
         raise ValueError(f"--momentum: expected a number in [0, 1), got {args.momentum}")
     if args.json:
-        report_mod.check_writable(args.json)
-    if args.readme:
-        if not os.path.isfile(args.readme):
-            raise ValueError(f"--readme: file not found: {args.readme}")
-        with open(args.readme, encoding="utf-8") as f:
+        report.check_writable(args.json)
+    if args.table:
+        if not os.path.isfile(args.table):
+            raise ValueError(f"--table: file not found: {args.table}")
+        with open(args.table, encoding="utf-8") as f:
             if f.read().count(MARK_START) != 1:
-                raise ValueError(f"--readme: expected one {MARK_START} … {MARK_END} block in "
-                                 f"{args.readme}")
+                raise ValueError(f"--table: expected one {MARK_START} … {MARK_END} block in "
+                                 f"{args.table}")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     print(HEADER, flush=True)
     rep = bench.run(args.sizes, device, dtype, quick=args.quick, compile_=not args.no_compile,
@@ -139,7 +149,7 @@ def cmd_bench(args):
           f"(man/floor: < 1.10 is near the GEMM floor)")
     rep["command"] = _command_line(args)
     if args.json:
-        report_mod.write_json(rep, args.json)
-    if args.readme:
-        update_readme(args.readme, rep)
-    return 0 if all(r["bitwise"] for r in rep["rows"]) or device != "cpu" else 1
+        report.write_json(rep, args.json)
+    if args.table:
+        update_table(args.table, rep)
+    return EXIT_OK if all(r["bitwise"] for r in rep["rows"]) or device != "cpu" else EXIT_FAILED

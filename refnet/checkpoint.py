@@ -1,0 +1,145 @@
+"""The training checkpoint format: save, load and validate (`refnet train --resume`).
+
+A checkpoint file is a header line `REFNET-CHECKPOINT <format> <sha256 of the body>` followed by
+torch.save's bytes of a dict holding both sides' parameters, both optimizers' state, the losses
+so far, the step reached, the spec and the example name.  The batch schedule is not stored: it is
+regenerated from the spec's seed, so on CPU a resumed run's curve is bitwise the uninterrupted
+one.  Written atomically (refnet.atomic); a flipped or truncated file fails the checksum.
+"""
+import hashlib
+import io
+import os
+
+import torch
+
+from refnet import twin as twin_mod
+from refnet.atomic import write_atomic
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_MAGIC = b"REFNET-CHECKPOINT"
+CHECKPOINT_FORMAT = 1
+RUN_FILES = (CHECKPOINT_NAME, "losses.csv", "summary.json")
+_CHECKPOINT_KEYS = ("step", "spec", "example", "manual_params", "twin_params", "manual_optimizer",
+                    "twin_optimizer", "losses_manual", "losses_twin")
+
+
+def existing_run_files(out_dir):
+    """The files of an earlier run already in out_dir (checkpoint.pt, losses.csv, summary.json)."""
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+
+
+def save_checkpoint(path, payload):
+    """A header line `REFNET-CHECKPOINT <format> <sha256 of the body>` then torch.save's bytes."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getvalue()
+    header = b"%s %d %s\n" % (CHECKPOINT_MAGIC, CHECKPOINT_FORMAT,
+                              hashlib.sha256(body).hexdigest().encode())
+    write_atomic(path, lambda f: (f.write(header), f.write(body)))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read and verify a checkpoint; ValueError (one line) if it is missing, foreign or corrupt."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    head, sep, body = raw.partition(b"\n")
+    fields = head.split(b" ")
+    if not sep or len(fields) != 3 or fields[0] != CHECKPOINT_MAGIC:
+        raise ValueError(f"--resume: {path} is not a refnet checkpoint (bad header)")
+    if fields[1] != str(CHECKPOINT_FORMAT).encode():
+        raise ValueError(f"--resume: {path} has checkpoint format {fields[1].decode(errors='replace')}; "
+                         f"this refnet reads format {CHECKPOINT_FORMAT}")
+    if hashlib.sha256(body).hexdigest().encode() != fields[2]:
+        raise ValueError(f"--resume: {path} is corrupt or truncated (sha256 of its contents does "
+                         f"not match the one recorded in it); refusing to resume from it")
+    try:
+        payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    except Exception as exc:  # a checksum-valid file torch cannot read: a foreign writer
+        raise ValueError(f"--resume: {path} cannot be loaded ({exc.__class__.__name__})") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise ValueError(f"--resume: {path} lacks {missing}; not a refnet training checkpoint")
+    return payload
+
+
+def cpu_copy(obj):
+    """Detached CPU copies of every tensor in nested dicts/lists (what a checkpoint stores)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+def to_device(obj, device):
+    """Every tensor in nested dicts/lists moved to device (a checkpoint's state, restored)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def check_resume_spec(spec, saved):
+    """Only steps (to extend a run) and device may differ from the checkpoint's spec."""
+    now = spec.to_dict()
+    for key, value in saved.items():
+        if key in ("steps", "device"):
+            continue
+        if now.get(key) != value:
+            raise ValueError(f"--resume: {key} is {now.get(key)!r} but the checkpoint was trained "
+                             f"with {value!r}; a resumed run must keep it")
+
+
+def save_run(path, pair, spec, example, step, losses_m, losses_t, worst_tier, **extra):
+    """A checkpoint of a lockstep run (refnet.harness.Pair) after `step` steps; extra: more
+    entries (refnet.dp_train records world_size)."""
+    save_checkpoint(path, {
+        "format": CHECKPOINT_FORMAT, "step": step, "spec": spec.to_dict(), "example": example,
+        "manual_params": cpu_copy(pair.mlp.params),
+        "twin_params": cpu_copy(twin_mod.params_of(pair.twin)),
+        "manual_buffers": cpu_copy(pair.mlp.buffers),
+        "twin_buffers": cpu_copy(twin_mod.buffers_of(pair.twin)),
+        "manual_rng": pair.mlp.generator.get_state() if pair.mlp.generator is not None else None,
+        "twin_rng": getattr(pair.twin, "_rng_state", None),
+        "manual_optimizer": cpu_copy(pair.mlp.optimizer.state_dict()),
+        "twin_optimizer": cpu_copy(pair.twin_opt.state_dict()),
+        "losses_manual": losses_m.cpu(), "losses_twin": losses_t.cpu(),
+        "worst_tier": worst_tier, "torch": str(torch.__version__), **extra,
+    })
+
+
+def restore_run(pair, ck, device):
+    """Both sides' parameters, both optimizers' state, batch norm's running statistics and the
+    dropout streams from a checkpoint."""
+    names = set(pair.mlp.params)
+    for side in ("manual_params", "twin_params"):
+        if set(ck[side]) != names:
+            raise ValueError(f"--resume: checkpoint {side} are {sorted(ck[side])}, the spec's "
+                             f"model has {sorted(names)}")
+    for name, p in pair.mlp.params.items():
+        p.copy_(ck["manual_params"][name])
+    twin_mod.load_params(pair.twin, ck["twin_params"])
+    pair.mlp.optimizer.load_state_dict(to_device(ck["manual_optimizer"], device))
+    pair.twin_opt.load_state_dict(ck["twin_optimizer"])
+    # batch norm's running statistics and the dropout streams (absent in older checkpoints,
+    # whose specs have neither)
+    buffers = ck.get("manual_buffers", {})
+    if set(buffers) != set(pair.mlp.buffers):
+        raise ValueError(f"--resume: checkpoint buffers are {sorted(buffers)}, the spec's model "
+                         f"has {sorted(pair.mlp.buffers)}")
+    for name, b in pair.mlp.buffers.items():
+        b.copy_(buffers[name])
+    twin_mod.load_buffers(pair.twin, ck.get("twin_buffers", {}))
+    if ck.get("manual_rng") is not None and pair.mlp.generator is not None:
+        pair.mlp.generator.set_state(ck["manual_rng"])
+    if ck.get("twin_rng") is not None and hasattr(pair.twin, "_rng_state"):
+        pair.twin._rng_state = ck["twin_rng"].clone()
