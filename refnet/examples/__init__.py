@@ -50,7 +50,7 @@ class Example:
 
 REGISTRY = {}
 _MODULES = ("seed", "scalar", "activations", "vectorized", "deep", "nonlinearity", "claims",
-            "demos")
+            "demos", "norm_layers")
 _loaded = False
 
 
