@@ -179,7 +179,10 @@ class MLP:
     def predict(self, x, trace=None):
         """Forward through the layers only.  x (N, D) -> output (N, C), per-layer caches.
 
-        trace: a dict to record each pre-activation and activation in, or None.
+        trace: a dict to record each pre-activation and activation in, or None (with the
+        optional layers also embed.output, layers.{i}.linear (before the norm), norms.{i}.mean,
+        norms.{i}.invstd and layers.{i}.dropout; backward adds layers.{i}.grad_dropout and
+        layers.{i}.grad_linear).
         """
         self.check_input(x)
         caches = []
@@ -187,19 +190,25 @@ class MLP:
         if self.embedding is not None:
             emb, emb_cache = embedding_forward(x, self.params["embed.weight"])
             h = emb.view(emb.shape[0], -1)                   # (N, T, E) -> (N, T·E)
+            _record(trace, "embed.output", h)
         for i in range(self.n_layers):
             z, lin_cache = linear_forward(h, self.params[f"layers.{i}.weight"],
                                           self.params.get(f"layers.{i}.bias"))
             h, norm_cache, act_cache, drop_cache = z, None, None, None
             if i < self.n_layers - 1:
                 if self.norm is not None:
+                    _record(trace, f"layers.{i}.linear", z)
                     z, norm_cache = self._norm_forward(i, z)
+                    _record(trace, f"norms.{i}.mean", norm_cache[2])    # μ per feature (batch
+                    _record(trace, f"norms.{i}.invstd", norm_cache[3])  # norm) or row (layer norm)
                 _record(trace, f"layers.{i}.pre_activation", z)
                 act = self.activations[i]
                 h, act_cache = activation_forward(act, z, **self._act_options(act))
                 _record(trace, f"layers.{i}.activation", h)
                 h, drop_cache = dropout_forward(h, self.dropout, training=self.training,
                                                 generator=self.generator)
+                if self.dropout:
+                    _record(trace, f"layers.{i}.dropout", h)
             else:
                 _record(trace, f"layers.{i}.pre_activation", z)
             caches.append((lin_cache, norm_cache, act_cache, drop_cache))
@@ -235,6 +244,8 @@ class MLP:
         for i in reversed(range(self.n_layers)):
             lin_cache, norm_cache, act_cache, drop_cache = layer_caches[i]
             if i < self.n_layers - 1:
+                if self.dropout:
+                    _record(trace, f"layers.{i}.grad_dropout", dh)
                 dh = dropout_backward(dh, drop_cache)
                 _record(trace, f"layers.{i}.grad_activation", dh)
                 dh = activation_backward(self.activations[i], dh, act_cache)
@@ -242,6 +253,7 @@ class MLP:
             if norm_cache is not None:
                 norm_backward = layernorm_backward if self.norm == "layernorm" else batchnorm_backward
                 dh, grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"] = norm_backward(dh, norm_cache)
+                _record(trace, f"layers.{i}.grad_linear", dh)
             dh, dweight, dbias = linear_backward(dh, lin_cache)
             grads[f"layers.{i}.weight"] = dweight
             if dbias is not None:

@@ -29,7 +29,7 @@ import tempfile
 import torch
 
 from refnet import data as datasets
-from refnet.compare import TOLERANCES, ULP_LIMIT
+from refnet.compare import TOLERANCES, ULP_LIMIT, compare_tensors
 from refnet.harness import build_pair, curve_checks, gradient_checks
 from refnet.spec import Spec
 from refnet.tensorfile import ST_DTYPES, encode_safetensors, sha256_file
@@ -41,38 +41,90 @@ EXPORT_STEPS = 8          # default length of a fixture's training run (kept sho
 
 
 # --- what a case contains ----------------------------------------------------------------------
-def tensor_order(n_layers, bias=True, minibatch=False):
+def tensor_order(n_layers, bias=True, minibatch=False, *, norm=None, dropout=False,
+                 embedding=False):
     """[(name, role, kind)] in canonical order; role input|forward|backward|train, kind is the
-    TOLERANCES kind a port's value is checked with (None for inputs, which a port only reads)."""
+    TOLERANCES kind a port's value is checked with (None for inputs, which a port only reads).
+    The optional layers (norm "batchnorm"/"layernorm", dropout, embedding) add their tensors;
+    without them the order is the one of schema_version 1's first cases, unchanged."""
+    hidden = range(n_layers - 1)
+    batchnorm = norm == "batchnorm"
+    stats = ("running_mean", "running_var", "num_batches_tracked")
     rows = [("inputs.x", "input", None), ("inputs.target", "input", None)]
     kinds = ("weight", "bias") if bias else ("weight",)
-    rows += [(f"init.layers.{i}.{k}", "input", None) for i in range(n_layers) for k in kinds]
+    params = [f"layers.{i}.{k}" for i in range(n_layers) for k in kinds]
+    if norm:
+        params += [f"norms.{i}.{k}" for i in hidden for k in ("weight", "bias")]
+    if embedding:
+        params.append("embed.weight")
+    rows += [(f"init.{p}", "input", None) for p in params]
+    if batchnorm:
+        rows += [(f"init.norms.{i}.{b}", "input", None) for i in hidden for b in stats]
+    if dropout:  # the 0/1 masks: of the single forward, then of every training step (rows stacked)
+        rows += [(f"inputs.masks.layers.{i}", "input", None) for i in hidden]
+        rows += [(f"train.masks.layers.{i}", "input", None) for i in hidden]
     if minibatch:
         rows += [("train.batch_sizes", "input", None), ("train.batch_indices", "input", None)]
+    if embedding:
+        rows.append(("forward.embed.output", "forward", "forward"))
     for i in range(n_layers):
+        if norm and i < n_layers - 1:
+            rows += [(f"forward.layers.{i}.linear", "forward", "forward"),
+                     (f"forward.norms.{i}.mean", "forward", "forward"),
+                     (f"forward.norms.{i}.invstd", "forward", "forward")]
+            if batchnorm:
+                rows += [(f"forward.norms.{i}.{b}", "forward", "curve") for b in stats]
         rows.append((f"forward.layers.{i}.pre_activation", "forward", "forward"))
         if i < n_layers - 1:
             rows.append((f"forward.layers.{i}.activation", "forward", "forward"))
+            if dropout:
+                rows.append((f"forward.layers.{i}.dropout", "forward", "forward"))
     rows += [("forward.output", "forward", "forward"), ("forward.loss", "forward", "forward"),
              ("backward.grad_output", "backward", "grad")]
     for i in reversed(range(n_layers)):
         if i < n_layers - 1:
+            if dropout:
+                rows.append((f"backward.layers.{i}.grad_dropout", "backward", "grad"))
             rows.append((f"backward.layers.{i}.grad_activation", "backward", "grad"))
         rows.append((f"backward.layers.{i}.grad_pre_activation", "backward", "grad"))
+        if norm and i < n_layers - 1:
+            rows += [(f"grads.norms.{i}.weight", "backward", "grad"),
+                     (f"grads.norms.{i}.bias", "backward", "grad"),
+                     (f"backward.layers.{i}.grad_linear", "backward", "grad")]
         rows += [(f"grads.layers.{i}.{k}", "backward", "grad") for k in kinds]
     rows.append(("backward.grad_input", "backward", "grad"))
+    if embedding:
+        rows.append(("grads.embed.weight", "backward", "grad"))
     rows.append(("train.losses", "train", "curve"))
-    rows += [(f"final.layers.{i}.{k}", "train", "curve") for i in range(n_layers) for k in kinds]
+    if batchnorm:  # (steps, H): the running statistics after each training step
+        rows += [(f"train.norms.{i}.{b}", "train", "curve") for i in hidden for b in stats[:2]]
+    rows += [(f"final.{p}", "train", "curve") for p in params]
+    if batchnorm:
+        rows += [(f"final.norms.{i}.{b}", "train", "curve") for i in hidden for b in stats]
     return rows
 
 
 def case_for_spec(spec, params=None, data=None, note=""):
     """A case to export: {"spec", "params" (or None: seeded init), "data" (x, target) or None}."""
-    layers = [k for k in ("norm", "dropout", "embedding") if getattr(spec, k, None)]
-    if layers:  # the fixture format has no running statistics or dropout masks yet
-        raise ValueError(f"export: spec key(s) {layers} are not exported yet (fixtures would need "
-                         f"running statistics and dropout masks); verify and train support them")
     return {"spec": spec, "params": params, "data": data, "note": note}
+
+
+def _record_training(mlp, n_hidden):
+    """Wrap mlp.forward so that each training step's dropout masks (0/1, in order) and running
+    statistics (after the step's forward) are kept -> the lists they are appended to."""
+    masks, stats = {i: [] for i in range(n_hidden)}, []
+    forward = mlp.forward
+
+    def recording_forward(x, target, trace=None):
+        loss, cache = forward(x, target, trace)
+        for i in range(n_hidden):
+            noise = cache[0][i][3]                    # the scaled mask mask/(1 − p), or None
+            if noise is not None:
+                masks[i].append((noise != 0).to(noise.dtype))
+        stats.append({n: b.clone() for n, b in mlp.buffers.items()})
+        return loss, cache
+    mlp.forward = recording_forward
+    return masks, stats
 
 
 def run_case(case):
@@ -80,24 +132,36 @@ def run_case(case):
 
     The values are the manual MLP's; the same run is repeated on the autograd twin and the tier of
     each tensor autograd exposes is recorded (bitwise on CPU for every shipped example).
+    The single forward/backward and the training run each start from `init.*` (and the initial
+    running statistics), on a fresh pair: the dropout masks each draws are recorded as inputs.
     """
     spec = Spec.from_dict({**case["spec"].to_dict(), "device": "cpu"})
     dtype = spec.torch_dtype
     x, target = case["data"] if case["data"] is not None else datasets.load_data(spec)
-    x = x.detach().to(dtype=dtype, device="cpu")
+    x = x.detach().to(device="cpu")
+    if spec.embedding is None or x.is_floating_point():
+        x = x.to(dtype=dtype)        # token indices stay int64
     target = target.detach().cpu()
     if target.is_floating_point():
         target = target.to(dtype)
     pair = build_pair(spec, case["params"])
     init = {name: p.clone() for name, p in pair.mlp.params.items()}
+    init_buffers = {name: b.clone() for name, b in pair.mlp.buffers.items()}
     index_list = datasets.batches(x.shape[0], spec.batch_size, spec.steps, spec.seed)
     minibatch = index_list[0] is not None
+    n_hidden = pair.mlp.n_layers - 1
 
     trace = {}
     _, cache = pair.mlp.forward(x, target, trace=trace)  # the loss is traced as forward.loss
     grads, dx = pair.mlp.backward(cache, trace=trace)
     values = {"inputs.x": x, "inputs.target": target}
     values.update({f"init.{n}": p for n, p in init.items()})
+    values.update({f"init.{n}": b for n, b in init_buffers.items()})
+    values.update({f"forward.{n}": b.clone() for n, b in pair.mlp.buffers.items()})
+    for i in range(n_hidden):
+        noise = cache[0][i][3]
+        if noise is not None:
+            values[f"inputs.masks.layers.{i}"] = (noise != 0).to(noise.dtype)
     if minibatch:
         # step s uses rows batch_indices[sum(batch_sizes[:s]) : sum(batch_sizes[:s+1])]
         values["train.batch_sizes"] = torch.tensor([len(i) for i in index_list], dtype=torch.int64)
@@ -113,14 +177,26 @@ def run_case(case):
         key = {"loss": "forward.loss", "output": "forward.output",
                "input.grad": "backward.grad_input"}.get(v.name, f"grads.{v.name[:-5]}")
         reference[key] = v.tier
+    pair = build_pair(spec, init)          # the training run starts afresh (masks, statistics)
+    masks, stats = _record_training(pair.mlp, n_hidden)
     verdicts, (losses, _) = curve_checks(pair, x, target, spec.steps, spec.batch_size, spec.seed)
     reference["train.losses"] = verdicts[0].tier
     for v in verdicts[1:]:
         reference[v.name] = v.tier
     values["train.losses"] = losses
     values.update({f"final.{n}": p for n, p in pair.mlp.params.items()})
+    twin_buffers = dict(pair.twin.named_buffers())
+    for n, b in pair.mlp.buffers.items():
+        values[f"final.{n}"] = b
+        reference[f"final.{n}"] = compare_tensors(n, b, twin_buffers[n], "curve").tier
+        if not n.endswith("num_batches_tracked"):
+            values[f"train.{n}"] = torch.stack([s[n] for s in stats])
+    for i, per_step in masks.items():
+        if per_step:
+            values[f"train.masks.layers.{i}"] = torch.cat(per_step)
 
-    order = tensor_order(pair.mlp.n_layers, spec.bias, minibatch)
+    order = tensor_order(pair.mlp.n_layers, spec.bias, minibatch, norm=spec.norm,
+                         dropout=bool(spec.dropout), embedding=spec.embedding is not None)
     missing = [n for n, _, _ in order if n not in values]
     if missing or len(values) != len(order):
         raise RuntimeError(f"export: traced names {sorted(values)} do not match the canonical "
