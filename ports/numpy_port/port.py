@@ -305,9 +305,119 @@ def l2_backward(weights, reg):
     return [g * (2.0 * w) for w in weights]       # ∂R/∂W = (g·reg)·(2W)
 
 
+# --- the optional layers: batch norm, layer norm, dropout, embedding -----------------------------
+def batchnorm_forward(z, w, b, buffers, training, momentum, eps):
+    """nn.BatchNorm1d, per feature over the batch.  z (N, H), w, b (H,); buffers: running_mean,
+    running_var (H,) and num_batches_tracked (an int64 scalar), updated in place in training.
+
+    training: μ = Σₙ z / N,  σ² = Σₙ (z − μ)² / N (biased: this normalizes),  1/σ = 1/√(σ² + eps)
+              running_mean ← (1 − m)·running_mean + m·μ
+              running_var  ← (1 − m)·running_var + m·σ²·N/(N − 1)   (unbiased), batches += 1
+    eval:     μ, σ² = running_mean, running_var
+    out = (z − μ)·(1/σ)·w + b.  Returns out, μ (H,), 1/σ (H,), and the cache for backward."""
+    t = z.dtype.type
+    n = z.shape[0]
+    if training:
+        mean = z.sum(axis=0) / t(n)
+        zc = z - mean
+        var = (zc * zc).sum(axis=0) / t(n)
+        invstd = t(1) / np.sqrt(var + t(eps))
+        m = t(momentum)
+        buffers["running_mean"] = (t(1) - m) * buffers["running_mean"] + m * mean
+        buffers["running_var"] = (t(1) - m) * buffers["running_var"] + m * (var * t(n / (n - 1)))
+        buffers["num_batches_tracked"] = buffers["num_batches_tracked"] + np.int64(1)
+    else:
+        mean = buffers["running_mean"]
+        invstd = t(1) / np.sqrt(buffers["running_var"] + t(eps))
+    out = (z - mean) * invstd * w + b
+    return out, mean, invstd, (z, w, mean, invstd, training)
+
+
+def batchnorm_backward(dout, cache):
+    """dout (N, H) -> dz (N, H), dw (H,), db (H,).
+    dz = (w/σ)·(dout − Σdout/N − (z − μ)·Σ(z − μ)·dout/(N·σ²)) in training, (w/σ)·dout in eval;
+    dw = Σₙ (z − μ)·dout/σ;  db = Σₙ dout."""
+    z, w, mean, invstd, training = cache
+    t = z.dtype.type
+    n = z.shape[0]
+    zc = z - mean
+    sum_dy = dout.sum(axis=0)
+    dotp = (zc * dout).sum(axis=0)
+    dw, db = dotp * invstd, sum_dy
+    if not training:
+        return dout * invstd * w, dw, db
+    k = dotp * invstd * invstd / t(n)
+    dz = (dout - sum_dy / t(n) - zc * k) * invstd * w
+    return dz, dw, db
+
+
+def layernorm_forward(z, w, b, eps):
+    """nn.LayerNorm(H), per row over the features: μᵢ = Σⱼ z / H, σᵢ² = Σⱼ (z − μᵢ)² / H (biased),
+    out = (z − μᵢ)·(1/σᵢ)·w + b with 1/σᵢ = 1/√(σᵢ² + eps).  Returns out, μ (N,), 1/σ (N,), cache."""
+    t = z.dtype.type
+    h = z.shape[1]
+    mean = z.sum(axis=1) / t(h)
+    zc = z - mean[:, None]
+    var = (zc * zc).sum(axis=1) / t(h)
+    rstd = t(1) / np.sqrt(var + t(eps))
+    out = zc * rstd[:, None] * w + b
+    return out, mean, rstd, (z, w, mean, rstd)
+
+
+def layernorm_backward(dout, cache):
+    """dout (N, H) -> dz, dw, db.  Per row, a = 1/σᵢ, ds = Σⱼ dout·z·w, dbr = Σⱼ dout·w:
+    b = (dbr·μ − ds)·a³/H,  c = −b·μ − dbr·a/H,  dz = a·dout·w + b·z + c  (layer_norm_kernel.cpp);
+    dw = Σᵢ dout·(z − μᵢ)·a,  db = Σᵢ dout."""
+    z, w, mean, rstd = cache
+    t = z.dtype.type
+    scale = t(1) / t(z.shape[1])
+    a, mu = rstd[:, None], mean[:, None]
+    ds = (dout * z * w).sum(axis=1, keepdims=True)
+    dbr = (dout * w).sum(axis=1, keepdims=True)
+    bb = (dbr * mu - ds) * a * a * a * scale
+    c = -bb * mu - dbr * a * scale
+    dz = a * dout * w + bb * z + c
+    dw = (dout * (a * z - a * mu)).sum(axis=0)
+    db = dout.sum(axis=0)
+    return dz, dw, db
+
+
+def dropout_forward(y, mask, p):
+    """Inverted dropout with the fixture's 0/1 mask: noise = mask/(1 − p), the division in the
+    dtype (torch: bernoulli_(1 − p) then div_(1 − p)); out = y·noise.  -> out, noise."""
+    noise = mask / y.dtype.type(1 - p)
+    return y * noise, noise
+
+
+def dropout_backward(dout, noise):
+    return dout * noise                               # out = y·noise  ⇒  dy = dout·noise
+
+
+def embedding_forward(idx, table):
+    """idx (N, T) int64, table (V, E) -> rows table[idx] flattened to (N, T·E)."""
+    n, ctx = idx.shape
+    return table[idx.reshape(-1)].reshape(n, ctx * table.shape[1])
+
+
+def embedding_backward(dout, idx, vocab):
+    """dout (N, T·E) -> dtable (V, E): dtable[v] = Σ dout rows whose index is v, added one at a
+    time in the row-major order of idx (embedding_dense_backward_cpu), from zeros."""
+    flat = idx.reshape(-1)
+    rows = dout.reshape(flat.size, -1)
+    dtable = np.zeros((vocab, rows.shape[1]), dtype=dout.dtype)
+    for i in range(flat.size):
+        dtable[flat[i]] = dtable[flat[i]] + rows[i]
+    return dtable
+
+
+NORMS = {"batchnorm": (batchnorm_forward, batchnorm_backward),
+         "layernorm": (layernorm_forward, layernorm_backward)}
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 # --- the MLP ----------------------------------------------------------------------------------
 class MLP:
-    def __init__(self, spec, params):
+    def __init__(self, spec, params, buffers=None):
         self.params = params
         self.n_layers = len(spec["sizes"]) - 1
         act = spec["activation"]
@@ -316,44 +426,81 @@ class MLP:
         self.reg = spec.get("reg", 0.0)
         self.options = {"slope": spec["slope"], "alpha": spec["alpha"], "k": spec["k"]}
         self.bias = spec["bias"]
+        self.norm = spec.get("norm")
+        self.dropout = spec.get("dropout", 0.0)
+        self.momentum, self.eps = spec.get("momentum", 0.1), spec.get("eps", 1e-5)
+        self.embedding = spec.get("embedding")
+        self.buffers = buffers if buffers is not None else {}   # "norms.{i}.running_mean" …
 
     def weights(self):
         return [self.params[f"layers.{i}.weight"] for i in range(self.n_layers)]
 
-    def forward(self, x, target, trace, feed=None):
+    def forward(self, x, target, trace, feed=None, masks=None):
         """Forward, recording every intermediate in `trace`.  With `feed` (the fixtures), each op
-        takes its input from the fixture instead of from the op before it (--isolate)."""
+        takes its input from the fixture instead of from the op before it (--isolate).
+        masks: {i: the 0/1 dropout mask (N, H) of hidden layer i} when the spec has dropout."""
         caches, h = [], x
+        if self.embedding is not None:               # integer x (N, T) -> (N, T·E)
+            h = record(trace, feed, "forward.embed.output",
+                       embedding_forward(x, self.params["embed.weight"]))
         for i in range(self.n_layers):
             w, b = self.params[f"layers.{i}.weight"], self.params.get(f"layers.{i}.bias")
-            z = record(trace, feed, f"forward.layers.{i}.pre_activation", linear_forward(h, w, b))
-            act_cache = None
+            z = linear_forward(h, w, b)
+            act_cache = norm_cache = noise = None
+            if i < self.n_layers - 1 and self.norm is not None:
+                z = record(trace, feed, f"forward.layers.{i}.linear", z)
+                nw, nb = self.params[f"norms.{i}.weight"], self.params[f"norms.{i}.bias"]
+                if self.norm == "batchnorm":
+                    bufs = {k: self.buffers[f"norms.{i}.{k}"] for k in BUFFERS}
+                    z, mean, invstd, norm_cache = batchnorm_forward(z, nw, nb, bufs, True,
+                                                                    self.momentum, self.eps)
+                    for k in BUFFERS:
+                        self.buffers[f"norms.{i}.{k}"] = bufs[k]
+                else:
+                    z, mean, invstd, norm_cache = layernorm_forward(z, nw, nb, self.eps)
+                trace[f"forward.norms.{i}.mean"] = mean
+                trace[f"forward.norms.{i}.invstd"] = invstd
+                if self.norm == "batchnorm":
+                    for k in BUFFERS:
+                        trace[f"forward.norms.{i}.{k}"] = self.buffers[f"norms.{i}.{k}"]
+            z = record(trace, feed, f"forward.layers.{i}.pre_activation", z)
             if i < self.n_layers - 1:
                 fwd, _, opt = ACTIVATIONS[self.acts[i]]
                 y, act_cache = fwd(z, self.options[opt]) if opt else fwd(z)
                 fed = record(trace, feed, f"forward.layers.{i}.activation", y)
                 act_cache, y = (fed if act_cache is y else act_cache), fed
+                if self.dropout:
+                    y, noise = dropout_forward(y, masks[i], self.dropout)
+                    y = record(trace, feed, f"forward.layers.{i}.dropout", y)
             else:
                 y = z
-            caches.append((h, act_cache))
+            caches.append((h, norm_cache, act_cache, noise))
             h = y
         h = record(trace, feed, "forward.output", h)
         loss, loss_cache = LOSSES[self.loss][0](h, target)
         if self.reg:                                  # L = data loss + reg·Σ W²
             loss = loss + l2_forward(self.weights(), self.reg)
         trace["forward.loss"] = np.asarray(loss, dtype=h.dtype)
-        return loss, (caches, loss_cache)
+        return loss, (caches, loss_cache, x)
 
     def backward(self, cache, trace, feed=None):
-        caches, loss_cache = cache
+        caches, loss_cache, x = cache
         dh = record(trace, feed, "backward.grad_output", LOSSES[self.loss][1](loss_cache))
         grads = {}
         for i in reversed(range(self.n_layers)):
-            x_in, act_cache = caches[i]
+            x_in, norm_cache, act_cache, noise = caches[i]
             if i < self.n_layers - 1:
+                if self.dropout:
+                    dh = record(trace, feed, f"backward.layers.{i}.grad_dropout", dh)
+                    dh = dropout_backward(dh, noise)
                 dh = record(trace, feed, f"backward.layers.{i}.grad_activation", dh)
                 dh = ACTIVATIONS[self.acts[i]][1](dh, act_cache)
             dh = record(trace, feed, f"backward.layers.{i}.grad_pre_activation", dh)
+            if norm_cache is not None:
+                dh, dnw, dnb = NORMS[self.norm][1](dh, norm_cache)
+                grads[f"norms.{i}.weight"] = trace[f"grads.norms.{i}.weight"] = dnw
+                grads[f"norms.{i}.bias"] = trace[f"grads.norms.{i}.bias"] = dnb
+                dh = record(trace, feed, f"backward.layers.{i}.grad_linear", dh)
             dh, dw, db = linear_backward(dh, x_in, self.params[f"layers.{i}.weight"], self.bias)
             grads[f"layers.{i}.weight"] = dw
             trace[f"grads.layers.{i}.weight"] = dw
@@ -365,6 +512,9 @@ class MLP:
                 dw = grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dw_reg
                 trace[f"grads.layers.{i}.weight"] = dw
         trace["backward.grad_input"] = dh
+        if self.embedding is not None:   # dh is the gradient of the flattened lookup (N, T·E)
+            dt = embedding_backward(dh, x, self.params["embed.weight"].shape[0])
+            grads["embed.weight"] = trace["grads.embed.weight"] = dt
         return grads
 
 
@@ -376,23 +526,37 @@ def record(trace, feed, name, value):
 
 # --- what this port supports: checked for every case before anything is computed ----------------
 SPEC_KEYS_READ = {"sizes", "activation", "bias", "loss", "reg", "optimizer", "steps", "batch_size",
-                  "dtype", "slope", "alpha", "k"}
+                  "dtype", "slope", "alpha", "k", "norm", "dropout", "momentum", "eps", "embedding"}
 SPEC_KEYS_IGNORED = {"name", "data", "n_samples", "seed", "init", "device"}  # inputs come from the file
-# the optional layers at their "absent" values (momentum and eps only matter with a norm)
-LAYER_DEFAULTS = {"norm": None, "dropout": 0.0, "embedding": None, "momentum": 0.1, "eps": 1e-5}
 SGD_SETTINGS = {"lr", "momentum", "dampening", "nesterov", "weight_decay"}
+EMBEDDING_KEYS = {"vocab", "dim", "context"}
+
+
+def _number(v):
+    return not isinstance(v, bool) and isinstance(v, (int, float))
 
 
 def check_supported(spec):
     """Raise ValueError (one line ending 'not supported by the NumPy port') for anything the port
     does not implement, so that it refuses a case before computing or writing anything."""
-    unknown = sorted(set(spec) - SPEC_KEYS_READ - SPEC_KEYS_IGNORED - set(LAYER_DEFAULTS))
-    layers = sorted(k for k, v in LAYER_DEFAULTS.items() if k in spec and spec[k] != v
-                    and k not in ("momentum", "eps"))
-    if layers:  # the norm / dropout / embedding layers are not in this port yet
-        raise ValueError(f"spec key(s) {layers} are not supported by the NumPy port")
+    unknown = sorted(set(spec) - SPEC_KEYS_READ - SPEC_KEYS_IGNORED)
     if unknown:
         raise ValueError(f"spec key(s) {unknown} are not supported by the NumPy port")
+    norm = spec.get("norm")
+    if norm is not None and norm not in NORMS:
+        raise ValueError(f"norm {norm!r} is not supported by the NumPy port ({', '.join(NORMS)})")
+    p = spec.get("dropout", 0.0)
+    if not _number(p) or not 0 <= p < 1:
+        raise ValueError(f"dropout {p!r} is not supported by the NumPy port (a p in [0, 1))")
+    for key, ok in (("momentum", lambda v: 0 <= v <= 1), ("eps", lambda v: 0 < v <= 1)):
+        v = spec.get(key, 0.1 if key == "momentum" else 1e-5)
+        if not _number(v) or not ok(v):
+            raise ValueError(f"{key} {v!r} is not supported by the NumPy port")
+    emb = spec.get("embedding")
+    if emb is not None and (not isinstance(emb, dict) or set(emb) != EMBEDDING_KEYS or not all(
+            isinstance(emb[k], int) and not isinstance(emb[k], bool) and emb[k] >= 1 for k in emb)):
+        raise ValueError(f"embedding {emb!r} is not supported by the NumPy port "
+                         f"(an object of integers vocab, dim, context)")
     if spec.get("dtype") not in ("float32", "float64"):
         raise ValueError(f"dtype {spec.get('dtype')!r} is not supported by the NumPy port "
                          f"(float32, float64)")
@@ -448,15 +612,25 @@ def run_case(case, tensors, isolate=False):
     opt = dict(spec["optimizer"])
     opt.pop("name")
     x, target = tensors["inputs.x"], tensors["inputs.target"]
-    params = {k[len("init."):]: v.copy() for k, v in tensors.items() if k.startswith("init.")}
+    params = {k[len("init."):]: v.copy() for k, v in tensors.items()
+              if k.startswith("init.") and not k.endswith(BUFFERS)}
+    buffers = {k[len("init."):]: v.copy() for k, v in tensors.items()
+               if k.startswith("init.") and k.endswith(BUFFERS)}
+    dtype = params["layers.0.weight"].dtype
+    n_hidden = len(spec["sizes"]) - 2
+    dropout = spec.get("dropout", 0.0)
     out = {}
-    mlp = MLP(spec, params)
+    mlp = MLP(spec, params, dict(buffers))
     feed = tensors if isolate else None
-    _, cache = mlp.forward(x, target, out, feed)
+    masks = {i: tensors[f"inputs.masks.layers.{i}"] for i in range(n_hidden)} if dropout else None
+    _, cache = mlp.forward(x, target, out, feed, masks)
     mlp.backward(cache, out, feed)
 
-    # training: `steps` full-batch (or given mini-batch) steps, the loss of each before its update
-    mlp, sgd, losses = MLP(spec, {k: v.copy() for k, v in params.items()}), SGD(**opt), []
+    # training: `steps` full-batch (or given mini-batch) steps, the loss of each before its update;
+    # step s applies the next rows of train.masks.* (as many as the step has samples)
+    mlp = MLP(spec, {k: v.copy() for k, v in params.items()}, dict(buffers))
+    sgd, losses = SGD(**opt), []
+    stats = {name: [] for name in buffers if not name.endswith("num_batches_tracked")}
     sizes = tensors.get("train.batch_sizes")
     start = 0
     for step in range(spec["steps"]):
@@ -464,15 +638,24 @@ def run_case(case, tensors, isolate=False):
             xb, tb = x, target
         else:
             idx = tensors["train.batch_indices"][start:start + sizes[step]]
-            start += sizes[step]
             xb, tb = x[idx], target[idx]
-        loss, cache = mlp.forward(xb, tb, {})
+        rows = slice(start, start + xb.shape[0])
+        start += xb.shape[0]
+        step_masks = {i: tensors[f"train.masks.layers.{i}"][rows]
+                      for i in range(n_hidden)} if dropout else None
+        loss, cache = mlp.forward(xb, tb, {}, masks=step_masks)
         grads = mlp.backward(cache, {})
         sgd.step(mlp.params, grads)
         losses.append(loss)
-    out["train.losses"] = np.array(losses, dtype=x.dtype)
+        for name in stats:
+            stats[name].append(mlp.buffers[name])
+    out["train.losses"] = np.array(losses, dtype=dtype)
+    for name, per_step in stats.items():
+        out[f"train.{name}"] = np.stack(per_step)
     for name, p in mlp.params.items():
         out[f"final.{name}"] = p
+    for name, b in mlp.buffers.items():
+        out[f"final.{name}"] = b
     return out
 
 
