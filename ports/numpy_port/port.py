@@ -511,7 +511,7 @@ class MLP:
             for i, dw_reg in enumerate(l2_backward(self.weights(), self.reg)):
                 dw = grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dw_reg
                 trace[f"grads.layers.{i}.weight"] = dw
-        trace["backward.grad_input"] = dh
+        dh = record(trace, feed, "backward.grad_input", dh)
         if self.embedding is not None:   # dh is the gradient of the flattened lookup (N, T·E)
             dt = embedding_backward(dh, x, self.params["embed.weight"].shape[0])
             grads["embed.weight"] = trace["grads.embed.weight"] = dt

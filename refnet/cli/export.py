@@ -11,8 +11,9 @@ def add_parser(sub):
     p = sub.add_parser("export", help="write golden fixtures (every intermediate) for ports")
     p.add_argument("--out", required=True, metavar="DIR", help="fixture directory to create")
     p.add_argument("--example", nargs="+", metavar="NAME",
-                   help="examples to export (default: every example that provides a case; "
-                        "none when --spec is given)")
+                   help="examples to export (default: every example that provides a case, "
+                        "except makemore_ninja and fc_norm_dropout (200-400 kB each); none when "
+                        "--spec is given)")
     p.add_argument("--spec", metavar="FILE.json", help="also export the MLP described in this file")
     p.add_argument("--dtype", choices=["float32", "float64", "all"],
                    help="default: all for examples, the spec's own dtype for --spec")
@@ -28,7 +29,8 @@ def cases_for(example_names, spec_path, dtype_choice, steps=None):
         raise ValueError(f"--steps: expected an integer >= 1, got {steps}")
     dtype_names = dtypes("all" if dtype_choice is None else dtype_choice)
     if example_names is None:
-        example_names = [] if spec_path else [n for n, e in examples.all_examples().items() if e.case]
+        example_names = [] if spec_path else [n for n, e in examples.all_examples().items()
+                                              if e.case and e.export_default]
     cases = []
     for name in example_names:
         ex = examples.get(name)

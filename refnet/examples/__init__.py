@@ -39,6 +39,7 @@ class Example:
     spec: object = None     # optional (dtype="float64", device="cpu") -> Spec: the example's net
     data: object = None     # optional (spec) -> (x, target): its data; None: refnet.data.load_data
     params: object = None   # optional (spec) -> initial params; None: the spec's seeded init
+    export_default: bool = True  # case exported by a plain `refnet export` (False: --example only)
 
     def build_spec(self, dtype="float64", device="cpu"):
         """The example's one net on (dtype, device); ValueError when it trains no single MLP."""
@@ -55,12 +56,13 @@ _loaded = False
 
 
 def register(name, title, section, dtypes=("float32", "float64"), devices=("cpu", "cuda"),
-             case=None, spec=None, data=None, params=None):
+             case=None, spec=None, data=None, params=None, export_default=True):
     def deco(fn):
         if name in REGISTRY:
             raise RuntimeError(f"example {name!r} registered twice")
         REGISTRY[name] = Example(name, title, section, fn, tuple(dtypes), tuple(devices), case=case,
-                                 spec=spec, data=data, params=params)
+                                 spec=spec, data=data, params=params,
+                                 export_default=export_default)
         return fn
     return deco
 

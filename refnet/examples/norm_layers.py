@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 from refnet import data as datasets
 from refnet.compare import Check, Verdict, compare_tensors
-from refnet.examples import register
+from refnet.examples import Context, register
 from refnet.examples._common import twin_check
 from refnet.oracles.fd import numeric_gradient
+from refnet.fixtures import EXPORT_STEPS, case_for_spec
 from refnet.harness import build_pair, curve_checks, gradient_checks
 from refnet.spec import Spec
 from manual.losses import loss_backward, loss_forward
@@ -29,6 +30,8 @@ FC_TRAIN_N, FC_STEPS, FC_BATCH = 60, 40, 20
 FC_VARIANTS = {"batchnorm": {"norm": "batchnorm"}, "layernorm": {"norm": "layernorm"},
                "dropout": {"dropout": 0.25}}
 BN_FD_BAND, DROPOUT_FD_BAND = 1e-8, 1e-10   # CS231n's published rel-error bands
+EXPORT_ROWS = 2 * BATCH            # the makemore_ninja export case: two batches of windows
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def rel_error(a, b):
@@ -58,8 +61,29 @@ def _ninja_spec(ctx):
                 device=ctx.device, seed=1, name="makemore_ninja")
 
 
+def ninja_spec(dtype="float64", device="cpu"):
+    """The example's one net (train, verify's report): the exercise's network as refnet builds it."""
+    return _ninja_spec(Context(device=device, dtype=DTYPES[dtype]))
+
+
+def ninja_data(spec):
+    """The example's data: every window of the NINJA_NAMES generated names (seed 0)."""
+    return datasets.names(context=CONTEXT, n_names=NINJA_NAMES, seed=0, device=spec.device)
+
+
+def _ninja_case(dtype="float64", steps=None):
+    """refnet export: the exercise's network on the first EXPORT_ROWS windows, a short run."""
+    steps = EXPORT_STEPS if steps is None else steps
+    spec = Spec.from_dict({**ninja_spec(dtype).to_dict(), "steps": steps})
+    x, y = ninja_data(spec)
+    return case_for_spec(spec, data=(x[:EXPORT_ROWS], y[:EXPORT_ROWS]),
+                         note=f"the first {EXPORT_ROWS} windows, batches of {BATCH}, training run "
+                              f"cut to {steps} steps")
+
+
 @register("makemore_ninja", "makemore backprop ninja: embedding → linear → batch norm → tanh → "
-          "linear → cross-entropy, every intermediate gradient", "issue 15")
+          "linear → cross-entropy, every intermediate gradient", "issue 15", case=_ninja_case,
+          spec=ninja_spec, data=ninja_data, export_default=False)   # 206/403 kB: --example only
 def run_makemore_ninja(ctx):
     x, y = datasets.names(context=CONTEXT, n_names=NINJA_NAMES, seed=0, device=ctx.device)
     idx = torch.randint(0, x.shape[0], (BATCH,), generator=torch.Generator().manual_seed(3))
@@ -183,8 +207,19 @@ def _layer_fd_checks(ctx):
     return checks
 
 
+def _fc_case(dtype="float64", steps=None):
+    """refnet export: FullyConnectedNet's shapes with batch norm and dropout together."""
+    steps = EXPORT_STEPS if steps is None else steps
+    ctx = Context(device="cpu", dtype=DTYPES[dtype])
+    spec = Spec.from_dict({**_fc_spec("batchnorm", ctx, steps).to_dict(), "dropout": 0.25,
+                           "name": "fc_batchnorm_dropout"})
+    return case_for_spec(spec, data=_fc_data(FC_TRAIN_N, ctx, seed=232),
+                         note=f"batch norm and dropout 0.25, training run cut to {steps} steps")
+
+
 @register("fc_norm_dropout", "CS231n FullyConnectedNet with batch norm, layer norm and dropout: "
-          "ReLU, softmax loss, L2 reg", "issue 15")
+          "ReLU, softmax loss, L2 reg", "issue 15", case=_fc_case,
+          export_default=False)                      # 187/365 kB: --example only
 def run_fc_norm_dropout(ctx):
     checks = []
     x, y = _fc_data(FC_N, ctx, seed=231)
