@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -345,7 +346,9 @@ def test_port_implements_reg_cross_entropy_and_svm(loss_fixtures, tmp_path, caps
     ("optimizer", {"name": "sgd", "lr": 0.1, "maximize": True}, "optimizer settings ['maximize']"),
     ("dtype", "float16", "dtype 'float16' is not supported by the NumPy port"),
     ("reg", -1.0, "reg -1.0 is not supported by the NumPy port"),
-    ("dropout", 0.5, "spec key(s) ['dropout'] are not supported by the NumPy port"),
+    ("dropout", 1.5, "dropout 1.5 is not supported by the NumPy port"),
+    ("norm", "groupnorm", "norm 'groupnorm' is not supported by the NumPy port"),
+    ("embedding", {"vocab": 27, "dim": 2}, "embedding {'vocab': 27, 'dim': 2} is not supported"),
 ])
 def test_port_refuses_unsupported_specs_before_computing(loss_fixtures, tmp_path, capsys,
                                                          key, value, says):
@@ -368,3 +371,146 @@ def test_manifest_records_threads_and_cpu_capability(exported):
     created = json.loads((exported[0] / "manifest.json").read_text())["created_with"]
     assert created["threads"] == torch.get_num_threads() >= 1
     assert created["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+# --- issue 15: batch norm, layer norm, dropout, embedding ------------------------------------------
+LAYER_SPECS = {
+    # embedding → linear → layer norm → tanh → dropout (×2) → linear → cross-entropy, mini-batches
+    "nde": {"sizes": [6, 8, 7, 27], "activation": "tanh", "loss": "cross_entropy",
+            "norm": "layernorm", "dropout": 0.3, "embedding": {"vocab": 27, "dim": 2, "context": 3},
+            "data": "names", "n_samples": 3, "batch_size": 8, "steps": 5,
+            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+    # batch norm (running statistics, momentum, eps) and dropout with L2, mini-batches
+    "bnd": {"sizes": [2, 8, 6, 3], "activation": "relu", "loss": "cross_entropy", "reg": 0.1,
+            "norm": "batchnorm", "dropout": 0.25, "momentum": 0.2, "eps": 1e-3, "data": "spiral",
+            "n_samples": 12, "batch_size": 5, "steps": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def layer_fixtures(tmp_path_factory):
+    """The two specs above in both dtypes, exported, and the NumPy port run on them (subprocess)."""
+    base = tmp_path_factory.mktemp("layers")
+    cases = []
+    for name, spec in LAYER_SPECS.items():
+        path = base / f"{name}.json"
+        path.write_text(json.dumps({"name": name, **spec}))
+        cases += cases_for(None, str(path), "all")
+    fixtures, port_out = base / "fixtures", base / "port"
+    fixtures_mod.export(str(fixtures), cases)
+    res = subprocess.run([sys.executable, PORT, str(fixtures), str(port_out)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return fixtures, port_out
+
+
+def test_norm_dropout_embedding_export_and_port_pass_check_port(layer_fixtures, capsys):
+    fixtures, port_out = layer_fixtures
+    manifest = json.loads((fixtures / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    names = {c["name"]: [t["name"] for t in c["tensors"]] for c in manifest["cases"]}
+    nde, bnd = names["nde.float64"], names["bnd.float32"]
+    for name in ("inputs.masks.layers.0", "train.masks.layers.1", "forward.embed.output",
+                 "forward.layers.1.linear", "forward.norms.1.invstd", "forward.layers.0.dropout",
+                 "backward.layers.0.grad_dropout", "backward.layers.0.grad_linear",
+                 "grads.norms.0.weight", "grads.embed.weight", "final.embed.weight"):
+        assert name in nde, name
+    for name in ("init.norms.0.running_var", "init.norms.1.num_batches_tracked",
+                 "forward.norms.0.running_mean", "train.norms.1.running_var",
+                 "final.norms.0.num_batches_tracked"):
+        assert name in bnd, name
+    assert "forward.norms.0.running_mean" not in nde            # layer norm keeps no statistics
+    tensors = {t["name"]: t for c in manifest["cases"] if c["name"] == "nde.float64"
+               for t in c["tensors"]}
+    assert tensors["inputs.x"]["dtype"] == "I64" and tensors["inputs.x"]["shape"][1] == 3
+    # the reference equals autograd bit for bit, running statistics included
+    assert {t["autograd_tier"] for c in manifest["cases"] for t in c["tensors"]
+            if "autograd_tier" in t} == {"bitwise"}
+    rc, out, err = check(capsys, port_out)
+    assert rc == 0, out + err
+    n_checked = sum(1 for c in manifest["cases"] for t in c["tensors"] if t["kind"])
+    assert f"{n_checked}/{n_checked} tensors pass" in out and "first fails" not in out
+    rows = portcheck.check_port(str(port_out), str(fixtures))
+    assert all(r["passed"] and (r["tolerance_used"] or 0) <= 1.0 for r in rows)
+    # the masks are applied, not redrawn: the integer statistics count every training step
+    tiers = {(r["case"], r["name"]): r["tier"] for r in rows}
+    assert tiers["bnd.float64", "final.norms.0.num_batches_tracked"] == "bitwise"
+
+
+def test_isolated_dropout_and_embedding_are_bitwise(layer_fixtures, tmp_path):
+    """Fed the fixture's inputs, the mask scaling (mask/(1 − p) in the dtype), the lookup and the
+    index-order accumulation of repeated rows give the manual MLP's bits."""
+    port = load_port()
+    fixtures = layer_fixtures[0]
+    assert port.main(["--isolate", str(fixtures), str(tmp_path / "iso")]) == 0
+    tiers = {(r["case"], r["name"]): r["tier"] for r in portcheck.check_port(str(tmp_path / "iso"),
+                                                                         str(fixtures))}
+    for dt in ("float32", "float64"):
+        for case in ("nde", "bnd"):
+            assert tiers[f"{case}.{dt}", "forward.layers.0.dropout"] == "bitwise"
+            assert tiers[f"{case}.{dt}", "backward.layers.1.grad_activation"] == "bitwise"
+        assert tiers[f"nde.{dt}", "forward.embed.output"] == "bitwise"
+        assert tiers[f"nde.{dt}", "grads.embed.weight"] == "bitwise"
+
+
+def test_a_wrong_running_variance_is_caught_late(layer_fixtures, tmp_path, capsys):
+    """The biased σ² in the running variance (instead of σ²·N/(N − 1)) changes no gradient and no
+    loss: check-port first fails at the running statistics, after the layer's forward values."""
+    port = load_port()
+    good = port.batchnorm_forward
+
+    def biased(z, w, b, buffers, training, momentum, eps):
+        var_before = buffers["running_var"]
+        out, mean, invstd, cache = good(z, w, b, buffers, training, momentum, eps)
+        t = z.dtype.type
+        var = ((z - mean) ** 2).sum(axis=0) / t(z.shape[0])
+        buffers["running_var"] = (t(1) - t(momentum)) * var_before + t(momentum) * var
+        return out, mean, invstd, cache
+    port.batchnorm_forward = biased
+    out_dir = tmp_path / "bad"
+    assert port.main([str(layer_fixtures[0]), str(out_dir)]) == 0
+    rc, out, _ = check(capsys, out_dir)
+    assert rc == 1
+    assert "your port first fails at bnd.float32/forward.norms.0.running_var" in out
+    rows = portcheck.check_port(str(out_dir), str(layer_fixtures[0]))
+    failed = {r["name"] for r in rows if not r["passed"]}
+    assert {"train.norms.1.running_var", "final.norms.1.running_var"} <= failed
+    assert not any(n.startswith(("grads.", "backward.")) or n == "train.losses" for n in failed)
+
+
+def test_a_small_error_in_the_last_norm_tensor_is_caught(layer_fixtures, tmp_path, capsys):
+    """One element of the final running variance of the last norm (near the end of the canonical
+    order), off by 1e-4 relative, fails and is named."""
+    port = load_port()
+    fixtures, port_out = layer_fixtures
+    bad = tmp_path / "port"
+    shutil.copytree(port_out, bad)
+    (bad / "manifest.json").unlink()              # the edited file no longer matches its sha256
+    path = bad / "bnd.float64.safetensors"
+    tensors = port.read_safetensors(str(path))
+    name = "final.norms.1.running_var"
+    v = tensors[name].copy()
+    v[-1] *= 1 + 1e-4
+    tensors[name] = v
+    port.write_safetensors(str(path), tensors)
+    rc, out, _ = check(capsys, bad, fixtures)
+    assert rc == 1
+    assert f"your port first fails at bnd.float64/{name}" in out
+
+
+def test_port_batchnorm_eval_mode_matches_torch():
+    """Eval mode (not in the fixtures, which train): the running statistics normalize."""
+    port = load_port()
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    w, b = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    rm, rv = torch.randn(4, generator=g, dtype=torch.float64), torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+    ref = torch.nn.functional.batch_norm(z, rm, rv, w, b, training=False, eps=1e-5)
+    bufs = {"running_mean": rm.numpy().copy(), "running_var": rv.numpy().copy(),
+            "num_batches_tracked": np.int64(3)}
+    out, _, _, cache = port.batchnorm_forward(z.numpy(), w.numpy(), b.numpy(), bufs, False, 0.1, 1e-5)
+    assert np.allclose(out, ref.numpy(), rtol=1e-12, atol=1e-12)
+    assert bufs["num_batches_tracked"] == 3 and np.array_equal(bufs["running_mean"], rm.numpy())
+    dy = np.ones_like(out)
+    dz, _, _ = port.batchnorm_backward(dy, cache)
+    assert np.allclose(dz, w.numpy() / np.sqrt(rv.numpy() + 1e-5), rtol=1e-12)

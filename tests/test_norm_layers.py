@@ -9,7 +9,6 @@ from manual.fast import FastMLP
 from manual.norm import (batchnorm_backward, batchnorm_backward_steps, batchnorm_forward,
                          batchnorm_forward_steps, layernorm_backward, layernorm_forward)
 from refnet.data import load_data
-from refnet.fixtures import case_for_spec
 from refnet.harness import build_pair, train_lockstep
 from refnet.spec import Spec
 from refnet.twin import Twin
@@ -232,12 +231,6 @@ def test_fast_mlp_falls_back_for_the_new_layers(layers):
         assert torch.equal(slow.mlp.train_step(x, target), fast.train_step(x, target))
     for name, p in slow.mlp.params.items():
         assert torch.equal(p, fast_pair.mlp.params[name])
-
-
-def test_export_refuses_the_new_layers_in_one_line():
-    spec = Spec(sizes=[2, 8, 3], loss="cross_entropy", data="spiral", norm="batchnorm")
-    with pytest.raises(ValueError, match=r"export: spec key\(s\) \['norm'\] are not exported yet"):
-        case_for_spec(spec)
 
 
 def test_dropout_on_cuda_is_refused_in_one_line():

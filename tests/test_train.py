@@ -364,7 +364,7 @@ def test_verify_and_train_build_the_same_spec_for_every_example(dtype):
     from refnet import report
     parser = cli.build_parser()
     names = examples.trainable()
-    assert {"xor", "circles", "two_layer_seed", "spiral", "random"} <= set(names)
+    assert {"xor", "circles", "two_layer_seed", "spiral", "random", "makemore_ninja"} <= set(names)
     for name in names:
         for_verify = report.example_spec(name, "cpu", dtype)
         for_train, example = cli_train.build_spec(parser.parse_args(
