@@ -20,6 +20,15 @@ at" in `refnet check-port` is the first tensor in this order whose tier is not b
     backward.layers.{i}.grad_pre_activation, grads.layers.{i}.weight, grads.layers.{i}.bias,
     backward.grad_input,
     train.losses (one per step, before its update), final.layers.{i}.weight/.bias
+
+The optional layers (norm, dropout, embedding; `tensor_order` lists where) add: init.norms.*,
+init.embed.weight and batch norm's initial running statistics; the 0/1 dropout masks of the single
+forward (inputs.masks.layers.{i}) and of every training step (train.masks.layers.{i}, rows stacked
+in step order); forward.embed.output, forward.layers.{i}.linear, forward.norms.{i}.mean/.invstd
+(and the running statistics after that forward), forward.layers.{i}.dropout;
+backward.layers.{i}.grad_dropout, .grad_linear, grads.norms.*, grads.embed.weight;
+train.norms.{i}.running_mean/_var (steps, H) and final.norms.* (buffers included).  Cases
+without these layers are byte for byte what schema_version 1 wrote before them.
 """
 import json
 import os
