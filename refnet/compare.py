@@ -185,8 +185,13 @@ def compare_tensors(name, a, b, kind="grad", *, strict_bits=False, ulp_limit=Non
     return verdict
 
 
-def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, atol=None):
-    """Compare two 1-D loss curves: tier over all steps, identical steps, first step they part."""
+def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, atol=None,
+                   nan_propagation=False):
+    """Compare two 1-D loss curves: tier over all steps, identical steps, first step they part.
+
+    A NaN step is never identical, and a curve with NaN (a run that diverged) fails, unless
+    nan_propagation=True: a check *about* NaN propagation, where NaN at the same steps on both
+    sides is agreement; its verdict then says so (`nan_positions` and the note)."""
     a = torch.as_tensor(a)
     b = torch.as_tensor(b)
     verdict = compare_tensors(name, a, b, kind="curve", strict_bits=strict_bits, required=required,
@@ -194,6 +199,17 @@ def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, a
     if a.shape == b.shape and a.dim() == 1 and a.dtype == b.dtype:
         a_c, b_c = a.cpu(), b.cpu()
         same = same_bits(a_c, b_c)
+        nan_steps = torch.isnan(a_c) | torch.isnan(b_c)
+        if not nan_propagation:
+            same = same & ~nan_steps
+            if bool(nan_steps.any()):
+                verdict.tier, verdict.passed = "fail", False
+                verdict.note = (f"{int(nan_steps.sum())} NaN steps (first at step "
+                                f"{int(nan_steps.nonzero()[0, 0])}): the run diverged; NaN is "
+                                f"never counted as identical in a loss curve")
+        elif verdict.nan_positions:
+            verdict.note = (f"NaN propagation check: {verdict.nan_positions} NaN steps at the same "
+                            f"positions on both sides counted as agreement")
         verdict.steps = int(b.numel())
         verdict.identical_steps = int(same.sum())
         parted = (~same).nonzero()

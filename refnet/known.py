@@ -61,6 +61,24 @@ def expected_tier(spec, device="cpu", stage="grad"):
     return "tolerance" if str(device).startswith("cuda") else "bitwise"
 
 
+def expected_for(keys, device="cpu", stage="grad"):
+    """The expected tier of a check that uses the ops `keys` ("activation:elu", ...).
+
+    stage "op": the op alone (its stated ulp bound: "ulp" when within compare.ULP_LIMIT, else
+    "tolerance"); "grad": gradients through a network ("tolerance"); "training": None (no bound).
+    Without a table entry: bitwise on CPU, tolerance on CUDA."""
+    cuda = str(device).startswith("cuda")
+    hits = [KNOWN_NOT_BITWISE[k] for k in sorted(keys)
+            if k in KNOWN_NOT_BITWISE and _applies(KNOWN_NOT_BITWISE[k])]
+    if not hits:
+        return "tolerance" if cuda else "bitwise"
+    if stage == "training":
+        return None
+    if stage == "op" and not cuda and max(e["ulp"] for e in hits) <= 8:  # compare.ULP_LIMIT
+        return "ulp"
+    return "tolerance"
+
+
 def note(spec):
     """A report note naming the known non-bitwise ops of a spec ("" when there are none)."""
     return "; ".join(f"{k} not bitwise (op alone <= {e['ulp']} ulp): {e['reason']}"

@@ -36,8 +36,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser()
-        if not argv:  # the main job: every document example on the default device
-            argv = _verbs()[0].main_job_argv()
+        if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+            # the main job: every document example on the default device (`refnet --quiet`,
+            # `refnet --allow-tier ulp`: verify's options apply to it)
+            argv = _verbs()[0].main_job_argv() + argv
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
