@@ -19,6 +19,9 @@ highest net allocation during the step.  CPU: the allocator's own alloc/free eve
 torch.profiler(profile_memory=True), summed in time order.  CUDA: max_memory_allocated() after
 reset_peak_memory_stats(), minus memory_allocated() at the start.  Inputs and targets (the same
 for both) and BLAS-internal workspaces (outside torch's allocator) are not counted.
+
+One module (~300 lines) because it is one measurement: the variants, their timing and their
+memory are taken on the same copies in one interleaved run.
 """
 import contextlib
 import os
@@ -27,12 +30,15 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import manual
 from manual.fast import CudaGraphStep, FastMLP
 from manual.mlp import MLP, init_params
 from refnet import data as datasets
 from refnet import twin as twin_mod
+from refnet.compare import same_bits
+from refnet.settings import determinism
 
 # name -> batch, layer sizes, bias, loss, SGD lr, init, steps per timing block (block),
 # timed blocks per variant (reps: full, quick), dtype (default float32)
@@ -173,7 +179,6 @@ def step_peak_bytes(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events()
@@ -226,7 +231,7 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
     if compile_:
         c_model, c_loss, c_opt = _twin(cfg, params, dtype, device, momentum)
         try:
-            from torch import _dynamo
+            from torch import _dynamo  # lazy: the compiler stack takes ~2.5 s to import
             _dynamo.reset()
             fwd = torch.compile(lambda xb, tb: c_loss(c_model(xb), tb))
             t0 = time.perf_counter()
@@ -257,9 +262,7 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
 
     # bits: manual vs readable vs twin after the same steps from the same start
     twin_params = twin_mod.params_of(model)
-    same = lambda a, b: a.shape == b.shape and torch.equal(  # noqa: E731
-        a.view(torch.int32 if a.dtype == torch.float32 else torch.int64),
-        b.view(torch.int32 if b.dtype == torch.float32 else torch.int64))
+    same = lambda a, b: a.shape == b.shape and bool(same_bits(a, b).all())  # noqa: E731
     bitwise = (len(losses["manual"]) == len(losses["twin"]) == len(losses["readable"])
                and all(same(a, b) and same(a, c) for a, b, c in
                        zip(losses["manual"], losses["twin"], losses["readable"]))
@@ -291,7 +294,6 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
 
 def run(size_names=None, device="cpu", dtype=None, quick=False, compile_=True,
         momentum=0.0, threads=None, on_row=None):
-    from refnet.settings import determinism
     if threads is not None:
         torch.set_num_threads(threads)
     names = list(size_names or (QUICK_SIZES if quick else SIZES))

@@ -2,6 +2,9 @@
 
 Every comparison yields exactly one tier of TIERS, best first (bitwise, ulp, tolerance, fail);
 what each means, with the ULP_LIMIT and TOLERANCES values: docs/verification.md.
+
+The result types live here with the comparison: `Verdict` (one comparison) and `Check` (a named
+group of verdicts from one oracle); `count_tiers` tallies tiers for a summary.
 """
 from dataclasses import asdict, dataclass, field
 import math
@@ -115,7 +118,8 @@ class Verdict:
         return "; ".join(parts)
 
 
-def _unravel(flat_index, shape):
+def unravel(flat_index, shape):
+    """The multi-index of a C-order flat index in `shape` (a list)."""
     idx = []
     for dim in reversed(shape):
         idx.append(flat_index % dim)
@@ -167,7 +171,7 @@ def compare_tensors(name, a, b, kind="grad", *, strict_bits=False, ulp_limit=Non
         tier = "tolerance"
     else:
         tier = "fail"
-    verdict = Verdict(tier=tier, passed=TIERS.index(tier) <= TIERS.index(required),
+    verdict = Verdict(tier=tier, passed=meets(tier, required),
                       mismatched=mismatched, nan_positions=int(both_nan.sum()), **base)
     if b.numel():
         verdict.max_abs_diff = float(abs_diff.max())
@@ -178,7 +182,7 @@ def compare_tensors(name, a, b, kind="grad", *, strict_bits=False, ulp_limit=Non
             score = ulps.flatten() * 1e30 + abs_diff.flatten() if verdict.max_ulp < math.inf \
                 else torch.where(torch.isinf(ulps.flatten()), math.inf, abs_diff.flatten())
             flat = int(torch.argmax(torch.nan_to_num(score, posinf=1e308)))
-            verdict.worst_index = _unravel(flat, list(b.shape))
+            verdict.worst_index = unravel(flat, list(b.shape))
             verdict.worst_values = [a_c.flatten()[flat].item(), b_c.flatten()[flat].item()]
     if verdict.nan_positions:
         verdict.note = f"{verdict.nan_positions} NaN at the same positions on both sides (counted as agreement)"
@@ -218,3 +222,101 @@ def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, a
             verdict.first_divergence = step
             verdict.divergence_values = [a_c[step].item(), b_c[step].item()]
     return verdict
+
+
+AUTO = "auto"
+CLAIM = "measured claim"
+CLAIM_TIERS = ("holds", "does not hold")
+ALLOW_TIERS = ("ulp", "tolerance")
+
+
+@dataclass
+class Check:
+    """One named check of an example: the verdicts of every tensor it compared.
+
+    expected: the tier the check promises (docs/verification.md, "The expected-tier rule").
+    "auto": resolved by `enforce_expected` (bitwise on CPU, tolerance on CUDA for a
+    manual-vs-autograd check; no tier promise for other oracles, whose verdicts carry their own
+    bound); None: no tier promised (the verdicts' own bound still applies); a tier name: falling
+    short of it fails the check.  A measured claim (oracle CLAIM) has tier "holds" or
+    "does not hold" and its figures, never a numerical tier.
+    """
+    name: str
+    verdicts: list
+    oracle: str = "manual vs autograd"   # which two things were compared
+    note: str = ""
+    expected: str | None = AUTO
+    figures: dict | None = None          # a measured claim's numbers
+
+    @property
+    def kind(self):
+        return "claim" if self.oracle == CLAIM else "comparison"
+
+    @property
+    def tier(self):
+        if self.kind == "claim":
+            return CLAIM_TIERS[0] if self.verdicts and all(v.passed for v in self.verdicts) \
+                else CLAIM_TIERS[1]
+        return max((v.tier for v in self.verdicts), key=TIERS.index, default="fail")
+
+    def short_of_expected(self):
+        """True when the tier reached is worse than the expected tier."""
+        if self.kind == "claim" or self.expected in (None, AUTO):
+            return False
+        return not meets(self.tier, self.expected)
+
+    @property
+    def passed(self):
+        return bool(self.verdicts) and all(v.passed for v in self.verdicts) \
+            and not self.short_of_expected()
+
+    def failures(self):
+        out = [v.message() for v in self.verdicts if not v.passed]
+        if self.short_of_expected():
+            worst = max(self.verdicts, key=lambda v: TIERS.index(v.tier))
+            out.append(f"{self.name}: tier {self.tier} falls short of the expected tier "
+                       f"{self.expected} (worst: {worst.message()})")
+        return out
+
+
+def enforce_expected(checks, device, allow_tier=None, strict_bits=False):
+    """Resolve each check's expected tier in place (and return the checks).
+
+    A manual-vs-autograd check left at "auto" expects bitwise on CPU and tolerance on CUDA; a
+    check that states its own tier (an op of refnet.not_bitwise's table) keeps it, never stricter
+    than the device's.  allow_tier ("ulp" or "tolerance") relaxes every expectation to at worst
+    that tier; strict_bits demands bitwise of every manual-vs-autograd check.
+    """
+    if allow_tier is not None and allow_tier not in ALLOW_TIERS:
+        raise ValueError(f"allow_tier: expected one of {', '.join(ALLOW_TIERS)}, got {allow_tier!r}")
+    default = "tolerance" if str(device).startswith("cuda") else "bitwise"
+    for c in checks:
+        if c.kind == "claim":
+            c.expected = None
+            continue
+        if c.expected == AUTO:
+            if c.oracle != "manual vs autograd":
+                c.expected = None
+                continue
+            c.expected = default
+        elif c.expected is not None:
+            c.expected = max(c.expected, default, key=TIERS.index)
+        if c.oracle == "manual vs autograd" and strict_bits:
+            c.expected = "bitwise"
+        elif c.expected is not None and allow_tier is not None:
+            c.expected = max(c.expected, allow_tier, key=TIERS.index)
+    return checks
+
+
+def count_tiers(tiers):
+    """{tier: count} over an iterable of tier names, in the order they first occur (the summary
+    line of `refnet verify` and `refnet check-port`)."""
+    counts = {}
+    for tier in tiers:
+        counts[tier] = counts.get(tier, 0) + 1
+    return counts
+
+
+def meets(tier, required):
+    """True when `tier` is `required` or better (TIERS order: bitwise best, fail worst)."""
+    return TIERS.index(tier) <= TIERS.index(required)

@@ -2,12 +2,15 @@
 
 Each generator returns (x (N, D) float, y) where y is (N,) int64 class labels for the
 classification sets (xor, circles, spiral) and (N, C) float targets for `random`.
+`load_data(spec)` picks a spec's data set and shapes its targets for the spec's loss.
 """
 import math
 import os
 
 import numpy as np
 import torch
+
+from manual.losses import target_kind
 
 DATASETS = ("xor", "circles", "spiral", "random")
 
@@ -133,3 +136,25 @@ def batches(n, batch_size, steps, seed):
         perm = torch.randperm(n, generator=gen)
         out.extend(perm[i:i + batch_size] for i in range(0, n, batch_size))
     return out[:steps]
+
+
+def load_data(spec):
+    """(x, target) for a spec, on its device and dtype, targets shaped for its loss."""
+    dtype, device = spec.torch_dtype, spec.device
+    n = spec.n_samples
+    if spec.data == "xor":
+        x, y = xor(n_copies=max(1, (n or 4) // 4), dtype=dtype, device=device)
+    elif spec.data == "circles":
+        x, y = circles(n=n or 200, seed=spec.seed, dtype=dtype, device=device)
+    elif spec.data == "spiral":
+        x, y = spiral(n_per_class=max(1, (n or 300) // 3), seed=spec.seed, dtype=dtype,
+                      device=device)
+    elif spec.data == "random":
+        x, y = random(n=n or 64, d_in=spec.sizes[0], d_out=spec.sizes[-1], seed=spec.seed,
+                      dtype=dtype, device=device)
+    else:
+        x, y = load_npz(spec.data, dtype=dtype, device=device)
+    if x.shape[1] != spec.sizes[0]:
+        raise ValueError(f"sizes: the first layer takes {spec.sizes[0]} inputs but data "
+                         f"{spec.data!r} has {x.shape[1]} features")
+    return x, make_targets(y, target_kind(spec.loss), spec.sizes[-1], dtype)

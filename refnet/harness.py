@@ -2,18 +2,21 @@
 
 Two kinds of check: gradients at a point (one forward/backward on each side) and training runs
 (N steps of forward, backward and update on each side, comparing the per-step losses and the
-final parameters).  Both return lists of `Verdict`s from refnet.compare.
+final parameters).  Both return lists of `Verdict`s from refnet.compare.  `spec_checks` adds the
+float64 finite-difference oracle (refnet.oracles.fd).  Data: refnet.data.load_data.
 """
 from dataclasses import dataclass
 
 import torch
 
 import manual
-from manual.losses import target_kind
 from manual.mlp import MLP, init_params
 from refnet import data as datasets
+from refnet import not_bitwise
 from refnet import twin as twin_mod
-from refnet.compare import compare_curves, compare_tensors
+from refnet.compare import Check, compare_curves, compare_tensors
+from refnet.data import load_data
+from refnet.oracles import fd
 from refnet.spec import Spec
 
 
@@ -43,28 +46,6 @@ def build_pair(spec, params=None):
     twin_mod.load_params(twin, params)
     twin_opt = twin_mod.make_optimizer(twin, opt_name, **opt_settings)
     return Pair(spec, mlp, twin, twin_mod.loss_module(spec.loss, spec.reg, twin), twin_opt)
-
-
-def load_data(spec):
-    """(x, target) for a spec, on its device and dtype, targets shaped for its loss."""
-    dtype, device = spec.torch_dtype, spec.device
-    n = spec.n_samples
-    if spec.data == "xor":
-        x, y = datasets.xor(n_copies=max(1, (n or 4) // 4), dtype=dtype, device=device)
-    elif spec.data == "circles":
-        x, y = datasets.circles(n=n or 200, seed=spec.seed, dtype=dtype, device=device)
-    elif spec.data == "spiral":
-        x, y = datasets.spiral(n_per_class=max(1, (n or 300) // 3), seed=spec.seed, dtype=dtype,
-                               device=device)
-    elif spec.data == "random":
-        x, y = datasets.random(n=n or 64, d_in=spec.sizes[0], d_out=spec.sizes[-1], seed=spec.seed,
-                               dtype=dtype, device=device)
-    else:
-        x, y = datasets.load_npz(spec.data, dtype=dtype, device=device)
-    if x.shape[1] != spec.sizes[0]:
-        raise ValueError(f"sizes: the first layer takes {spec.sizes[0]} inputs but data "
-                         f"{spec.data!r} has {x.shape[1]} features")
-    return x, datasets.make_targets(y, target_kind(spec.loss), spec.sizes[-1], dtype)
 
 
 def twin_forward_backward(pair, x, target, input_grad=True):
@@ -132,15 +113,13 @@ def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=Fa
 def spec_checks(spec, strict_bits=False, data=None, fd_settings=None):
     """The checks of a user's spec: gradients at init, the loss curve over spec.steps, and the
     final parameters, manual vs autograd; then finite differences and gradcheck in float64
-    (refnet.fd).  data: (x, target) instead of the spec's data set."""
-    from refnet import fd, known
-    from refnet.examples import Check
+    (refnet.oracles.fd).  data: (x, target) instead of the spec's data set."""
     x, target = load_data(spec) if data is None else data
-    note = known.note(spec)
-    # the expected tiers (refnet.known: bitwise on CPU, tolerance on CUDA; an op of the
-    # not-bitwise table states its own, None = no bound through training)
-    grad_tier = known.expected_tier(spec, spec.device, "grad")
-    train_tier = known.expected_tier(spec, spec.device, "training")
+    note = not_bitwise.note(spec)
+    # the expected tiers (refnet.not_bitwise: bitwise on CPU, tolerance on CUDA; an op of the
+    # table states its own, None = no bound through training)
+    grad_tier = not_bitwise.expected_tier(spec, spec.device, "grad")
+    train_tier = not_bitwise.expected_tier(spec, spec.device, "training")
     checks = [Check("grad@init", gradient_checks(build_pair(spec), x, target, strict_bits), note=note,
                     expected=grad_tier)]
     verdicts, _ = curve_checks(build_pair(spec), x, target, spec.steps, spec.batch_size, spec.seed,

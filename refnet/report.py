@@ -14,7 +14,7 @@ import torch
 
 from refnet import examples
 from refnet.atomic import write_text
-from refnet.compare import TIERS
+from refnet.compare import TIERS, enforce_expected
 from refnet.harness import spec_checks
 from refnet.settings import determinism
 from refnet.spec import DTYPES, Spec
@@ -103,7 +103,7 @@ def run(names=None, devices=("cpu",), dtypes=("float32", "float64"), strict_bits
     try:
         for name, device, dtype, spec_dict, checks in jobs:
             with determinism(device):
-                done = examples.enforce_expected(checks(), device, allow_tier, strict_bits)
+                done = enforce_expected(checks(), device, allow_tier, strict_bits)
             for check in done:
                 r = row(name, check, device, dtype, spec_dict)
                 rows.append(r)

@@ -13,9 +13,19 @@ import torch
 
 import manual
 from manual.mlp import INIT_SCHEMES, activation_list
+from refnet.data import DATASETS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-DATASETS = ("xor", "circles", "spiral", "random")
+
+
+def check_finite(key, value, minimum=None):
+    """A finite int or float (not a bool), at least `minimum` when given; else a ValueError that
+    names the key: "KEY: expected a finite number [>= MINIMUM], got VALUE"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        raise ValueError(f"{key}: expected a finite number{bound}, got {value!r}")
+    return value
 
 
 def _default_optimizer():
@@ -66,9 +76,7 @@ class Spec:
         if self.loss not in manual.LOSSES:
             raise ValueError(f"loss: unknown name {self.loss!r}; expected one of "
                              f"{', '.join(manual.LOSSES)}")
-        if isinstance(self.reg, bool) or not isinstance(self.reg, (int, float)) \
-                or not math.isfinite(self.reg) or self.reg < 0:
-            raise ValueError(f"reg: expected a finite number >= 0, got {self.reg!r}")
+        check_finite("reg", self.reg, minimum=0)
         if not isinstance(self.optimizer, dict) or "name" not in self.optimizer:
             raise ValueError(f"optimizer: expected an object with a 'name', got {self.optimizer!r}")
         opt = dict(self.optimizer)
@@ -94,9 +102,7 @@ class Spec:
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"init: expected one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
         for key in ("slope", "alpha"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{key}: expected a finite number, got {v!r}")
+            check_finite(key, getattr(self, key))
         if not is_int(self.k) or self.k < 1:
             raise ValueError(f"k: expected an integer >= 1, got {self.k!r}")
         if not isinstance(self.name, str) or not self.name:

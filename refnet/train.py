@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from refnet import examples, harness, known, plots
+from refnet import examples, harness, not_bitwise, plots
+from refnet.data import load_data
 from refnet.atomic import write_atomic
 from refnet import twin as twin_mod
 from refnet.checkpoint import (CHECKPOINT_NAME, check_resume_spec,
@@ -34,9 +35,10 @@ ALLOWED_TIERS = ("bitwise", "ulp", "tolerance")
 
 
 def default_tier(spec):
-    """The tier a run is held to: refnet.known's expectation for gradients (bitwise on CPU; tolerance
-    on CUDA or when the spec uses a known non-bitwise op, whose 1-ulp differences compound)."""
-    return known.expected_tier(spec, spec.device, "grad")
+    """The tier a run is held to: refnet.not_bitwise's expectation for gradients (bitwise on CPU;
+    tolerance on CUDA or when the spec uses a known non-bitwise op, whose 1-ulp differences
+    compound)."""
+    return not_bitwise.expected_tier(spec, spec.device, "grad")
 
 
 # -- the run --
@@ -123,7 +125,7 @@ def train(spec, out_dir=None, *, check_every=50, tier=None, resume=None, progres
 def _run(spec, out_dir, check_every, tier, checkpoint, progress, example, data, params, on_step):
     started = time.time()
     device, cuda = spec.device, spec.device == "cuda"
-    x, target = data if data is not None else harness.load_data(spec)
+    x, target = data if data is not None else load_data(spec)
     pair = harness.build_pair(spec, params)
     start, hist_m, hist_t = 0, [], []
     if checkpoint is not None:

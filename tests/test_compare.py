@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from refnet.compare import ULP_LIMIT, compare_curves, compare_tensors, tolerance, ulp_distance
+from refnet.compare import (ULP_LIMIT, Check, compare_curves, compare_tensors, count_tiers, meets,
+                            tolerance, ulp_distance, unravel)
+from refnet.portcheck import summary
 
 F32, F64 = torch.float32, torch.float64
 
@@ -108,3 +110,32 @@ def test_curve_first_divergence_and_message():
     msg = v.message()
     for part in ("loss_curve", "step 2", "3.0 vs 3.5", "float64", "3/4 steps identical"):
         assert part in msg
+
+
+def test_check_tier_is_its_worst_verdict_and_passes_only_when_all_do():
+    a = torch.tensor([1.0, 2.0], dtype=F64)
+    bitwise = compare_tensors("a", a, a.clone())
+    off = compare_tensors("b", a, a + 1e-3)  # far outside tolerance: fail
+    assert Check("both", [bitwise, off]).tier == "fail" and not Check("both", [bitwise, off]).passed
+    assert Check("one", [bitwise]).tier == "bitwise" and Check("one", [bitwise]).passed
+    assert Check("none", []).tier == "fail" and not Check("none", []).passed
+    assert Check("both", [bitwise, off]).failures() == [off.message()]
+
+
+def test_tier_counting_order_and_unravel():
+    assert count_tiers(["bitwise", "tolerance", "bitwise", "fail"]) == \
+        {"bitwise": 2, "tolerance": 1, "fail": 1}
+    assert count_tiers([]) == {}
+    assert meets("bitwise", "tolerance") and meets("ulp", "ulp") and not meets("tolerance", "ulp")
+    with pytest.raises(ValueError):
+        meets("bitwise", "exact")
+    assert unravel(7, [2, 3, 4]) == [0, 1, 3] and unravel(23, [2, 3, 4]) == [1, 2, 3]
+
+
+def test_port_check_summary_counts_tiers_and_finds_the_first_rows():
+    rows = [{"case": "c", "name": n, "tier": t, "passed": p}
+            for n, t, p in [("x", "bitwise", True), ("y", "ulp", True), ("z", "fail", False)]]
+    s = summary(rows)
+    assert s["tiers"] == {"bitwise": 1, "ulp": 1, "fail": 1} and (s["passed"], s["tensors"]) == (2, 3)
+    assert s["first_differs"]["name"] == "y" and s["first_fails"]["name"] == "z"
+    assert summary(rows[:1])["first_differs"] is None and summary([])["first_fails"] is None

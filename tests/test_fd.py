@@ -1,4 +1,4 @@
-"""refnet.fd: central differences, kinks (counted, never a false failure), and that the finite
+"""refnet.oracles.fd: central differences, kinks (counted, never a false failure), and that the finite
 difference oracle catches a wrong backward that autograd's twin does not share."""
 import re
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import manual.activations as acts
-from refnet.fd import FDSettings, fd_checks, numeric_gradient, rel_error
+from refnet.oracles.fd import FDSettings, _loss, fd_checks, numeric_gradient, rel_error
 from refnet.spec import Spec
 
 
@@ -82,7 +82,6 @@ def test_wrong_backward_fails_finite_differences_not_gradcheck(monkeypatch):
 
 
 def test_svm_hinge_pieces_match_multimarginloss():
-    from refnet.fd import _loss
     gen = torch.Generator().manual_seed(0)
     out = torch.randn(7, 4, generator=gen, dtype=torch.float64)
     target = torch.randint(0, 4, (7,), generator=gen)

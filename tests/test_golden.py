@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from refnet import cli, golden
+from refnet import cli, portcheck, tensorfile
+from refnet import fixtures as fixtures_mod  # `fixtures` names the exported folders below
 from refnet.cli.export import cases_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,7 @@ def exported(tmp_path_factory):
     spec_path.write_text(json.dumps(SMALL_SPEC))
     cases = cases_for(None, str(spec_path), "all") + cases_for(["two_layer_seed"], None, "float64", 3)
     fixtures, port_out = base / "fixtures", base / "port"
-    golden.export(str(fixtures), cases)
+    fixtures_mod.export(str(fixtures), cases)
     res = subprocess.run([sys.executable, PORT, str(fixtures), str(port_out)], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -70,7 +71,7 @@ def test_export_port_check_end_to_end(exported, capsys):
                                                        "two_layer_seed.float64"]
     n_checked = sum(1 for c in manifest["cases"] for t in c["tensors"] if t["kind"])
     assert f"{n_checked}/{n_checked} tensors pass" in out and "of tol" in out
-    rows = golden.check_port(str(port_out), str(fixtures))
+    rows = portcheck.check_port(str(port_out), str(fixtures))
     assert all(r["passed"] and r["tolerance_used"] <= 1.0 for r in rows)
     seed = manifest["cases"][2]
     assert seed["steps"] == 3 and "3 of the example's 2000 steps" in seed["note"]
@@ -84,13 +85,13 @@ def test_manifest_lists_canonical_order_and_file_agrees(exported):
     manifest = json.loads((fixtures / "manifest.json").read_text())
     case = manifest["cases"][0]
     names = [t["name"] for t in case["tensors"]]
-    assert names == [n for n, _, _ in golden.tensor_order(3, bias=True, minibatch=True)]
+    assert names == [n for n, _, _ in fixtures_mod.tensor_order(3, bias=True, minibatch=True)]
     # the order of the computation: forward up, loss, then backward down with the grads per layer
     assert names.index("forward.loss") < names.index("backward.grad_output") \
         < names.index("backward.layers.2.grad_pre_activation") < names.index("grads.layers.2.weight") \
         < names.index("backward.layers.1.grad_activation") < names.index("grads.layers.0.bias") \
         < names.index("backward.grad_input") < names.index("train.losses")
-    tensors, meta = golden.decode_safetensors((fixtures / case["file"]).read_bytes())
+    tensors, meta = tensorfile.decode_safetensors((fixtures / case["file"]).read_bytes())
     assert list(tensors) == names and meta["case"] == "small.float32"
     for t in case["tensors"]:
         assert t["dtype"] == {torch.float32: "F32", torch.int64: "I64"}[tensors[t["name"]].dtype]
@@ -102,10 +103,10 @@ def test_safetensors_compatible_both_ways(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     tensors = {"a": torch.randn(3, 4), "scalar": torch.tensor(2.5, dtype=torch.float64),
                "idx": torch.arange(5), "empty": torch.empty(0, 3, dtype=torch.float64)}
-    theirs = st.load(golden.encode_safetensors(tensors, {"case": "x"}))
+    theirs = st.load(tensorfile.encode_safetensors(tensors, {"case": "x"}))
     path = tmp_path / "lib.safetensors"
     st.save_file(tensors, str(path))
-    ours, _ = golden.decode_safetensors(path.read_bytes())
+    ours, _ = tensorfile.decode_safetensors(path.read_bytes())
     for got in (theirs, ours):
         assert set(got) == set(tensors)
         for name, t in tensors.items():
@@ -206,10 +207,10 @@ def test_wrong_dtype_or_shape(exported, tmp_path, capsys):
     # the port writes a tensor in the wrong dtype and another in the wrong shape: failures naming them
     (port_out / "manifest.json").unlink()
     path = port_out / "small.float64.safetensors"
-    got, _ = golden.decode_safetensors(path.read_bytes())
+    got, _ = tensorfile.decode_safetensors(path.read_bytes())
     got["forward.loss"] = got["forward.loss"].float()
     got["grads.layers.1.weight"] = got["grads.layers.1.weight"].t().contiguous()
-    path.write_bytes(golden.encode_safetensors(got))
+    path.write_bytes(tensorfile.encode_safetensors(got))
     rc, out, _ = check(capsys, port_out, fixtures)
     assert rc == 1
     assert "is F32 [], expected F64 []" in out and "is F64 [4, 6], expected F64 [6, 4]" in out
@@ -249,7 +250,7 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys
     assert "not empty; pass --force" in capsys.readouterr().err
 
     calls = []
-    real = golden.encode_safetensors
+    real = fixtures_mod.encode_safetensors
 
     def dies_on_second_case(*a, **k):  # the export is killed after writing one file of two
         calls.append(1)
@@ -257,12 +258,12 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(golden, "encode_safetensors", dies_on_second_case)
+    monkeypatch.setattr(fixtures_mod, "encode_safetensors", dies_on_second_case)
     rc = cli.main(["export", "--out", str(out), "--spec", str(spec_path), "--dtype", "all", "--force"])
     assert rc == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fx", "s.json"]  # no temp dir left
-    monkeypatch.setattr(golden, "encode_safetensors", real)
+    monkeypatch.setattr(fixtures_mod, "encode_safetensors", real)
     assert cli.main(["export", "--out", str(out), "--spec", str(spec_path), "--dtype", "all",
                      "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "small.float32.safetensors",
@@ -283,7 +284,7 @@ def test_isolated_elementwise_ops_are_bitwise(exported, tmp_path):
     port = load_port()
     fixtures = exported[0]
     assert port.main(["--isolate", str(fixtures), str(tmp_path / "iso")]) == 0
-    tiers = {(r["case"], r["name"]): r["tier"] for r in golden.check_port(str(tmp_path / "iso"),
+    tiers = {(r["case"], r["name"]): r["tier"] for r in portcheck.check_port(str(tmp_path / "iso"),
                                                                          str(fixtures))}
     for case in ("small.float32", "small.float64", "two_layer_seed.float64"):
         assert tiers[case, "backward.grad_output"] == "bitwise"
@@ -313,7 +314,7 @@ def loss_fixtures(tmp_path_factory):
         path = base / f"{name}.json"
         path.write_text(json.dumps({"name": name, **spec}))
         cases += cases_for(None, str(path), "all")
-    golden.export(str(base / "fixtures"), cases)
+    fixtures_mod.export(str(base / "fixtures"), cases)
     return base / "fixtures"
 
 
@@ -326,10 +327,10 @@ def test_port_implements_reg_cross_entropy_and_svm(loss_fixtures, tmp_path, caps
     rc, out, err = check(capsys, tmp_path / "port")
     assert rc == 0, out + err
     assert "first fails" not in out
-    rows = golden.check_port(str(tmp_path / "port"), str(loss_fixtures))
+    rows = portcheck.check_port(str(tmp_path / "port"), str(loss_fixtures))
     assert len({r["case"] for r in rows}) == 6 and all(r["passed"] for r in rows)
     assert port.main(["--isolate", str(loss_fixtures), str(tmp_path / "iso")]) == 0
-    tiers = {(r["case"], r["name"]): r["tier"] for r in golden.check_port(str(tmp_path / "iso"),
+    tiers = {(r["case"], r["name"]): r["tier"] for r in portcheck.check_port(str(tmp_path / "iso"),
                                                                          str(loss_fixtures))}
     for case in ("reg.float64", "svm.float64", "svm.float32"):
         assert tiers[case, "backward.grad_output"] == "bitwise"

@@ -7,7 +7,8 @@ import torch
 import manual
 from manual import losses
 from manual.mlp import MLP, init_params
-from refnet.fd import rel_error
+from refnet import not_bitwise
+from refnet.oracles.fd import rel_error
 from refnet.spec import Spec
 
 F = torch.nn.functional
@@ -101,7 +102,7 @@ def test_cross_entropy_is_stable_for_huge_logits(dtype):
 
 def test_kernel_exp_is_bitwise_with_the_log_softmax_backward_kernel():
     """The Sleef exp replica: probed through the kernel itself (row sum −1 ⇒ dx_j = exp(logp_j))."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not_bitwise.applies("loss:cross_entropy"):
         pytest.skip("the kernel uses std::exp under ATEN_CPU_CAPABILITY=default")
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):

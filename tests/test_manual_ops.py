@@ -5,7 +5,7 @@ import torch
 import manual
 from manual import activations as A
 from manual import layers
-from refnet.fd import numeric_gradient, rel_error
+from refnet.oracles.fd import numeric_gradient, rel_error
 
 F64 = torch.float64
 

@@ -353,7 +353,7 @@ def test_lr_accepts_zero_and_help_tells_the_truth(tmp_path, capsys):
         assert f"--lr: expected a finite number >= 0, got {bad!r}" in capsys.readouterr().err
     text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["train"]
                     .format_help().split())
-    assert "refnet/known.py" in text and "--force" in text
+    assert "refnet/not_bitwise.py" in text and "--force" in text
     assert "without --out nothing is written" in text
 
 

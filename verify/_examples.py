@@ -1,11 +1,11 @@
 """Shared helper for verify/: run one example and index its checks by name."""
-from refnet.examples import Context, enforce_expected, get
-from refnet.compare import TIERS
+from refnet.compare import TIERS, enforce_expected
+from refnet.examples import Context, get
 from refnet.settings import determinism
 
 
 def run(name, device, dtype, allow_tier=None):
-    """The example's checks, each with its expected tier resolved (refnet.examples.enforce_expected:
+    """The example's checks, each with its expected tier resolved (refnet.compare.enforce_expected:
     falling short of it fails the check, as in the main job)."""
     with determinism(device):
         checks = get(name).run(Context(device=device, dtype=dtype))
@@ -14,7 +14,7 @@ def run(name, device, dtype, allow_tier=None):
 
 def assert_all(checks, device):
     """Every check passes, which includes reaching its expected tier (bitwise on CPU for a
-    manual-vs-autograd check unless refnet.known's table states the op's bound)."""
+    manual-vs-autograd check unless refnet.not_bitwise's table states the op's bound)."""
     for c in checks.values():
         assert c.passed, f"{c.name}: " + "\n".join(c.failures())
         if c.oracle == "manual vs autograd":

@@ -1,5 +1,5 @@
 """Property-based fuzzing over specs: manual vs autograd twin must be bitwise on CPU (or reach the
-tier refnet.known expects for the ops a spec uses), and the finite-difference and gradcheck
+tier refnet.not_bitwise expects for the ops a spec uses), and the finite-difference and gradcheck
 oracles must pass.  Names are drawn from the registries (manual.ACTIVATIONS, manual.LOSSES,
 manual.OPTIMIZERS), so a new activation, loss or optimizer is fuzzed as soon as it is registered.
 
@@ -10,10 +10,10 @@ from hypothesis import event, given, note, strategies as st
 
 import manual
 from manual.losses import target_kind
-from refnet import known
-from refnet.compare import TIERS
-from refnet.fd import FDSettings
+from refnet import not_bitwise
+from refnet.compare import meets
 from refnet.harness import spec_checks
+from refnet.oracles.fd import FDSettings
 from refnet.settings import determinism
 from refnet.spec import Spec
 
@@ -73,13 +73,13 @@ def test_fuzz_manual_vs_twin_cpu(spec):
             assert check.passed, f"{check.name} failed for {spec.to_dict()}:\n{detail}"
             continue
         stage = "grad" if check.name == "grad@init" else "training"
-        expected = known.expected_tier(spec, "cpu", stage)
+        expected = not_bitwise.expected_tier(spec, "cpu", stage)
         if expected is None:  # a known non-bitwise op compounds through training: graded, reported
             event(f"{check.name} with a known non-bitwise op: {check.tier}")
             if check.name.startswith("loss_curve"):
                 assert check.verdicts[0].first_divergence != 0, f"step 0 differs:\n{detail}"
             continue
-        assert TIERS.index(check.tier) <= TIERS.index(expected), \
+        assert meets(check.tier, expected), \
             f"{check.name}: expected {expected}, got {check.tier} for {spec.to_dict()}:\n{detail}"
 
 

@@ -1,18 +1,12 @@
 """Section 6: the document's two-layer program — manual, autograd twin and the numpy original."""
 import torch
 
-from refnet.examples import Context, get
 from refnet.examples.seed import STEPS
-from refnet.settings import determinism
-
-
-def run(device, dtype):
-    with determinism(device):
-        return {c.name: c for c in get("two_layer_seed").run(Context(device=device, dtype=dtype))}
+from verify._examples import run
 
 
 def test_two_layer_seed(device, dtype):
-    checks = run(device, dtype)
+    checks = run("two_layer_seed", device, dtype)
     curve = checks[f"loss_curve[{STEPS}]"]
     if device == "cpu":
         # bit for bit: gradients at init, all 2000 losses, the final weights

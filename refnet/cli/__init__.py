@@ -18,8 +18,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _verbs():
-    # Imported here, not at the top: the verb modules load torch (seconds), and main() must be
-    # running already so that a Ctrl-C during that start-up ends in one line and exit 130.
+    # The verb modules load torch (seconds); main() must be running already so that a Ctrl-C
+    # during that start-up ends in one line and exit 130.
+    # lazy: start-up interrupt handling (see above)
     from refnet.cli import bench, check_port, export, train, verify
     return (verify, train, export, check_port, bench)
 

@@ -3,7 +3,8 @@ import json
 import os
 
 from refnet.cli.common import EXIT_FAILED, EXIT_OK
-from refnet.golden import MANIFEST, check_port
+from refnet.fixtures import MANIFEST
+from refnet.portcheck import check_port, summary
 
 
 def add_parser(sub):
@@ -45,18 +46,14 @@ def run(args):
                   f"{_fmt(r['max_ulp'], '9.4g')} {_fmt(r['tolerance_used'], '7.2%')}")
             if r["note"]:
                 print(f"    ! {r['note']}")
-    tiers = {}
-    for r in rows:
-        tiers[r["tier"]] = tiers.get(r["tier"], 0) + 1
+    s = summary(rows)
     print()
-    differs = next((r for r in rows if r["tier"] != "bitwise"), None)
-    fails = next((r for r in rows if not r["passed"]), None)
+    differs, fails = s["first_differs"], s["first_fails"]
     if differs is None:
         print("your port matches the fixtures bit for bit")
     else:
         print(f"your port first differs at {differs['case']}/{differs['name']} ({differs['tier']})")
     if fails is not None:
         print(f"your port first fails at {fails['case']}/{fails['name']}")
-    n_pass = sum(r["passed"] for r in rows)
-    print(f"{n_pass}/{len(rows)} tensors pass  tiers {tiers}")
+    print(f"{s['passed']}/{s['tensors']} tensors pass  tiers {s['tiers']}")
     return EXIT_OK if fails is None and rows else EXIT_FAILED

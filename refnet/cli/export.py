@@ -1,9 +1,9 @@
-"""`refnet export --out DIR`: golden fixtures for ports (format: refnet/golden.py, README.md)."""
+"""`refnet export --out DIR`: golden fixtures for ports (format: refnet/fixtures.py, docs/porting.md)."""
 import os
 
 from refnet import examples
 from refnet.cli.common import EXIT_OK, dtypes
-from refnet.golden import case_for_spec, export
+from refnet.fixtures import case_for_spec, export
 from refnet.spec import Spec
 
 

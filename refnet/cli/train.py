@@ -77,8 +77,8 @@ def add_parser(sub):
                         "losses are compared at every step")
     p.add_argument("--tier", choices=["bitwise", "ulp", "tolerance"],
                    help="worst agreement allowed before the run stops (default: bitwise on cpu, "
-                        "tolerance on cuda or when the spec uses an op listed in refnet/known.py, "
-                        "e.g. ELU)")
+                        "tolerance on cuda or when the spec uses an op listed in "
+                        "refnet/not_bitwise.py, e.g. ELU)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar; only the summary line (as verify --quiet)")
     p.set_defaults(func=run)

@@ -7,7 +7,7 @@ import sys
 
 from refnet import examples, report
 from refnet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, dtypes
-from refnet.harness import load_data
+from refnet.data import load_data
 from refnet.settings import default_device, resolve_devices
 from refnet.spec import Spec
 

@@ -7,11 +7,10 @@
 """
 import torch
 
-from refnet.compare import Verdict, compare_tensors
-from refnet.examples import AUTO, CLAIM, Check
-from refnet import fd
+from refnet.compare import AUTO, CLAIM, Check, Verdict, compare_tensors
+from refnet.oracles import fd
 
-# Central differences in float64 with refnet.fd's h and rel_error bound (h = 1e-6: truncation O(h²)
+# Central differences in float64 with refnet.oracles.fd's h and rel_error bound (h = 1e-6: truncation O(h²)
 # + rounding O(ε/h) ≈ 1e-10 relative on the smooth functions used here); these gradients are O(1),
 # so a fixed absolute floor of 1e-8 stands in for fd's 1e-8·max(1, |L|).
 FD_EPS, FD_RTOL = fd.FDSettings.eps, fd.FDSettings.rtol
@@ -24,7 +23,7 @@ def as_tensor(v, ctx):
 
 def twin_check(name, manual, twin, ctx, kind="grad", note="", expected=AUTO):
     """manual, twin: dicts name -> tensor (same keys).  expected: the tier promised (default: the
-    device's, refnet.examples.enforce_expected; an op of refnet.known's table states its own)."""
+    device's, refnet.compare.enforce_expected; an op of refnet.not_bitwise's table states its own)."""
     verdicts = [compare_tensors(key, manual[key], twin[key], kind, strict_bits=ctx.strict_bits)
                 for key in manual]
     return Check(name, verdicts, "manual vs autograd", note, expected=expected)

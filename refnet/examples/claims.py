@@ -11,7 +11,8 @@
 
 import torch
 
-from refnet.examples import Check, register
+from refnet.compare import Check
+from refnet.examples import register
 from refnet.examples._common import claim_check
 from refnet.harness import build_pair, curve_checks
 from refnet.spec import Spec
@@ -39,7 +40,7 @@ def _train(sizes, x, y, steps, ctx, lr, name, optimizer=None):
                 data="random",
                 dtype=ctx.dtype_name, device=ctx.device, seed=2, name=name)
     pair = build_pair(spec)
-    verdicts, (losses, _) = curve_checks(pair, x, y, steps, strict_bits=ctx.strict_bits)
+    verdicts, _ = curve_checks(pair, x, y, steps, strict_bits=ctx.strict_bits)
     return pair, verdicts
 
 

@@ -3,9 +3,10 @@ nonlinearity: stacked linear layers collapse into one linear map."""
 import torch
 
 from refnet import data as datasets
-from refnet.compare import compare_tensors
-from refnet.examples import Check, register
+from refnet.compare import Check, compare_tensors
+from refnet.examples import Context, register
 from refnet.examples._common import claim_check, fd_check, sample_indices
+from refnet.fixtures import EXPORT_STEPS, case_for_spec
 from refnet.harness import build_pair, curve_checks, gradient_checks
 from refnet.spec import Spec
 
@@ -24,8 +25,6 @@ def _spec(name, sizes, ctx, activation="relu"):
 
 def _export_case(dtype="float64", steps=None):
     """refnet export: the 3-layer ReLU net with biases, a short training run (golden fixtures)."""
-    from refnet.examples import Context
-    from refnet.golden import EXPORT_STEPS, case_for_spec
     ctx = Context(device="cpu", dtype=torch.float32 if dtype == "float32" else torch.float64)
     sizes = DEEP_SIZES["3_layers"]
     steps = EXPORT_STEPS if steps is None else steps
@@ -54,7 +53,7 @@ def run_deep_fc(ctx):
 
 def _fd(label, pair, x, y):
     mlp = pair.mlp
-    loss, cache = mlp.forward(x, y)
+    _, cache = mlp.forward(x, y)
     grads, _ = mlp.backward(cache)
     inputs = {name: p for name, p in mlp.params.items()}   # perturbed in place, restored
     idx = {name: sample_indices(p.numel(), FD_SAMPLES, seed=i) for i, (name, p) in

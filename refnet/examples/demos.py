@@ -6,8 +6,10 @@ learns (spiral: ≥ 95 % train accuracy, measured on CPU float64; see tests/test
 run's loss curve and final parameters, manual vs autograd.  Not part of the main job (section
 None): run them by name.
 """
-from refnet.examples import Check, register
-from refnet.harness import build_pair, curve_checks, gradient_checks, load_data
+from refnet.compare import Check
+from refnet.examples import register
+from refnet.data import load_data
+from refnet.harness import build_pair, curve_checks, gradient_checks
 from refnet.spec import Spec
 
 

@@ -5,8 +5,10 @@ import torch
 
 from manual.losses import target_kind
 from refnet import data as datasets
-from refnet.examples import Check, Context, register
+from refnet.compare import Check
+from refnet.examples import Context, register
 from refnet.examples._common import claim_check
+from refnet.fixtures import EXPORT_STEPS, case_for_spec
 from refnet.harness import build_pair, curve_checks
 from refnet.spec import DTYPES, Spec
 
@@ -104,7 +106,6 @@ def example_data(data_name):
 def _export_case(data_name):
     """refnet export: the tanh MLP of this set-up, a short training run (golden fixtures)."""
     def case(dtype="float64", steps=None):
-        from refnet.golden import EXPORT_STEPS, case_for_spec
         steps = EXPORT_STEPS if steps is None else steps
         spec = Spec.from_dict({**example_spec(data_name)(dtype, "cpu").to_dict(), "steps": steps})
         return case_for_spec(spec, data=example_data(data_name)(spec),

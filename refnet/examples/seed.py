@@ -6,8 +6,9 @@ loss = Σ(y_pred − y)²; SGD, lr 1e-4, 2000 steps, no biases.
 import numpy as np
 import torch
 
-from refnet.compare import compare_curves, compare_tensors
-from refnet.examples import Check, register
+from refnet.compare import Check, compare_curves, compare_tensors
+from refnet.examples import register
+from refnet.fixtures import EXPORT_STEPS, case_for_spec
 from refnet.harness import build_pair, curve_checks, gradient_checks
 from refnet.oracles import numpy_seed
 from refnet.spec import Spec
@@ -58,7 +59,6 @@ def example_params(spec):
 
 def export_case(dtype="float64", steps=None):
     """The golden-fixture case (refnet export): the same program, a short training run."""
-    from refnet.golden import EXPORT_STEPS, case_for_spec
     steps = EXPORT_STEPS if steps is None else steps
     x, y, w1, w2 = seed_data()
     torch_dtype = torch.float32 if dtype == "float32" else torch.float64

@@ -19,10 +19,21 @@ between the two one-sided differences (widened by atol), or else when it equals 
 difference of the loss with every piece frozen as at θ (the derivative of the branch PyTorch's
 convention picks at the kink: ReLU'(0) = 0, the first maximal Maxout piece, ...).  Kink
 coordinates are counted in the report, with how each was accepted; gradcheck skips them.
+
+One module (~300 lines) because it is one oracle: the float64 forward with its kink pieces, the
+sampler, the comparison and gradcheck share the same coordinates and thresholds.
 """
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+import manual
+from manual.mlp import MLP, init_params
+from refnet.compare import Check, Verdict, ulp_distance, unravel
+from refnet.data import load_data
+from refnet.spec import Spec
+from refnet.twin import Twin, activation_module, load_params, loss_module
 
 
 def rel_error(analytic, numeric):
@@ -88,7 +99,7 @@ def _activation(name, z, spec, piece):
         zz = z.view(z.shape[0], z.shape[1] // spec.k, spec.k)
         idx = zz.max(2).indices if piece is None else piece   # ties: the first maximal piece
         return zz.gather(2, idx.unsqueeze(2)).squeeze(2), idx
-    from refnet.twin import activation_module  # smooth: sigmoid, tanh, identity, ...
+    # smooth: sigmoid, tanh, identity, ...
     return activation_module(name, spec.slope, spec.alpha, spec.k)(z), None
 
 
@@ -98,7 +109,6 @@ def _loss(name, out, target, piece):
         not_target = torch.ones_like(out, dtype=torch.bool).scatter_(1, target.unsqueeze(1), False)
         mask = ((margins > 0) & not_target) if piece is None else piece
         return (torch.where(mask, margins, 0.0).sum(1) / out.shape[1]).mean(), mask
-    from refnet.twin import loss_module
     return loss_module(name)(out, target), None
 
 
@@ -132,11 +142,6 @@ def sample_indices(numel, per_tensor, gen):
 
 def _float64_setup(spec, data):
     """spec rebuilt in float64, its seeded parameters, the data, and the manual analytic grads."""
-    import manual
-    from manual.mlp import MLP, init_params
-    from refnet.harness import load_data
-    from refnet.spec import Spec
-
     spec64 = spec if spec.dtype == "float64" else Spec.from_dict({**spec.to_dict(), "dtype": "float64"})
     params = init_params(spec64.sizes, spec64.activation, spec64.bias, scheme=spec64.init,
                          seed=spec64.seed, dtype=torch.float64, device=spec64.device, k=spec64.k)
@@ -171,9 +176,6 @@ def fd_checks(spec, data=None, settings=None):
 
 
 def _fd_checks(spec, data, settings):
-    from refnet.compare import Verdict, ulp_distance
-    from refnet.examples import Check
-
     st = settings or FDSettings()
     spec64, params, x, target, grads, dx, loss0 = _float64_setup(spec, data)
     atol = st.atol_scale * max(1.0, abs(loss0))
@@ -224,8 +226,8 @@ def _fd_checks(spec, data, settings):
         kinks += kink_here
         sampled += len(idx)
         a_s = a_flat[idx].cpu()
-        verdicts.append(_fd_verdict(Verdict, ulp_distance, f"{name}.grad", list(t.shape),
-                                    str(t.device), a_s, numeric, ok, bracketed, idx, atol, st,
+        verdicts.append(_fd_verdict(f"{name}.grad", list(t.shape), str(t.device), a_s, numeric,
+                                    ok, bracketed, idx, atol, st,
                                     f"{len(idx)}/{flat.numel()} coordinates sampled, "
                                     f"{kink_here} at a kink ({int(bracketed.sum())} accepted "
                                     f"between the one-sided differences, not in the max diffs)"))
@@ -240,8 +242,7 @@ def _fd_checks(spec, data, settings):
     return checks
 
 
-def _fd_verdict(Verdict, ulp_distance, name, shape, device, analytic, numeric, ok, bracketed, idx,
-                atol, st, note):
+def _fd_verdict(name, shape, device, analytic, numeric, ok, bracketed, idx, atol, st, note):
     n = len(idx)
     diff = (analytic - numeric).abs()
     rel = rel_error(analytic, numeric)
@@ -256,18 +257,13 @@ def _fd_verdict(Verdict, ulp_distance, name, shape, device, analytic, numeric, o
         # the worst coordinate: a failing one if any, else the largest rel_error
         score = torch.where(ok, rel, rel + 10.0).masked_fill(bracketed, -1.0)
         j = int(torch.argmax(score))
-        from refnet.compare import _unravel
-        v.worst_index = _unravel(int(idx[j]), shape)
+        v.worst_index = unravel(int(idx[j]), shape)
         v.worst_values = [float(analytic[j]), float(numeric[j])]
     return v
 
 
 def _gradcheck(spec64, params, x, target, coords, atol, st, kinks, rebuilt):
     """torch.autograd.gradcheck on the twin, as a function of the sampled smooth coordinates."""
-    from refnet.compare import Verdict, ulp_distance
-    from refnet.examples import Check
-    from refnet.twin import Twin, load_params, loss_module
-
     twin = Twin(spec64.sizes, spec64.activation, spec64.bias, dtype=torch.float64,
                 device=spec64.device, **spec64.options)
     load_params(twin, params)

@@ -1,4 +1,4 @@
-"""Operations whose manual backward is known NOT to be bit-identical to autograd, with the measured
+"""The table of operations whose manual backward is NOT bit-identical to autograd, with the measured
 bound and the reason.  A spec that uses one expects the `tolerance` tier (or better) on its
 manual-vs-autograd checks instead of `bitwise`, and its report note says why.  Everything else is
 expected bitwise on CPU.  Keys: "activation:NAME", "loss:NAME", "optimizer:NAME".
@@ -8,9 +8,11 @@ random elements, float32 and float64, torch 2.13.0 CPU).  Through a network the 
 gradients at init are expected within the tolerance tier; through training the rounding
 differences compound (with a large learning rate, chaotically), so the loss curve after step 0 and
 the final parameters have no bound: they are graded and reported, not expected.  Step 0's loss is
-a forward value and stays bitwise.  The table as a page, and the rule: docs/bit-exactness.md,
-docs/verification.md ("The expected-tier rule").
+a forward value and stays bitwise.  `expected_tier` is the one rule for the tier a spec must reach.
+The table as a page, and the rule: docs/bit-exactness.md, docs/verification.md ("The expected-tier
+rule").
 """
+import torch
 
 KNOWN_NOT_BITWISE = {
     "activation:elu": {
@@ -31,9 +33,12 @@ KNOWN_NOT_BITWISE = {
 }
 
 
-def _applies(entry):
-    import torch
-    return torch.backends.cpu.get_cpu_capability() not in entry.get("bitwise_on", ())
+def applies(key):
+    """True when table entry `key` (e.g. "loss:cross_entropy") is not bitwise on this machine: the
+    entry exists and this CPU's kernels (ATEN_CPU_CAPABILITY) are not among its `bitwise_on`."""
+    entry = KNOWN_NOT_BITWISE.get(key)
+    return entry is not None and \
+        torch.backends.cpu.get_cpu_capability() not in entry.get("bitwise_on", ())
 
 
 def spec_keys(spec):
@@ -46,8 +51,7 @@ def spec_keys(spec):
 
 def known_issues(spec):
     """[(key, entry)] of the table entries a spec uses, in a stable order."""
-    return [(k, KNOWN_NOT_BITWISE[k]) for k in sorted(spec_keys(spec))
-            if k in KNOWN_NOT_BITWISE and _applies(KNOWN_NOT_BITWISE[k])]
+    return [(k, KNOWN_NOT_BITWISE[k]) for k in sorted(spec_keys(spec)) if applies(k)]
 
 
 def expected_tier(spec, device="cpu", stage="grad"):
