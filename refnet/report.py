@@ -133,7 +133,7 @@ def summarize(rows, seconds, strict_bits=False, complete=True, allow_tier=None):
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-COLUMNS = [("example", 16), ("device", 6), ("dtype", 7), ("check", 33), ("tier", 13),
+COLUMNS = [("example", 18), ("device", 6), ("dtype", 7), ("check", 33), ("tier", 13),
            ("max_abs_diff", 12), ("max_ulp", 8), ("identical_steps", 15), ("passed", 6)]
 
 

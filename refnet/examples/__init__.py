@@ -51,7 +51,7 @@ class Example:
 
 REGISTRY = {}
 _MODULES = ("seed", "scalar", "activations", "vectorized", "deep", "nonlinearity", "claims",
-            "demos")
+            "classifiers", "demos")
 _loaded = False
 
 
