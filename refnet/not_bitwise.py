@@ -72,8 +72,7 @@ def expected_for(keys, device="cpu", stage="grad"):
     "tolerance"); "grad": gradients through a network ("tolerance"); "training": None (no bound).
     Without a table entry: bitwise on CPU, tolerance on CUDA."""
     cuda = str(device).startswith("cuda")
-    hits = [KNOWN_NOT_BITWISE[k] for k in sorted(keys)
-            if k in KNOWN_NOT_BITWISE and _applies(KNOWN_NOT_BITWISE[k])]
+    hits = [KNOWN_NOT_BITWISE[k] for k in sorted(keys) if applies(k)]
     if not hits:
         return "tolerance" if cuda else "bitwise"
     if stage == "training":
