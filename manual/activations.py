@@ -1,6 +1,6 @@
 """Activation functions of the document's figure, each a forward/backward pair.
 
-Shapes: any; dy has the shape of y.  Maxout takes z (N, H·K) and returns (N, H): unit h is the
+Shapes: any; dout and dx have the shape of y and x.  Maxout takes z (N, H·K) and returns (N, H): unit h is the
 max over the K consecutive pieces z[:, h·K:(h+1)·K] (each piece has its own weights and bias in
 the preceding linear layer).
 
@@ -20,9 +20,10 @@ def sigmoid_forward(x):
     return y, y
 
 
-def sigmoid_backward(dy, y):
-    # σ'(x) = σ(x)(1 − σ(x)):  dx = dy·(1 − y)·y, evaluated left to right as sigmoid_backward does.
-    return dy * (1 - y) * y
+def sigmoid_backward(dout, y):
+    # σ'(x) = σ(x)(1 − σ(x)):  dx = dout·(1 − y)·y
+    dx = dout * (1 - y) * y  # Bits: left to right, as aten's sigmoid_backward
+    return dx
 
 
 # --- tanh ------------------------------------------------------------------------------------
@@ -31,10 +32,12 @@ def tanh_forward(x):
     return y, y
 
 
-def tanh_backward(dy, y):
-    # tanh'(x) = 1 − tanh²(x):  dx = dy·(1 − y²).  The CPU kernel's `1 - b*b` is contracted by the
-    # compiler into one FMA, so (1 − y²) is formed by a fused addcmul (one rounding), not y*y then 1−.
-    return dy * torch.addcmul(torch.ones_like(y), y, y, value=-1)
+def tanh_backward(dout, y):
+    # tanh'(x) = 1 − tanh²(x):  dx = dout·(1 − y²)
+    dx = dout * torch.addcmul(torch.ones_like(y), y, y, value=-1)
+    # Bits: the CPU kernel's `1 - b*b` is contracted by the compiler into one FMA, so (1 − y²) is
+    # one fused addcmul (one rounding), not y*y then 1 −.
+    return dx
 
 
 # --- ReLU ------------------------------------------------------------------------------------
@@ -43,10 +46,12 @@ def relu_forward(x):
     return y, y
 
 
-def relu_backward(dy, y):
-    # relu'(x) = 1 if x > 0 else 0 (0 at the kink).  threshold_backward: y <= 0 ? +0 : dy —
-    # a select, not dy·mask, so a negative dy gives +0 (not −0) and an infinite dy no NaN.
-    return torch.where(y <= 0, 0.0, dy)
+def relu_backward(dout, y):
+    # relu'(x) = 1 if x > 0 else 0 (0 at the kink):  dx = dout where y > 0, else 0
+    dx = torch.where(y <= 0, 0.0, dout)
+    # Bits: threshold_backward is a select (y <= 0 ? +0 : dout), not dout·mask, so a negative dout
+    # gives +0 (not −0) and an infinite dout no NaN.
+    return dx
 
 
 # --- Leaky ReLU ------------------------------------------------------------------------------
@@ -55,10 +60,11 @@ def leaky_relu_forward(x, slope=0.1):
     return y, (x, slope)
 
 
-def leaky_relu_backward(dy, cache):
-    # leaky'(x) = 1 if x > 0 else slope (x = 0 and NaN take the slope side).
+def leaky_relu_backward(dout, cache):
+    # leaky'(x) = 1 if x > 0 else slope (x = 0 and NaN take the slope side)
     x, slope = cache
-    return torch.where(x > 0, dy, dy * slope)
+    dx = torch.where(x > 0, dout, dout * slope)
+    return dx
 
 
 # --- ELU -------------------------------------------------------------------------------------
@@ -67,23 +73,22 @@ def elu_forward(x, alpha=1.0):
     return y, (x, alpha)
 
 
-def elu_backward(dy, cache):
-    """dy, x: same shape -> dx.
-
-    elu'(x) = 1 if x > 0 else α·eˣ (x = 0 takes the α·eˣ side, as elu_backward does).  The kernel
-    (is_result=False, what nn.ELU's autograd runs) evaluates ((dy·1)·α)·eˣ with its own eˣ:
-    SLEEF in vector lanes, std::exp in the scalar tail (manual/kernel_exp.py mirrors both; the
-    tail is ≤ 1 ulp from glibc on rare values).  NaN x: the vector lambda takes the α·eˣ side
-    (NaN), the scalar one and CUDA take dy.  ``dy*(y + α)`` (the in-place, is_result form) is not
-    what nn.ELU evaluates and loses all relative accuracy for x < −17 in float32.
-    """
-    # elu'(x) = 1 if x > 0 else α·eˣ:  dx = dy (x > 0) or ((dy·1)·α)·eˣ (x ≤ 0)
+def elu_backward(dout, cache):
+    """dout, x: same shape -> dx.  Bits: see the note below the function."""
+    # elu'(x) = 1 if x > 0 else α·eˣ (x = 0 takes the α·eˣ side):  dx = dout or ((dout·1)·α)·eˣ
     x, alpha = cache
     e, lanes = kernel_exp(x)
     negative = x <= 0
     if lanes is not None:
         negative = negative | (torch.isnan(x) & lanes)
-    return torch.where(negative, dy * alpha * e, dy)
+    dx = torch.where(negative, dout * alpha * e, dout)
+    return dx
+# Bits: the kernel nn.ELU's autograd runs (elu_backward, is_result=False) evaluates ((dout·1)·α)·eˣ
+# with its own eˣ: SLEEF in vector lanes, std::exp in the scalar tail (manual/kernel_exp.py
+# mirrors both; the tail is ≤ 1 ulp from glibc on rare values).  NaN x: the vector lambda takes
+# the α·eˣ side (NaN), the scalar one and CUDA take dout.  ``dout·(y + α)`` (the in-place,
+# is_result form) is not what nn.ELU evaluates and loses all relative accuracy for x < −17 in
+# float32.
 
 
 # --- identity --------------------------------------------------------------------------------
@@ -91,9 +96,9 @@ def identity_forward(x):
     return x, None
 
 
-def identity_backward(dy, cache):
-    # d/dx x = 1
-    return dy
+def identity_backward(dout, cache):
+    # d/dx x = 1:  dx = dout
+    return dout
 
 
 # --- Maxout ----------------------------------------------------------------------------------
@@ -106,12 +111,13 @@ def maxout_forward(z, k=2):
     return y, (z.shape, idx)
 
 
-def maxout_backward(dy, cache):
-    # ∂max/∂z_j = 1 for the selected piece j (first maximal one), 0 elsewhere: scatter dy there.
+def maxout_backward(dout, cache):
+    """dout (N, H) -> dz (N, H·K)."""
+    # ∂max/∂z_j = 1 for the selected piece j (first maximal one), 0 elsewhere: scatter dout there
     shape, idx = cache
     n, width = shape
-    dz = torch.zeros((n, idx.shape[1], width // idx.shape[1]), dtype=dy.dtype, device=dy.device)
-    return dz.scatter_(2, idx.unsqueeze(2), dy.unsqueeze(2)).view(n, width)
+    dz = torch.zeros((n, idx.shape[1], width // idx.shape[1]), dtype=dout.dtype, device=dout.device)
+    return dz.scatter_(2, idx.unsqueeze(2), dout.unsqueeze(2)).view(n, width)
 
 
 # name -> (forward, backward, option names)
@@ -143,5 +149,17 @@ def activation_forward(name, x, **options):
     return fwd(x, **options)
 
 
-def activation_backward(name, dy, cache):
-    return _lookup(name)[1](dy, cache)
+def activation_backward(name, dout, cache):
+    """dout (shape of the activation's output) -> dx (shape of its input)."""
+    return _lookup(name)[1](dout, cache)
+
+
+def activation_list(activation, n_hidden):
+    """One activation name per hidden layer, from a single name or a list of n_hidden names."""
+    acts = [activation] * n_hidden if isinstance(activation, str) else activation
+    if not isinstance(acts, (list, tuple)) or len(acts) != n_hidden:
+        raise ValueError(f"activation: expected one name or a list of {n_hidden} (one per hidden "
+                         f"layer), got {activation!r}")
+    for a in acts:
+        _lookup(a)
+    return list(acts)

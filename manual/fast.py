@@ -137,7 +137,7 @@ class FastMLP:
 
     def _readable_step(self, x, target):
         loss, cache = self.mlp.forward(x, target)
-        grads, _ = self.mlp.backprop(cache)
+        grads, _ = self.mlp.backward(cache)
         names = list(self.mlp.params)
         self._update(list(self.mlp.params.values()), [grads[name] for name in names], copy=True)
         return loss

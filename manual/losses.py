@@ -19,6 +19,7 @@ L2 regularization (reg · Σ_layers Σ W², weights only, biases not) is ``l2_fo
 
 import torch
 
+from manual import _check
 from manual.kernel_exp import sleef_exp
 
 
@@ -45,8 +46,34 @@ def mse_backward(dloss, diff):
 
 
 # -- softmax cross-entropy ------------------------------------------------------------------------
-#
-# F.cross_entropy(y, t) is nll_loss(log_softmax(y, 1), t).  The forward uses the log_softmax
+
+
+def cross_entropy_forward(y_pred, labels):
+    """L = −(1/N) Σᵢ log softmax(y_pred)ᵢ[labelsᵢ].  y_pred (N, C), labels (N,) int64.
+
+    Bits: see the note after cross_entropy_backward."""
+    n = y_pred.shape[0]
+    logp = torch.log_softmax(y_pred, 1)                          # (N, C)
+    picked = logp.gather(1, labels.unsqueeze(1)).squeeze(1)      # (N,)
+    if y_pred.device.type == "cpu":
+        loss = _nll_mean(picked, n)
+    else:  # CUDA's nll kernel reduces in its own block order: sum then divide (not bitwise-checked)
+        loss = -(picked.sum()) / float(n)
+    return loss, (logp, labels)
+
+
+def cross_entropy_backward(dloss, cache):
+    # nll: dlogp = −dloss/N at [i, labelsᵢ], 0 elsewhere (nll_loss_backward: −(g / total_weight)).
+    # log_softmax: dy_pred = dlogp − exp(logp)·Σ_c dlogp, the sum per row (one nonzero: exact).
+    logp, labels = cache
+    n = logp.shape[0]
+    dlogp = torch.zeros_like(logp)
+    dlogp.scatter_(1, labels.unsqueeze(1), (-(dloss / float(n))).expand(n, 1).contiguous())
+    row_sum = dlogp.sum(1, keepdim=True)                          # (N, 1)
+    return torch.addcmul(dlogp, log_softmax_backward_exp(logp), row_sum, value=-1)
+
+
+# Bits: F.cross_entropy(y, t) is nll_loss(log_softmax(y, 1), t).  The forward uses the log_softmax
 # primitive (it subtracts the row max first, so logits of ±1e4 are fine) and writes nll_loss by
 # hand with the CPU kernel's summation order.  The backward of log_softmax is, in
 # SoftMaxKernel.cpp (_vec_host_softmax_backward_lastdim, log variant), per row
@@ -95,37 +122,15 @@ def _nll_mean(picked, n):
     return total / float(n)
 
 
-def cross_entropy_forward(y_pred, labels):
-    """L = −(1/N) Σᵢ log softmax(y_pred)ᵢ[labelsᵢ].  y_pred (N, C), labels (N,) int64."""
-    n = y_pred.shape[0]
-    logp = torch.log_softmax(y_pred, 1)                          # (N, C)
-    picked = logp.gather(1, labels.unsqueeze(1)).squeeze(1)      # (N,)
-    if y_pred.device.type == "cpu":
-        loss = _nll_mean(picked, n)
-    else:  # CUDA's nll kernel reduces in its own block order: sum then divide (not bitwise-checked)
-        loss = -(picked.sum()) / float(n)
-    return loss, (logp, labels)
-
-
-def cross_entropy_backward(dloss, cache):
-    # nll: dlogp = −dloss/N at [i, labelsᵢ], 0 elsewhere (nll_loss_backward: −(g / total_weight)).
-    # log_softmax: dy = dlogp − exp(logp)·Σ_c dlogp, the sum per row (one nonzero: exact).
-    logp, labels = cache
-    n = logp.shape[0]
-    dlogp = torch.zeros_like(logp)
-    dlogp.scatter_(1, labels.unsqueeze(1), (-(dloss / float(n))).expand(n, 1).contiguous())
-    row_sum = dlogp.sum(1, keepdim=True)                          # (N, 1)
-    return torch.addcmul(dlogp, log_softmax_backward_exp(logp), row_sum, value=-1)
-
-
 # -- multiclass SVM (hinge) loss, PyTorch's MultiMarginLoss(p=1, margin=1) ---------------------------
 
 
 def svm_forward(y_pred, labels, margin=1.0):
     """L = (1/N) Σᵢ (1/C) Σ_{j≠tᵢ} max(0, margin − y_{i,tᵢ} + y_{i,j})  (= CS231n's SVM loss / C).
 
-    Summation as multi_margin_loss_cpu_kernel: per row, classes in order in the tensor's dtype,
-    then ÷C; rows accumulated in double (acc_type), ÷N in double, cast back.
+    Bits: summed as multi_margin_loss_cpu_kernel: per row, classes in order in the tensor's
+    dtype, then ÷C; rows accumulated in order in double (acc_type), ÷N in double, cast back.
+    The row sum stays on the device (a running sum, no read to the host: no CUDA sync).
     """
     n, c = y_pred.shape
     y_target = y_pred.gather(1, labels.unsqueeze(1))              # (N, 1)
@@ -136,10 +141,8 @@ def svm_forward(y_pred, labels, margin=1.0):
     for j in range(c):
         row = row + torch.where(active[:, j], z[:, j], 0.0)
     row = row / c
-    total = 0.0                                                   # Python float = C double
-    for v in row.double().tolist():
-        total += v
-    loss = torch.tensor(total / n, dtype=y_pred.dtype, device=y_pred.device)
+    total = row.double().cumsum(0)[-1]  # Σ rows in double, in order (cumsum is sequential on CPU)
+    loss = (total / n).to(y_pred.dtype)
     return loss, (active, labels, n, c)
 
 
@@ -148,13 +151,13 @@ def svm_backward(dloss, cache):
     # class order, as the kernel does); the factor 1/(N·C) is formed in double, then cast.
     active, labels, n, c = cache
     g = torch.tensor(1.0 / (n * c), dtype=torch.float64).to(dloss.dtype)
-    dy = torch.where(active, g.to(active.device), torch.zeros((), dtype=dloss.dtype,
-                                                              device=active.device))
+    zero = torch.zeros((), dtype=dloss.dtype, device=active.device)
+    dy_pred = torch.where(active, g.to(active.device), zero)                 # (N, C)
     dy_target = torch.zeros(n, dtype=dloss.dtype, device=active.device)
     for j in range(c):
-        dy_target = dy_target - dy[:, j]
-    dy = dy.scatter(1, labels.unsqueeze(1), dy_target.unsqueeze(1))
-    return dy * dloss
+        dy_target = dy_target - dy_pred[:, j]
+    dy_pred = dy_pred.scatter(1, labels.unsqueeze(1), dy_target.unsqueeze(1))
+    return dy_pred * dloss
 
 
 # -- L2 regularization -----------------------------------------------------------------------------
@@ -200,24 +203,14 @@ def target_kind(name):
 
 
 def loss_forward(name, y_pred, target):
+    """y_pred (N, C), target (N, C) values or (N,) labels -> (scalar loss, cache).
+
+    Labels are range-checked once per labels tensor (manual._check.labels): that check reads from
+    the device, so on CUDA it syncs the first time a tensor is seen, not every step.
+    """
     fwd, _, kind = _lookup(name)
-    if kind == "values":
-        if target.shape != y_pred.shape:
-            raise ValueError(f"target: expected shape {list(y_pred.shape)} (that of the "
-                             f"predictions), got {list(target.shape)}")
-        if target.dtype != y_pred.dtype:
-            raise TypeError(f"target: expected dtype {y_pred.dtype}, got {target.dtype}")
-    else:
-        if target.dtype != torch.int64:
-            raise TypeError(f"target: expected int64 class labels, got dtype {target.dtype}")
-        if target.shape != (y_pred.shape[0],):
-            raise ValueError(f"target: expected shape [{y_pred.shape[0]}] (one label per row), "
-                             f"got {list(target.shape)}")
-        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= y_pred.shape[1]):
-            raise ValueError(f"target: expected labels in [0, {y_pred.shape[1] - 1}], got "
-                             f"[{int(target.min())}, {int(target.max())}]")
+    _check.loss_target(kind, y_pred, target)
     return fwd(y_pred, target)
-
-
 def loss_backward(name, dloss, cache):
+    """dloss (0-d) -> dy_pred (N, C)."""
     return _lookup(name)[1](dloss, cache)

@@ -12,20 +12,9 @@ Arithmetic notes: ``p.add_(g, alpha=-lr)`` is one fused multiply-add in the add 
 (vec::fmadd), which ``p - lr*g`` (two roundings) is not; the same holds for ``alpha=`` in weight
 decay and momentum.
 """
-import math
-
 import torch
 
-
-def _check_hyper(name, value, low=0.0, allow_equal=True, high=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-            or math.isinf(value) or value < low or (value == low and not allow_equal) \
-            or (high is not None and value >= high):
-        rel = ">=" if allow_equal else ">"
-        upper = f" and < {high}" if high is not None else ""
-        raise ValueError(f"optimizer.{name}: expected a finite number {rel} {low}{upper}, "
-                         f"got {value!r}")
-    return float(value)
+from manual import _check
 
 
 class SGD:
@@ -38,15 +27,8 @@ class SGD:
     SETTINGS = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
 
     def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
-        self.lr = _check_hyper("lr", lr)
-        self.momentum = _check_hyper("momentum", momentum)
-        self.dampening = _check_hyper("dampening", dampening)
-        self.weight_decay = _check_hyper("weight_decay", weight_decay)
-        if not isinstance(nesterov, bool):
-            raise TypeError(f"optimizer.nesterov: expected true or false, got {nesterov!r}")
-        if nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise ValueError("optimizer.nesterov: requires momentum > 0 and dampening = 0")
-        self.nesterov = nesterov
+        self.lr, self.momentum, self.dampening, self.nesterov, self.weight_decay = \
+            _check.sgd_settings(lr, momentum, dampening, nesterov, weight_decay)
         self.buffers = {}
 
     def step(self, params, grads):
@@ -89,15 +71,8 @@ class Adam:
     decoupled_weight_decay = False
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
-        self.lr = _check_hyper("lr", lr)
-        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
-            raise ValueError(f"optimizer.betas: expected two numbers in [0, 1), got {betas!r}")
-        self.betas = tuple(_check_hyper(f"betas[{i}]", b, high=1.0) for i, b in enumerate(betas))
-        self.eps = _check_hyper("eps", eps, allow_equal=False)
-        self.weight_decay = _check_hyper("weight_decay", weight_decay)
-        if not isinstance(amsgrad, bool):
-            raise TypeError(f"optimizer.amsgrad: expected true or false, got {amsgrad!r}")
-        self.amsgrad = amsgrad
+        self.lr, self.betas, self.eps, self.weight_decay, self.amsgrad = \
+            _check.adam_settings(lr, betas, eps, weight_decay, amsgrad)
         self.steps, self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq = {}, {}, {}, {}
 
     def step(self, params, grads):

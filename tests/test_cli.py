@@ -64,3 +64,15 @@ def test_output_into_a_closed_pipe_is_quiet():
     res = subprocess.run(f"{sys.executable} -m refnet verify --example xor --dtype float32 | head -1",
                          shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.stdout.startswith("example") and "Broken pipe" not in res.stderr, res.stderr
+
+
+def test_main_job_takes_verify_options_without_a_verb(monkeypatch):
+    """`refnet --quiet --example X` is the main job with verify's options (no verb needed)."""
+    from refnet import cli
+    from refnet.cli import verify as verify_verb
+    seen = {}
+    monkeypatch.setattr(verify_verb, "run", lambda args: seen.setdefault("args", args) and 0)
+    assert cli.main(["--quiet", "--example", "scalar_graph"]) == 0
+    args = seen["args"]
+    assert args.command == "verify" and args.quiet and args.example == ["scalar_graph"]
+    assert args.device in ("cpu", "cuda")

@@ -103,3 +103,44 @@ def test_shape_errors_name_the_argument():
         manual.loss_forward("sum_squared", torch.zeros(2, 3), torch.zeros(2, 1))
     with pytest.raises(ValueError, match="activation: unknown name 'swish'"):
         manual.activation_forward("swish", torch.zeros(2))
+
+
+# ELU at the kink: x = 0 takes the negative branch, dx = dout·α·e⁰ = dout·α (PyTorch's
+# elu_backward: x <= 0).  With α = 1 both branches give dout, so a port taking the positive
+# branch at 0 passes every α = 1 test; α ≠ 1 tells them apart.
+def _elu_kink_input(dtype):
+    x = torch.linspace(-2.0, 2.0, 37, dtype=torch.float64).to(dtype)
+    x[[0, 5, 18, 33, 36]] = 0.0       # zeros in the vector lanes and in the scalar tail
+    x[7] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_elu_kink_takes_the_negative_branch_bitwise(alpha, dtype):
+    x = _elu_kink_input(dtype)
+    dout = torch.linspace(0.3, 1.7, 37, dtype=torch.float64).to(dtype)
+    y, cache = A.elu_forward(x, alpha)
+    dx = A.elu_backward(dout, cache)
+    xt = x.clone().requires_grad_()
+    yt = torch.nn.ELU(alpha)(xt)
+    yt.backward(dout)
+    assert torch.equal(y, yt.detach())
+    same_bits = dx.view(torch.int32 if dtype == torch.float32 else torch.int64) == \
+        xt.grad.view(torch.int32 if dtype == torch.float32 else torch.int64)
+    assert bool(same_bits.all()), f"bits differ at {same_bits.logical_not().nonzero().flatten().tolist()}"
+    kink = x == 0
+    assert torch.equal(dx[kink], dout[kink] * alpha)          # dout·α·e⁰, the negative branch
+    assert not torch.equal(dx[kink], dout[kink])              # the positive branch would be dout
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_elu_kink_check_kills_the_positive_branch_mutant(alpha):
+    """The check above fails for a backward that sends x = 0 to the positive branch."""
+    x = _elu_kink_input(torch.float64)
+    dout = torch.ones_like(x)
+    mutant = torch.where(x < 0, dout * alpha * torch.exp(x), dout)   # x = 0 → dout (wrong)
+    xt = x.clone().requires_grad_()
+    torch.nn.ELU(alpha)(xt).backward(dout)
+    assert not torch.equal(mutant, xt.grad)
+    assert torch.equal(A.elu_backward(dout, A.elu_forward(x, alpha)[1]), xt.grad)

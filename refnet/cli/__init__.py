@@ -38,8 +38,8 @@ def main(argv=None):
     try:
         parser = build_parser()
         if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-            # the main job: every document example on the default device (`refnet --quiet`,
-            # `refnet --allow-tier ulp`: verify's options apply to it)
+            # the main job: every document example on the default device; options given without
+            # a verb (`refnet --quiet`, `refnet --json r.json`) are verify's options for it
             argv = _verbs()[0].main_job_argv() + argv
         args = parser.parse_args(argv)
         if args.command is None:
