@@ -1,7 +1,7 @@
 """Golden fixtures for ports (`refnet export`): every intermediate of a known-good run, in files
 any language reads.
 
-Layout of a fixture directory (README.md, "Porting kit", documents it for port authors):
+Layout of a fixture directory (docs/porting.md documents it for port authors):
 
     manifest.json                      schema version, per case: spec, file, sha256, tensor list
     <example>.<dtype>.safetensors      one file per case: inputs, forward, backward, training
@@ -154,7 +154,7 @@ def export(out, cases, force=False):
                                      "threads": torch.get_num_threads(),
                                      "cpu_capability": torch.backends.cpu.get_cpu_capability()},
                     "order": "tensors are listed in the order the computation produces them; "
-                             "see README.md 'Porting kit'",
+                             "see docs/porting.md",
                     "required_tier": "tolerance", "cases": []}
         for case_name, case in cases:
             spec, values, order, reference = run_case(case)

@@ -4,7 +4,7 @@ One loop, `run`, serves both `refnet verify --example` and `refnet verify --spec
 carries a "spec", as `refnet train`'s summary.json does, so a run can be reproduced from its
 report: the user's spec, or the example's one net (refnet.examples; the rows of the comparison
 models inside an example, such as xor's linear model, carry the example's net too, which is what
-`--example NAME` reproduces), or None for the examples that train no MLP.  Fields: README.md / docs.
+`--example NAME` reproduces), or None for the examples that train no MLP.  Fields: docs/verification.md.
 """
 import json
 import os

@@ -33,7 +33,7 @@ def loss_module(name, reg=0.0, twin=None):
     """The stock torch loss for a spec's loss name; with reg > 0, wrapped in L2Regularized.
 
     "svm" is nn.MultiMarginLoss(margin=1): CS231n's multiclass SVM loss divided by the number
-    of classes C (see manual/losses.py and README.md).
+    of classes C (see manual/losses.py and docs/spec.md).
     """
     makers = {"sum_squared": lambda: nn.MSELoss(reduction="sum"), "mse": nn.MSELoss,
               "cross_entropy": nn.CrossEntropyLoss, "svm": lambda: nn.MultiMarginLoss(margin=1.0)}

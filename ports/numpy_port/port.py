@@ -9,8 +9,8 @@ checked on its own and an error does not smear into everything after it.
 
 It imports numpy and the standard library only (a test enforces it) and is written the way a C
 port would be: a safetensors reader and writer by hand, one forward and one backward function per
-op, and the computation in the explicit canonical order of the fixtures (README.md, "Porting
-kit").  For every case of FIXTURE_DIR/manifest.json it reads the inputs and initial parameters,
+op, and the computation in the explicit canonical order of the fixtures (docs/porting.md).
+For every case of FIXTURE_DIR/manifest.json it reads the inputs and initial parameters,
 runs forward, backward and the short training run, and writes every intermediate under the
 fixture's names to OUT_DIR/<case>.safetensors, then OUT_DIR/manifest.json.
 

@@ -4,7 +4,6 @@
 `refnet verify --example NAME` checks, with the flags below as overrides.
 """
 import argparse
-import math
 import os
 import sys
 
@@ -13,7 +12,7 @@ from refnet import train as train_mod
 from refnet.checkpoint import existing_run_files, load_checkpoint
 from refnet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from refnet.settings import resolve_devices
-from refnet.spec import Spec
+from refnet.spec import Spec, check_finite
 
 
 def _positive_int():
@@ -31,12 +30,9 @@ def _positive_int():
 def _nonnegative_float(text):
     """A finite number >= 0 (what a spec's lr accepts; 0 freezes the parameters)."""
     try:
-        value = float(text)
+        return check_finite("--lr", float(text), minimum=0)
     except ValueError:
-        value = None
-    if value is None or not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
 
 
 FULL_BATCH = "none"  # --batch-size none: override the spec to full batch (batch_size null)
