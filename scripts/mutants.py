@@ -36,7 +36,7 @@ def mutant(mid, path, old, new, what, first=()):
                     "first": list(first)})
 
 
-ACT = ["verify/test_4_activations.py"]
+ACT = ["verify/test_4_activations.py", "tests/test_manual_ops.py"]
 OPT = ["verify/test_losses_optimizers.py", "tests/test_losses_optim.py"]
 LOSS = ["verify/test_losses_optimizers.py"]
 OPS = ["tests/test_manual_ops.py"]
