@@ -14,20 +14,26 @@ on the same operands in the same order, so the same roundings — but:
   implementation is a loop of the same ``add_`` (CUDA's fused foreach kernel is different
   arithmetic, so there it stays per tensor).
 
+L2 regularization (``reg`` > 0) runs manual.losses.l2_forward / l2_backward, as the readable
+step does, and adds the weight terms into the gradient buffers (x + y in place, the same bits).
+
 Anything it does not specialise falls back to the readable code: an activation other than
 sigmoid/tanh/relu/identity or a loss other than sum_squared/mse runs ``MLP.forward/backward``; an
 optimizer that is not exactly manual.optim.SGD runs its own ``step``.  tests/test_fast.py checks
-bit identity with the readable path and the autograd twin.
+bit identity with the readable path and the autograd twin, over every activation, loss,
+optimizer setting, reg and bias on/off.
 
-The parameters are the MLP's own tensors, updated in place; replacing a tensor in ``mlp.params``
-(rather than updating it) needs ``reset()``.  Shapes: x (N, D), target (N, C); letters as in
-manual/__init__.py.
+The parameters are the MLP's own tensors, updated in place.  What the buffers depend on (the
+parameter tensors' identity, the activations, the loss, reg) is part of the signature checked on
+every step, so replacing a tensor in ``mlp.params`` or changing the loss rebuilds the plan rather
+than updating stale tensors; ``reset()`` drops it explicitly.  Shapes: x (N, D), target (N, C);
+letters as in manual/__init__.py.
 """
 import torch
 
 from manual import _check
 from manual.layers import _column_major
-from manual.losses import target_kind
+from manual.losses import l2_backward, l2_forward, target_kind
 from manual.optim import SGD
 
 FAST_ACTIVATIONS = ("sigmoid", "tanh", "relu", "identity")
@@ -42,12 +48,16 @@ class FastMLP:
         if mlp.optimizer is None:
             raise ValueError("mlp: expected an MLP built with an optimizer (it has none)")
         self.mlp = mlp
-        self.specialised = (all(a in FAST_ACTIVATIONS for a in mlp.activations)
-                            and mlp.loss in FAST_LOSSES)
         self.reset()
 
+    @property
+    def specialised(self):
+        """True when the step runs the specialised schedule (else the readable fallback)."""
+        return (all(a in FAST_ACTIVATIONS for a in self.mlp.activations)
+                and self.mlp.loss in FAST_LOSSES)
+
     def reset(self):
-        """Forget the buffers (after replacing parameter tensors or changing the optimizer)."""
+        """Forget the buffers and the plan; the next step validates and builds them again."""
         self._signature = None
         self._plan = None
 
@@ -116,6 +126,8 @@ class FastMLP:
                     dz, dz_in = dy, free
             backward.append(entry)
         self._plan = {"one": torch.ones((), **opts), "forward": forward, "backward": backward,
+                      "weights": weights, "grad_weights": [grads[f"layers.{i}.weight"]
+                                                           for i in range(mlp.n_layers)],
                       "out": out, "sq": view(scratch[1], out), "grads": grads,
                       "scratch": scratch,
                       "params": list(p.values()), "grad_list": [grads[name] for name in p]}
@@ -123,7 +135,9 @@ class FastMLP:
     # -- the step ---------------------------------------------------------------------------
     def train_step(self, x, target):
         """forward, backward, step; returns the loss (before the update), a fresh 0-d tensor."""
-        sig = (x.shape, x.dtype, x.device, target.shape, target.dtype, target.device)
+        mlp = self.mlp
+        sig = (x.shape, x.dtype, x.device, target.shape, target.dtype, target.device, mlp.loss,
+               mlp.reg, tuple(mlp.activations), tuple(map(id, mlp.params.values())))
         if sig != self._signature:
             self._validate(x, target)
             if self.specialised:
@@ -168,6 +182,9 @@ class FastMLP:
         else:
             loss = sq.sum()
             out.mul_(2.0)                # (2·diff)·dloss with dloss = 1
+        reg = self.mlp.reg
+        if reg:  # R = reg·Σ W², as MLP.forward: loss + l2_forward(weights, reg)
+            loss = loss + l2_forward(plan["weights"], reg)
         # backward, layer by layer (manual.layers.linear_backward, manual.activations)
         forward = plan["forward"]
         for i, e in zip(range(len(forward) - 1, -1, -1), plan["backward"]):
@@ -199,6 +216,10 @@ class FastMLP:
                 torch.le(y, 0, out=e["mask"])
                 dy.masked_fill_(e["mask"], 0.0)
             # identity: dx = dy, already in place
+        if reg:  # dW += reg·2W (l2_backward with dloss = 1): the second use of each W
+            for gw, dweight_reg in zip(plan["grad_weights"],
+                                       l2_backward(plan["one"], plan["weights"], reg)):
+                gw.add_(dweight_reg)
         return loss
 
     def _update(self, params, grads, copy=False):
@@ -245,38 +266,76 @@ class FastMLP:
         return None if self._plan is None else dict(self._plan["grads"])
 
 
+def _graph_state(fast):
+    """What a captured graph bakes in: the tensors it reads and writes (by identity) and the
+    settings it was recorded with.  A change to any of them makes the graph stale."""
+    mlp, opt = fast.mlp, fast.mlp.optimizer
+    return (tuple((name, id(t)) for name, t in mlp.params.items()),
+            tuple((name, id(t)) for name, t in getattr(opt, "buffers", {}).items()),
+            id(opt), tuple(sorted((k, v) for k, v in vars(opt).items() if k != "buffers")),
+            mlp.loss, mlp.reg, tuple(mlp.activations))
+
+
+def check_graphable(fast):
+    """Raise a one-line ValueError unless CudaGraphStep can capture this FastMLP's step.
+
+    Only the specialised step with exactly manual.optim.SGD is captured: its update reads only
+    tensors and hyper-parameters fixed at capture.  Adam/AdamW keep the step count and the bias
+    corrections as Python numbers that a graph would freeze at their capture-time values (every
+    replay would reuse step t), so they are refused rather than replayed wrong."""
+    if not isinstance(fast, FastMLP):
+        raise TypeError(f"fast: expected a manual.fast.FastMLP, got {type(fast).__name__}")
+    if not fast.specialised:
+        raise ValueError("fast: graph capture needs a specialised FastMLP (sigmoid/tanh/relu/"
+                         "identity activations, sum_squared/mse loss)")
+    opt = fast.mlp.optimizer
+    if type(opt) is not SGD or set(vars(opt)) != _SGD_FIELDS:
+        raise ValueError(f"optimizer: graph capture supports manual.optim.SGD only, got "
+                         f"{type(opt).__name__} (its step count would be frozen in the graph)")
+
+
 class CudaGraphStep:
     """A FastMLP training step captured once as a CUDA graph and replayed.
 
     x, target: example tensors fixing the shapes (copied into static buffers on every call).
-    The optimizer's hyper-parameters are baked in at capture.  With momentum the first step runs
-    uncaptured (it creates the momentum buffers), so the captured graph has one control flow.
-    The warm-up the capture needs runs on a side stream and its effect on the parameters and the
-    momentum buffers is undone before capture.
+    Only SGD (with or without momentum, Nesterov, weight decay) is captured; anything else is
+    refused at construction (check_graphable).  The optimizer's hyper-parameters are baked in at
+    capture.  With momentum the first step runs uncaptured (it creates the momentum buffers), so
+    the captured graph has one control flow.  The warm-up the capture needs runs on a side stream
+    and its effect on the parameters and the momentum buffers is undone before capture.
+
+    After capture, every step checks that the parameters, the momentum buffers, the optimizer and
+    its settings are the ones captured (optimizer.load_state_dict, a swapped parameter tensor or a
+    new lr make the graph stale) and refuses to replay a stale graph; ``reset()`` drops the graph
+    so the next step captures again.
     """
 
     def __init__(self, fast, x, target, warmup=3):
+        check_graphable(fast)
         if x.device.type != "cuda":
             raise ValueError(f"x: expected a CUDA tensor for graph capture, got device {x.device}")
-        if not fast.specialised:
-            raise ValueError("fast: graph capture needs a specialised FastMLP (sigmoid/tanh/relu/"
-                             "identity activations, sum_squared/mse loss)")
         self.fast = fast
         self.static_x = x.detach().clone()
         self.static_target = target.detach().clone()
+        self.warmup = warmup
+        self.reset()
+
+    def reset(self):
+        """Drop the captured graph (and the FastMLP's plan); the next step captures again."""
         self.graph = None
         self.static_loss = None
-        self.warmup = warmup
+        self._state = None
+        self.fast.reset()
 
     def _needs_eager_first_step(self):
         opt = self.fast.mlp.optimizer
-        return getattr(opt, "momentum", 0) != 0 and not getattr(opt, "buffers", {})
+        return opt.momentum != 0 and not opt.buffers
 
     def _capture(self):
         fast, params = self.fast, self.fast.mlp.params
         opt = fast.mlp.optimizer
         saved = {name: t.clone() for name, t in params.items()}
-        saved_bufs = {name: t.clone() for name, t in getattr(opt, "buffers", {}).items()}
+        saved_bufs = {name: t.clone() for name, t in opt.buffers.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -285,18 +344,28 @@ class CudaGraphStep:
         torch.cuda.current_stream().wait_stream(side)
         for name, t in params.items():
             t.copy_(saved[name])
-        for name, t in getattr(opt, "buffers", {}).items():
+        for name, t in opt.buffers.items():
             t.copy_(saved_bufs[name])
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_loss = fast.train_step(self.static_x, self.static_target)
+        self._state = _graph_state(fast)
 
     def train_step(self, x, target):
         """Same contract as FastMLP.train_step; the loss is a fresh copy of the static one."""
-        if self.graph is None and self._needs_eager_first_step():
-            return self.fast.train_step(x, target)
         if self.graph is None:
+            check_graphable(self.fast)
+            if self._needs_eager_first_step():
+                return self.fast.train_step(x, target)
             self._capture()
+        elif _graph_state(self.fast) != self._state:
+            raise ValueError("CudaGraphStep: the parameters, optimizer state or settings changed "
+                             "since capture (load_state_dict, a replaced tensor, a new lr); call "
+                             "reset() to capture again")
+        if x.shape != self.static_x.shape or target.shape != self.static_target.shape:
+            raise ValueError(f"x: expected the captured shapes {list(self.static_x.shape)} and "
+                             f"{list(self.static_target.shape)}, got {list(x.shape)} and "
+                             f"{list(target.shape)}")
         self.static_x.copy_(x)
         self.static_target.copy_(target)
         self.graph.replay()

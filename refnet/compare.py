@@ -92,6 +92,10 @@ class Verdict:
     divergence_values: list | None = None
     note: str = ""
 
+    def __bool__(self):
+        # true only when it passed: `assert refnet.compare(a, b)` cannot pass silently
+        return self.passed
+
     def to_dict(self):
         return {k: (None if isinstance(v, float) and math.isnan(v) else v)
                 for k, v in asdict(self).items()}

@@ -35,7 +35,8 @@ def _default_optimizer():
 @dataclass
 class Spec:
     sizes: list
-    activation: object = "tanh"          # a name, or a list with one name per hidden layer
+    activation: object = "sigmoid"       # a name, or one per hidden layer; sigmoid: the document's,
+                                         # and the default of manual.mlp.MLP and twin.Twin too
     bias: bool = True
     loss: str = "sum_squared"
     reg: float = 0.0                     # L2 regularization: loss + reg·Σ W² over weights (not biases)

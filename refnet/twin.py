@@ -108,6 +108,21 @@ def params_of(twin):
 
 
 def grads_of(twin):
+    """The twin's parameter gradients after a backward, as a dict named like its state_dict
+    (``layers.{i}.weight`` / ``layers.{i}.bias``) — the names of the manual MLP's gradients, so
+    the two compare by name.  A parameter that took no part in the backward maps to None.
+
+    >>> import torch, refnet
+    >>> spec = refnet.Spec.from_dict({"sizes": [2, 3, 1], "data": "xor"})
+    >>> pair = refnet.build_pair(spec)
+    >>> x, target = refnet.load_data(spec)
+    >>> pair.twin_loss(pair.twin(x), target).backward()
+    >>> sorted(refnet.grads_of(pair.twin))
+    ['layers.0.bias', 'layers.0.weight', 'layers.1.bias', 'layers.1.weight']
+
+    The grads are the live ``.grad`` tensors (not copies): clone them to keep them past the next
+    ``zero_grad``.
+    """
     return {name: p.grad for name, p in twin.named_parameters()}
 
 

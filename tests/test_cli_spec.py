@@ -3,8 +3,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from refnet import cli
+from refnet.compare import TIERS
 
 
 def run(capsys, *args):
@@ -19,15 +21,20 @@ def write(tmp_path, obj, name="net.json"):
     return str(path)
 
 
-def test_npz_data_mixed_activations_all_dtypes(tmp_path, capsys):
+def _npz_spec(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.normal(size=(12, 5)), y=rng.normal(size=(12, 3)))
-    spec = write(tmp_path, {"sizes": [5, 7, 6, 3], "activation": ["leaky_relu", "maxout"],
+    return write(tmp_path, {"sizes": [5, 7, 6, 3], "activation": ["leaky_relu", "maxout"],
                             "loss": "mse", "data": str(tmp_path / "d.npz"), "steps": 6,
                             "batch_size": 5, "optimizer": {"name": "sgd", "lr": 0.05,
                                                            "momentum": 0.9, "nesterov": True}})
+
+
+def test_npz_data_mixed_activations_all_dtypes(tmp_path, capsys):
+    # CPU: bitwise, so --strict-bits; CUDA is the tolerance tier (README "Devices"), tested below
+    spec = _npz_spec(tmp_path)
     out = tmp_path / "r.json"
-    code, text, err = run(capsys, "verify", "--spec", spec, "--dtype", "all", "--device", "all",
+    code, text, err = run(capsys, "verify", "--spec", spec, "--dtype", "all", "--device", "cpu",
                           "--strict-bits", "--json", str(out))
     assert code == 0, text + err
     rows = json.loads(out.read_text())["results"]
@@ -36,6 +43,19 @@ def test_npz_data_mixed_activations_all_dtypes(tmp_path, capsys):
     for r in rows:
         expected = "bitwise" if r["oracle"] == "manual vs autograd" else "tolerance"
         assert r["tier"] == expected, r
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_npz_spec_on_cuda_reaches_the_tolerance_tier(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, text, err = run(capsys, "verify", "--spec", _npz_spec(tmp_path), "--dtype", "all",
+                          "--device", "cuda", "--json", str(out))
+    assert code == 0, text + err
+    rows = json.loads(out.read_text())["results"]
+    assert rows and {r["device"] for r in rows} == {"cuda"}
+    for r in rows:
+        assert TIERS.index(r["tier"]) <= TIERS.index("tolerance"), r
 
 
 @pytest.mark.parametrize("spec, fragment", [

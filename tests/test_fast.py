@@ -138,3 +138,130 @@ def test_cuda_graph_step_equals_uncaptured(momentum):
         torch.cuda.synchronize()
         for name, p in eager.mlp.params.items():
             assert same_bits(p, captured.mlp.params[name]), name
+
+
+# -- every spec feature through the fast path and the readable path (issue 18) -----------------
+OPTIMIZER_SETTINGS = [
+    {"name": "sgd", "lr": 0.05},
+    {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
+    {"name": "sgd", "lr": 0.05, "momentum": 0.5, "dampening": 0.25},
+    {"name": "sgd", "lr": 0.05, "weight_decay": 1e-2},
+    {"name": "adam", "lr": 1e-2},
+    {"name": "adam", "lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 1e-2, "amsgrad": True},
+    {"name": "adamw", "lr": 1e-2},
+    {"name": "adamw", "lr": 1e-2, "eps": 1e-6, "weight_decay": 0.1, "amsgrad": True},
+]
+FEATURE_CASES = [(act, loss, OPTIMIZER_SETTINGS[i % len(OPTIMIZER_SETTINGS)],
+                  (0.0, 1e-2, 0.5)[i % 3], i % 2 == 0)
+                 for i, (act, loss) in enumerate((a, lo) for a in sorted(manual.ACTIVATIONS)
+                                                 for lo in sorted(manual.LOSSES))]
+# every optimizer setting also with reg > 0 and with bias on and off on a specialised net
+FEATURE_CASES += [(act, loss, opt, reg, bias) for opt in OPTIMIZER_SETTINGS
+                  for act, loss, reg, bias in [("tanh", "mse", 0.5, False),
+                                               ("relu", "sum_squared", 1e-2, True)]]
+
+
+def _feature_case_id(c):
+    opt = "-".join(f"{k}={v}" for k, v in c[2].items() if k != "lr")
+    return f"{c[0]}-{c[1]}-{opt}-reg{c[3]}-{'bias' if c[4] else 'nobias'}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=_feature_case_id)
+def test_every_feature_fast_equals_readable_bitwise(case, dtype):
+    act, loss, opt, reg, bias = case
+    sizes = [5, 8, 6, 3]
+    params = init_params(sizes, act, bias, seed=3, dtype=dtype)
+    clone = lambda: {k: v.clone() for k, v in params.items()}  # noqa: E731
+    settings = {k: v for k, v in opt.items() if k != "name"}
+    readable = MLP(clone(), act, loss, manual.make_optimizer(opt["name"], **settings), reg=reg)
+    fast = FastMLP(MLP(clone(), act, loss, manual.make_optimizer(opt["name"], **settings),
+                       reg=reg))
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn((11, sizes[0]), generator=gen, dtype=torch.float64).to(dtype)
+    if manual.losses.target_kind(loss) == "labels":
+        t = torch.randint(0, sizes[-1], (11,), generator=gen)
+    else:
+        t = torch.randn((11, sizes[-1]), generator=gen, dtype=torch.float64).to(dtype)
+    for step in range(3):
+        lr_, lf = readable.train_step(x, t), fast.train_step(x, t)
+        assert same_bits(lf, lr_), f"step {step}: fast {lf.item()!r} != readable {lr_.item()!r}"
+    for name, p in fast.mlp.params.items():
+        assert same_bits(p, readable.params[name]), f"{name}: fast != readable"
+
+
+def test_a_replaced_parameter_tensor_is_the_one_updated():
+    readable, fast, _ = build([4, 7, 2], "tanh", True, "mse", {"name": "sgd", "lr": 0.1},
+                              torch.float64)
+    x, t = data(6, [4, 7, 2], torch.float64)
+    assert same_bits(fast.train_step(x, t), readable.train_step(x, t))
+    for name in list(fast.mlp.params):   # swap every tensor for a copy (as a checkpoint load may)
+        fast.mlp.params[name] = fast.mlp.params[name].clone()
+    for _ in range(2):
+        assert same_bits(fast.train_step(x, t), readable.train_step(x, t))
+    for name, p in fast.mlp.params.items():
+        assert same_bits(p, readable.params[name]), name
+
+
+# -- CudaGraphStep: what it refuses, and when its graph is stale (checked without a GPU) ------------
+@pytest.mark.parametrize("opt", [{"name": "adam", "lr": 1e-3}, {"name": "adamw", "lr": 1e-3}])
+def test_graph_capture_refuses_adam(opt):
+    _, fast, _ = build([3, 4, 2], "tanh", True, "mse", opt, torch.float32)
+    x, t = data(5, [3, 4, 2], torch.float32)
+    with pytest.raises(ValueError, match="optimizer: graph capture supports manual.optim.SGD only"):
+        CudaGraphStep(fast, x, t)
+
+
+def test_graph_capture_refuses_the_readable_fallback():
+    _, fast, _ = build([3, 4, 2], "elu", True, "mse", {"name": "sgd", "lr": 0.1}, torch.float32)
+    x, t = data(5, [3, 4, 2], torch.float32)
+    with pytest.raises(ValueError, match="fast: graph capture needs a specialised FastMLP"):
+        CudaGraphStep(fast, x, t)
+
+
+def test_graph_state_sees_what_makes_a_graph_stale():
+    from manual.fast import _graph_state
+    _, fast, _ = build([3, 4, 2], "tanh", True, "mse",
+                       {"name": "sgd", "lr": 0.1, "momentum": 0.9}, torch.float32)
+    x, t = data(5, [3, 4, 2], torch.float32)
+    fast.train_step(x, t)
+    state = _graph_state(fast)
+    fast.train_step(x, t)                                   # an ordinary step: in place, not stale
+    assert _graph_state(fast) == state
+    opt = fast.mlp.optimizer
+    opt.load_state_dict(opt.state_dict())                   # new buffer tensors
+    assert _graph_state(fast) != state
+    state = _graph_state(fast)
+    fast.mlp.params["layers.0.weight"] = fast.mlp.params["layers.0.weight"].clone()
+    assert _graph_state(fast) != state
+    state = _graph_state(fast)
+    opt.lr = 0.01
+    assert _graph_state(fast) != state
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graph_refuses_a_stale_graph_and_reset_recaptures():
+    from refnet.settings import determinism
+    opt = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
+    sizes = [19, 70, 5]
+    with determinism("cuda"):
+        _, eager, _ = build(sizes, "relu", True, "mse", opt, torch.float32, "cuda")
+        _, captured, _ = build(sizes, "relu", True, "mse", opt, torch.float32, "cuda")
+        graph = CudaGraphStep(captured, *data(33, sizes, torch.float32, "cuda"))
+        x, t = data(33, sizes, torch.float32, "cuda", seed=5)
+        for _ in range(3):
+            assert same_bits(eager.train_step(x, t), graph.train_step(x, t))
+        for side in (eager, captured):
+            side.mlp.optimizer.load_state_dict(side.mlp.optimizer.state_dict())
+        with pytest.raises(ValueError, match="call reset"):
+            graph.train_step(x, t)
+        graph.reset()
+        for _ in range(3):
+            assert same_bits(eager.train_step(x, t), graph.train_step(x, t))
+        torch.cuda.synchronize()
+        for name, p in eager.mlp.params.items():
+            assert same_bits(p, captured.mlp.params[name]), name
+        for name, b in eager.mlp.optimizer.buffers.items():
+            assert same_bits(b, captured.mlp.optimizer.buffers[name]), name

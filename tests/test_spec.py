@@ -7,7 +7,7 @@ from refnet.spec import Spec
 
 def test_defaults_and_roundtrip(tmp_path):
     s = Spec(sizes=[2, 4, 1])
-    assert s.activation == "tanh" and s.optimizer == {"name": "sgd", "lr": 0.01}
+    assert s.activation == "sigmoid" and s.optimizer == {"name": "sgd", "lr": 0.01}  # MLP's and Twin's default too
     path = tmp_path / "s.json"
     path.write_text(json.dumps(s.to_dict()))
     assert Spec.from_json(str(path)) == s

@@ -8,9 +8,9 @@ from verify._examples import assert_all, run
 
 
 @pytest.mark.parametrize("name", ["scalar_graph", "sigmoid_neuron", "gate_patterns"])
-def test_three_oracles(name, device, dtype):
+def test_three_oracles(name, device, dtype, refnet_check):
     checks = run(name, device, dtype)
-    assert_all(checks, device)
+    assert_all(checks, device, refnet_check)
     assert "document" in checks
     assert ("finite_differences" in checks) == (dtype == torch.float64)
 

@@ -5,9 +5,9 @@ from refnet.examples import activations as A
 from verify._examples import assert_all, run
 
 
-def test_activations(device, dtype):
+def test_activations(device, dtype, refnet_check):
     checks = run("activations", device, dtype)
-    assert_all(checks, device)
+    assert_all(checks, device, refnet_check)
     for name in A.ACTIVATIONS:
         assert f"{name}.grid" in checks and f"{name}.mlp" in checks
         if dtype == torch.float64:

@@ -5,9 +5,9 @@ from refnet.examples import deep as D
 from verify._examples import assert_all, run
 
 
-def test_deep_fc(device, dtype):
+def test_deep_fc(device, dtype, refnet_check):
     checks = run("deep_fc", device, dtype)
-    assert_all(checks, device)
+    assert_all(checks, device, refnet_check)
     for label in D.DEEP_SIZES:
         assert checks[f"{label}.loss_curve[{D.DEEP_STEPS}]"].verdicts[0].steps == D.DEEP_STEPS
         if device == "cpu":
@@ -20,9 +20,9 @@ def test_deep_fc(device, dtype):
 COLLAPSE_BOUND = {torch.float32: 1e-6, torch.float64: 1e-14}   # ~10x, 100x the measured
 
 
-def test_linear_collapse(device, dtype):
+def test_linear_collapse(device, dtype, refnet_check):
     checks = run("linear_collapse", device, dtype)
-    assert_all(checks, device)
+    assert_all(checks, device, refnet_check)
     # stacked and collapsed agree to rounding: not bitwise expected (different association), but
     # within the forward tolerance; the claim about the rank holds with a dtype-fit tolerance
     v = checks["collapse"].verdicts[0]

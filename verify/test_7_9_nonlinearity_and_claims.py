@@ -9,9 +9,9 @@ from verify._examples import assert_all, run
 
 
 @pytest.mark.parametrize("name", ["xor", "circles", "width_sweep", "capacity_gap"])
-def test_claims(name, device, dtype):
+def test_claims(name, device, dtype, refnet_check):
     checks = run(name, device, dtype)
-    assert_all(checks, device)
+    assert_all(checks, device, refnet_check)
     claims = [c for c in checks.values() if c.oracle == "measured claim"]
     assert claims and all(c.passed for c in claims)
     for c in claims:   # their own verdict kind, with the figures measured

@@ -7,9 +7,9 @@ from verify._examples import assert_all, run
 
 
 @pytest.mark.parametrize("name", ["vector_relu", "matrix_multiply", "vectorized_l2"])
-def test_three_oracles(name, device, dtype):
+def test_three_oracles(name, device, dtype, refnet_check):
     checks = run(name, device, dtype)
-    assert_all(checks, device)
+    assert_all(checks, device, refnet_check)
     assert checks["document"].passed
 
 

@@ -5,10 +5,13 @@ manual.OPTIMIZERS), so a new activation, loss or optimizer is fuzzed as soon as 
 
 Example count: the "ci" profile (40) by default; `--hypothesis-profile thorough` for 500.
 """
+import pytest
 import torch
-from hypothesis import event, given, note, strategies as st
 
-import manual
+pytest.importorskip("hypothesis", reason="hypothesis is not installed: spec fuzzing skipped")
+from hypothesis import event, given, note, strategies as st  # noqa: E402
+
+import manual  # noqa: E402
 from manual.losses import target_kind
 from refnet import not_bitwise
 from refnet.compare import meets

@@ -57,7 +57,7 @@ def _required(spec, stage):
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("loss", LOSSES)
-def test_training_run_matches(loss, opt_name, dtype, device):
+def test_training_run_matches(loss, opt_name, dtype, device, refnet_check):
     optimizer, reg = OPTIMIZERS[opt_name]
     if loss == "sum_squared" and optimizer["name"] == "sgd":  # a summed loss needs a smaller step
         optimizer = {**optimizer, "lr": optimizer["lr"] / (BATCH * 4)}
@@ -68,6 +68,7 @@ def test_training_run_matches(loss, opt_name, dtype, device):
     required = _required(spec, "training")
     verdicts, (losses_m, losses_t) = harness.curve_checks(harness.build_pair(spec), x, target,
                                                          STEPS, BATCH, seed=0)
+    refnet_check.record(verdicts)
     failures = [v.message() for v in verdicts if not meets(v.tier, required)]
     assert not failures, "\n".join(failures)
     assert losses_m.shape == (STEPS,)
@@ -76,11 +77,11 @@ def test_training_run_matches(loss, opt_name, dtype, device):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-def test_gradients_at_init_match(loss, dtype, device):
+def test_gradients_at_init_match(loss, dtype, device, refnet_check):
     spec = Spec(sizes=[5, 16, 4], activation="relu", loss=loss, reg=1e-2,
                 dtype=str(dtype).replace("torch.", ""), device=device)
     x, target = _data(loss, dtype, device)
     required = _required(spec, "grad")
-    verdicts = harness.gradient_checks(harness.build_pair(spec), x, target)
+    verdicts = refnet_check.record(harness.gradient_checks(harness.build_pair(spec), x, target))
     failures = [v.message() for v in verdicts if not meets(v.tier, required)]
     assert not failures, "\n".join(failures)

@@ -5,8 +5,10 @@ from refnet.examples.seed import STEPS
 from verify._examples import run
 
 
-def test_two_layer_seed(device, dtype):
+def test_two_layer_seed(device, dtype, refnet_check):
     checks = run("two_layer_seed", device, dtype)
+    for check in checks.values():
+        refnet_check.record(check.verdicts)
     curve = checks[f"loss_curve[{STEPS}]"]
     if device == "cpu":
         # bit for bit: gradients at init, all 2000 losses, the final weights

@@ -11,7 +11,8 @@ from refnet import examples
 from refnet import train as train_mod
 from refnet.checkpoint import existing_run_files, load_checkpoint
 from refnet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
-from refnet.settings import resolve_devices
+from refnet.data import load_data
+from refnet.settings import apply_threads, largest_gemm_macs, resolve_devices
 from refnet.spec import Spec, check_finite
 
 
@@ -77,6 +78,9 @@ def add_parser(sub):
                         "refnet/not_bitwise.py, e.g. ELU)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar; only the summary line (as verify --quiet)")
+    p.add_argument("--threads", type=_positive_int(), metavar="N",
+                   help="torch CPU threads (default: OMP_NUM_THREADS if set, else 1 unless the "
+                        "net's largest GEMM is large; refnet.settings.choose_threads)")
     p.set_defaults(func=run)
 
 
@@ -124,6 +128,7 @@ def build_spec(args):
 
 def run(args):
     spec, example = build_spec(args)
+    _apply_threads(spec, args.threads)
     out = args.out or args.resume
     if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):
         out = os.path.dirname(os.path.abspath(args.resume))
@@ -150,6 +155,14 @@ def run(args):
           + (f"; {summary['status']}: {nonfinite}" if nonfinite else "")
           + (f"; wrote {', '.join(summary['files'])} in {out}" if out else ""))
     return EXIT_OK
+
+
+def _apply_threads(spec, requested):
+    """The thread policy for this net: its largest GEMM at the training batch size."""
+    batch = spec.batch_size or spec.n_samples
+    if batch is None:  # full batch of a data set of its default size
+        batch = load_data(spec)[0].shape[0]
+    return apply_threads(requested, largest_gemm_macs(spec.sizes, batch))
 
 
 def _resumes_into(resume, out):

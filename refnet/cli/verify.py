@@ -8,7 +8,7 @@ import sys
 from refnet import examples, report
 from refnet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, dtypes
 from refnet.data import load_data
-from refnet.settings import default_device, resolve_devices
+from refnet.settings import apply_threads, default_device, largest_gemm_macs, resolve_devices
 from refnet.spec import Spec
 
 
@@ -27,6 +27,9 @@ def add_parser(sub):
                         "manual/; the report says so); default: each check's expected tier")
     p.add_argument("--json", metavar="OUT.json", help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: OMP_NUM_THREADS if set, else 1 for the "
+                        "document's examples and small specs; refnet.settings.choose_threads)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +57,8 @@ def run(args):
         if args.example:
             raise ValueError("--spec: give either --spec or --example, not both")
         spec = Spec.from_json(args.spec)
-        load_data(spec)  # a data/sizes mismatch fails before any output
+        x, _ = load_data(spec)  # a data/sizes mismatch fails before any output
+        apply_threads(args.threads, largest_gemm_macs(spec.sizes, spec.batch_size or x.shape[0]))
         devices = resolve_devices(args.device) if args.device else [spec.device]
         dtype_names = dtypes(args.dtype) if args.dtype else [spec.dtype]
         if "cuda" in devices:
@@ -64,6 +68,7 @@ def run(args):
             examples.get(name)  # unknown names fail before any output
         devices = resolve_devices(args.device or "auto")
         dtype_names = dtypes(args.dtype or "all")
+        apply_threads(args.threads)  # the document's examples are small (largest GEMM 6.4 M)
     if args.json:
         report.check_writable(args.json)
     if not args.quiet:

@@ -1,0 +1,281 @@
+"""refnet's checks for anyone's tensors: grade two tensors, a list of verdicts, or a chain of
+intermediates against a reference.  A hand-written backward: refnet/backward_check.py; a training
+run of refnet's MLP: refnet/training_check.py.  All three are exported by `import refnet`.
+
+`tier=` is the required tier (bitwise, ulp or tolerance; what each means: docs/verification.md):
+a check passes when its tier is that good or better.  The message of a failed check names the
+tensor, the worst index, both values there, the distance in ulps, how many elements differ and
+what share, and the thresholds.  See docs/check-api.md.
+"""
+from dataclasses import dataclass, field
+import math
+
+import torch
+
+from refnet.compare import TIERS, Verdict, compare_tensors
+
+GRADED = TIERS[:3]          # the tiers a check may require: bitwise, ulp, tolerance
+DEFAULT_TIER = "tolerance"
+
+
+def _required(tier, arg="tier"):
+    if tier is None:
+        return DEFAULT_TIER
+    if tier not in GRADED:
+        raise ValueError(f"{arg}: expected one of {', '.join(GRADED)}, got {tier!r}")
+    return tier
+
+
+def _name(name, default):
+    if name is None:
+        return default
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name: expected a non-empty string, got {name!r}")
+    return name
+
+
+def _describe_tensor(t):
+    return f"{list(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+# --- one pair of tensors ---------------------------------------------------------------------
+def compare(actual, expected, *, name=None, tier=None, kind="grad"):
+    """Grade `actual` against `expected`; return a Verdict (never raises on a mismatch).
+
+    Strict: the shapes, dtypes and devices must be equal; a [64] tensor against a [1, 64] one is a
+    `fail` that says so, never a broadcast.  Floating tensors (float32, float64) are graded
+    bitwise / ulp / tolerance / fail; integer and bool tensors are equal (bitwise) or fail.
+    tier: the required tier (default "tolerance"); `verdict.passed` says whether it was met.
+    kind: "grad" or "forward" picks the rtol/atol row of refnet.compare.TOLERANCES.
+
+    >>> import torch, refnet
+    >>> one = torch.tensor([1.0, 2.0])
+    >>> refnet.compare(torch.nextafter(one, one + 1), one, name="next").tier
+    'ulp'
+    >>> refnet.compare(torch.ones(64), torch.ones(1, 64)).passed
+    False
+    """
+    required = _required(tier)
+    name = _name(name, "tensor")
+    for arg, t in (("actual", actual), ("expected", expected)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg}: expected a torch.Tensor for {name!r}, got {type(t).__name__}"
+                            + (" (convert it with torch.as_tensor first)"
+                               if isinstance(t, (int, float, list, tuple)) or hasattr(t, "__array__")
+                               else ""))
+    base = dict(name=name, shape=list(expected.shape),
+                dtype=str(expected.dtype).replace("torch.", ""), device=str(expected.device))
+    what = []
+    if actual.shape != expected.shape:
+        what.append(f"shape {list(actual.shape)} vs {list(expected.shape)}")
+    if actual.dtype != expected.dtype:
+        what.append(f"dtype {actual.dtype} vs {expected.dtype}")
+    if actual.device != expected.device:
+        what.append(f"device {actual.device} vs {expected.device}")
+    if what:
+        return Verdict(tier="fail", passed=False, numel=expected.numel(), note=(
+            f"mismatch: {', '.join(what)} (actual vs expected); refnet never broadcasts, casts or "
+            f"moves: make both sides {_describe_tensor(expected)} explicitly if that is what you "
+            f"mean"), **base)
+    if expected.is_floating_point() and expected.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name}: dtype {expected.dtype} is not graded; refnet grades float32 and "
+                        f"float64 (integers and bool exactly); cast both sides if you mean it")
+    if expected.is_complex():
+        raise TypeError(f"{name}: complex tensors are not graded; compare .real and .imag")
+    verdict = compare_tensors(name, actual, expected, kind, required=required)
+    verdict.device = str(expected.device)
+    if expected.is_floating_point() and expected.numel():
+        a, b = actual.detach().cpu(), expected.detach().cpu()
+        only_a = int((torch.isnan(a) & ~torch.isnan(b)).sum())
+        only_b = int((torch.isnan(b) & ~torch.isnan(a)).sum())
+        if only_a or only_b:
+            verdict.note = "; ".join(filter(None, [
+                f"NaN on one side only: {only_a} in actual, {only_b} in expected", verdict.note]))
+    return verdict
+
+
+def describe(verdict, required=None):
+    """A multi-line report of a verdict for a failing assertion: tier against the required one,
+    how many elements differ and what share, the worst index with both values and their distance
+    in ulps, and the thresholds."""
+    v = verdict
+    head = f"refnet: {v.name} is {v.tier!r}"
+    if required is not None:
+        head += f", required {required!r} or better"
+    lines = [head, f"  expected: {v.shape} {v.dtype} on {v.device}"]
+    sampled = v.ulp_limit is None        # a finite-difference verdict: sampled coordinates
+    if v.numel and (v.mismatched or v.worst_index is not None):
+        share = 100.0 * v.mismatched / v.numel
+        what = "sampled coordinates miss the threshold" if sampled else "elements differ in their bits"
+        lines.append(f"  {v.mismatched} of {v.numel} {what} ({share:.3g}%)")
+    if v.worst_index is not None:
+        a, b = v.worst_values
+        ulp = "" if math.isnan(v.max_ulp) else \
+            ("inf ulp apart; " if v.max_ulp == math.inf else f"{v.max_ulp:.6g} ulp apart; ")
+        lines.append(f"  worst at index {v.worst_index}: actual {a!r} vs expected {b!r} "
+                     f"({ulp}max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g})")
+    if v.rtol is not None and sampled:
+        lines.append(f"  thresholds: rel_error |a - n| / (|a| + |n|) <= {v.rtol:g}, or "
+                     f"|a - n| <= {v.atol:g}")
+    elif v.rtol is not None:
+        ulp_part = f"ulp <= {v.ulp_limit}; " if v.ulp_limit is not None else ""
+        lines.append(f"  thresholds: {ulp_part}tolerance |actual - expected| <= {v.atol:g} + "
+                     f"{v.rtol:g}*|expected|")
+    if v.note:
+        lines.append(f"  note: {v.note}")
+    return "\n".join(lines)
+
+
+def assert_same(actual, expected, *, tier=DEFAULT_TIER, name=None, kind="grad"):
+    """Assert that `actual` matches `expected` at `tier` or better; return the Verdict.
+
+    Raises AssertionError with refnet's report (see `describe`) otherwise.  Like
+    torch.testing.assert_close, but graded and strict: no broadcasting, no dtype promotion, no
+    device moves, NaN on one side only always fails.
+
+    >>> import torch, refnet
+    >>> x = torch.randn(3, 4, dtype=torch.float64)
+    >>> refnet.assert_same(x * 2, x + x, tier="bitwise", name="double").tier
+    'bitwise'
+    """
+    required = _required(tier)
+    verdict = compare(actual, expected, name=name, tier=required, kind=kind)
+    if not verdict.passed:
+        raise AssertionError(describe(verdict, required))
+    return verdict
+
+
+# --- many verdicts ---------------------------------------------------------------------------
+class Report(list):
+    """A list of Verdicts with a summary: .tier (the worst), .passed, .failures(), str()."""
+
+    def __init__(self, verdicts=(), *, required=DEFAULT_TIER, title="refnet"):
+        super().__init__(verdicts)
+        self.required = required
+        self.title = title
+        self.forward = None      # check_backward: the verdict of the forward output
+        self.fd = None           # check_backward(fd=True): a Report against finite differences
+
+    @property
+    def tier(self):
+        every = list(self) + ([self.forward] if self.forward is not None else [])
+        return max((v.tier for v in every), key=TIERS.index, default="bitwise")
+
+    @property
+    def passed(self):
+        return (all(v.passed for v in self) and (self.forward is None or self.forward.passed)
+                and (self.fd is None or self.fd.passed))
+
+    def __bool__(self):
+        # true only when every check passed: `assert report` cannot pass silently
+        return self.passed
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            for v in self:
+                if v.name == key:
+                    return v
+            raise KeyError(f"{key!r}: no verdict of that name; names: {[v.name for v in self]}")
+        return super().__getitem__(key)
+
+    def failures(self):
+        every = ([self.forward] if self.forward is not None else []) + list(self)
+        return [describe(v, self.required) for v in every if not v.passed] + \
+            (self.fd.failures() if self.fd is not None else [])
+
+    def table(self):
+        width = max((len(v.name) for v in self), default=4)
+        rows = []
+        for v in self:
+            mark = "ok  " if v.passed else "FAIL"
+            if v.numel and v.tier != "bitwise" and v.worst_index is not None:
+                detail = (f"max rel error {v.max_rel_diff:.3g}" if math.isnan(v.max_ulp) else
+                          f"max ulp {v.max_ulp:.6g}") + f", max abs diff {v.max_abs_diff:.3g}"
+            else:
+                detail = v.note
+            rows.append(f"  {mark} {v.name:<{width}}  {v.tier:<9} {detail}".rstrip())
+        return "\n".join(rows)
+
+    def __str__(self):
+        text = (f"{self.title}: {len(self)} checks, worst tier {self.tier!r}, required "
+                f"{self.required!r}: {'passed' if self.passed else 'FAILED'}\n{self.table()}")
+        if self.forward is not None and self.forward.tier != "bitwise":
+            text += f"\n  forward output: {self.forward.tier}"
+        return text + (f"\n{self.fd}" if self.fd is not None else "")
+
+    def assert_ok(self):
+        """Raise AssertionError with every failing verdict's report; return self when all pass."""
+        if not self.passed:
+            raise AssertionError(str(self) + "\n" + "\n".join(self.failures()))
+        return self
+
+
+# --- a chain of intermediates ----------------------------------------------------------------
+@dataclass
+class Trace:
+    """The verdicts of a chain, in order, and the first that departs (None when none does)."""
+    verdicts: Report
+    first_departure: str | None = None
+    after: list = field(default_factory=list)
+
+    @property
+    def passed(self):
+        return self.first_departure is None
+
+    def __bool__(self):
+        return self.passed
+
+    def __getitem__(self, name):
+        return self.verdicts[name]
+
+    def __str__(self):
+        n = len(self.verdicts)
+        if self.first_departure is None:
+            head = (f"refnet trace: {n} intermediates agree at {self.verdicts.required!r} or "
+                    f"better (worst tier {self.verdicts.tier!r})")
+        else:
+            pos = [v.name for v in self.verdicts].index(self.first_departure) + 1
+            head = (f"refnet trace: first departure at #{pos} of {n}: {self.first_departure!r} "
+                    f"({self.verdicts[self.first_departure].tier}, required "
+                    f"{self.verdicts.required!r}); the ones after it: "
+                    + (", ".join(f"{v.name} {v.tier}" for v in self.after) or "none"))
+        lines = [head, self.verdicts.table()]
+        if self.first_departure is not None:
+            lines.append(describe(self.verdicts[self.first_departure], self.verdicts.required))
+        return "\n".join(lines)
+
+    def assert_ok(self):
+        if not self.passed:
+            raise AssertionError(str(self))
+        return self
+
+
+def trace_compare(manual, reference, *, tier=DEFAULT_TIER):
+    """Compare a chain of intermediates (manual[name] against reference[name]) in the order of
+    `manual`, and report the FIRST that departs from the required tier, and the ones after it.
+
+    manual: dict name -> tensor, in the order of the computation (a backward pass: dlogprobs
+        first ... dC last).  reference: dict with at least the same names (extra names ignored).
+
+    >>> import torch, refnet
+    >>> x = torch.randn(5, requires_grad=True); y = x.exp(); z = y.sum(); z.backward()
+    >>> dy = torch.ones(5); dx = dy * y.detach()
+    >>> refnet.trace_compare({"dy": dy, "dx": dx}, {"dy": torch.ones(5), "dx": x.grad}).passed
+    True
+    """
+    required = _required(tier)
+    for arg, d in (("manual", manual), ("reference", reference)):
+        if not isinstance(d, dict):
+            raise TypeError(f"{arg}: expected a dict of name -> tensor, got {type(d).__name__}")
+    if not manual:
+        raise ValueError("manual: expected at least one intermediate, got an empty dict")
+    missing = [k for k in manual if k not in reference]
+    if missing:
+        raise ValueError(f"reference: no tensor for {missing}; expected every name of manual "
+                         f"({', '.join(manual)})")
+    verdicts = Report([compare(manual[k], reference[k], name=k, tier=required) for k in manual],
+                      required=required, title="refnet trace")
+    first = next((i for i, v in enumerate(verdicts) if not v.passed), None)
+    if first is None:
+        return Trace(verdicts)
+    return Trace(verdicts, verdicts[first].name, list(verdicts[first + 1:]))

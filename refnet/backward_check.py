@@ -1,0 +1,254 @@
+"""Check a hand-written backward against autograd (and, optionally, float64 finite differences).
+
+`check_backward` is exported as `refnet.check_backward`; docs/check-api.md shows the three shapes
+it accepts (fn -> out with backward_fn(dout, *inputs); CS231n's (out, cache) with
+backward_fn(dout, cache); a custom autograd.Function checked against a stock-ops reference).
+"""
+import inspect
+import math
+
+import torch
+
+from refnet.api import DEFAULT_TIER, Report, _required, compare
+from refnet.compare import Verdict
+from refnet.oracles.fd import FDSettings, rel_error, sample_indices
+
+
+def _arg_names(fn, n):
+    try:
+        params = [p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"input{i}" for i in range(n)]
+
+
+def _split_out(result, fn_name):
+    """(out, cache, has_cache): a tuple/list (out, cache) is the CS231n shape."""
+    if isinstance(result, (tuple, list)):
+        if len(result) != 2 or not isinstance(result[0], torch.Tensor):
+            raise TypeError(f"fn: {fn_name} returned a {type(result).__name__} of {len(result)}; "
+                            f"expected one tensor, or (out, cache) for a forward/backward pair")
+        return result[0], result[1], True
+    if not isinstance(result, torch.Tensor):
+        raise TypeError(f"fn: {fn_name} returned {type(result).__name__}; expected a tensor or "
+                        f"(out, cache)")
+    return result, None, False
+
+
+def _as_grads(result, n, names):
+    if isinstance(result, torch.Tensor):
+        result = (result,)
+    if not isinstance(result, (tuple, list)):
+        raise TypeError(f"backward_fn: returned {type(result).__name__}; expected a tuple of {n} "
+                        f"gradients ({', '.join(names)})")
+    if len(result) != n:
+        raise ValueError(f"backward_fn: returned {len(result)} gradient(s), expected {n}, one per "
+                         f"differentiated input in order: {', '.join(names)}")
+    for g, nm in zip(result, names):
+        if g is not None and not isinstance(g, torch.Tensor):
+            raise TypeError(f"backward_fn: gradient {nm} is a {type(g).__name__}; expected a "
+                            f"torch.Tensor shaped like its input")
+    return list(result)
+
+
+def _fresh(inputs, wrt, requires_grad, dtype=None):
+    out = []
+    for i, t in enumerate(inputs):
+        if isinstance(t, torch.Tensor):
+            t = t.detach().clone()
+            if i in wrt:
+                if dtype is not None:
+                    t = t.to(dtype)
+                t.requires_grad_(requires_grad)
+        out.append(t)
+    return out
+
+
+def check_backward(fn, inputs, backward_fn=None, *, tier=DEFAULT_TIER, reference=None, dout=None,
+                   wrt=None, names=None, seed=0, fd=False, fd_settings=None):
+    """Check a hand-written backward against autograd; return a Report with one Verdict per
+    gradient (and `report.forward`, the verdict of fn's output against reference's).
+
+    fn(*inputs): either returns the output tensor, and then `backward_fn(dout, *inputs)` returns
+        the gradients; or returns `(out, cache)` (the CS231n shape), and then
+        `backward_fn(dout, cache)` returns them.  Gradients come as a tuple in input order, one
+        per differentiated input (a single tensor when there is one).
+    inputs: a list of arguments for fn.  Every floating-point tensor among them is differentiated
+        (or those at the indices in `wrt`); other arguments (labels, settings) are passed as is.
+    backward_fn=None: the gradients under test are autograd's through fn itself (a custom
+        torch.autograd.Function); `reference` is then required.
+    reference: a function of the same inputs built from stock torch ops whose autograd gradients
+        are the reference (default: fn itself, run under autograd).
+    dout: the upstream gradient (default: seeded standard normal, shaped like the output).
+    names: gradient names (default: "d" + fn's argument names, e.g. dx, dw, db).
+    fd=True: also compare the hand-written backward, run in float64, with central differences of
+        sum(fn(inputs) * dout) in float64 (refnet's FD settings; at a kink, where the one-sided
+        differences disagree, the analytic value is accepted between them).
+
+    >>> import torch, refnet
+    >>> def tanh_forward(x): y = torch.tanh(x); return y, y
+    >>> def tanh_backward(dout, y): return dout * (1 - y * y)
+    >>> x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    >>> report = refnet.check_backward(tanh_forward, [x], tanh_backward)
+    >>> report.passed, [v.name for v in report]
+    (True, ['dx'])
+    """
+    required = _required(tier)
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
+    if backward_fn is not None and not callable(backward_fn):
+        raise TypeError(f"backward_fn: expected a callable or None, got {type(backward_fn).__name__}")
+    if backward_fn is None and reference is None:
+        raise ValueError("reference: with backward_fn=None (autograd through fn, e.g. a custom "
+                         "autograd.Function) a reference function of stock torch ops is required")
+    if reference is not None and not callable(reference):
+        raise TypeError(f"reference: expected a callable, got {type(reference).__name__}")
+    if not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"inputs: expected a list of fn's arguments, got {type(inputs).__name__}")
+    floats = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if wrt is None:
+        wrt = floats
+    else:
+        wrt = list(wrt)
+        bad = [i for i in wrt if i not in floats]
+        if bad:
+            raise ValueError(f"wrt: inputs {bad} are not floating-point tensors; expected indices "
+                             f"among {floats}")
+    if not wrt:
+        raise ValueError("inputs: no floating-point tensor to differentiate")
+    fn_name = getattr(fn, "__name__", type(fn).__name__)
+    arg_names = _arg_names(reference if backward_fn is None else fn, len(inputs))
+    if names is None:
+        names = [f"d{arg_names[i]}" for i in wrt]
+    elif len(names) != len(wrt):
+        raise ValueError(f"names: expected {len(wrt)} names (one per gradient), got {len(names)}")
+    ref_fn = reference or fn
+
+    # reference: autograd through `reference` (default fn)
+    ref_in = _fresh(inputs, wrt, True)
+    ref_out, _, _ = _split_out(ref_fn(*ref_in), getattr(ref_fn, "__name__", "reference"))
+    if not ref_out.is_floating_point():
+        raise TypeError(f"fn: output is {ref_out.dtype}; expected a floating-point tensor")
+    if dout is None:
+        gen = torch.Generator().manual_seed(seed)
+        dout = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64).to(
+            dtype=ref_out.dtype, device=ref_out.device)
+    elif not isinstance(dout, torch.Tensor):
+        raise TypeError(f"dout: expected a tensor shaped like fn's output, got {type(dout).__name__}")
+    elif dout.shape != ref_out.shape:
+        raise ValueError(f"dout: expected shape {list(ref_out.shape)} (fn's output), got "
+                         f"{list(dout.shape)}")
+    if not ref_out.requires_grad:
+        raise ValueError(f"reference: the output of {getattr(ref_fn, '__name__', 'reference')} "
+                         f"does not depend on the inputs through autograd (detached, computed "
+                         f"under no_grad, or via numpy); expected stock torch ops")
+    ref_grads = torch.autograd.grad(ref_out, [ref_in[i] for i in wrt], dout, allow_unused=True)
+    ref_grads = [torch.zeros_like(ref_in[i]) if g is None else g for g, i in zip(ref_grads, wrt)]
+
+    # under test: the user's backward (no autograd), or autograd through fn (custom Function)
+    if backward_fn is None:
+        test_in = _fresh(inputs, wrt, True)
+        out, _, _ = _split_out(fn(*test_in), fn_name)
+        grads = torch.autograd.grad(out, [test_in[i] for i in wrt], dout, allow_unused=True)
+        grads = [torch.zeros_like(test_in[i]) if g is None else g for g, i in zip(grads, wrt)]
+    else:
+        test_in = _fresh(inputs, wrt, False)
+        with torch.no_grad():
+            out, cache, has_cache = _split_out(fn(*test_in), fn_name)
+            result = backward_fn(dout, cache) if has_cache else backward_fn(dout, *test_in)
+        grads = _as_grads(result, len(wrt), names)
+
+    report = Report(required=required, title=f"refnet.check_backward({fn_name})")
+    report.forward = compare(out.detach(), ref_out.detach(), name="out", tier=required,
+                             kind="forward")
+    for g, r, nm in zip(grads, ref_grads, names):
+        if g is None:
+            report.append(Verdict(name=nm, tier="fail", passed=False, shape=list(r.shape),
+                                  dtype=str(r.dtype).replace("torch.", ""), device=str(r.device),
+                                  note="backward_fn returned None for this gradient"))
+        else:
+            report.append(compare(g.detach(), r.detach(), name=nm, tier=required))
+    if fd:
+        if backward_fn is None:
+            raise ValueError("fd: finite differences check a hand-written backward_fn; with "
+                             "backward_fn=None compare against `reference` instead")
+        report.fd = Report(_fd_verdicts(fn, inputs, backward_fn, wrt, names, dout, fd_settings or
+                                        FDSettings(), seed),
+                           required="tolerance", title="finite differences (float64)")
+    if not report.forward.passed:
+        for v in report:
+            v.note = "; ".join(filter(None, [v.note, f"the forward output already differs "
+                                             f"({report.forward.tier})"]))
+    return report
+
+
+def _fd_verdicts(fn, inputs, backward_fn, wrt, names, dout, st, seed):
+    """Hand-written backward in float64 vs central differences of sum(fn(inputs)·dout)."""
+    x64 = _fresh(inputs, wrt, False, dtype=torch.float64)
+    dout64 = dout.detach().to(torch.float64)
+
+    def value():
+        out, _, _ = _split_out(fn(*x64), "fn")
+        return float((out.to(torch.float64) * dout64).sum())
+
+    with torch.no_grad():
+        out, cache, has_cache = _split_out(fn(*x64), "fn")
+        analytic = _as_grads(backward_fn(dout64, cache) if has_cache else backward_fn(dout64, *x64),
+                             len(wrt), names)
+        base = value()
+        atol = st.atol_scale * max(1.0, abs(base))
+        gen = torch.Generator().manual_seed(seed)
+        verdicts = []
+        for i, nm, a_full in zip(wrt, names, analytic):
+            t = x64[i]
+            if a_full is None or a_full.shape != t.shape:
+                verdicts.append(Verdict(name=f"{nm} (finite differences)", tier="fail",
+                                        passed=False, shape=list(t.shape), dtype="float64",
+                                        device=str(t.device),
+                                        note="the float64 backward returned no gradient or a "
+                                             "wrong shape"))
+                continue
+            flat, a_flat = t.view(-1), a_full.detach().to(torch.float64).reshape(-1).cpu()
+            idx = sample_indices(flat.numel(), st.per_tensor, gen)
+            worst, worst_j, bad, kinks = -1.0, None, 0, 0
+            numeric = torch.empty(len(idx), dtype=torch.float64)
+            for j, k in enumerate(idx.tolist()):
+                old = flat[k].item()
+                flat[k] = old + st.eps
+                lp = value()
+                flat[k] = old - st.eps
+                lm = value()
+                flat[k] = old
+                central = (lp - lm) / (2 * st.eps)
+                fwd, bwd = (lp - base) / st.eps, (base - lm) / st.eps
+                a = float(a_flat[k])
+                numeric[j] = central
+                if abs(fwd - bwd) > max(atol, st.kink_rtol * (abs(fwd) + abs(bwd))):
+                    kinks += 1   # a kink: accept between the one-sided differences
+                    ok = min(fwd, bwd) - atol <= a <= max(fwd, bwd) + atol
+                else:
+                    ok = abs(a - central) <= atol or \
+                        abs(a - central) <= st.rtol * max(abs(a) + abs(central), 1e-300)
+                err = float(rel_error(torch.tensor(a), torch.tensor(central)))
+                score = err + (10.0 if not ok else 0.0)
+                bad += not ok
+                if score > worst:
+                    worst, worst_j = score, j
+            a_s = a_flat[idx]
+            diff = (a_s - numeric).abs()
+            v = Verdict(name=f"{nm} (finite differences)", tier="fail" if bad else "tolerance",
+                        passed=not bad, shape=list(t.shape), dtype="float64", device=str(t.device),
+                        numel=len(idx), mismatched=bad, max_abs_diff=float(diff.max()),
+                        max_rel_diff=float(rel_error(a_s, numeric).max()), rtol=st.rtol,
+                        atol=atol, note=f"{len(idx)}/{flat.numel()} coordinates, {kinks} at a kink "
+                                        f"(accepted between the one-sided differences); central "
+                                        f"differences in float64, h {st.eps:g}")
+            if worst_j is not None:
+                k = int(idx[worst_j])
+                v.worst_index = [int(c) for c in torch.unravel_index(torch.tensor(k), t.shape)] \
+                    if t.dim() else []
+                v.worst_values = [float(a_s[worst_j]), float(numeric[worst_j])]
+                v.max_ulp = math.nan
+            verdicts.append(v)
+    return verdicts

@@ -1,0 +1,139 @@
+"""refnet's pytest plugin: the `refnet_check` fixture, `--refnet-tier`, and a summary line.
+
+Loaded through the `pytest11` entry point when refnet is installed (and by the repository's own
+conftest.py when it is not).  In a test:
+
+    def test_my_backward(refnet_check):
+        refnet_check(dx, x_ref.grad, tier="ulp", name="dx")       # assert, graded and strict
+        refnet_check.check_backward(affine_forward, [x, w, b], affine_backward)  # asserts too
+        refnet_check.trace_compare(manual, reference)              # first departure on failure
+        v = refnet_check.compare(a, b)                             # records, does not assert
+
+Every verdict is counted, and the run ends with one line:
+
+    refnet: 12 checks: bitwise 9, ulp 2, tolerance 1, fail 0
+
+`--refnet-tier=bitwise|ulp|tolerance` replaces the required tier of every refnet_check call in
+the run (raise it to see which checks are not bitwise; lower it to let rounding differences pass).
+Under pytest-xdist each worker counts its own checks and the controller adds them up.
+"""
+from collections import Counter
+
+import pytest
+
+from refnet import api
+from refnet.backward_check import check_backward
+from refnet.training_check import check_training
+from refnet.compare import TIERS
+
+_COUNTS = pytest.StashKey[Counter]()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("refnet")
+    group.addoption("--refnet-tier", choices=api.GRADED, default=None,
+                    help="required tier for every refnet_check in this run (default: each "
+                         "call's own tier, else 'tolerance')")
+
+
+def pytest_configure(config):
+    config.stash[_COUNTS] = Counter()
+
+
+def _counts(config):
+    return config.stash.setdefault(_COUNTS, Counter())
+
+
+class RefnetCheck:
+    """The `refnet_check` fixture: refnet's API, asserting, with every verdict counted."""
+
+    def __init__(self, override, counts):
+        self.override = override          # --refnet-tier, or None
+        self.counts = counts
+        self.verdicts = []                # every verdict of this test, in order
+
+    def tier(self, tier):
+        """The required tier of a call: --refnet-tier when given, else the call's, else default."""
+        return self.override or api._required(tier)
+
+    def _record(self, verdicts):
+        for v in verdicts:
+            self.verdicts.append(v)
+            self.counts[v.tier] += 1
+
+    def __call__(self, actual, expected, *, tier=None, name=None, kind="grad"):
+        """assert_same(actual, expected) at the required tier; returns the Verdict."""
+        __tracebackhide__ = True
+        required = self.tier(tier)
+        verdict = api.compare(actual, expected, name=name, tier=required, kind=kind)
+        self._record([verdict])
+        if not verdict.passed:
+            raise AssertionError(api.describe(verdict, required))
+        return verdict
+
+    assert_same = __call__
+
+    def compare(self, actual, expected, *, tier=None, name=None, kind="grad"):
+        """refnet.compare, recorded; does not assert."""
+        verdict = api.compare(actual, expected, name=name, tier=self.tier(tier), kind=kind)
+        self._record([verdict])
+        return verdict
+
+    def check_backward(self, fn, inputs, backward_fn=None, *, tier=None, **kwargs):
+        """refnet.check_backward, recorded; asserts that every gradient meets the tier."""
+        __tracebackhide__ = True
+        report = check_backward(fn, inputs, backward_fn, tier=self.tier(tier), **kwargs)
+        self._record([report.forward, *report, *(report.fd or [])])
+        return report.assert_ok()
+
+    def trace_compare(self, manual, reference, *, tier=None):
+        """refnet.trace_compare, recorded; asserts, naming the first intermediate that departs."""
+        __tracebackhide__ = True
+        trace = api.trace_compare(manual, reference, tier=self.tier(tier))
+        self._record(trace.verdicts)
+        return trace.assert_ok()
+
+    def check_training(self, spec, *, tier=None, **kwargs):
+        """refnet.check_training, recorded (every checked gradient); asserts it passed."""
+        __tracebackhide__ = True
+        result = check_training(spec, tier=self.tier(tier), **kwargs)
+        self._record([v for _, report in result.grad_checks for v in report])
+        if not result.passed:
+            raise AssertionError(result.message)
+        return result
+
+    def record(self, verdicts):
+        """Count verdicts made elsewhere (refnet's own checks); returns them."""
+        verdicts = list(verdicts)
+        self._record(verdicts)
+        return verdicts
+
+
+@pytest.fixture
+def refnet_check(request):
+    """Graded, strict tensor checks (refnet.assert_same and friends); counted for the summary."""
+    return RefnetCheck(request.config.getoption("refnet_tier"), _counts(request.config))
+
+
+def summary_line(counts):
+    total = sum(counts[t] for t in TIERS)
+    return f"refnet: {total} checks: " + ", ".join(f"{t} {counts[t]}" for t in TIERS)
+
+
+def pytest_sessionfinish(session):
+    # an xdist worker sends its counts to the controller
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["refnet_counts"] = dict(_counts(session.config))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    counts = getattr(node, "workeroutput", {}).get("refnet_counts", {})
+    _counts(node.config).update(counts)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    counts = _counts(config)
+    if sum(counts.values()) and getattr(config, "workeroutput", None) is None:
+        terminalreporter.write_line(summary_line(counts))
