@@ -99,8 +99,9 @@ def check_resume_spec(spec, saved):
                              f"with {value!r}; a resumed run must keep it")
 
 
-def save_run(path, pair, spec, example, step, losses_m, losses_t, worst_tier):
-    """A checkpoint of a lockstep run (refnet.harness.Pair) after `step` steps."""
+def save_run(path, pair, spec, example, step, losses_m, losses_t, worst_tier, **extra):
+    """A checkpoint of a lockstep run (refnet.harness.Pair) after `step` steps; extra: more
+    entries (refnet.dp_train records world_size)."""
     save_checkpoint(path, {
         "format": CHECKPOINT_FORMAT, "step": step, "spec": spec.to_dict(), "example": example,
         "manual_params": cpu_copy(pair.mlp.params),
@@ -108,7 +109,7 @@ def save_run(path, pair, spec, example, step, losses_m, losses_t, worst_tier):
         "manual_optimizer": cpu_copy(pair.mlp.optimizer.state_dict()),
         "twin_optimizer": cpu_copy(pair.twin_opt.state_dict()),
         "losses_manual": losses_m.cpu(), "losses_twin": losses_t.cpu(),
-        "worst_tier": worst_tier, "torch": str(torch.__version__),
+        "worst_tier": worst_tier, "torch": str(torch.__version__), **extra,
     })
 
 

@@ -210,11 +210,11 @@ def _run(spec, out_dir, check_every, tier, checkpoint, progress, example, data, 
             signal.signal(signal.SIGINT, signal.SIG_DFL if old is None else old)
     losses_m = torch.cat(hist_m).cpu() if hist_m else torch.zeros(0)
     losses_t = torch.cat(hist_t).cpu() if hist_t else torch.zeros(0)
-    summary = _summary(spec, example, tier, state, status, message, start, losses_m, losses_t,
-                       pair, x, target, time.time() - started)
+    summary = run_summary(spec, example, tier, state, status, message, start, losses_m,
+                          losses_t, pair, x, target, time.time() - started)
     if out_dir is not None:
-        summary["files"] = _write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x,
-                                          target)
+        summary["files"] = write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x,
+                                         target)
     return summary
 
 
@@ -265,8 +265,10 @@ def _accuracy(output, labels):
     return float((predict_class(output).cpu() == labels.cpu()).double().mean())
 
 
-def _summary(spec, example, tier, state, status, message, start, losses_m, losses_t, pair, x,
-             target, seconds):
+def run_summary(spec, example, tier, state, status, message, start, losses_m, losses_t, pair, x,
+                target, seconds):
+    """summary.json's dict for a run (also refnet.dp_train's): status, tiers, final losses,
+    non-finite steps, accuracy on classification data."""
     n = losses_m.numel()
     summary = {
         "name": spec.name, "example": example, "status": status, "divergence": None,
@@ -317,7 +319,8 @@ def _nonfinite_note(k_m, k_t, losses_m, losses_t):
 
 # -- outputs --
 
-def _write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target):
+def write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target):
+    """losses.csv, summary.json and the plots in out_dir, atomically; the names written."""
     files = ["losses.csv", "summary.json"]
     lines = ["step,manual_loss,twin_loss,abs_diff"]
     for step, (a, b) in enumerate(zip(losses_m.tolist(), losses_t.tolist())):

@@ -45,6 +45,10 @@ def main(argv=None):
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
+        if getattr(args, "nproc", None) or os.environ.get("TORCHELASTIC_RUN_ID"):
+            # data-parallel verify/train/bench (docs/data-parallel.md)
+            from refnet.cli import dp  # lazy: torch.distributed, loaded as the verbs are (_verbs)
+            return dp.run_verb(args)
         return args.func(args)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -12,7 +12,7 @@ import torch
 from refnet import bench, report
 from refnet.atomic import write_text
 from refnet.bench import SIZES
-from refnet.cli.common import EXIT_FAILED, EXIT_OK
+from refnet.cli.common import EXIT_FAILED, EXIT_OK, positive_int
 from refnet.settings import resolve_devices
 
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -38,6 +38,9 @@ def add_parser(sub):
     p.add_argument("--table", "--readme", dest="table", metavar="FILE.md",
                    help=f"replace the table between {MARK_START} and {MARK_END} in this file "
                         f"(the documented one: {DOCS_PAGE}; --readme is an alias)")
+    p.add_argument("--nproc", type=positive_int(), metavar="N",
+                   help="data-parallel bench: manual DP vs DDP step time and peak memory for "
+                        "1..N processes (refnet/bench_dp.py, docs/data-parallel.md)")
     p.set_defaults(func=run)
 
 

@@ -10,22 +10,10 @@ import sys
 from refnet import examples
 from refnet import train as train_mod
 from refnet.checkpoint import existing_run_files, load_checkpoint
-from refnet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from refnet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, positive_int
 from refnet.data import load_data
 from refnet.settings import apply_threads, largest_gemm_macs, resolve_devices
 from refnet.spec import Spec, check_finite
-
-
-def _positive_int():
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-        return value
-    return parse
 
 
 def _nonnegative_float(text):
@@ -42,7 +30,7 @@ FULL_BATCH = "none"  # --batch-size none: override the spec to full batch (batch
 def _batch_size(text):
     if text.strip().lower() == FULL_BATCH:
         return FULL_BATCH
-    return _positive_int()(text)
+    return positive_int()(text)
 
 
 def add_parser(sub):
@@ -58,7 +46,7 @@ def add_parser(sub):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="default: auto (cuda if present) for --example, the spec's device for --spec")
     p.add_argument("--dtype", choices=["float32", "float64"], help="default: the spec's (float64)")
-    p.add_argument("--steps", type=_positive_int(), help="total steps (on --resume: the "
+    p.add_argument("--steps", type=positive_int(), help="total steps (on --resume: the "
                    "step to continue up to)")
     p.add_argument("--lr", type=_nonnegative_float,
                    help="learning rate >= 0 (overrides the spec's)")
@@ -69,7 +57,7 @@ def add_parser(sub):
                    "printed); refused if DIR already holds a run unless --force")
     p.add_argument("--force", action="store_true",
                    help="let --out overwrite the run already in DIR")
-    p.add_argument("--check-every", type=_positive_int(), default=50, metavar="K",
+    p.add_argument("--check-every", type=positive_int(), default=50, metavar="K",
                    help="compare parameters and write a checkpoint every K steps (default 50); "
                         "losses are compared at every step")
     p.add_argument("--tier", choices=["bitwise", "ulp", "tolerance"],
@@ -78,9 +66,11 @@ def add_parser(sub):
                         "refnet/not_bitwise.py, e.g. ELU)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar; only the summary line (as verify --quiet)")
-    p.add_argument("--threads", type=_positive_int(), metavar="N",
+    p.add_argument("--threads", type=positive_int(), metavar="N",
                    help="torch CPU threads (default: OMP_NUM_THREADS if set, else 1 unless the "
                         "net's largest GEMM is large; refnet.settings.choose_threads)")
+    p.add_argument("--nproc", type=positive_int(), metavar="N", help="data-parallel on N "
+                   "processes, manual vs DistributedDataParallel (docs/data-parallel.md)")
     p.set_defaults(func=run)
 
 
@@ -132,7 +122,7 @@ def run(args):
     out = args.out or args.resume
     if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):
         out = os.path.dirname(os.path.abspath(args.resume))
-    if args.out and not args.force and not _resumes_into(args.resume, args.out):
+    if args.out and not args.force and not resumes_into(args.resume, args.out):
         existing = existing_run_files(args.out)
         if existing:
             raise ValueError(f"--out: {args.out} already holds a run ({', '.join(existing)}); "
@@ -165,7 +155,7 @@ def _apply_threads(spec, requested):
     return apply_threads(requested, largest_gemm_macs(spec.sizes, batch))
 
 
-def _resumes_into(resume, out):
+def resumes_into(resume, out):
     """True when --resume targets the folder --out names (continuing a run in place)."""
     if not resume:
         return False

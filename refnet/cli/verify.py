@@ -6,7 +6,7 @@ carries the spec it ran.
 import sys
 
 from refnet import examples, report
-from refnet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, dtypes
+from refnet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, dtypes, positive_int
 from refnet.data import load_data
 from refnet.settings import apply_threads, default_device, largest_gemm_macs, resolve_devices
 from refnet.spec import Spec
@@ -30,6 +30,9 @@ def add_parser(sub):
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: OMP_NUM_THREADS if set, else 1 for the "
                         "document's examples and small specs; refnet.settings.choose_threads)")
+    p.add_argument("--nproc", type=positive_int(), metavar="N",
+                   help="data-parallel: manual DP vs DistributedDataParallel on N processes "
+                        "(docs/data-parallel.md)")
     p.set_defaults(func=run)
 
 

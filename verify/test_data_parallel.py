@@ -1,0 +1,146 @@
+"""Data-parallel manual backprop vs DistributedDataParallel (gloo on CPU, world sizes 2, 3, 4).
+
+Every test spawns its ranks through refnet.dp_launch.launch, which kills whatever is still alive
+in a `finally`, so a failing test leaves no process behind.  One torch thread per rank.
+"""
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from manual.data_parallel import FIRST_BUCKET_BYTES, assign_buckets, ready_order
+from refnet import dp_launch
+from refnet import distributed as dist_mod
+from refnet.checkpoint import load_checkpoint
+from refnet.cli import main
+from refnet.spec import Spec
+
+STEPS = 4
+
+
+def _verify_job(world_size, specs):
+    return dp_launch.launch({"mode": "verify", "device": "cpu",
+                             "specs": [s.to_dict() for s in specs]}, world_size)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_manual_dp_bitwise_to_ddp(world_size):
+    specs = [s for dt in ("float32", "float64") for s in dist_mod.dp_specs(dt, steps=STEPS)]
+    results = _verify_job(world_size, specs)
+    assert len(results) == len(specs)
+    seen = set()
+    for name, _device, dtype, checks in results:
+        for check in checks:
+            seen.add((name, dtype, check.name))
+            if check.name.startswith(f"dp{world_size}."):
+                # per-step reduced gradients, per-step losses, final parameters on every rank;
+                # parameters identical across ranks
+                assert check.tier == "bitwise" and check.passed, (name, dtype, check.failures())
+            else:  # manual DP vs one process on the whole batch: graded (docs/data-parallel.md)
+                assert check.name.startswith(f"dp{world_size}_vs_single"), check.name
+                assert check.passed and check.tier in ("bitwise", "ulp", "tolerance")
+    for s in specs:
+        for kind in ("reduced_grads", f"loss_curve[{STEPS}]", "final_params", "ranks_identical"):
+            assert (s.name, s.dtype, f"dp{world_size}.{kind}") in seen
+
+
+def test_bucket_assignment_and_ready_order():
+    names = ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
+    assert ready_order(names) == names[::-1]
+    nbytes = {"layers.0.weight": FIRST_BUCKET_BYTES, "layers.0.bias": 8,
+              "layers.1.weight": 800, "layers.1.bias": 8}
+    # the first bucket closes once it reaches 1 MiB; the rest share the 25 MiB bucket
+    assert assign_buckets(names, nbytes, [FIRST_BUCKET_BYTES, 25 << 20]) == \
+        [["layers.0.weight"], ["layers.0.bias", "layers.1.weight", "layers.1.bias"]]
+    assert assign_buckets(names[::-1], nbytes, [16, 25 << 20]) == \
+        [["layers.1.bias", "layers.1.weight"], ["layers.0.bias", "layers.0.weight"]]
+
+
+def _small_spec(**kw):
+    raw = dict(sizes=[2, 16, 3], activation="relu", loss="cross_entropy", data="spiral",
+               n_samples=60, batch_size=20, optimizer={"name": "adam", "lr": 0.01}, steps=8,
+               name="dp_train")
+    raw.update(kw)
+    return Spec(**raw)
+
+
+def _train_job(out, spec, resume=None, **faults):
+    return {"mode": "train", "device": "cpu", "spec": spec.to_dict(), "example": None,
+            "out": str(out), "resume": resume, "check_every": 3, "tier": None, **faults}
+
+
+def test_kill_one_rank_then_resume_bitwise(tmp_path):
+    # N = 3: the bucket order decides bits, so resuming must restore DDP's rebuilt buckets
+    spec = _small_spec()
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    whole.mkdir()
+    broken.mkdir()
+    summary = dp_launch.launch(_train_job(whole, spec), 3)
+    assert summary["status"] == "completed" and summary["tier"] == "bitwise"
+    started = time.time()
+    with pytest.raises(dist_mod.RankFailed) as info:
+        dp_launch.launch(_train_job(broken, spec, kill_at=[1, 5]), 3)
+    elapsed = time.time() - started
+    msg = str(info.value)
+    assert "rank 1 of 3 failed (killed by SIGKILL)" in msg and "\n" not in msg, msg
+    assert elapsed < dist_mod.TIMEOUT_S + dp_launch.GRACE_S
+    # the last complete checkpoint (step 3) is intact; no temporary file is left behind
+    ck = load_checkpoint(str(broken))
+    assert ck["step"] == 3 and ck["world_size"] == 3
+    assert not [f for f in os.listdir(broken) if f.endswith(".tmp")]
+    resumed = dp_launch.launch(_train_job(broken, spec, resume=str(broken)), 3)
+    assert resumed["resumed_from"] == 3 and resumed["status"] == "completed"
+    assert resumed["tier"] == "bitwise"  # manual DP vs DDP
+    assert (broken / "losses.csv").read_text() == (whole / "losses.csv").read_text()
+    a, b = load_checkpoint(str(whole)), load_checkpoint(str(broken))
+    for side in ("manual_params", "twin_params"):
+        for name, p in a[side].items():
+            assert torch.equal(p, b[side][name]), (side, name)
+    # another N is refused with one line, before any process starts
+    rc = main(["train", "--resume", str(broken), "--nproc", "2", "--steps", "12", "--quiet"])
+    assert rc == 2
+
+
+def test_raising_rank_names_itself(tmp_path):
+    with pytest.raises(dist_mod.RankFailed, match=r"rank 0 of 2 failed .*injected failure"):
+        dp_launch.launch(_train_job(tmp_path, _small_spec(steps=4), raise_at=[0, 1]), 2)
+
+
+def test_mismatched_spec_and_data_detected_at_start():
+    a, b = _small_spec(steps=2), _small_spec(steps=2, optimizer={"name": "adam", "lr": 0.02})
+    with pytest.raises(ValueError, match="rank 1 has a different spec than rank 0"):
+        dp_launch.launch({"mode": "verify", "device": "cpu",
+                          "specs": [[a.to_dict(), b.to_dict()]]}, 2)
+    with pytest.raises(ValueError, match="rank 1 has a different data than rank 0"):
+        dp_launch.launch({"mode": "verify", "device": "cpu", "specs": [a.to_dict()],
+                          "perturb_data": 1}, 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_nccl_two_gpus():
+    results = _verify_job(2, dist_mod.dp_specs("float64", device="cuda", steps=STEPS))
+    for _name, _device, _dtype, checks in results:
+        for check in checks:
+            assert check.passed, check.failures()
+
+
+def test_cli_dispatches_nproc_once(tmp_path, monkeypatch, capsys):
+    # refnet.cli.main sends --nproc to refnet/cli/dp.py; its report rows carry the spec
+    spec = _small_spec(steps=2, batch_size=24)
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(spec.to_dict()))
+    out = tmp_path / "r.json"
+    assert main(["verify", "--nproc", "2", "--spec", str(path), "--quiet", "--json", str(out)]) == 0
+    assert "processes)" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["results"]
+    assert {r["check"] for r in rows} >= {"dp2.reduced_grads", "dp2.ranks_identical",
+                                         "dp2_vs_single.grad@step0"}
+    assert all(r["spec"]["name"] == "dp_train" and r["passed"] for r in rows)
+    # under torchrun a verb that does not run data-parallel is one line, exit 2
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    assert main(["export", "--example", "xor", "--out", str(tmp_path / "e")]) == 2
+    assert "export: does not run data-parallel" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
