@@ -306,7 +306,7 @@ def test_nonfinite_run_is_reported_without_warnings(tmp_path, capsys):
                    lambda fig, *a, **kw: (drawn.append(fig), real(fig, *a, **kw))[1])
     try:
         train_mod.write_outputs(str(out), Spec.from_dict(summary["spec"]), summary,
-                            *_losses_of(out), None, torch.zeros(1, 3), torch.zeros(1, 1))
+                                *_losses_of(out), None, torch.zeros(1, 3), torch.zeros(1, 1))
     finally:
         monkey.undo()
     top = drawn[0].axes[0]
