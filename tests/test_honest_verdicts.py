@@ -121,3 +121,32 @@ def test_batches_fresh_permutation_every_epoch():
     for e in epochs:   # each epoch visits every sample once
         assert sorted(e.tolist()) == list(range(n))
     assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+
+
+def _elu_grad_autograd(x):
+    xt = x.clone().requires_grad_()
+    torch.nn.functional.elu(xt, 1.0).backward(torch.ones_like(x))
+    return xt.grad
+
+
+def test_elu_lanes_and_tail_sit_where_the_kernel_puts_them():
+    """Values whose SLEEF exp differs from glibc's exp, at every position of a 1073-element tensor:
+    manual ELU backward is bitwise autograd's only if it puts vector lanes and the scalar tail where
+    the kernel does (a lane count off by one Vec moves a band of positions to the wrong exp)."""
+    from manual.activations import elu_backward, elu_forward
+    from manual.kernel_exp import sleef_exp, vector_lanes
+    if vector_lanes(1073, torch.float32) is None:
+        pytest.skip("no known vector width on this CPU build: every element takes the scalar path")
+    gen = torch.Generator().manual_seed(0)
+    cand = -torch.rand(20000, generator=gen, dtype=torch.float64).mul(20).to(torch.float32)
+    # the kernel's scalar path, one element at a time (a single element never fills a vector)
+    tail = torch.stack([_elu_grad_autograd(v.reshape(1))[0] for v in cand[:4000]])
+    mine_tail = torch.exp(cand[:4000].double()).float()
+    pick = cand[:4000][(sleef_exp(cand[:4000]) != tail) & (mine_tail == tail)]
+    assert pick.numel() >= 1, "no value where SLEEF and glibc differ: the test would prove nothing"
+    x = pick.repeat(1073 // pick.numel() + 1)[:1073].contiguous()
+    _, cache = elu_forward(x, 1.0)
+    dx = elu_backward(torch.ones_like(x), cache)
+    want = _elu_grad_autograd(x)
+    assert torch.equal(dx.view(torch.int32), want.view(torch.int32)), \
+        (dx != want).nonzero().flatten().tolist()
