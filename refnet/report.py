@@ -124,7 +124,7 @@ def summarize(rows, seconds, strict_bits=False, complete=True, allow_tier=None):
         counts[r["tier"]] = counts.get(r["tier"], 0) + 1
     return {"checks": len(rows), "passed": sum(r["passed"] for r in rows),
             "failed": sum(not r["passed"] for r in rows), "tiers": tiers, "claims": claims,
-            "short_of_expected": sum(bool(r.get("expected")) and r["tier"] in TIERS
+            "short_of_expected": sum(r.get("expected") in TIERS and r["tier"] in TIERS
                                      and TIERS.index(r["tier"]) > TIERS.index(r["expected"])
                                      for r in rows),
             "all_passed": complete and bool(rows) and all(r["passed"] for r in rows),

@@ -15,6 +15,7 @@ from refnet import distributed as dist_mod
 from refnet.atomic import write_text
 from refnet.checkpoint import existing_run_files, load_checkpoint
 from refnet.cli.common import EXIT_FAILED, EXIT_OK, dtypes
+from refnet.compare import enforce_expected
 from refnet.cli.train import build_spec, resumes_into
 from refnet.dp_launch import run_job, under_torchrun
 
@@ -63,7 +64,8 @@ def _verify_verb(args):
     if not args.quiet:
         print(report.header(), flush=True)
     for spec, (name, dev, dtype, checks) in zip(specs, results):
-        for check in checks:
+        # each check's expected tier (refnet.compare.enforce_expected), as `refnet verify` does
+        for check in enforce_expected(checks, dev, strict_bits=args.strict_bits):
             r = report.row(name, check, dev, dtype, spec.to_dict())
             rows.append(r)
             if not args.quiet:
