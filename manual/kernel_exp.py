@@ -34,46 +34,81 @@ def _fma(a, b, c):
     return torch.addcmul(c, a, b)
 
 
+def _pow2_float64(k):
+    # 2^k for integer-valued k in [−1022, 1023], written into a float64's exponent bits
+    return (k.to(torch.int64) + 1023).bitwise_left_shift_(52).view(torch.float64)
+
+
 def _scale_by_pow2(u, q):
-    # u·2^q in two exact steps, as SLEEF's vldexp2 (keeps 2^(q/2) finite for every q it sees)
+    # u·2^q in two exact steps, as SLEEF's vldexp2 (keeps 2^(q/2) finite for every q it sees).
+    # float64 only: for x in the caller's [low, high], q ∈ [−1443, 1024], so both halves are
+    # normal powers of two; outside it the caller's selects decide (u may be anything there).
     q = torch.nan_to_num(q, nan=0.0).clamp(-2200.0, 2200.0)
     half = torch.floor(q / 2)
-    return u * torch.pow(2.0, half).to(u.dtype) * torch.pow(2.0, q - half).to(u.dtype)
+    return u * _pow2_float64(half) * _pow2_float64(q - half)
+
+
+def _scale_by_pow2_float32(u, q):
+    # The same u·2^q for float32 in fewer passes: in float64 the product u·2^q is exact for every
+    # q the caller keeps (|q| ≤ 150), so rounding it once to float32 gives the correctly rounded
+    # product — what vldexp2's exact first step and rounding second step give.  2^q is written
+    # straight into a float64's exponent bits ((q + 1023) << 52; pow is a slow scalar loop).
+    # Where q is not finite (x = ±inf or NaN), u is NaN and the caller's selects decide.
+    two_q = (q.to(torch.int64) + 1023).bitwise_left_shift_(52).view(torch.float64)
+    return (u.double() * two_q).float()
+
+
+_F32_POLY = (0.000198527617612853646278381, 0.00139304355252534151077271,
+             0.00833336077630519866943359, 0.0416664853692054748535156,
+             0.166666671633720397949219, 0.5)
+_F32_LN2 = (-0.693145751953125, -1.428606765330187045e-06)
+_F64_LN2 = (-.69314718055966295651160180568695068359375,
+            -.28235290563031577122588448175013436025525412068e-12)
+_F64_POLY = (0.2081276378237164457e-8, 0.2511210703042288022e-7, 0.2755762628169491192e-6,
+             0.2755723402025388239e-5, 0.2480158687479686264e-4, 0.1984126989855865850e-3,
+             0.1388888888914497797e-2, 0.8333333333314938210e-2, 0.4166666666666602598e-1,
+             0.1666666666666669072e+0)
+_constants = {}
+
+
+def _constant_tensors(dtype, device):
+    """SLEEF's constants as 0-d tensors of dtype on device, made once per (dtype, device)."""
+    key = (dtype, device)
+    if key not in _constants:
+        values = (_LOG2E,) + ((_F32_LN2 + _F32_POLY) if dtype == torch.float32
+                              else (_F64_LN2 + _F64_POLY + (0.5, 1.0)))
+        _constants[key] = [torch.tensor(v, dtype=dtype, device=device) for v in values]
+    return _constants[key]
 
 
 def sleef_exp(x):
     """eˣ, elementwise, bit for bit as SLEEF's u10 exp (xexpf / xexp, FMA build).  x: any shape."""
-    def c(v):
-        return torch.tensor(v, dtype=x.dtype, device=x.device)
-
-    q = torch.round(x * c(_LOG2E))                       # rint: ties to even, as vrint
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x: expected float32 or float64, got {x.dtype}")
+    k = _constant_tensors(x.dtype, x.device)
+    q = torch.round(x * k[0])                            # rint: ties to even, as vrint
+    s = _fma(q, k[1], x)                                 # x − q·ln2 (upper part)
+    s = _fma(q, k[2], s)                                 #          − q·ln2 (lower part)
     if x.dtype == torch.float32:
-        s = _fma(q, c(-0.693145751953125), x)            # x − q·ln2 (upper part)
-        s = _fma(q, c(-1.428606765330187045e-06), s)     #          − q·ln2 (lower part)
-        u = c(0.000198527617612853646278381).expand_as(s)
-        for coef in (0.00139304355252534151077271, 0.00833336077630519866943359,
-                     0.0416664853692054748535156, 0.166666671633720397949219, 0.5):
-            u = _fma(u, s, c(coef))                      # Horner
+        u = k[3].expand_as(s)
+        for coef in k[4:9]:
+            u = _fma(u, s, coef)                         # Horner
         u = 1.0 + _fma(s * s, u, s)                      # 1 + s + s²·P(s)
         low, high = -104.0, 100.0
-    elif x.dtype == torch.float64:
-        s = _fma(q, c(-.69314718055966295651160180568695068359375), x)
-        s = _fma(q, c(-.28235290563031577122588448175013436025525412068e-12), s)
+        u = _scale_by_pow2_float32(u, q)                 # |q| ≤ 150 where x is in [low, high]
+    else:
+        c = k[3:]
         s2 = s * s
         s4 = s2 * s2
         s8 = s4 * s4
-        u = _fma(s8, _fma(s, c(0.2081276378237164457e-8), c(0.2511210703042288022e-7)),
-                 _fma(s4, _fma(s2, _fma(s, c(0.2755762628169491192e-6), c(0.2755723402025388239e-5)),
-                               _fma(s, c(0.2480158687479686264e-4), c(0.1984126989855865850e-3))),
-                      _fma(s2, _fma(s, c(0.1388888888914497797e-2), c(0.8333333333314938210e-2)),
-                           _fma(s, c(0.4166666666666602598e-1), c(0.1666666666666669072e+0)))))
-        u = _fma(u, s, c(0.5))                           # Estrin above, Horner for the last three
-        u = _fma(u, s, c(1.0))
-        u = _fma(u, s, c(1.0))
+        u = _fma(s8, _fma(s, c[0], c[1]),
+                 _fma(s4, _fma(s2, _fma(s, c[2], c[3]), _fma(s, c[4], c[5])),
+                      _fma(s2, _fma(s, c[6], c[7]), _fma(s, c[8], c[9]))))
+        u = _fma(u, s, c[10])                            # Estrin above, Horner for the last three
+        u = _fma(u, s, c[11])
+        u = _fma(u, s, c[11])
         low, high = -1000.0, 709.78271289338397          # 0x1.62e42fefa39efp+9
-    else:
-        raise TypeError(f"x: expected float32 or float64, got {x.dtype}")
-    u = _scale_by_pow2(u, q)
+        u = _scale_by_pow2(u, q)
     u = torch.where(x > high, math.inf, u)
     return torch.where(x < low, 0.0, u)
 

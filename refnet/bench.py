@@ -3,7 +3,7 @@
 Variants, each on its own copy of the same parameters and data:
   manual    manual.fast.FastMLP (the readable step with buffers and in-place ops; same bits)
   readable  manual.MLP.train_step (for reference)
-  twin      the nn.Module twin with autograd and torch.optim.SGD
+  twin      the nn.Module twin with autograd and the same torch.optim optimizer (foreach=False)
   compile   the twin's forward+loss under torch.compile (backward and SGD as the twin); null
             when compilation fails, with the reason
   floor     the manual step's matrix products alone (addmm/mm into preallocated buffers)
@@ -20,7 +20,7 @@ torch.profiler(profile_memory=True), summed in time order.  CUDA: max_memory_all
 reset_peak_memory_stats(), minus memory_allocated() at the start.  Inputs and targets (the same
 for both) and BLAS-internal workspaces (outside torch's allocator) are not counted.
 
-One module (~300 lines) because it is one measurement: the variants, their timing and their
+One module (about 370 lines) because it is one measurement: the variants, their timing and their
 memory are taken on the same copies in one interleaved run.
 """
 import contextlib
@@ -42,7 +42,9 @@ from refnet.compare import same_bits
 from refnet.settings import determinism
 
 # name -> batch, layer sizes, bias, loss, SGD lr, init, steps per timing block (block),
-# timed blocks per variant (reps: full, quick), dtype (default float32)
+# timed blocks per variant (reps: full, quick), dtype (default float32); the classification rows
+# also name their activation (default sigmoid), optimizer (default SGD with lr and --momentum)
+# and data ("spiral": CS231n's 3 arms; "labels": Gaussian inputs, uniform class labels).
 SIZES = {
     "xor": dict(batch=4, sizes=[2, 8, 1], bias=True, loss="sum_squared", lr=0.1, init="uniform",
                 block=200, reps=(15, 5)),
@@ -52,6 +54,12 @@ SIZES = {
                    init="uniform", block=4, reps=(15, 3)),
     "large": dict(batch=1024, sizes=[2048, 2048, 2048], bias=True, loss="mse", lr=0.01,
                   init="uniform", block=1, reps=(7, 2)),
+    "spiral_ce": dict(batch=300, sizes=[2, 100, 3], bias=True, loss="cross_entropy", lr=1e-3,
+                      init="uniform", block=20, reps=(15, 5), activation="relu",
+                      optimizer=("adam", {"lr": 1e-3}), data="spiral"),
+    "mnist_ce": dict(batch=1024, sizes=[784, 256, 10], bias=True, loss="cross_entropy", lr=0.01,
+                     init="uniform", block=2, reps=(9, 2), activation="relu",
+                     optimizer=("sgd", {"lr": 0.01, "momentum": 0.9}), data="labels"),
 }
 QUICK_SIZES = ("xor", "seed")
 # The document's program is float64 (numpy).  Its randn init puts ~0.5% of the pre-activations
@@ -59,11 +67,27 @@ QUICK_SIZES = ("xor", "seed")
 # elementwise kernel an order of magnitude slower (microcode assists), so "seed" defaults to
 # float64; the other sizes to float32.  --dtype sets one dtype for all.
 WARMUP_BLOCKS = 2
-ACTIVATION = "sigmoid"
+ACTIVATION = "sigmoid"   # the default activation of a row
+
+
+def machine_threads():
+    """The CPUs this process may run on (the thread count a row is also reported at)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 # -- the variants ------------------------------------------------------------------------------
 def _data(cfg, dtype, device):
+    if cfg.get("data") == "spiral":
+        return datasets.spiral(n_per_class=cfg["batch"] // cfg["sizes"][-1],
+                               classes=cfg["sizes"][-1], seed=0, dtype=dtype, device=device)
+    if cfg.get("data") == "labels":
+        x, _ = datasets.random(n=cfg["batch"], d_in=cfg["sizes"][0], d_out=1, seed=0, dtype=dtype,
+                               device=device)
+        gen = torch.Generator().manual_seed(1)
+        return x, torch.randint(0, cfg["sizes"][-1], (cfg["batch"],), generator=gen).to(device)
     if cfg["sizes"][0] == 2 and cfg["sizes"][-1] == 1:
         x, labels = datasets.xor(n_copies=max(1, cfg["batch"] // 4), dtype=dtype, device=device)
         return x, labels.to(dtype).unsqueeze(1)
@@ -72,25 +96,30 @@ def _data(cfg, dtype, device):
 
 
 def _params(cfg, dtype, device):
-    return init_params(cfg["sizes"], ACTIVATION, cfg["bias"], scheme=cfg["init"], seed=0,
+    return init_params(cfg["sizes"], _activation(cfg), cfg["bias"], scheme=cfg["init"], seed=0,
                        dtype=dtype, device=device)
 
 
-def _optimizer_settings(cfg, momentum):
-    return {"lr": cfg["lr"], "momentum": momentum}
+def _activation(cfg):
+    return cfg.get("activation", ACTIVATION)
+
+
+def _optimizer(cfg, momentum):
+    """(name, settings) of the row's optimizer: its own, else SGD with --momentum."""
+    return cfg.get("optimizer") or ("sgd", {"lr": cfg["lr"], "momentum": momentum})
 
 
 def _manual(cfg, params, momentum):
-    return MLP({k: v.clone() for k, v in params.items()}, ACTIVATION, cfg["loss"],
-               manual.make_optimizer("sgd", **_optimizer_settings(cfg, momentum)))
+    name, settings = _optimizer(cfg, momentum)
+    return MLP({k: v.clone() for k, v in params.items()}, _activation(cfg), cfg["loss"],
+               manual.make_optimizer(name, **settings))
 
 
 def _twin(cfg, params, dtype, device, momentum):
-    twin = twin_mod.Twin(cfg["sizes"], ACTIVATION, cfg["bias"], dtype=dtype, device=device)
+    twin = twin_mod.Twin(cfg["sizes"], _activation(cfg), cfg["bias"], dtype=dtype, device=device)
     twin_mod.load_params(twin, params)
-    # foreach=False: the verified twin's single-tensor SGD (CUDA's default is the foreach path)
-    return twin, twin_mod.loss_module(cfg["loss"]), torch.optim.SGD(
-        twin.parameters(), foreach=False, **_optimizer_settings(cfg, momentum))
+    name, settings = _optimizer(cfg, momentum)
+    return twin, twin_mod.loss_module(cfg["loss"]), twin_mod.make_optimizer(twin, name, **settings)
 
 
 def _twin_step(model, loss_fn, opt, x, target, fwd=None):
@@ -193,13 +222,7 @@ def step_peak_bytes(fn, device):
 
 
 def _manual_state(fast):
-    plan = fast._plan or {}
-    tensors = list(fast.mlp.params.values()) + list(fast.mlp.optimizer.buffers.values())
-    tensors += list(plan.get("grads", {}).values()) + [plan.get("one")]
-    tensors += list(plan.get("scratch", ()))
-    for _, _, h, _ in plan.get("forward", []):
-        tensors.append(h)
-    return tensors
+    return fast.held_tensors()
 
 
 def _twin_state(model, opt):
@@ -213,6 +236,7 @@ def _twin_state(model, opt):
 
 # -- one size ----------------------------------------------------------------------------------
 def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.0, graph=None):
+    """One row: the size's variants timed at the current torch thread count."""
     cfg = SIZES[name]
     dtype = dtype or cfg.get("dtype", torch.float32)
     device = torch.device(device)
@@ -276,11 +300,14 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
     twin_peak = held_bytes(_twin_state(model, opt)) + step_peak_bytes(
         lambda: _twin_step(model, loss_fn, opt, x, target), device)
 
+    opt_name, opt_settings = _optimizer(cfg, momentum)
     ratio = lambda a, b: (med[a] / med[b]) if a in med and b in med else None  # noqa: E731
     row = {
         "size": name, "batch": cfg["batch"], "sizes": cfg["sizes"], "loss": cfg["loss"],
-        "bias": cfg["bias"], "activation": ACTIVATION, "dtype": str(dtype).replace("torch.", ""),
-        "momentum": momentum,
+        "bias": cfg["bias"], "activation": _activation(cfg),
+        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "optimizer": {"name": opt_name, **opt_settings},
+        "momentum": opt_settings.get("momentum", 0.0),
         "autograd_over_manual": ratio("twin", "manual"),
         "compile_over_manual": ratio("compile", "manual"),
         "manual_over_floor": ratio("manual", "floor"),
@@ -292,6 +319,16 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
         "compile_seconds": compile_seconds, "compile_error": compile_error,
     }
     return row
+
+
+def thread_counts(threads=None, device="cpu"):
+    """The thread counts each row is run at: the one asked for, else 1 and the machine's count
+    (one count on CUDA, where the host threads barely matter)."""
+    if threads is not None:
+        return [threads]
+    if torch.device(device).type != "cpu":
+        return [torch.get_num_threads()]
+    return sorted({1, machine_threads()})
 
 
 @contextlib.contextmanager
@@ -308,26 +345,30 @@ def _no_fill():
 
 def run(size_names=None, device="cpu", dtype=None, quick=False, compile_=True,
         momentum=0.0, threads=None, on_row=None):
-    if threads is not None:
-        torch.set_num_threads(threads)
     names = list(size_names or (QUICK_SIZES if quick else SIZES))
-    rows, started = [], time.time()
+    counts = thread_counts(threads, device)
+    rows, started, saved = [], time.time(), torch.get_num_threads()
     # Timed under determinism() so that both sides run the arithmetic that is verified (TF32 off,
     # float32 matmul "highest"; the bitwise column needs it), but without deterministic mode's
     # filling of fresh allocations with NaN: that fill would cost autograd's new tensors every
     # step and not the fast path's preallocated buffers.  No op timed here has a
     # deterministic-only kernel, so the fill is the flag's only effect on these steps.
-    with determinism(device), _no_fill():
-        for name in names:
-            row = bench_size(name, device, dtype, quick, compile_, momentum)
-            rows.append(row)
-            if on_row:
-                on_row(row)
+    try:
+        with determinism(device), _no_fill():
+            for name in names:
+                for n_threads in counts:
+                    torch.set_num_threads(n_threads)
+                    row = bench_size(name, device, dtype, quick, compile_, momentum)
+                    rows.append(row)
+                    if on_row:
+                        on_row(row)
+    finally:
+        torch.set_num_threads(saved)
     dev = torch.device(device)
     return {
         "rows": rows,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
         f"cpu ({torch.backends.cpu.get_cpu_capability()})",
-        "threads": torch.get_num_threads(),
+        "threads": counts,
         "torch": torch.__version__, "quick": quick, "seconds": round(time.time() - started, 1),
     }

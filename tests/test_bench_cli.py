@@ -25,10 +25,12 @@ def test_bench_quick_json_schema(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     rep = json.loads(out.read_text())
     assert isinstance(rep["device"], str) and rep["device"]
-    assert isinstance(rep["threads"], int) and rep["threads"] >= 1
-    assert [r["size"] for r in rep["rows"]] == list(bench.QUICK_SIZES)
+    counts = rep["threads"]
+    assert counts == sorted({1, bench.machine_threads()}) and all(isinstance(t, int) for t in counts)
+    assert [(r["size"], r["threads"]) for r in rep["rows"]] == [
+        (size, t) for size in bench.QUICK_SIZES for t in counts]
     for r in rep["rows"]:
-        assert r["size"] in ("xor", "seed", "medium", "large")
+        assert r["size"] in bench.SIZES
         for key in ("autograd_over_manual", "manual_over_floor"):
             assert isinstance(r[key], float) and r[key] > 0, key
         assert r["compile_over_manual"] is None and "skipped" in r["compile_error"]
@@ -78,15 +80,16 @@ def test_update_table_replaces_only_the_marked_block(tmp_path):
     row = {"size": "xor", "batch": 4, "sizes": [2, 8, 1], "dtype": "float32",
            "median_seconds": {"manual": 1e-4}, "autograd_over_manual": 3.25,
            "compile_over_manual": None, "manual_over_floor": 2.0, "readable_over_manual": 1.5,
-           "manual_peak_bytes": 700, "twin_peak_bytes": 800, "bitwise": True}
-    rep = {"rows": [row], "device": "cpu (TEST)", "threads": 2, "torch": "x", "quick": False,
+           "manual_peak_bytes": 700, "twin_peak_bytes": 800, "bitwise": True, "threads": 2}
+    rep = {"rows": [row], "device": "cpu (TEST)", "threads": [1, 2], "torch": "x", "quick": False,
            "seconds": 1.0}
     path = tmp_path / "R.md"
     path.write_text(f"# top\n{MARK_START}\nold table\n{MARK_END}\ntail\n")
     update_table(str(path), rep)
     text = path.read_text()
     assert text.startswith("# top\n") and text.endswith(f"{MARK_END}\ntail\n")
-    assert "old table" not in text and "| xor | 4 | 2-8-1 |" in text and "3.25" in text
+    assert "old table" not in text and "| xor | 4 | 2-8-1 | float32 | 2 |" in text and "3.25" in text
+    assert "each row at 1 and 2 torch threads" in text
     path.write_text("no markers\n")
     import pytest
     with pytest.raises(ValueError, match="--table"):
@@ -103,3 +106,31 @@ def test_table_flag_targets_a_docs_page_and_keeps_readme_as_alias():
     assert parser.parse_args(["bench"]).table is None  # nothing is rewritten unless asked
     text = " ".join(parser._subparsers._group_actions[0].choices["bench"].format_help().split())
     assert "docs/benchmark.md" in text and "README" not in text
+
+
+def test_classification_rows_have_the_row_schema_and_are_bitwise():
+    """spiral_ce (Adam) and mnist_ce (SGD with momentum): ReLU + cross-entropy rows, with the
+    optimizer and thread count recorded, the same bits on both sides over the timed steps."""
+    import torch
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for size, opt in (("spiral_ce", "adam"), ("mnist_ce", "sgd")):
+            r = bench.bench_size(size, "cpu", quick=True, compile_=False)
+            cfg = bench.SIZES[size]
+            assert (r["size"], r["batch"], r["sizes"], r["loss"], r["activation"], r["dtype"]) == (
+                size, cfg["batch"], cfg["sizes"], "cross_entropy", "relu", "float32")
+            assert r["optimizer"]["name"] == opt and r["threads"] == 1
+            assert r["momentum"] == (0.9 if opt == "sgd" else 0.0)
+            for key in ("autograd_over_manual", "manual_over_floor", "readable_over_manual"):
+                assert isinstance(r[key], float) and r[key] > 0, key
+            for key in ("manual_peak_bytes", "twin_peak_bytes"):
+                assert isinstance(r[key], int) and r[key] > 0, key
+            assert r["bitwise"] is True, size
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_thread_counts():
+    assert bench.thread_counts(3) == [3]
+    assert bench.thread_counts(None, "cpu") == sorted({1, bench.machine_threads()})

@@ -10,6 +10,7 @@ import torch
 
 import manual
 from manual.fast import CudaGraphStep, FastMLP
+from manual.losses import target_kind
 from manual.mlp import MLP, init_params
 from refnet import twin as twin_mod
 
@@ -93,16 +94,94 @@ def test_losses_are_fresh_tensors_and_a_new_batch_size_rebuilds():
     assert len({id(v) for v in losses}) == 4 and not same_bits(losses[0], losses[1])
 
 
-def test_fallback_for_unspecialised_activation_is_bitwise():
-    readable, fast, twin = build([3, 8, 2], "leaky_relu", True, "mse",
-                                 {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
-                                 torch.float64)
-    assert not fast.specialised
-    x, t = data(6, [3, 8, 2], torch.float64)
+def test_fallback_and_foreign_optimizers_are_visible_and_bitwise(monkeypatch):
+    """What the fast path does not specialise runs the readable code, visibly (specialised
+    False, fallback naming why) and with the same bits; an optimizer that is not exactly one of
+    manual.optim's runs its own step."""
+    import manual.fast as fast_mod
+    sizes, opt = [3, 8, 2], {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}
+    params = init_params(sizes, "leaky_relu", True, seed=3, dtype=torch.float64)
+    clone = lambda: {k: v.clone() for k, v in params.items()}  # noqa: E731
+    readable = MLP(clone(), "leaky_relu", "mse", manual.make_optimizer(**opt), reg=0.01)
+    fast = FastMLP(MLP(clone(), "leaky_relu", "mse", manual.make_optimizer(**opt), reg=0.01))
+    assert fast.specialised and fast.fallback is None
+    monkeypatch.setattr(fast_mod, "FAST_ACTIVATIONS", ("sigmoid", "tanh"))  # as if not written
+    assert not fast.specialised and "leaky_relu" in fast.fallback
+    x, t = data(6, sizes, torch.float64)
     for _ in range(3):
         assert same_bits(fast.train_step(x, t), readable.train_step(x, t))
     for name, p in fast.mlp.params.items():
         assert same_bits(p, readable.params[name])
+    monkeypatch.undo()
+
+    class Halving(manual.optim.SGD):   # a subclass: its step may differ, so it runs its own
+        def step(self, params, grads):
+            super().step(params, {k: g / 2 for k, g in grads.items()})
+    a, b = (MLP(clone(), "tanh", "mse", Halving(lr=0.1)) for _ in range(2))
+    fast = FastMLP(b)
+    assert fast.specialised
+    for _ in range(2):
+        assert same_bits(fast.train_step(x, t), a.train_step(x, t))
+    for name, p in b.params.items():
+        assert same_bits(p, a.params[name])
+
+
+# Every loss × optimizer pair, float32 and float64, batches around the nll cascade's boundaries
+# (1, 15, 17, 255, 257); the hidden activations cycle so that every activation is exercised.
+PAIR_OPTIMIZERS = [
+    {"name": "sgd", "lr": 0.05},
+    {"name": "sgd", "lr": 0.05, "momentum": 0.9, "dampening": 0.1},
+    {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
+    {"name": "adam", "lr": 3e-3, "betas": (0.8, 0.95), "weight_decay": 1e-2},
+    {"name": "adam", "lr": 3e-3, "amsgrad": True},
+    {"name": "adamw", "lr": 3e-3, "weight_decay": 0.1},
+    {"name": "adamw", "lr": 3e-3, "amsgrad": True},
+]
+PAIR_ACTIVATIONS = [["relu", "leaky_relu"], ["elu", "maxout"], ["sigmoid", "tanh"],
+                    ["maxout", "identity"], ["leaky_relu", "elu"]]
+PAIR_LOSSES = ["sum_squared", "mse", "cross_entropy", "svm"]
+PAIR_BATCHES = [1, 15, 17, 255, 257]
+
+
+def _pair_target(loss, n, c, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if target_kind(loss) == "labels":
+        return torch.randint(0, c, (n,), generator=gen)
+    return torch.randn((n, c), generator=gen, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("loss", PAIR_LOSSES)
+@pytest.mark.parametrize("oi", range(len(PAIR_OPTIMIZERS)),
+                         ids=[f"{o['name']}{i}" for i, o in enumerate(PAIR_OPTIMIZERS)])
+def test_every_loss_and_optimizer_pair_is_bitwise(oi, loss, dtype):
+    opt = PAIR_OPTIMIZERS[oi]
+    sizes = [5, 12, 8, 4]
+    for bi, n in enumerate(PAIR_BATCHES):
+        acts = PAIR_ACTIVATIONS[(oi + bi + PAIR_LOSSES.index(loss)) % len(PAIR_ACTIVATIONS)]
+        readable, fast, twin = build(sizes, acts, True, loss, opt, dtype)
+        assert fast.specialised, fast.fallback
+        # ELU's backward is ≤ 1 ulp from autograd's in the kernel's scalar tail (glibc exp; see
+        # manual/kernel_exp.py and refnet/not_bitwise.py), so with ELU only fast == readable holds
+        vs_twin = "elu" not in acts
+        x, _ = data(n, sizes, dtype, seed=n)
+        for step in range(3):
+            t = _pair_target(loss, n, sizes[-1], dtype, seed=10 * n + step)
+            lr_, lf, lt = readable.train_step(x, t), fast.train_step(x, t), twin_step(twin, x, t)
+            where = f"{acts} n={n} step {step}"
+            assert same_bits(lf, lr_), f"{where}: fast {lf.item()!r} != readable {lr_.item()!r}"
+            assert same_bits(lf, lt) or not vs_twin, f"{where}: fast {lf.item()!r} != twin {lt.item()!r}"
+        final_twin = twin_mod.params_of(twin[0])
+        for name, p in fast.mlp.params.items():
+            assert same_bits(p, readable.params[name]), f"{acts} n={n} {name}: fast != readable"
+            assert same_bits(p, final_twin[name]) or not vs_twin, f"{acts} n={n} {name}: fast != twin"
+        state_f, state_r = fast.mlp.optimizer.state_dict(), readable.optimizer.state_dict()
+        for key, tensors in state_r.items():
+            if isinstance(tensors, dict):
+                for name, v in tensors.items():
+                    got = state_f[key][name]
+                    assert (same_bits(got, v) if isinstance(v, torch.Tensor) else got == v), \
+                        f"{acts} n={n} optimizer state {key}[{name}]"
 
 
 def test_bad_input_gets_the_readable_errors():
@@ -138,6 +217,24 @@ def test_cuda_graph_step_equals_uncaptured(momentum):
         torch.cuda.synchronize()
         for name, p in eager.mlp.params.items():
             assert same_bits(p, captured.mlp.params[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_relu_backward_bit_select_on_special_values(dtype):
+    """The fast ReLU backward selects with integer ops on y's bits; at ±0, NaN, infinities and
+    tiny values it gives activations.relu_backward's bits (where(y <= 0, +0, dy))."""
+    from manual.activations import relu_backward, relu_forward
+    from manual.fast import relu_backward_over
+    tiny = torch.finfo(dtype).tiny / 4                    # subnormal
+    z = torch.tensor([0.0, -0.0, 1.5, float("nan"), -2.0, float("-inf"), float("inf"), tiny,
+                      -tiny, 3.0] * 7, dtype=dtype).view(7, 10)
+    dy = torch.tensor([-1.0, 3.0, float("inf"), -2.0, -0.0, float("nan"), -4.0, -5.0, 6.0,
+                       float("-inf")] * 7, dtype=dtype).view(7, 10).roll(1, 0)
+    y, _ = relu_forward(z)
+    expected = relu_backward(dy, y)
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    got = relu_backward_over(dy.clone(), y.clone().view(bits))
+    assert same_bits(got, expected)
 
 
 # -- every spec feature through the fast path and the readable path (issue 18) -----------------

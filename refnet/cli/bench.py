@@ -31,7 +31,8 @@ def add_parser(sub):
     p.add_argument("--dtype", choices=["float32", "float64"],
                    help="one dtype for every size (default: float64 for seed, float32 otherwise)")
     p.add_argument("--threads", type=int, metavar="N",
-                   help=f"torch CPU threads (default: {torch.get_num_threads()})")
+                   help="torch CPU threads for every row (default: each row at 1 thread and at "
+                        "the machine's count)")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--json", metavar="OUT.json", help="write the results here")
@@ -64,17 +65,18 @@ def _command_line(args):
 def markdown(rep):
     """The measured table as Markdown, with the machine and settings it was measured on."""
     cmd = rep.get("command") or ("refnet bench" + (" --quick" if rep["quick"] else ""))
+    threads = " and ".join(map(str, rep["threads"]))
     lines = [f"Measured with `{cmd}` on {rep['device']}, "
-             f"{rep['threads']} torch threads ({os.cpu_count()} CPUs seen), torch {rep['torch']}, "
+             f"each row at {threads} torch threads ({os.cpu_count()} CPUs seen), torch {rep['torch']}, "
              f"Python {platform.python_version()}; {rep['seconds']} s in all.  Medians of "
              f"interleaved samples; ratios above 1 mean the manual step is faster.", "",
-             "| size | batch | layers | dtype | manual ms/step | autograd/manual | compile/manual "
-             "| manual/floor | readable/manual | peak manual | peak twin | bitwise |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| size | batch | layers | dtype | threads | manual ms/step | autograd/manual "
+             "| compile/manual | manual/floor | readable/manual | peak manual | peak twin | bitwise |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rep["rows"]:
         lines.append(
             f"| {r['size']} | {r['batch']} | {'-'.join(map(str, r['sizes']))} | {r['dtype']} "
-            f"| {r['median_seconds']['manual'] * 1e3:.3f} | {_ratio(r['autograd_over_manual'])} "
+            f"| {r['threads']} | {r['median_seconds']['manual'] * 1e3:.3f} | {_ratio(r['autograd_over_manual'])} "
             f"| {_ratio(r['compile_over_manual'])} | {_ratio(r['manual_over_floor'])} "
             f"| {_ratio(r['readable_over_manual'])} | {_mib(r['manual_peak_bytes'])} "
             f"| {_mib(r['twin_peak_bytes'])} | {'yes' if r['bitwise'] else 'no'} |")
@@ -104,14 +106,14 @@ def _ratio(v):
     return "-" if v is None else f"{v:.2f}"
 
 
-HEADER = (f"{'size':7s} {'batch':>5s} {'layers':16s} {'dtype':7s} {'manual ms':>9s} "
+HEADER = (f"{'size':9s} {'batch':>5s} {'layers':16s} {'dtype':7s} {'thr':>3s} {'manual ms':>9s} "
           f"{'autograd/man':>12s} {'compile/man':>11s} {'man/floor':>9s} {'readable/man':>12s} "
           f"{'peak man':>11s} {'peak twin':>11s} bitwise")
 
 
 def format_row(r):
     layers = "-".join(map(str, r["sizes"]))
-    line = (f"{r['size']:7s} {r['batch']:5d} {layers:16s} {r['dtype']:7s} "
+    line = (f"{r['size']:9s} {r['batch']:5d} {layers:16s} {r['dtype']:7s} {r.get('threads', 0):3d} "
             f"{r['median_seconds']['manual'] * 1e3:9.3f} {_ratio(r['autograd_over_manual']):>12s} "
             f"{_ratio(r['compile_over_manual']):>11s} {_ratio(r['manual_over_floor']):>9s} "
             f"{_ratio(r['readable_over_manual']):>12s} {_mib(r['manual_peak_bytes']):>11s} "
@@ -144,7 +146,8 @@ def run(args):
     rep = bench.run(args.sizes, device, dtype, quick=args.quick, compile_=not args.no_compile,
                     momentum=args.momentum, threads=args.threads,
                     on_row=lambda r: print(format_row(r), flush=True))
-    print(f"device {rep['device']}, {rep['threads']} threads, torch {rep['torch']}, "
+    print(f"device {rep['device']}, rows at {'/'.join(map(str, rep['threads']))} threads, "
+          f"torch {rep['torch']}, "
           f"{rep['seconds']} s; medians of interleaved samples; ratios > 1 mean manual is faster "
           f"(man/floor: < 1.10 is near the GEMM floor)")
     rep["command"] = _command_line(args)
