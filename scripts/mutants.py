@@ -85,7 +85,8 @@ mutant("ce_backward_torch_exp", "manual/losses.py",
        "        return sleef_exp(logp)\n", "        return torch.exp(logp)\n",
        "cross-entropy backward with torch.exp instead of the kernel's Sleef exp", LOSS)
 mutant("nll_cascade_32", "manual/losses.py",
-       "if b & (15 << (4 * j)):", "if b & (31 << (5 * j)):",
+       "if b & ((NLL_LEVEL_STEP - 1) << (NLL_LEVEL_POWER * j)):",
+       "if b & ((2 * NLL_LEVEL_STEP - 1) << ((NLL_LEVEL_POWER + 1) * j)):",
        "nll summation cascade folding every 32 rows instead of 16", LOSS)
 mutant("svm_margin_sign", "manual/losses.py",
        "z = (margin - y_target) + y_pred", "z = (-margin - y_target) + y_pred",
@@ -121,8 +122,8 @@ mutant("adam_eps_inside_sqrt", "manual/optim.py",
        "Adam's eps added under the square root", OPT)
 # --- manual/: fast path and kernel exp ----------------------------------------------------------
 mutant("fast_sgd_product", "manual/fast.py",
-       "torch._foreach_add_(params, grads, alpha=-opt.lr)",
-       "torch._foreach_add_(params, torch._foreach_mul(grads, -opt.lr))",
+       "_each(ADD_, params, grads, alpha=-opt.lr)",
+       "_each(ADD_, params, [g * -opt.lr for g in grads])",
        "fast path SGD step p + (−lr·g) (rounded product) instead of alpha", FAST)
 mutant("fast_tanh_unfused", "manual/fast.py",
        "                tmp.fill_(1)\n                tmp.addcmul_(y, y, value=-1)\n",
@@ -132,7 +133,7 @@ mutant("fast_mse_factor", "manual/fast.py",
        "out.mul_(2.0 / out.numel())", "out.mul_(2.0 / out.shape[0])",
        "fast path mse factor 2/N instead of 2/numel", FAST)
 mutant("fast_dampening_dropped", "manual/fast.py",
-       "buf.mul_(opt.momentum).add_(g, alpha=1 - opt.dampening)", "buf.mul_(opt.momentum).add_(g)",
+       "_each(ADD_, bufs, grads, alpha=1 - opt.dampening)", "_each(ADD_, bufs, grads)",
        "fast path momentum dampening ignored", FAST)
 mutant("kernel_exp_lane_count", "manual/kernel_exp.py",
        "step = 2 * (bits // (8 * torch.empty((), dtype=dtype).element_size()))",
