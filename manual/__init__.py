@@ -13,10 +13,12 @@ from manual.activations import ACTIVATIONS, activation_forward, activation_backw
 from manual.losses import LOSSES, loss_forward, loss_backward
 from manual.optim import OPTIMIZERS, make_optimizer
 from manual.mlp import MLP
+from manual._check import NORMS, check_dropout, check_embedding, check_norm
 
 __all__ = [
     "linear_forward", "linear_backward",
     "ACTIVATIONS", "activation_forward", "activation_backward",
     "LOSSES", "loss_forward", "loss_backward",
     "OPTIMIZERS", "make_optimizer", "MLP",
+    "NORMS", "check_norm", "check_dropout", "check_embedding",
 ]

@@ -143,22 +143,32 @@ def adam_settings(lr, betas, eps, weight_decay, amsgrad):
     return lr, betas, eps, weight_decay, amsgrad
 
 
-def mlp_params(params):
+def mlp_params(params, norm=None, embedding=None):
     """params: {"layers.{i}.weight": (H, D), "layers.{i}.bias": (H,)}, one dtype and device,
-    every weight present.  Returns the number of layers."""
+    every weight present; with a norm also "norms.{i}.weight" / "norms.{i}.bias" (H,), with an
+    embedding also "embed.weight" (V, E).  Returns the number of layers."""
     if not isinstance(params, dict) or not params:
         raise TypeError("params: expected a non-empty dict of tensors named layers.{i}.weight")
-    extra = sorted(str(name) for name in params if _layer_index(name) is None)
+
+    def optional(name):
+        if name == "embed.weight":
+            return embedding is not None
+        parts = name.split(".") if isinstance(name, str) else []
+        return (norm is not None and len(parts) == 3 and parts[0] == "norms"
+                and parts[1].isdigit() and parts[2] in ("weight", "bias"))
+    extra = sorted(str(name) for name in params if _layer_index(name) is None and not optional(name))
     if extra:
         raise ValueError(f"params: unexpected names {extra}; expected layers.{{i}}.weight / "
                          f"layers.{{i}}.bias")
-    n_layers = 1 + max(_layer_index(name) for name in params)
+    indices = [_layer_index(name) for name in params if _layer_index(name) is not None]
+    n_layers = 1 + max(indices, default=0)
     for i in range(n_layers):
         if f"layers.{i}.weight" not in params:
             raise ValueError(f"params: missing 'layers.{i}.weight'")
     first = params["layers.0.weight"]
     for name, t in params.items():
-        tensor(f"params[{name!r}]", t, ndim=2 if name.endswith("weight") else 1)
+        one_d = name.endswith("bias") or name.startswith("norms.")
+        tensor(f"params[{name!r}]", t, ndim=1 if one_d else 2)
         same("params['layers.0.weight']", first, f"params[{name!r}]", t)
     return n_layers
 
@@ -205,3 +215,105 @@ def mlp_input(x, w0):
         raise ValueError("x: expected a non-empty batch, got 0 rows")
     if x.shape[1] != w0.shape[1]:
         raise ValueError(f"x: expected shape [N, {w0.shape[1]}], got {list(x.shape)}")
+
+
+# -- the optional layers (manual/norm.py, dropout.py, embedding.py) ---------------------------
+NORMS = ("batchnorm", "layernorm")
+
+
+def check_norm(norm):
+    """None or one of NORMS."""
+    if norm is not None and norm not in NORMS:
+        raise ValueError(f"norm: unknown name {norm!r}; expected null, {', '.join(NORMS)}")
+    return norm
+
+
+def check_dropout(p, name="dropout"):
+    """A dropout probability: a number with 0 <= p < 1."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"{name}: expected a probability p with 0 <= p < 1, got {p!r}")
+    return float(p)
+
+
+def check_embedding(embedding):
+    """None or {"vocab": V, "dim": E, "context": T}, each an integer >= 1; returns a copy."""
+    if embedding is None:
+        return None
+    keys = ("vocab", "dim", "context")
+    if not isinstance(embedding, dict) or set(embedding) != set(keys) or not all(
+            isinstance(embedding[k], int) and not isinstance(embedding[k], bool) and embedding[k] >= 1
+            for k in keys):
+        raise ValueError(f"embedding: expected null or {{\"vocab\": V, \"dim\": E, \"context\": T}} "
+                         f"with integers >= 1, got {embedding!r}")
+    return dict(embedding)
+
+
+def token_indices(idx, vocab, name="x"):
+    """idx: an integer tensor of token indices in [0, vocab) (reads min and max from the device)."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of token indices, got {type(idx).__name__}")
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise ValueError(f"{name}: embedding expects integer token indices, got dtype {idx.dtype}")
+    if idx.numel():
+        low, high = torch.stack(torch.aminmax(idx)).tolist()
+        if low < 0 or high >= vocab:
+            raise ValueError(f"{name}: token indices must lie in [0, {vocab}), got values in "
+                             f"[{low}, {high}]")
+    return idx
+
+
+def norm_args(x, weight, bias, name):
+    """x (N, D); weight, bias (D,) or None, x's dtype and device."""
+    tensor("x", x, ndim=2)
+    for arg, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            tensor(f"{name}.{arg}", t, ndim=1)
+            same("x", x, f"{name}.{arg}", t)
+            if t.shape[0] != x.shape[1]:
+                raise ValueError(f"{name}.{arg}: expected shape [{x.shape[1]}] to match x's "
+                                 f"features, got {list(t.shape)}")
+
+
+def mlp_norm_settings(momentum, eps):
+    """Batch/layer norm's momentum in [0, 1] and eps in (0, 1]."""
+    momentum = number("momentum", momentum, high=None)
+    if momentum > 1:
+        raise ValueError(f"momentum: expected a number in [0, 1], got {momentum!r}")
+    eps = number("eps", eps, allow_equal=False)
+    if eps > 1:
+        raise ValueError(f"eps: expected a number in (0, 1], got {eps!r}")
+    return momentum, eps
+
+
+def mlp_optional_layers(params, n_layers, norm, embedding):
+    """Every hidden layer's norms.{i}.weight/bias present (H,) with a norm; embed.weight (V, E)
+    with an embedding, and the first layer taking context·dim inputs."""
+    if norm is not None:
+        for i in range(n_layers - 1):
+            width = params[f"layers.{i}.weight"].shape[0]
+            for kind in ("weight", "bias"):
+                name = f"norms.{i}.{kind}"
+                if name not in params:
+                    raise ValueError(f"params: missing {name!r} (norm {norm!r})")
+                if params[name].shape[0] != width:
+                    raise ValueError(f"params[{name!r}]: expected shape [{width}], "
+                                     f"got {list(params[name].shape)}")
+    if embedding is not None:
+        if "embed.weight" not in params:
+            raise ValueError("params: missing 'embed.weight' (embedding)")
+        shape = list(params["embed.weight"].shape)
+        if shape != [embedding["vocab"], embedding["dim"]]:
+            raise ValueError(f"params['embed.weight']: expected shape [{embedding['vocab']}, "
+                             f"{embedding['dim']}], got {shape}")
+        inputs = params["layers.0.weight"].shape[1]
+        if inputs != embedding["context"] * embedding["dim"]:
+            raise ValueError(f"embedding: context·dim = {embedding['context'] * embedding['dim']} "
+                             f"must equal the first layer's inputs, got {inputs}")
+
+
+def mlp_tokens(x, embedding):
+    """x: (N, T) integer token indices, N >= 1, T the embedding's context, values in [0, V)."""
+    token_indices(x, embedding["vocab"])
+    if x.dim() != 2 or x.shape[1] != embedding["context"] or x.shape[0] == 0:
+        raise ValueError(f"x: expected token indices of shape [N, {embedding['context']}] "
+                         f"(embedding context), got {list(x.shape)}")

@@ -27,7 +27,8 @@ L2 regularization (``reg`` > 0) runs manual.losses.l2_forward / l2_backward, as 
 step does, and adds the weight terms into the gradient buffers (x + y in place, the same bits).
 
 What it does not specialise falls back to the readable code, visibly (``specialised`` is False,
-``fallback`` says why): an activation or loss it does not know runs the readable step; an
+``fallback`` says why): an activation or loss it does not know, or a norm, dropout or embedding layer, runs the
+readable step; an
 optimizer that is not exactly manual.optim.SGD/Adam/AdamW (a subclass, extra state) runs its own
 ``step``.  tests/test_fast.py checks bit identity with the readable path and the autograd twin
 for every loss × optimizer pair, every activation, reg and bias on/off.
@@ -119,6 +120,8 @@ class FastMLP:
             return f"activations {mlp.activations}: not all in {FAST_ACTIVATIONS}"
         if mlp.loss not in FAST_LOSSES:
             return f"loss {mlp.loss!r} not in {FAST_LOSSES}"
+        if mlp.norm is not None or mlp.dropout or mlp.embedding is not None:
+            return "norm, dropout and embedding layers are not specialised"
         return None
 
     @property

@@ -52,6 +52,10 @@ SIZES = {
                  init="randn", block=20, reps=(15, 5), dtype=torch.float64),
     "medium": dict(batch=256, sizes=[1024, 1024, 10], bias=True, loss="mse", lr=0.01,
                    init="uniform", block=4, reps=(15, 3)),
+    # medium with batch norm after the hidden layer (manual: the readable path; the kernel-order
+    # batch-norm backward sums the batch row by row, so it is slower than the fused kernel)
+    "medium_bn": dict(batch=256, sizes=[1024, 1024, 10], bias=True, loss="mse", lr=0.01,
+                      init="uniform", block=4, reps=(15, 3), norm="batchnorm"),
     "large": dict(batch=1024, sizes=[2048, 2048, 2048], bias=True, loss="mse", lr=0.01,
                   init="uniform", block=1, reps=(7, 2)),
     "spiral_ce": dict(batch=300, sizes=[2, 100, 3], bias=True, loss="cross_entropy", lr=1e-3,
@@ -97,7 +101,7 @@ def _data(cfg, dtype, device):
 
 def _params(cfg, dtype, device):
     return init_params(cfg["sizes"], _activation(cfg), cfg["bias"], scheme=cfg["init"], seed=0,
-                       dtype=dtype, device=device)
+                       dtype=dtype, device=device, norm=cfg.get("norm"))
 
 
 def _activation(cfg):
@@ -112,11 +116,12 @@ def _optimizer(cfg, momentum):
 def _manual(cfg, params, momentum):
     name, settings = _optimizer(cfg, momentum)
     return MLP({k: v.clone() for k, v in params.items()}, _activation(cfg), cfg["loss"],
-               manual.make_optimizer(name, **settings))
+               manual.make_optimizer(name, **settings), norm=cfg.get("norm"))
 
 
 def _twin(cfg, params, dtype, device, momentum):
-    twin = twin_mod.Twin(cfg["sizes"], _activation(cfg), cfg["bias"], dtype=dtype, device=device)
+    twin = twin_mod.Twin(cfg["sizes"], _activation(cfg), cfg["bias"], dtype=dtype, device=device,
+                         norm=cfg.get("norm"))
     twin_mod.load_params(twin, params)
     name, settings = _optimizer(cfg, momentum)
     return twin, twin_mod.loss_module(cfg["loss"]), twin_mod.make_optimizer(twin, name, **settings)
@@ -241,6 +246,7 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
     dtype = dtype or cfg.get("dtype", torch.float32)
     device = torch.device(device)
     graph = device.type == "cuda" if graph is None else graph
+    graph = graph and not cfg.get("norm")   # CUDA graphs need FastMLP's specialised plan
     params = _params(cfg, dtype, device)
     x, target = _data(cfg, dtype, device)
     readable = _manual(cfg, params, momentum)

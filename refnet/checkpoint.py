@@ -106,6 +106,10 @@ def save_run(path, pair, spec, example, step, losses_m, losses_t, worst_tier, **
         "format": CHECKPOINT_FORMAT, "step": step, "spec": spec.to_dict(), "example": example,
         "manual_params": cpu_copy(pair.mlp.params),
         "twin_params": cpu_copy(twin_mod.params_of(pair.twin)),
+        "manual_buffers": cpu_copy(pair.mlp.buffers),
+        "twin_buffers": cpu_copy(twin_mod.buffers_of(pair.twin)),
+        "manual_rng": pair.mlp.generator.get_state() if pair.mlp.generator is not None else None,
+        "twin_rng": getattr(pair.twin, "_rng_state", None),
         "manual_optimizer": cpu_copy(pair.mlp.optimizer.state_dict()),
         "twin_optimizer": cpu_copy(pair.twin_opt.state_dict()),
         "losses_manual": losses_m.cpu(), "losses_twin": losses_t.cpu(),
@@ -114,7 +118,8 @@ def save_run(path, pair, spec, example, step, losses_m, losses_t, worst_tier, **
 
 
 def restore_run(pair, ck, device):
-    """Both sides' parameters and both optimizers' state from a checkpoint."""
+    """Both sides' parameters, both optimizers' state, batch norm's running statistics and the
+    dropout streams from a checkpoint."""
     names = set(pair.mlp.params)
     for side in ("manual_params", "twin_params"):
         if set(ck[side]) != names:
@@ -125,3 +130,16 @@ def restore_run(pair, ck, device):
     twin_mod.load_params(pair.twin, ck["twin_params"])
     pair.mlp.optimizer.load_state_dict(to_device(ck["manual_optimizer"], device))
     pair.twin_opt.load_state_dict(ck["twin_optimizer"])
+    # batch norm's running statistics and the dropout streams (absent in older checkpoints,
+    # whose specs have neither)
+    buffers = ck.get("manual_buffers", {})
+    if set(buffers) != set(pair.mlp.buffers):
+        raise ValueError(f"--resume: checkpoint buffers are {sorted(buffers)}, the spec's model "
+                         f"has {sorted(pair.mlp.buffers)}")
+    for name, b in pair.mlp.buffers.items():
+        b.copy_(buffers[name])
+    twin_mod.load_buffers(pair.twin, ck.get("twin_buffers", {}))
+    if ck.get("manual_rng") is not None and pair.mlp.generator is not None:
+        pair.mlp.generator.set_state(ck["manual_rng"])
+    if ck.get("twin_rng") is not None and hasattr(pair.twin, "_rng_state"):
+        pair.twin._rng_state = ck["twin_rng"].clone()

@@ -12,7 +12,8 @@ import torch
 
 from manual.losses import target_kind
 
-DATASETS = ("xor", "circles", "spiral", "random")
+DATASETS = ("xor", "circles", "spiral", "random", "names")
+TOKEN_DATASETS = ("names",)  # integer token inputs: need an embedding
 
 
 def _out(x, y, dtype, device):
@@ -63,8 +64,46 @@ def random(n=64, d_in=1000, d_out=10, seed=0, dtype=torch.float64, device="cpu")
     return _out(x, y, dtype, device)
 
 
+# --- character-level names (makemore), generated here: no download ---------------------------------
+CHARS = "." + "abcdefghijklmnopqrstuvwxyz"   # '.' (index 0) marks the start and the end of a name
+_ONSETS = ("", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w",
+           "z", "br", "ch", "cl", "dr", "gr", "kr", "sh", "st", "th", "tr", "qu", "x", "y")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ie", "oa", "ou", "y")
+_CODAS = ("", "", "", "n", "l", "r", "s", "th", "nd", "x", "m", "k")
+
+
+def name_list(n=2000, seed=0):
+    """n pronounceable lowercase names from a seeded syllable generator (1–3 syllables each)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    names = []
+    for _ in range(n):
+        syllables = 1 + int(torch.randint(3, (1,), generator=gen))
+        names.append("".join(pick(_ONSETS) + pick(_VOWELS) + pick(_CODAS) for _ in range(syllables)))
+    return names
+
+
+def names(context=3, n_names=2000, seed=0, device="cpu"):
+    """makemore's data set: every (context characters -> next character) pair of the names, with
+    '.' padding at the start and '.' as the end token.  x (N, context) int64, y (N,) int64 in [0, 27)."""
+    xs, ys = [], []
+    for word in name_list(n_names, seed):
+        window = [0] * context
+        for ch in word + ".":
+            ix = CHARS.index(ch)
+            xs.append(window)
+            ys.append(ix)
+            window = window[1:] + [ix]
+    return (torch.tensor(xs, dtype=torch.int64, device=device),
+            torch.tensor(ys, dtype=torch.int64, device=device))
+
+
 def load_npz(path, dtype=torch.float64, device="cpu"):
-    """User data: an .npz with a float array `x` (N, D) and `y`, either (N,) int labels or (N, C)."""
+    """User data: an .npz with a float array `x` (N, D) (or integer token indices (N, T) for an
+    embedding spec) and `y`, either (N,) int labels or (N, C)."""
     if not os.path.isfile(path):
         raise ValueError(f"data: file not found: {path}")
     try:
@@ -96,6 +135,8 @@ def load_npz(path, dtype=torch.float64, device="cpu"):
         y = torch.from_numpy(np.ascontiguousarray(y_np, dtype=np.float64))
         if y.dim() == 1:
             y = y.unsqueeze(1)
+    if np.issubdtype(x_np.dtype, np.integer):  # token indices (an embedding spec): kept integer
+        return torch.from_numpy(x_np.astype(np.int64)).to(device), _out(x, y, dtype, device)[1]
     return _out(x, y, dtype, device)
 
 
@@ -152,9 +193,19 @@ def load_data(spec):
     elif spec.data == "random":
         x, y = random(n=n or 64, d_in=spec.sizes[0], d_out=spec.sizes[-1], seed=spec.seed,
                       dtype=dtype, device=device)
+    elif spec.data == "names":
+        x, y = names(context=spec.embedding["context"], n_names=n or 2000, seed=spec.seed,
+                     device=device)
     else:
         x, y = load_npz(spec.data, dtype=dtype, device=device)
-    if x.shape[1] != spec.sizes[0]:
+    if spec.embedding is not None:
+        if x.is_floating_point():
+            raise ValueError(f"embedding: needs integer token data, but data {spec.data!r} is "
+                             f"real-valued ({x.dtype})")
+        if x.dim() != 2 or x.shape[1] != spec.embedding["context"]:
+            raise ValueError(f"embedding: context {spec.embedding['context']} but data "
+                             f"{spec.data!r} has shape {list(x.shape)}")
+    elif x.shape[1] != spec.sizes[0]:
         raise ValueError(f"sizes: the first layer takes {spec.sizes[0]} inputs but data "
                          f"{spec.data!r} has {x.shape[1]} features")
     return x, make_targets(y, target_kind(spec.loss), spec.sizes[-1], dtype)

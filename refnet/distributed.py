@@ -53,20 +53,38 @@ class DPPair:
         if idx.numel() < self.world_size:
             raise ValueError(f"batch_size: a batch of {idx.numel()} rows cannot be split over "
                              f"{self.world_size} processes; give a batch of at least that many")
+        if self.spec.norm == "batchnorm" and idx.numel() < 2 * self.world_size:
+            raise ValueError(f"batch_size: batch norm normalizes each rank's shard, which needs at "
+                             f"least 2 rows; a batch of {idx.numel()} rows over {self.world_size} "
+                             f"processes leaves fewer")
         return torch.tensor_split(idx, self.world_size)[self.rank]
+
+    def sync_buffers(self):
+        """DDP's broadcast_buffers (its default): before every training forward, rank 0's
+        buffers (batch norm's running statistics) overwrite every rank's.  The manual side does
+        the same; each rank then normalizes with its own shard's statistics (no SyncBatchNorm)
+        and updates the running statistics from them."""
+        for b in self.pair.mlp.buffers.values():
+            dist.broadcast(b, src=0)
 
     def resume_buckets(self, xb, tb):
         """After a restart, put both sides in the bucket layout of the unbroken run: one
         discarded DDP forward/backward (no optimizer step) lets DDP record the gradient-ready
         order and rebuild its buckets at the next forward; the manual reducer rebuilds directly."""
+        twin = self.pair.twin   # the discarded forward must not move running stats or dropout
+        buffers, rng = twin_mod.buffers_of(twin), getattr(twin, "_rng_state", None)
         self.pair.twin_opt.zero_grad(set_to_none=True)
         self.pair.twin_loss(self.ddp(xb), tb).backward()
         self.pair.twin_opt.zero_grad(set_to_none=True)
+        twin_mod.load_buffers(twin, buffers)
+        if rng is not None:
+            twin._rng_state = rng
         self.reducer.rebuild()
 
     def step(self, xb, tb):
         """One step on both sides; returns (loss_m, loss_t, reduced manual grads, DDP grads)."""
         mlp = self.pair.mlp
+        self.sync_buffers()
         loss_m, cache = mlp.forward(xb, tb)
         grads, _ = mlp.backward(cache)
         reduced = self.reducer.reduce(grads)
@@ -154,6 +172,9 @@ def verify_spec(spec, rank, world_size, job=None):
     twin_final = twin_mod.params_of(dp.pair.twin)
     final = [compare_tensors(f"rank{rank}.final.{n}", p, twin_final[n], "curve", **strict)
              for n, p in dp.pair.mlp.params.items()]
+    twin_buffers = twin_mod.buffers_of(dp.pair.twin)   # batch norm's running statistics
+    final += [compare_tensors(f"rank{rank}.final.{n}", b, twin_buffers[n], "curve", **strict)
+              for n, b in dp.pair.mlp.buffers.items()]
     flat = torch.cat([_flat(dp.pair.mlp.params), _flat(twin_final)])  # both sides' parameters
     everyone = [torch.empty_like(flat) for _ in range(world_size)]
     dist.all_gather(everyone, flat)
@@ -185,6 +206,8 @@ def _vs_single(spec, x, target, world_size, all_losses, gm):
     differently)."""
     note = (f"graded: the mean over {world_size} ranks of per-rank means is the batch mean only in "
             f"exact arithmetic, and the additions happen in another order")
+    if spec.norm == "batchnorm" or spec.dropout:
+        return []  # per-shard batch statistics / per-shard masks: another function of the batch
     single = harness.build_pair(spec)
     idx0 = datasets.batches(x.shape[0], spec.batch_size, 1, spec.seed)[0]
     xb, tb = (x, target) if idx0 is None else (x[idx0], target[idx0])
@@ -214,7 +237,8 @@ def _vs_single(spec, x, target, world_size, all_losses, gm):
 
 # Specs `refnet verify --nproc N` checks without --spec (small enough for CI): the document's
 # net (smaller), a deep ReLU net with biases, a cross-entropy + Adam net.  Batch norm: helper
-# "norm" adds it; per-rank batch statistics (DDP without SyncBatchNorm) need only DPPair.step.
+# "norm" adds it; per-rank batch statistics (DDP without SyncBatchNorm) need only DPPair.step
+# (DPPair.sync_buffers mirrors DDP's broadcast of rank 0's buffers; bn_dp_spec is the check).
 def dp_specs(dtype="float64", device="cpu", steps=6):
     return [
         Spec(sizes=[64, 100, 10], activation="sigmoid", bias=False, loss="sum_squared",
@@ -227,3 +251,12 @@ def dp_specs(dtype="float64", device="cpu", steps=6):
              n_samples=60, batch_size=12, optimizer={"name": "adam", "lr": 0.01}, steps=steps,
              dtype=dtype, device=device, name="dp_ce_adam"),
     ]
+
+
+def bn_dp_spec(dtype="float64", device="cpu", steps=6):
+    """Batch norm (per-rank statistics, rank 0's running statistics broadcast each step) and,
+    on the CPU, dropout (each rank's own stream), data-parallel."""
+    return Spec(sizes=[2, 16, 16, 3], activation="relu", loss="cross_entropy", data="spiral",
+                n_samples=48, batch_size=24, norm="batchnorm", dropout=0.2 if device == "cpu" else 0.0,
+                optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9}, steps=steps, dtype=dtype,
+                device=device, name="dp_batchnorm_dropout")

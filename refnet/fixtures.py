@@ -68,6 +68,10 @@ def tensor_order(n_layers, bias=True, minibatch=False):
 
 def case_for_spec(spec, params=None, data=None, note=""):
     """A case to export: {"spec", "params" (or None: seeded init), "data" (x, target) or None}."""
+    layers = [k for k in ("norm", "dropout", "embedding") if getattr(spec, k, None)]
+    if layers:  # the fixture format has no running statistics or dropout masks yet
+        raise ValueError(f"export: spec key(s) {layers} are not exported yet (fixtures would need "
+                         f"running statistics and dropout masks); verify and train support them")
     return {"spec": spec, "params": params, "data": data, "note": note}
 
 

@@ -13,7 +13,8 @@ import torch
 
 import manual
 from manual.mlp import INIT_SCHEMES, activation_list
-from refnet.data import DATASETS
+from refnet.data import DATASETS, TOKEN_DATASETS
+from refnet.twin import CUDA_DROPOUT
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -43,7 +44,7 @@ class Spec:
     optimizer: dict = field(default_factory=_default_optimizer)
     steps: int = 100
     batch_size: int | None = None        # None: full batch
-    data: str = "random"                 # xor | circles | spiral | random | path/to/file.npz
+    data: str = "random"                 # xor | circles | spiral | random | names | path/to/file.npz
     n_samples: int | None = None         # size of a generated data set (None: its default)
     dtype: str = "float64"
     device: str = "cpu"
@@ -52,6 +53,11 @@ class Spec:
     slope: float = 0.1                   # leaky_relu
     alpha: float = 1.0                   # elu
     k: int = 2                           # maxout pieces
+    norm: str | None = None              # null | batchnorm | layernorm, after each hidden linear
+    dropout: float = 0.0                 # p of inverted dropout after each hidden activation
+    momentum: float = 0.1                # batch norm's running-statistics momentum
+    eps: float = 1e-5                    # the norms' eps
+    embedding: dict | None = None        # {"vocab": V, "dim": E, "context": T}: integer inputs (N, T)
     name: str = "spec"
 
     def __post_init__(self):
@@ -106,6 +112,33 @@ class Spec:
             check_finite(key, getattr(self, key))
         if not is_int(self.k) or self.k < 1:
             raise ValueError(f"k: expected an integer >= 1, got {self.k!r}")
+        manual.check_norm(self.norm)
+        manual.check_dropout(self.dropout)
+        manual.check_embedding(self.embedding)
+        if self.dropout and self.device == "cuda":
+            raise ValueError(CUDA_DROPOUT)
+        for key, lo_open in (("momentum", False), ("eps", True)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 \
+                    or (lo_open and v == 0):
+                raise ValueError(f"{key}: expected a number in {'(0, 1]' if lo_open else '[0, 1]'}, "
+                                 f"got {v!r}")
+        if self.embedding is not None:
+            e = self.embedding
+            if self.sizes[0] != e["context"] * e["dim"]:
+                raise ValueError(f"embedding: context·dim = {e['context'] * e['dim']} must equal "
+                                 f"sizes[0], got {self.sizes[0]}")
+            if self.data in DATASETS and self.data not in TOKEN_DATASETS:
+                raise ValueError(f"embedding: needs integer token data ({', '.join(TOKEN_DATASETS)} "
+                                 f"or an .npz of indices), but data {self.data!r} is real-valued")
+        elif self.data in TOKEN_DATASETS:
+            raise ValueError(f"data: {self.data!r} is integer token data; it needs the embedding key")
+        if self.norm == "batchnorm":
+            n, b = self.n_samples, self.batch_size
+            if b == 1 or n == 1 or (n and b and b < n and n % b == 1):
+                raise ValueError(f"batch_size: batch norm in training needs at least 2 rows in "
+                                 f"every batch; batch_size {b} with n_samples {n} leaves a batch "
+                                 f"of 1")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
 
@@ -120,6 +153,12 @@ class Spec:
     @property
     def options(self):
         return {"slope": self.slope, "alpha": self.alpha, "k": self.k}
+
+    @property
+    def layer_options(self):
+        """The optional layers' settings, as MLP and Twin take them."""
+        return {"norm": self.norm, "dropout": self.dropout, "momentum": self.momentum,
+                "eps": self.eps, "embedding": self.embedding}
 
     def to_dict(self):
         return asdict(self)

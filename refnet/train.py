@@ -261,6 +261,17 @@ def _install_sigint(state):
     return [signal.signal(signal.SIGINT, handler)]
 
 
+def _classify_eval(mlp, grid):
+    """The manual MLP's predicted class for each row of grid, in eval mode (running statistics,
+    no dropout, no dropout stream advanced); the MLP's mode is restored after."""
+    training = mlp.training
+    mlp.eval()
+    try:
+        return predict_class(mlp.predict(grid)[0])
+    finally:
+        mlp.train(training)
+
+
 def _accuracy(output, labels):
     return float((predict_class(output).cpu() == labels.cpu()).double().mean())
 
@@ -292,10 +303,14 @@ def run_summary(spec, example, tier, state, status, message, start, losses_m, lo
     if summary["nonfinite"] and status == "completed":
         summary["status"] = f"completed (non-finite from step {summary['first_nonfinite_step']})"
     labels = _labels(target)
-    if labels is not None:
+    if labels is not None:  # in eval mode: running statistics, no dropout
+        pair.mlp.eval()
+        pair.twin.eval()
         with torch.no_grad():
             summary["accuracy_manual"] = _accuracy(pair.mlp.predict(x)[0], labels)
             summary["accuracy_twin"] = _accuracy(pair.twin(x), labels)
+        pair.mlp.train()
+        pair.twin.train()
     return summary
 
 
@@ -336,8 +351,7 @@ def write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target):
         labels = _labels(target)
         if labels is not None and x.shape[1] == 2:  # 2-D classification data
             plots.plot_boundary(os.path.join(out_dir, "decision_boundary.png"), spec,
-                                lambda grid: predict_class(pair.mlp.predict(grid)[0]), x, labels,
-                                summary)
+                                lambda grid: _classify_eval(pair.mlp, grid), x, labels, summary)
             files.append("decision_boundary.png")
     summary["files"] = files
     blob = json.dumps(json_safe(summary), indent=2, allow_nan=False, default=str) + "\n"

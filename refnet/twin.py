@@ -3,6 +3,7 @@ torch loss, torch.optim), so that autograd — not this file — computes its gr
 import torch
 from torch import nn
 
+import manual
 import manual.mlp
 
 
@@ -67,31 +68,80 @@ class L2Regularized(nn.Module):
         return self.base(out, target) + total * self.reg
 
 
+CUDA_DROPOUT = ("dropout: not supported on device cuda (CUDA's fused native_dropout kernel draws its "
+                "masks from the Philox generator in its own order, which manual's bernoulli_ "
+                "cannot reproduce); use device cpu or dropout 0")
+
+
 class Twin(nn.Module):
-    """layers: ModuleList of nn.Linear; acts: one activation module per hidden layer."""
+    """layers: ModuleList of nn.Linear; acts: one activation module per hidden layer; optional
+    embed (nn.Embedding) in front, norms (nn.BatchNorm1d / nn.LayerNorm) after each hidden linear
+    layer, drops (nn.Dropout) after each hidden activation — CS231n FullyConnectedNet's order.
+
+    Dropout draws from the default CPU generator, as nn.Dropout always does, but inside
+    torch.random.fork_rng with the twin's own saved state (seeded with ``seed``): the twin's masks
+    are then the ones manual.MLP draws from torch.Generator().manual_seed(seed) (manual/dropout.py),
+    and nothing else that uses the global generator moves either stream.
+    """
 
     def __init__(self, sizes, activation="sigmoid", bias=True, *, slope=0.1, alpha=1.0, k=2,
-                 dtype=torch.float64, device="cpu"):
+                 dtype=torch.float64, device="cpu", norm=None, dropout=0.0, momentum=0.1,
+                 eps=1e-5, embedding=None, seed=0):
         super().__init__()
+        if manual.check_dropout(dropout) and str(device).startswith("cuda"):
+            raise ValueError(CUDA_DROPOUT)
         acts = manual.mlp.activation_list(activation, len(sizes) - 2)
         widths = manual.mlp.linear_widths(sizes, acts, k)
+        embedding = manual.check_embedding(embedding)
+        if embedding is not None:
+            self.embed = torch.nn.utils.skip_init(nn.Embedding, embedding["vocab"], embedding["dim"],
+                                                  dtype=dtype, device=device)
         # skip_init: no draw from the global RNG; the parameters are copied in afterwards.
         self.layers = nn.ModuleList(
             torch.nn.utils.skip_init(nn.Linear, d_in, width, bias=bias, dtype=dtype, device=device)
             for d_in, width in zip(sizes[:-1], widths))
         self.acts = nn.ModuleList(activation_module(a, slope, alpha, k) for a in acts)
+        norm = manual.check_norm(norm)
+        if norm == "batchnorm":
+            self.norms = nn.ModuleList(nn.BatchNorm1d(w, eps=eps, momentum=momentum, dtype=dtype,
+                                                      device=device) for w in widths[:-1])
+        elif norm == "layernorm":
+            self.norms = nn.ModuleList(nn.LayerNorm(w, eps=eps, dtype=dtype, device=device)
+                                       for w in widths[:-1])
+        self.p = manual.check_dropout(dropout)
+        if self.p:
+            self.drops = nn.ModuleList(nn.Dropout(self.p) for _ in acts)
+            self._rng_state = torch.Generator().manual_seed(seed).get_state()
+        self.fixed_masks = False  # True: every forward redraws the same masks (finite differences)
 
     def forward(self, x):
+        if not (self.p and self.training):
+            return self._forward(x)
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng_state)
+            out = self._forward(x)
+            if not self.fixed_masks:
+                self._rng_state = torch.get_rng_state()
+        return out
+
+    def _forward(self, x):
+        if hasattr(self, "embed"):
+            x = self.embed(x)
+            x = x.view(x.shape[0], -1)
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.acts):
+                if hasattr(self, "norms"):
+                    x = self.norms[i](x)
                 x = self.acts[i](x)
+                if self.p:
+                    x = self.drops[i](x)
         return x
 
 
 def load_params(twin, params):
-    """Copy a dict of tensors named like twin.state_dict() into the twin (shapes must match)."""
-    state = twin.state_dict()
+    """Copy a dict of tensors named like twin's parameters into the twin (shapes must match)."""
+    state = dict(twin.named_parameters())
     if set(state) != set(params):
         raise ValueError(f"params: expected names {sorted(state)}, got {sorted(params)}")
     with torch.no_grad():
@@ -100,6 +150,21 @@ def load_params(twin, params):
                 raise ValueError(f"params[{name!r}]: expected shape {list(t.shape)}, "
                                  f"got {list(params[name].shape)}")
             t.copy_(params[name])
+
+
+def load_buffers(twin, buffers):
+    """Copy batch norm's running statistics (named like twin.state_dict()) into the twin."""
+    state = dict(twin.named_buffers())
+    if set(state) != set(buffers):
+        raise ValueError(f"buffers: expected names {sorted(state)}, got {sorted(buffers)}")
+    with torch.no_grad():
+        for name, t in state.items():
+            t.copy_(buffers[name])
+
+
+def buffers_of(twin):
+    """The twin's buffers (running statistics) as a dict of clones."""
+    return {name: b.detach().clone() for name, b in twin.named_buffers()}
 
 
 def params_of(twin):

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import manual
-from manual import gates, layers, losses, mlp as mlp_mod
+from manual import dropout, embedding, gates, layers, losses, mlp as mlp_mod, norm
 from manual.activations import ACTIVATIONS
 from manual.fast import FastMLP
 from manual.mlp import MLP, init_params
@@ -223,6 +223,62 @@ def test_every_mlp_runs_without_autograd(loss, device):
                     results += [value, grads, dx, trace, net.train_step(x, target)]
             _assert_plain([results, net.params, net.optimizer.state_dict()],
                           f"MLP({act}, {loss}, {opt_name} {settings})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_dropout_embedding_ops_run_without_autograd(device):
+    """Batch norm (fused and step-by-step, training and eval), layer norm, dropout, embedding."""
+    x, dout = _randn(6, 5, device=device, seed=1), _randn(6, 5, device=device, seed=2)
+    w, b = _randn(5, device=device, seed=3), _randn(5, device=device, seed=4)
+    idx = _labels(12, 7, device).view(4, 3)
+    table, demb = _randn(7, 2, device=device, seed=5), _randn(4, 3, 2, device=device, seed=6)
+    results = []
+    with no_autograd():
+        rm, rv = torch.zeros_like(w), torch.ones_like(w)
+        for training in (True, False):
+            out, cache = norm.batchnorm_forward(x, w, b, rm, rv, training=training,
+                                                num_batches_tracked=torch.tensor(0, device=device))
+            results += [out, norm.batchnorm_backward(dout, cache), rm, rv]
+        out, cache = norm.batchnorm_forward_steps(x, w, b)
+        results += [out, norm.batchnorm_backward_steps(dout, cache)]
+        out, cache = norm.layernorm_forward(x, w, b)
+        results += [out, norm.layernorm_backward(dout, cache)]
+        gen = torch.Generator(device=device).manual_seed(0)
+        for p in (0.0, 0.3):
+            out, cache = dropout.dropout_forward(x, p, generator=gen)
+            results += [out, dropout.dropout_backward(dout, cache)]
+        out, cache = embedding.embedding_forward(idx, table)
+        results += [out, embedding.embedding_backward(demb, cache)]
+    _assert_plain(results, "norm/dropout/embedding op results")
+
+
+LAYER_CONFIGS = [{"norm": "batchnorm"}, {"norm": "layernorm"}, {"dropout": 0.25},
+                 {"norm": "batchnorm", "dropout": 0.25},
+                 {"norm": "batchnorm", "embedding": {"vocab": 7, "dim": 2, "context": 2}}]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", LAYER_CONFIGS, ids=lambda c: "+".join(c))
+def test_mlp_with_norm_dropout_embedding_runs_without_autograd(config, device):
+    """An MLP with the optional layers: traced forward, backward, step, train_step, then eval."""
+    emb = config.get("embedding")
+    x = _labels(8, 7, device).view(4, 2) if emb else _randn(4, 4, device=device, seed=1)
+    sizes = [4, 6, 5, 3]
+    target = _labels(4, 3, device)
+    params = init_params(sizes, "relu", device=device, norm=config.get("norm"), embedding=emb)
+    net = MLP(params, "relu", "cross_entropy", manual.make_optimizer("sgd", lr=0.1), reg=0.01,
+              **config, generator=torch.Generator(device=device).manual_seed(0))
+    results = []
+    with no_autograd():
+        for _ in range(2):
+            trace = {}
+            value, cache = net.forward(x, target, trace=trace)
+            grads, dx = net.backward(cache, trace=trace)
+            net.step(grads)
+            results += [value, grads, dx, trace, net.train_step(x, target)]
+        net.eval()
+        results.append(net.predict(x)[0])
+    _assert_plain([results, net.params, net.buffers], f"MLP({config})")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,6 +6,7 @@ in a `finally`, so a failing test leaves no process behind.  One torch thread pe
 import json
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -44,6 +45,28 @@ def test_manual_dp_bitwise_to_ddp(world_size):
     for s in specs:
         for kind in ("reduced_grads", f"loss_curve[{STEPS}]", "final_params", "ranks_identical"):
             assert (s.name, s.dtype, f"dp{world_size}.{kind}") in seen
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_batchnorm_and_dropout_dp_bitwise_to_ddp(dtype):
+    # per-rank batch statistics (no SyncBatchNorm); rank 0's running statistics broadcast before
+    # every forward on both sides (DDP's broadcast_buffers); each rank's dropout stream
+    spec = dist_mod.bn_dp_spec(dtype, steps=STEPS)
+    [(name, _device, _dtype, checks)] = _verify_job(2, [spec])
+    names = {c.name for c in checks}
+    for kind in ("reduced_grads", f"loss_curve[{STEPS}]", "final_params", "ranks_identical"):
+        assert f"dp2.{kind}" in names
+    for check in checks:
+        assert check.name.startswith("dp2."), check.name   # no vs-single: another function
+        assert check.tier == "bitwise" and check.passed, (name, check.failures())
+
+
+def test_batchnorm_shard_of_one_row_is_refused():
+    spec = dist_mod.bn_dp_spec(steps=STEPS)
+    fake = SimpleNamespace(spec=spec, world_size=2, rank=1)
+    with pytest.raises(ValueError, match="^batch_size: batch norm normalizes each rank's shard"):
+        dist_mod.DPPair.shard(fake, torch.arange(3), 3)
+    assert dist_mod.DPPair.shard(fake, torch.arange(4), 4).tolist() == [2, 3]
 
 
 def test_bucket_assignment_and_ready_order():

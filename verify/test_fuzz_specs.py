@@ -45,11 +45,24 @@ def specs(draw):
         else draw(st.sampled_from(acts))
     opt_name = draw(st.sampled_from(sorted(manual.OPTIMIZERS)))
     make = OPTIMIZER_SETTINGS.get(opt_name, lambda d: {"lr": 0.01})
-    n = draw(st.integers(1, 32))
-    return Spec(sizes=sizes, activation=activation, bias=draw(st.booleans()),
+    norm = draw(st.sampled_from([None, None, "batchnorm", "layernorm"])) if depth > 1 else None
+    embedding = None
+    if draw(st.integers(0, 4)) == 0:        # now and then: integer tokens through an embedding
+        embedding = {"vocab": draw(st.integers(1, 30)), "dim": draw(st.integers(1, 6)),
+                     "context": draw(st.integers(1, 4))}
+        sizes[0] = embedding["dim"] * embedding["context"]
+    bias = draw(st.booleans())
+    n = draw(st.integers(2 if norm == "batchnorm" else 1, 32))
+    batch = draw(st.one_of(st.none(), st.integers(2 if norm == "batchnorm" else 1, n)))
+    if norm == "batchnorm" and batch is not None and batch < n and n % batch == 1:
+        batch = None                        # batch norm cannot train on a last batch of one row
+    dropout = draw(st.sampled_from([0.0, 0.0, 0.1, 0.5])) if depth > 1 else 0.0
+    return Spec(sizes=sizes, activation=activation, bias=bias,
+                norm=norm, dropout=dropout, momentum=draw(st.sampled_from([0.1, 0.3])),
+                eps=draw(st.sampled_from([1e-5, 1e-3])), embedding=embedding,
                 loss=draw(st.sampled_from(sorted(manual.LOSSES))),
                 optimizer={"name": opt_name, **make(draw)}, steps=draw(st.integers(3, 8)),
-                batch_size=draw(st.one_of(st.none(), st.integers(1, n))), data="random",
+                batch_size=batch, data="names" if embedding else "random",
                 n_samples=n, dtype=draw(st.sampled_from(["float32", "float64"])),
                 seed=draw(st.integers(0, 2**16)), init=draw(st.sampled_from(["uniform", "randn"])),
                 k=draw(st.integers(1, 3)), name="fuzz")
@@ -59,7 +72,11 @@ def fuzz_data(spec):
     """Seeded inputs and targets of the kind the spec's loss takes."""
     gen = torch.Generator().manual_seed(spec.seed)
     n, d, c = spec.n_samples, spec.sizes[0], spec.sizes[-1]
-    x = torch.randn((n, d), generator=gen, dtype=torch.float64).to(spec.torch_dtype)
+    if spec.embedding is not None:
+        e = spec.embedding
+        x = torch.randint(0, e["vocab"], (n, e["context"]), generator=gen)
+    else:
+        x = torch.randn((n, d), generator=gen, dtype=torch.float64).to(spec.torch_dtype)
     if target_kind(spec.loss) == "labels":
         return x, torch.randint(0, c, (n,), generator=gen)
     return x, torch.randn((n, c), generator=gen, dtype=torch.float64).to(spec.torch_dtype)

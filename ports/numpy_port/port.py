@@ -378,13 +378,19 @@ def record(trace, feed, name, value):
 SPEC_KEYS_READ = {"sizes", "activation", "bias", "loss", "reg", "optimizer", "steps", "batch_size",
                   "dtype", "slope", "alpha", "k"}
 SPEC_KEYS_IGNORED = {"name", "data", "n_samples", "seed", "init", "device"}  # inputs come from the file
+# the optional layers at their "absent" values (momentum and eps only matter with a norm)
+LAYER_DEFAULTS = {"norm": None, "dropout": 0.0, "embedding": None, "momentum": 0.1, "eps": 1e-5}
 SGD_SETTINGS = {"lr", "momentum", "dampening", "nesterov", "weight_decay"}
 
 
 def check_supported(spec):
     """Raise ValueError (one line ending 'not supported by the NumPy port') for anything the port
     does not implement, so that it refuses a case before computing or writing anything."""
-    unknown = sorted(set(spec) - SPEC_KEYS_READ - SPEC_KEYS_IGNORED)
+    unknown = sorted(set(spec) - SPEC_KEYS_READ - SPEC_KEYS_IGNORED - set(LAYER_DEFAULTS))
+    layers = sorted(k for k, v in LAYER_DEFAULTS.items() if k in spec and spec[k] != v
+                    and k not in ("momentum", "eps"))
+    if layers:  # the norm / dropout / embedding layers are not in this port yet
+        raise ValueError(f"spec key(s) {layers} are not supported by the NumPy port")
     if unknown:
         raise ValueError(f"spec key(s) {unknown} are not supported by the NumPy port")
     if spec.get("dtype") not in ("float32", "float64"):

@@ -51,7 +51,7 @@ class Example:
 
 REGISTRY = {}
 _MODULES = ("seed", "scalar", "activations", "vectorized", "deep", "nonlinearity", "claims",
-            "classifiers", "demos")
+            "classifiers", "demos", "norm_layers")
 _loaded = False
 
 

@@ -118,12 +118,24 @@ def forward_pieces(spec, params, x, target, pieces=None):
     n_layers = len(spec.sizes) - 1
     used = []
     h = x
+    gen = torch.Generator().manual_seed(spec.seed)  # dropout: the same masks at every evaluation
     with torch.no_grad():
+        if spec.embedding is not None:
+            h = params["embed.weight"][x].reshape(x.shape[0], -1)
         for i in range(n_layers):
             h = F.linear(h, params[f"layers.{i}.weight"], params.get(f"layers.{i}.bias"))
             if i < n_layers - 1:
+                if spec.norm == "batchnorm":   # training mode: batch statistics, biased variance
+                    h = F.batch_norm(h, None, None, params[f"norms.{i}.weight"],
+                                     params[f"norms.{i}.bias"], True, 0.0, spec.eps)
+                elif spec.norm == "layernorm":
+                    h = F.layer_norm(h, [h.shape[1]], params[f"norms.{i}.weight"],
+                                     params[f"norms.{i}.bias"], spec.eps)
                 h, p = _activation(acts[i], h, spec, None if pieces is None else pieces[i])
                 used.append(p)
+                if spec.dropout:
+                    h = h * torch.empty_like(h).bernoulli_(1 - spec.dropout, generator=gen) \
+                        .div_(1 - spec.dropout)
         loss, p = _loss(spec.loss, h, target, None if pieces is None else pieces[-1])
     used.append(p)
     return loss, used
@@ -144,18 +156,20 @@ def _float64_setup(spec, data):
     """spec rebuilt in float64, its seeded parameters, the data, and the manual analytic grads."""
     spec64 = spec if spec.dtype == "float64" else Spec.from_dict({**spec.to_dict(), "dtype": "float64"})
     params = init_params(spec64.sizes, spec64.activation, spec64.bias, scheme=spec64.init,
-                         seed=spec64.seed, dtype=torch.float64, device=spec64.device, k=spec64.k)
+                         seed=spec64.seed, dtype=torch.float64, device=spec64.device, k=spec64.k,
+                         norm=spec64.norm, embedding=spec64.embedding)
     if data is None:
         x, target = load_data(spec64)
     else:
         x, target = data
-        x = x.detach().to(torch.float64)
+        x = x.detach().to(torch.float64) if x.is_floating_point() else x.detach()
         if target.is_floating_point():
             target = target.detach().to(torch.float64)
     x = x.clone().contiguous()
     opt = dict(spec64.optimizer)
     mlp = MLP({n: t.clone() for n, t in params.items()}, spec64.activation, spec64.loss,
-              manual.make_optimizer(opt.pop("name"), **opt), **spec64.options)
+              manual.make_optimizer(opt.pop("name"), **opt), **spec64.options,
+              **spec64.layer_options, generator=torch.Generator().manual_seed(spec64.seed))
     loss, cache = mlp.forward(x, target)
     grads, dx = mlp.backward(cache)
     return spec64, params, x, target, grads, dx, float(loss)
@@ -181,7 +195,9 @@ def _fd_checks(spec, data, settings):
     atol = st.atol_scale * max(1.0, abs(loss0))
     base_loss, base_pieces = forward_pieces(spec64, params, x, target)
     gen = torch.Generator().manual_seed(spec64.seed)
-    tensors = [(name, params[name], grads[name]) for name in params] + [("input", x, dx)]
+    tensors = [(name, params[name], grads[name]) for name in params]
+    if x.is_floating_point():  # integer token inputs (embedding) have no gradient
+        tensors.append(("input", x, dx))
     verdicts, smooth_coords = [], []
     kinks = by_bracket = by_frozen = sampled = 0
     for name, t, analytic in tensors:
@@ -265,8 +281,9 @@ def _fd_verdict(name, shape, device, analytic, numeric, ok, bracketed, idx, atol
 def _gradcheck(spec64, params, x, target, coords, atol, st, kinks, rebuilt):
     """torch.autograd.gradcheck on the twin, as a function of the sampled smooth coordinates."""
     twin = Twin(spec64.sizes, spec64.activation, spec64.bias, dtype=torch.float64,
-                device=spec64.device, **spec64.options)
+                device=spec64.device, **spec64.options, **spec64.layer_options, seed=spec64.seed)
     load_params(twin, params)
+    twin.fixed_masks = True  # the same dropout masks at every evaluation, as the manual gradient
     loss_fn = loss_module(spec64.loss)
     base = {name: p.detach() for name, p in twin.named_parameters()}
     base["input"] = x

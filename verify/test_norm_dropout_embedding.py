@@ -1,0 +1,54 @@
+"""Issue 15: makemore's backprop ninja and CS231n's FullyConnectedNet with batch norm, layer norm
+and dropout — every manual-vs-autograd check bitwise on CPU (layer norm: where its lane order is
+measured, refnet/not_bitwise.py), and CS231n's finite-difference bands in float64."""
+import pytest
+import torch
+
+from refnet import not_bitwise
+from refnet.examples import norm_layers
+from verify._examples import run
+
+DTYPES = [torch.float32, torch.float64]
+
+
+class _Ctx:
+    def __init__(self, dtype):
+        self.dtype, self.device = dtype, "cpu"
+        self.dtype_name = str(dtype).replace("torch.", "")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_makemore_ninja_everything_bitwise(dtype):
+    checks = run("makemore_ninja", "cpu", dtype)
+    for c in checks.values():
+        assert c.passed, f"{c.name}: " + "\n".join(c.failures())
+        if c.oracle == "manual vs autograd":
+            assert c.tier == "bitwise", f"{c.name}: " + "\n".join(v.message() for v in c.verdicts)
+    chain = checks["chain.grads[26]"]
+    assert len(chain.verdicts) == 26
+    assert checks[f"net.loss_curve[{norm_layers.NINJA_STEPS}]"].verdicts[0].identical_steps == \
+        norm_layers.NINJA_STEPS
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fc_norm_dropout(dtype):
+    checks = run("fc_norm_dropout", "cpu", dtype)
+    for c in checks.values():
+        assert c.passed, f"{c.name}: " + "\n".join(c.failures())
+        if c.oracle != "manual vs autograd":
+            continue
+        if c.name.startswith("layernorm") and not_bitwise.known_issues(
+                norm_layers._fc_spec("layernorm", _Ctx(dtype))):
+            continue      # not measured on this CPU capability (refnet/not_bitwise.py)
+        assert c.tier == "bitwise", f"{c.name}: " + "\n".join(v.message() for v in c.verdicts)
+    if dtype == torch.float64:
+        bn, drop = checks["batchnorm_layer.fd"], checks["dropout_layer.fd"]
+        assert all(v.max_rel_diff <= norm_layers.BN_FD_BAND for v in bn.verdicts)
+        assert all(v.max_rel_diff <= norm_layers.DROPOUT_FD_BAND for v in drop.verdicts)
+
+
+def test_fd_band_can_fail():
+    # a wrong dropout gradient (mask not rescaled) must leave the band
+    a = torch.ones(3, dtype=torch.float64)
+    check = norm_layers._band_check("x", {"dx": (a, a * 0.8)}, norm_layers.DROPOUT_FD_BAND, "")
+    assert not check.passed
