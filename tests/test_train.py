@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import manual.mlp
-from refnet import cli, data, examples, train as train_mod
+from refnet import cli, data, examples, run_outputs, train as train_mod
 from refnet.cli import train as cli_train
 from refnet.spec import Spec
 
@@ -305,8 +305,8 @@ def test_nonfinite_run_is_reported_without_warnings(tmp_path, capsys):
     monkey.setattr(Figure, "savefig",
                    lambda fig, *a, **kw: (drawn.append(fig), real(fig, *a, **kw))[1])
     try:
-        train_mod.write_outputs(str(out), Spec.from_dict(summary["spec"]), summary,
-                                *_losses_of(out), None, torch.zeros(1, 3), torch.zeros(1, 1))
+        run_outputs.write_outputs(str(out), Spec.from_dict(summary["spec"]), summary,
+                                  *_losses_of(out), None, torch.zeros(1, 3), torch.zeros(1, 1))
     finally:
         monkey.undo()
     top = drawn[0].axes[0]
