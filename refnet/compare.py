@@ -193,8 +193,13 @@ def compare_tensors(name, a, b, kind="grad", *, strict_bits=False, ulp_limit=Non
     return verdict
 
 
-def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, atol=None):
-    """Compare two 1-D loss curves: tier over all steps, identical steps, first step they part."""
+def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, atol=None,
+                   nan_propagation=False):
+    """Compare two 1-D loss curves: tier over all steps, identical steps, first step they part.
+
+    A NaN step is never identical, and a curve with NaN (a run that diverged) fails, unless
+    nan_propagation=True: a check *about* NaN propagation, where NaN at the same steps on both
+    sides is agreement; its verdict then says so (`nan_positions` and the note)."""
     a = torch.as_tensor(a)
     b = torch.as_tensor(b)
     verdict = compare_tensors(name, a, b, kind="curve", strict_bits=strict_bits, required=required,
@@ -202,6 +207,17 @@ def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, a
     if a.shape == b.shape and a.dim() == 1 and a.dtype == b.dtype:
         a_c, b_c = a.cpu(), b.cpu()
         same = same_bits(a_c, b_c)
+        nan_steps = torch.isnan(a_c) | torch.isnan(b_c)
+        if not nan_propagation:
+            same = same & ~nan_steps
+            if bool(nan_steps.any()):
+                verdict.tier, verdict.passed = "fail", False
+                verdict.note = (f"{int(nan_steps.sum())} NaN steps (first at step "
+                                f"{int(nan_steps.nonzero()[0, 0])}): the run diverged; NaN is "
+                                f"never counted as identical in a loss curve")
+        elif verdict.nan_positions:
+            verdict.note = (f"NaN propagation check: {verdict.nan_positions} NaN steps at the same "
+                            f"positions on both sides counted as agreement")
         verdict.steps = int(b.numel())
         verdict.identical_steps = int(same.sum())
         parted = (~same).nonzero()
@@ -212,24 +228,88 @@ def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, a
     return verdict
 
 
+AUTO = "auto"
+CLAIM = "measured claim"
+CLAIM_TIERS = ("holds", "does not hold")
+ALLOW_TIERS = ("ulp", "tolerance")
+
+
 @dataclass
 class Check:
-    """One named check of an example: the verdicts of every tensor it compared."""
+    """One named check of an example: the verdicts of every tensor it compared.
+
+    expected: the tier the check promises (docs/verification.md, "The expected-tier rule").
+    "auto": resolved by `enforce_expected` (bitwise on CPU, tolerance on CUDA for a
+    manual-vs-autograd check; no tier promise for other oracles, whose verdicts carry their own
+    bound); None: no tier promised (the verdicts' own bound still applies); a tier name: falling
+    short of it fails the check.  A measured claim (oracle CLAIM) has tier "holds" or
+    "does not hold" and its figures, never a numerical tier.
+    """
     name: str
     verdicts: list
     oracle: str = "manual vs autograd"   # which two things were compared
     note: str = ""
+    expected: str | None = AUTO
+    figures: dict | None = None          # a measured claim's numbers
+
+    @property
+    def kind(self):
+        return "claim" if self.oracle == CLAIM else "comparison"
 
     @property
     def tier(self):
+        if self.kind == "claim":
+            return CLAIM_TIERS[0] if self.verdicts and all(v.passed for v in self.verdicts) \
+                else CLAIM_TIERS[1]
         return max((v.tier for v in self.verdicts), key=TIERS.index, default="fail")
+
+    def short_of_expected(self):
+        """True when the tier reached is worse than the expected tier."""
+        if self.kind == "claim" or self.expected in (None, AUTO):
+            return False
+        return not meets(self.tier, self.expected)
 
     @property
     def passed(self):
-        return bool(self.verdicts) and all(v.passed for v in self.verdicts)
+        return bool(self.verdicts) and all(v.passed for v in self.verdicts) \
+            and not self.short_of_expected()
 
     def failures(self):
-        return [v.message() for v in self.verdicts if not v.passed]
+        out = [v.message() for v in self.verdicts if not v.passed]
+        if self.short_of_expected():
+            worst = max(self.verdicts, key=lambda v: TIERS.index(v.tier))
+            out.append(f"{self.name}: tier {self.tier} falls short of the expected tier "
+                       f"{self.expected} (worst: {worst.message()})")
+        return out
+
+
+def enforce_expected(checks, device, allow_tier=None, strict_bits=False):
+    """Resolve each check's expected tier in place (and return the checks).
+
+    A manual-vs-autograd check left at "auto" expects bitwise on CPU and tolerance on CUDA; a
+    check that states its own tier (an op of refnet.not_bitwise's table) keeps it, never stricter
+    than the device's.  allow_tier ("ulp" or "tolerance") relaxes every expectation to at worst
+    that tier; strict_bits demands bitwise of every manual-vs-autograd check.
+    """
+    if allow_tier is not None and allow_tier not in ALLOW_TIERS:
+        raise ValueError(f"allow_tier: expected one of {', '.join(ALLOW_TIERS)}, got {allow_tier!r}")
+    default = "tolerance" if str(device).startswith("cuda") else "bitwise"
+    for c in checks:
+        if c.kind == "claim":
+            c.expected = None
+            continue
+        if c.expected == AUTO:
+            if c.oracle != "manual vs autograd":
+                c.expected = None
+                continue
+            c.expected = default
+        elif c.expected is not None:
+            c.expected = max(c.expected, default, key=TIERS.index)
+        if c.oracle == "manual vs autograd" and strict_bits:
+            c.expected = "bitwise"
+        elif c.expected is not None and allow_tier is not None:
+            c.expected = max(c.expected, allow_tier, key=TIERS.index)
+    return checks
 
 
 def count_tiers(tiers):

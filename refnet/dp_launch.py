@@ -115,20 +115,17 @@ def launch(job, nproc, timeout_s=None):
             p = ctx.Process(target=_entry, args=(rank, nproc, job, folder, timeout_s))
             p.start()
             procs.append(p)
-        first, deadline = None, None
+        failed, deadline = False, None
         while any(p.is_alive() for p in procs):
-            if first is None:
-                bad = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if bad:
-                    first, deadline = bad[0], time.time() + timeout_s + GRACE_S
+            if not failed:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    failed, deadline = True, time.time() + timeout_s + GRACE_S
             elif time.time() > deadline:
                 break
             time.sleep(0.05)
-        if first is None:
-            bad = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            first = bad[0] if bad else None
-        if first is not None:
-            raise _failure(folder, procs, first)
+        bad = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if bad:
+            raise _failure(folder, procs, _root_cause(folder, procs, bad))
         with open(os.path.join(folder, "result.pkl"), "rb") as f:
             return pickle.load(f)
     finally:
@@ -138,6 +135,24 @@ def launch(job, nproc, timeout_s=None):
         for p in procs:
             p.join(timeout=10)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# A rank whose peer died fails too, within the same poll, with a transport error ("Connection
+# reset by peer", a timed-out collective): those are consequences, not the cause.
+_PEER_ERRORS = ("Connection reset", "Connection closed", "Broken pipe", "DistBackendError",
+                "timed out", "Timed out", "gloo", "NCCL")
+
+
+def _root_cause(folder, procs, bad):
+    """The failed rank to name: one killed by a signal, else one whose error is its own (not a
+    peer's death seen through a collective), else the lowest rank."""
+    def rank_key(r):
+        if procs[r].exitcode < 0:
+            return (0, r)
+        path = os.path.join(folder, f"rank{r}.err")
+        msg = open(path).read() if os.path.exists(path) else ""
+        return (2 if any(e in msg for e in _PEER_ERRORS) else 1, r)
+    return min(bad, key=rank_key)
 
 
 def _failure(folder, procs, first):

@@ -19,7 +19,8 @@ from refnet.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_run, sav
 from refnet.compare import TIERS, compare_curves, compare_tensors
 from refnet.distributed import DPPair, _data, _faults, _flat, check_same_everywhere
 from refnet.spec import Spec
-from refnet.train import default_tier, run_summary, write_outputs
+from refnet.run_outputs import run_summary, write_outputs
+from refnet.train import default_tier
 
 
 def train_worker(rank, world_size, job):

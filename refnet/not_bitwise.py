@@ -160,6 +160,24 @@ def expected_tier(spec, device="cpu", stage="grad"):
     return "bitwise"
 
 
+def expected_for(keys, device="cpu", stage="grad"):
+    """The expected tier of a check that uses the ops `keys` ("activation:elu", ...).
+
+    stage "op": the op alone (its stated ulp bound: "ulp" when within compare.ULP_LIMIT, else
+    "tolerance"); "grad": gradients through a network ("tolerance"); "training": None (no bound).
+    Without a table entry: bitwise on CPU; on CUDA tolerance always (expected_tier's rule)."""
+    if _is_cuda(device):
+        return "tolerance"
+    hits = [KNOWN_NOT_BITWISE[k] for k in sorted(keys) if applies(k)]
+    if not hits:
+        return "bitwise"
+    if stage == "training":
+        return None
+    if stage == "op" and max(e.get("ulp", 1 << 30) for e in hits) <= 8:  # compare.ULP_LIMIT
+        return "ulp"
+    return "tolerance"
+
+
 def note(spec, device=None):
     """A report note naming the known non-bitwise ops of a spec on a device ("" when none)."""
     device = spec.device if device is None else device

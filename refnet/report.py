@@ -14,6 +14,7 @@ import torch
 
 from refnet import examples
 from refnet.atomic import write_text
+from refnet.compare import TIERS, enforce_expected
 from refnet.harness import spec_checks
 from refnet.settings import determinism
 from refnet.spec import DTYPES, Spec
@@ -26,7 +27,10 @@ def row(example, check, device, dtype, spec=None):
     worst = max(vs, key=lambda v: (v.max_ulp, v.max_abs_diff), default=None)
     return {
         "example": example, "check": check.name, "oracle": check.oracle, "device": device,
-        "dtype": dtype, "tier": check.tier, "passed": check.passed,
+        "dtype": dtype, "kind": check.kind, "tier": check.tier, "expected": check.expected,
+        "passed": check.passed,
+        # a measured claim's figures (kind "claim": tier "holds" / "does not hold")
+        "figures": check.figures,
         # measured claims compare no tensors: their numeric columns stay empty ("-"), not 0
         "max_abs_diff": max((v.max_abs_diff for v in numeric), default=None),
         "max_rel_diff": max((v.max_rel_diff for v in numeric), default=None),
@@ -85,7 +89,7 @@ def _spec_jobs(base, devices, dtypes, strict_bits):
 
 
 def run(names=None, devices=("cpu",), dtypes=("float32", "float64"), strict_bits=False,
-        on_row=None, spec=None):
+        on_row=None, spec=None, allow_tier=None):
     """Run the named examples (default: every document example), or with spec= a user's Spec on
     each of devices × dtypes -> report dict.  on_row(row) after each check.
 
@@ -99,7 +103,7 @@ def run(names=None, devices=("cpu",), dtypes=("float32", "float64"), strict_bits
     try:
         for name, device, dtype, spec_dict, checks in jobs:
             with determinism(device):
-                done = checks()
+                done = enforce_expected(checks(), device, allow_tier, strict_bits)
             for check in done:
                 r = row(name, check, device, dtype, spec_dict)
                 rows.append(r)
@@ -108,23 +112,28 @@ def run(names=None, devices=("cpu",), dtypes=("float32", "float64"), strict_bits
         report["complete"] = True
     except KeyboardInterrupt:
         report["interrupted"] = True
-    report["summary"] = summarize(rows, time.time() - started, strict_bits, report["complete"])
+    report["summary"] = summarize(rows, time.time() - started, strict_bits, report["complete"],
+                                  allow_tier)
     return report
 
 
-def summarize(rows, seconds, strict_bits=False, complete=True):
-    tiers = {}
+def summarize(rows, seconds, strict_bits=False, complete=True, allow_tier=None):
+    tiers, claims = {}, {}
     for r in rows:
-        tiers[r["tier"]] = tiers.get(r["tier"], 0) + 1
+        counts = claims if r.get("kind") == "claim" else tiers
+        counts[r["tier"]] = counts.get(r["tier"], 0) + 1
     return {"checks": len(rows), "passed": sum(r["passed"] for r in rows),
-            "failed": sum(not r["passed"] for r in rows), "tiers": tiers,
+            "failed": sum(not r["passed"] for r in rows), "tiers": tiers, "claims": claims,
+            "short_of_expected": sum(r.get("expected") in TIERS and r["tier"] in TIERS
+                                     and TIERS.index(r["tier"]) > TIERS.index(r["expected"])
+                                     for r in rows),
             "all_passed": complete and bool(rows) and all(r["passed"] for r in rows),
             "complete": complete,
-            "strict_bits": strict_bits, "seconds": round(seconds, 2),
+            "strict_bits": strict_bits, "allow_tier": allow_tier, "seconds": round(seconds, 2),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-COLUMNS = [("example", 16), ("device", 6), ("dtype", 7), ("check", 33), ("tier", 9),
+COLUMNS = [("example", 18), ("device", 6), ("dtype", 7), ("check", 33), ("tier", 13),
            ("max_abs_diff", 12), ("max_ulp", 8), ("identical_steps", 15), ("passed", 6)]
 
 
@@ -140,11 +149,19 @@ def _cell(key, value):
     return str(value)
 
 
+def _figure(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def header():
     return "  ".join(name.ljust(w) for name, w in COLUMNS)
 
 
 def format_row(r):
+    if r.get("kind") == "claim":  # no numerical tier: the verdict, then the measured figures
+        cells = [_cell(k, r.get(k)).ljust(w) for k, w in COLUMNS[:5]]
+        figures = ", ".join(f"{k} {_figure(v)}" for k, v in (r.get("figures") or {}).items())
+        return "  ".join(cells + [_cell("passed", r["passed"]).ljust(6), figures]).rstrip()
     cells = []
     for key, w in COLUMNS:
         v = _cell(key, r.get(key))

@@ -46,14 +46,17 @@ def test_bad_input_one_line_exit_2(args, fragment, tmp_path):
     assert res.stdout == ""
 
 
-def test_nan_agreement_is_reported_in_the_table(tmp_path):
-    """A run that blows up to NaN on both sides passes (same positions) but the table says so."""
+def test_a_diverged_run_fails_and_the_table_says_why(tmp_path):
+    """A run that blows up to NaN on both sides is not a verified loss curve: NaN steps are never
+    identical; the final parameters (NaN at the same positions) say so in the note."""
     spec = tmp_path / "nan.json"
     spec.write_text(json.dumps({"sizes": [2, 8, 1], "activation": "tanh", "data": "xor", "steps": 20,
                                 "optimizer": {"name": "sgd", "lr": 1e30}}))
     res = refnet("verify", "--spec", str(spec))
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "NaN at the same positions on both sides, counted as agreement: loss_curve" in res.stdout
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "the run diverged; NaN is never counted as identical in a loss curve" in res.stdout
+    curve = next(line for line in res.stdout.splitlines() if "loss_curve[20]" in line)
+    assert "FAIL" in curve and "20/20" not in curve
 
 
 def test_output_into_a_closed_pipe_is_quiet():

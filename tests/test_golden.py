@@ -373,6 +373,26 @@ def test_manifest_records_threads_and_cpu_capability(exported):
     assert created["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
+def test_an_error_in_the_last_element_of_a_tensor_is_caught(exported, tmp_path, capsys):
+    """check-port compares every element: an error planted in the LAST element of the largest
+    tensor of a case (not in the first few, where the other tests plant theirs) fails the row."""
+    fixtures, port_out = copies(tmp_path, exported)
+    (port_out / "manifest.json").unlink()   # a port without a manifest: the values decide
+    path = port_out / "small.float64.safetensors"
+    got, meta = tensorfile.decode_safetensors(path.read_bytes(), str(path))
+    name = max(got, key=lambda k: (got[k].numel(), k))
+    t = got[name].clone()
+    assert t.numel() > 16, (name, t.shape)   # later than any prefix a lazy check might compare
+    flat = t.view(-1)
+    flat[-1] = flat[-1] * (1 + 1e-3) + 1e-3
+    got[name] = t
+    path.write_bytes(tensorfile.encode_safetensors(got, meta))
+    rows = portcheck.check_port(str(port_out), str(fixtures))
+    bad = [r for r in rows if not r["passed"]]
+    assert [(r["case"], r["name"]) for r in bad] == [("small.float64", name)], bad
+    rc, out, _ = check(capsys, port_out, fixtures)
+    assert rc == 1 and f"first fails at small.float64/{name}" in out
+
 # --- issue 15: batch norm, layer norm, dropout, embedding ------------------------------------------
 LAYER_SPECS = {
     # embedding → linear → layer norm → tanh → dropout (×2) → linear → cross-entropy, mini-batches

@@ -201,6 +201,18 @@ def test_every_op_runs_without_autograd(device):
     _assert_plain(results, "manual op results")
 
 
+def _two_steps(net, x, target):
+    """Two rounds of traced forward, backward and step, then train_step: every result."""
+    results = []
+    for _ in range(2):
+        trace = {}
+        value, cache = net.forward(x, target, trace=trace)
+        grads, dx = net.backward(cache, trace=trace)
+        net.step(grads)
+        results += [value, grads, dx, trace, net.train_step(x, target)]
+    return results
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("loss", list(manual.LOSSES))
 def test_every_mlp_runs_without_autograd(loss, device):
@@ -213,14 +225,8 @@ def test_every_mlp_runs_without_autograd(loss, device):
             params = init_params([4, 6, 3], act, device=device)
             net = MLP(params, act, loss, manual.make_optimizer(opt_name, **settings), reg=reg,
                       **{k: v for k, v in ACT_OPTIONS.get(act, {}).items()})
-            results = []
             with no_autograd():
-                for _ in range(2):
-                    trace = {}
-                    value, cache = net.forward(x, target, trace=trace)
-                    grads, dx = net.backward(cache, trace=trace)
-                    net.step(grads)
-                    results += [value, grads, dx, trace, net.train_step(x, target)]
+                results = _two_steps(net, x, target)
             _assert_plain([results, net.params, net.optimizer.state_dict()],
                           f"MLP({act}, {loss}, {opt_name} {settings})")
 
@@ -268,14 +274,8 @@ def test_mlp_with_norm_dropout_embedding_runs_without_autograd(config, device):
     params = init_params(sizes, "relu", device=device, norm=config.get("norm"), embedding=emb)
     net = MLP(params, "relu", "cross_entropy", manual.make_optimizer("sgd", lr=0.1), reg=0.01,
               **config, generator=torch.Generator(device=device).manual_seed(0))
-    results = []
     with no_autograd():
-        for _ in range(2):
-            trace = {}
-            value, cache = net.forward(x, target, trace=trace)
-            grads, dx = net.backward(cache, trace=trace)
-            net.step(grads)
-            results += [value, grads, dx, trace, net.train_step(x, target)]
+        results = _two_steps(net, x, target)
         net.eval()
         results.append(net.predict(x)[0])
     _assert_plain([results, net.params, net.buffers], f"MLP({config})")

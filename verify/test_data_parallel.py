@@ -167,3 +167,19 @@ def test_cli_dispatches_nproc_once(tmp_path, monkeypatch, capsys):
     assert main(["export", "--example", "xor", "--out", str(tmp_path / "e")]) == 2
     assert "export: does not run data-parallel" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_the_failure_names_the_root_cause_not_a_peer_that_saw_it(tmp_path):
+    """Rank 1 killed, rank 0 exits on the broken connection in the same poll: name rank 1."""
+    from types import SimpleNamespace
+
+    from refnet import dp_launch
+    procs = [SimpleNamespace(exitcode=1), SimpleNamespace(exitcode=-9), SimpleNamespace(exitcode=1)]
+    (tmp_path / "rank0.err").write_text("RuntimeError: [gloo/pair.cc:537] Read error: "
+                                        "Connection reset by peer")
+    (tmp_path / "rank2.err").write_text("ValueError: data: mismatch")
+    assert dp_launch._root_cause(str(tmp_path), procs, [0, 1, 2]) == 1
+    procs[1].exitcode = 0   # nobody killed: the rank with its own error, not the peer error
+    assert dp_launch._root_cause(str(tmp_path), procs, [0, 2]) == 2
+    (tmp_path / "rank2.err").write_text("RuntimeError: Connection closed by peer")
+    assert dp_launch._root_cause(str(tmp_path), procs, [0, 2]) == 0

@@ -36,8 +36,16 @@ def test_spec_on_device(name, device, dtype):
             continue
         stage = "grad" if check.name == "grad@init" else "training"
         expected = not_bitwise.expected_tier(spec, device, stage)
+        assert check.expected == expected   # the check carries the tier it promises
         if expected is not None:
             assert meets(check.tier, expected), detail
+        else:
+            # a known non-bitwise op through training: no tier is promised, but the verdicts'
+            # own bound (tolerance) holds over these few steps, and step 0's loss is a forward
+            # value computed before any update: identical on both sides
+            assert check.passed and check.tier != "fail", detail
+            if check.name.startswith("loss_curve"):
+                assert check.verdicts[0].first_divergence != 0, detail
         if not_bitwise.known_issues(spec):
             assert "not bitwise" in check.note  # the report says why
     assert {c.name for c in checks} >= {"grad@init", "finite_diff", "gradcheck"}

@@ -13,9 +13,10 @@ import time
 from refnet import bench_dp, report
 from refnet import distributed as dist_mod
 from refnet.atomic import write_text
-from refnet.checkpoint import existing_run_files, load_checkpoint
+from refnet.checkpoint import load_checkpoint
 from refnet.cli.common import EXIT_FAILED, EXIT_OK, dtypes
-from refnet.cli.train import build_spec, resumes_into
+from refnet.compare import enforce_expected
+from refnet.cli.train import build_spec, out_folder
 from refnet.dp_launch import run_job, under_torchrun
 
 
@@ -63,7 +64,8 @@ def _verify_verb(args):
     if not args.quiet:
         print(report.header(), flush=True)
     for spec, (name, dev, dtype, checks) in zip(specs, results):
-        for check in checks:
+        # each check's expected tier (refnet.compare.enforce_expected), as `refnet verify` does
+        for check in enforce_expected(checks, dev, strict_bits=args.strict_bits):
             r = report.row(name, check, dev, dtype, spec.to_dict())
             rows.append(r)
             if not args.quiet:
@@ -82,14 +84,7 @@ def _verify_verb(args):
 
 def _train_verb(args):
     spec, example = build_spec(args)
-    out = args.out or args.resume
-    if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):
-        out = os.path.dirname(os.path.abspath(args.resume))
-    if args.out and not args.force and not resumes_into(args.resume, args.out):
-        existing = existing_run_files(args.out)
-        if existing:
-            raise ValueError(f"--out: {args.out} already holds a run ({', '.join(existing)}); "
-                             f"give --force to overwrite it, or --resume {args.out} to continue it")
+    out = out_folder(args)
     if args.resume:  # refuse another N before starting any process
         saved = load_checkpoint(args.resume).get("world_size")
         nproc = args.nproc or int(os.environ.get("WORLD_SIZE", 0))

@@ -116,9 +116,8 @@ def build_spec(args):
     raise ValueError("train: give --example NAME, --spec FILE.json or --resume DIR")
 
 
-def run(args):
-    spec, example = build_spec(args)
-    _apply_threads(spec, args.threads)
+def out_folder(args):
+    """The folder a run writes to (None: nothing written); refuses to overwrite another run."""
     out = args.out or args.resume
     if out is not None and args.resume and not args.out and not os.path.isdir(args.resume):
         out = os.path.dirname(os.path.abspath(args.resume))
@@ -127,6 +126,13 @@ def run(args):
         if existing:
             raise ValueError(f"--out: {args.out} already holds a run ({', '.join(existing)}); "
                              f"give --force to overwrite it, or --resume {args.out} to continue it")
+    return out
+
+
+def run(args):
+    spec, example = build_spec(args)
+    _apply_threads(spec, args.threads)
+    out = out_folder(args)
     summary = train_mod.train(spec, out, check_every=args.check_every, tier=args.tier,
                               resume=args.resume, progress=False if args.quiet else None,
                               example=example)

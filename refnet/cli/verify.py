@@ -22,6 +22,9 @@ def add_parser(sub):
     p.add_argument("--spec", metavar="FILE.json", help="verify the MLP described in this JSON file")
     p.add_argument("--strict-bits", action="store_true",
                    help="anything short of bitwise is a failure")
+    p.add_argument("--allow-tier", choices=["ulp", "tolerance"],
+                   help="accept this tier where bitwise is expected (checking your own change to "
+                        "manual/; the report says so); default: each check's expected tier")
     p.add_argument("--json", metavar="OUT.json", help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
     p.add_argument("--threads", type=int, metavar="N",
@@ -73,8 +76,10 @@ def run(args):
         report.check_writable(args.json)
     if not args.quiet:
         print(report.header(), flush=True)
+    if args.strict_bits and args.allow_tier:
+        raise ValueError("--allow-tier: cannot be combined with --strict-bits")
     rep = report.run(args.example, devices, dtype_names, args.strict_bits,
-                     None if args.quiet else _print_row, spec=spec)
+                     None if args.quiet else _print_row, spec=spec, allow_tier=args.allow_tier)
     s = rep["summary"]
     if args.json:
         report.write_json(rep, args.json)
@@ -83,6 +88,8 @@ def run(args):
         print(f"refnet: interrupted after {s['checks']} checks: INCOMPLETE, not a pass{where}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(f"{s['passed']}/{s['checks']} checks passed  tiers {s['tiers']}  "
+    relaxed = f"  (expected tiers relaxed to {args.allow_tier})" if args.allow_tier else ""
+    claims = f"  claims {s['claims']}" if s["claims"] else ""
+    print(f"{s['passed']}/{s['checks']} checks passed  tiers {s['tiers']}{claims}{relaxed}  "
           f"({s['seconds']} s, torch {s['torch']}, {s['threads']} threads)")
     return 0 if s["all_passed"] else EXIT_FAILED

@@ -7,7 +7,7 @@
 """
 import torch
 
-from refnet.compare import Check, Verdict, compare_tensors
+from refnet.compare import AUTO, CLAIM, Check, Verdict, compare_tensors
 from refnet.oracles import fd
 
 # Central differences in float64 with refnet.oracles.fd's h and rel_error bound (h = 1e-6: truncation O(h²)
@@ -21,11 +21,12 @@ def as_tensor(v, ctx):
     return torch.as_tensor(v, dtype=ctx.dtype).to(ctx.device)
 
 
-def twin_check(name, manual, twin, ctx, kind="grad", note=""):
-    """manual, twin: dicts name -> tensor (same keys)."""
+def twin_check(name, manual, twin, ctx, kind="grad", note="", expected=AUTO):
+    """manual, twin: dicts name -> tensor (same keys).  expected: the tier promised (default: the
+    device's, refnet.compare.enforce_expected; an op of refnet.not_bitwise's table states its own)."""
     verdicts = [compare_tensors(key, manual[key], twin[key], kind, strict_bits=ctx.strict_bits)
                 for key in manual]
-    return Check(name, verdicts, "manual vs autograd", note)
+    return Check(name, verdicts, "manual vs autograd", note, expected=expected)
 
 
 def doc_check(name, values, expected, note=""):
@@ -67,10 +68,12 @@ def sample_indices(numel, k, seed=0):
     return fd.sample_indices(numel, k, torch.Generator().manual_seed(seed)).tolist()
 
 
-def claim_check(name, holds, note):
-    """A measured claim: tier 'tolerance' when it holds (it is a measurement, never 'bitwise')."""
-    v = Verdict(name=name, tier="tolerance" if holds else "fail", passed=bool(holds), note=note)
-    return Check(name, [v], "measured claim", note)
+def claim_check(name, holds, note, figures=None):
+    """A measured claim: its own verdict kind, tier "holds" or "does not hold" (never a numerical
+    tier), with the measured figures (name -> number) shown in the table and the JSON report."""
+    holds = bool(holds)
+    v = Verdict(name=name, tier="holds" if holds else "does not hold", passed=holds, note=note)
+    return Check(name, [v], CLAIM, note, expected=None, figures=dict(figures or {}))
 
 
 def named(checks):

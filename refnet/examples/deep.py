@@ -5,7 +5,7 @@ import torch
 from refnet import data as datasets
 from refnet.compare import Check, compare_tensors
 from refnet.examples import Context, register
-from refnet.examples._common import fd_check, sample_indices
+from refnet.examples._common import claim_check, fd_check, sample_indices
 from refnet.fixtures import EXPORT_STEPS, case_for_spec
 from refnet.harness import build_pair, curve_checks, gradient_checks
 from refnet.spec import Spec
@@ -87,8 +87,17 @@ def run_linear_collapse(ctx):
     one_map = torch.addmm(b, x, W.t())
     # the products associate differently, so the two agree to rounding, not to the bit
     v = compare_tensors("stacked vs one map", stacked, one_map, "forward", required="tolerance")
-    rank = int(torch.linalg.matrix_rank(W.double().cpu()))
-    note = (f"collapsed W is {list(W.shape)} of rank {rank} ≤ min width "
-            f"{min(COLLAPSE_SIZES)}: three layers compute one affine map of limited rank")
+    # the rank with a tolerance fit for W's dtype (a float32 product has float32 rounding: its
+    # "zero" singular value is ~1e-9, not ~1e-18): singular values below max(shape)·eps(dtype)·σ₁
+    rtol = max(W.shape) * torch.finfo(W.dtype).eps
+    svals = torch.linalg.svdvals(W.double().cpu())
+    rank = int((svals > rtol * svals[0]).sum())
+    width = min(COLLAPSE_SIZES)
     return [Check("grad", gradient_checks(pair, x, y, ctx.strict_bits)),
-            Check("collapse", [v], "stacked layers vs the collapsed linear map", note)]
+            Check("collapse", [v], "stacked layers vs the collapsed linear map",
+                  "three linear layers compute one affine map (to rounding)"),
+            claim_check("collapse_rank", rank <= width,
+                        f"collapsed W is {list(W.shape)} of rank {rank} (singular values above "
+                        f"{rtol:.1e}·σ₁, the {ctx.dtype_name} tolerance) ≤ min width {width}",
+                        {"rank": rank, "min_width": width,
+                         "smallest_singular_value": float(svals[-1]), "rtol": rtol})]

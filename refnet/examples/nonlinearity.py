@@ -19,6 +19,9 @@ SETUPS = {
     "xor": {"n": 4, "steps": 300, "lr": 0.5, "momentum": 0.9, "hidden": 4},
     "circles": {"n": 120, "steps": 500, "lr": 0.3, "momentum": 0.9, "hidden": 16},
 }
+# circles' 8-unit linear MLP at lr 0.3 diverged to NaN by step 12-14 (float32/float64); at 0.1 it
+# trains (final loss 0.246, accuracy 0.592, both dtypes, measured)
+MODEL_LR = {("circles", "mlp_no_activation"): 0.1}
 LINEAR_MAX_ACCURACY = {"xor": 0.75, "circles": 0.65}   # a line gets at most 3 of 4; circles ~chance
 NONLINEAR_MIN_ACCURACY = {"xor": 1.0, "circles": 0.98}
 
@@ -37,7 +40,8 @@ def spec_for(data_name, model, ctx):
     setup = SETUPS[data_name]
     hidden = [setup["hidden"]] * len(hidden)
     return Spec(sizes=[2, *hidden, 1], activation=act, bias=True, loss="mse",
-                optimizer={"name": "sgd", "lr": setup["lr"], "momentum": setup["momentum"]}, steps=setup["steps"],
+                optimizer={"name": "sgd", "lr": MODEL_LR.get((data_name, model), setup["lr"]),
+                           "momentum": setup["momentum"]}, steps=setup["steps"],
                 data=data_name, dtype=ctx.dtype_name, device=ctx.device, seed=1,
                 name=f"{data_name}_{model}")
 
@@ -49,7 +53,7 @@ def accuracy(out, labels):
 def train_and_score(data_name, ctx):
     """-> (checks of manual vs twin for each model, accuracies {model: (manual, twin)})."""
     x, labels, target = load(data_name, ctx)
-    checks, acc = [], {}
+    checks, acc, finite = [], {}, {}
     for model in MODELS:
         spec = spec_for(data_name, model, ctx)
         pair = build_pair(spec)
@@ -60,21 +64,27 @@ def train_and_score(data_name, ctx):
         with torch.no_grad():
             out_t = pair.twin(x)
         acc[model] = (accuracy(out_m, labels), accuracy(out_t, labels))
-    return checks, acc
+        finite[model] = bool(torch.isfinite(out_m).all())
+    return checks, acc, finite
 
 
 def _run(data_name, ctx):
-    checks, acc = train_and_score(data_name, ctx)
+    checks, acc, finite = train_and_score(data_name, ctx)
+    figures = {f"acc_{m}": a[0] for m, a in acc.items()}
     table = ", ".join(f"{m} {a[0]:.3f}" for m, a in acc.items())
     lin_max, nonlin_min = LINEAR_MAX_ACCURACY[data_name], NONLINEAR_MIN_ACCURACY[data_name]
     checks.append(claim_check(
         "linear_accuracy",
-        acc["linear"][0] <= lin_max and acc["mlp_no_activation"][0] <= lin_max,
-        f"accuracy {table}; without an activation ≤ {lin_max}"))
-    checks.append(claim_check("nonlinear_accuracy", acc["mlp_tanh"][0] >= nonlin_min,
-                              f"accuracy {table}; with tanh ≥ {nonlin_min}"))
+        # a NaN model's accuracy is the class balance: it must have trained (finite outputs)
+        finite["linear"] and finite["mlp_no_activation"]
+        and acc["linear"][0] <= lin_max and acc["mlp_no_activation"][0] <= lin_max,
+        f"accuracy {table}; without an activation ≤ {lin_max}, outputs finite "
+        f"({finite['linear'] and finite['mlp_no_activation']})", figures))
+    checks.append(claim_check("nonlinear_accuracy", finite["mlp_tanh"] and acc["mlp_tanh"][0] >= nonlin_min,
+                              f"accuracy {table}; with tanh ≥ {nonlin_min}", figures))
     checks.append(claim_check("twin_accuracy_equal", all(a[0] == a[1] for a in acc.values()),
-                              f"manual and twin classify identically: {acc}"))
+                              f"manual and twin classify identically: {acc}",
+                              {f"twin_acc_{m}": a[1] for m, a in acc.items()}))
     return checks
 
 

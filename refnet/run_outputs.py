@@ -1,0 +1,130 @@
+"""What a finished training run reports and writes: summary.json's dict, losses.csv and the plots.
+
+Shared by refnet.train (one process) and refnet.dp_train (data parallel); every file is written
+atomically.  Accuracy is measured in eval mode (running statistics, no dropout).
+"""
+import json
+import os
+
+import torch
+
+from refnet import plots
+from refnet.atomic import write_atomic
+from refnet.checkpoint import CHECKPOINT_NAME
+from refnet.compare import same_bits
+from refnet.report import json_safe
+
+
+def labels_of(target):
+    """Class labels of a classification target: int labels, 0/1 column, or one-hot rows; else None."""
+    if target.dtype == torch.int64:
+        return target
+    binary = bool(((target == 0) | (target == 1)).all())
+    if not binary or target.dim() != 2:
+        return None
+    if target.shape[1] == 1:
+        return target[:, 0].to(torch.int64)
+    return target.argmax(1) if bool((target.sum(1) == 1).all()) else None
+
+
+def predict_class(output):
+    """(N, C) outputs -> (N,) classes: argmax, or output > 0.5 for a single output."""
+    return (output[:, 0] > 0.5).to(torch.int64) if output.shape[1] == 1 else output.argmax(1)
+
+
+def _classify_eval(mlp, grid):
+    """The manual MLP's predicted class for each row of grid, in eval mode (running statistics,
+    no dropout, no dropout stream advanced); the MLP's mode is restored after."""
+    training = mlp.training
+    mlp.eval()
+    try:
+        return predict_class(mlp.predict(grid)[0])
+    finally:
+        mlp.train(training)
+
+
+def _accuracy(output, labels):
+    return float((predict_class(output).cpu() == labels.cpu()).double().mean())
+
+
+def run_summary(spec, example, tier, state, status, message, start, losses_m, losses_t, pair, x,
+                target, seconds):
+    """summary.json's dict for a run (also refnet.dp_train's): status, tiers, final losses,
+    non-finite steps, accuracy on classification data."""
+    n = losses_m.numel()
+    summary = {
+        "name": spec.name, "example": example, "status": status, "divergence": None,
+        "message": message, "device": spec.device, "dtype": spec.dtype, "steps": n,
+        "steps_planned": spec.steps, "resumed_from": start if start else None,
+        "allowed_tier": tier, "tier": state["worst"], "comparisons": state["checks"],
+        "last_checkpoint": state["last_checkpoint"],
+        "final_loss_manual": float(losses_m[-1]) if n else None,
+        "final_loss_twin": float(losses_t[-1]) if n else None,
+        "identical_steps": int(same_bits(losses_m, losses_t).sum()) if n else 0,
+        "max_abs_loss_diff": float((losses_m.double() - losses_t.double()).abs().max()) if n else 0.0,
+        "spec": spec.to_dict(), "seconds": round(seconds, 3), "torch": str(torch.__version__),
+    }
+    if status == "diverged":
+        summary["divergence"] = message
+    # NaN/inf on both sides at the same step is agreement, not divergence, but worth saying.
+    k_m, k_t = _first_nonfinite(losses_m), _first_nonfinite(losses_t)
+    summary["first_nonfinite_step"] = k_m if k_t is None else k_t if k_m is None else min(k_m, k_t)
+    summary["first_nonfinite_step_manual"], summary["first_nonfinite_step_twin"] = k_m, k_t
+    summary["nonfinite"] = _nonfinite_note(k_m, k_t, losses_m, losses_t)
+    if summary["nonfinite"] and status == "completed":
+        summary["status"] = f"completed (non-finite from step {summary['first_nonfinite_step']})"
+    labels = labels_of(target)
+    if labels is not None:  # in eval mode: running statistics, no dropout
+        pair.mlp.eval()
+        pair.twin.eval()
+        with torch.no_grad():
+            summary["accuracy_manual"] = _accuracy(pair.mlp.predict(x)[0], labels)
+            summary["accuracy_twin"] = _accuracy(pair.twin(x), labels)
+        pair.mlp.train()
+        pair.twin.train()
+    return summary
+
+
+def _first_nonfinite(losses):
+    bad = (~torch.isfinite(losses)).nonzero()
+    return int(bad[0, 0]) if bad.numel() else None
+
+
+def _nonfinite_note(k_m, k_t, losses_m, losses_t):
+    """One line on where the losses stopped being finite (None when they never did)."""
+    if k_m is None and k_t is None:
+        return None
+    if k_m == k_t:
+        same = bool((torch.isfinite(losses_m) == torch.isfinite(losses_t)).all())
+        return (f"losses non-finite (NaN/inf) from step {k_m} on both sides"
+                + (", identically: a faithful reproduction of a diverging run" if same else
+                   "; later steps are non-finite on one side only"))
+    where = lambda k: f"from step {k}" if k is not None else "never"  # noqa: E731
+    return f"losses non-finite (NaN/inf): manual {where(k_m)}, twin {where(k_t)}"
+
+
+# -- outputs --
+
+def write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target):
+    """losses.csv, summary.json and the plots in out_dir, atomically; the names written."""
+    files = ["losses.csv", "summary.json"]
+    lines = ["step,manual_loss,twin_loss,abs_diff"]
+    for step, (a, b) in enumerate(zip(losses_m.tolist(), losses_t.tolist())):
+        lines.append(f"{step},{a!r},{b!r},{abs(a - b)!r}")  # repr: the exact float, round-trips
+    text = "\n".join(lines) + "\n"
+    write_atomic(os.path.join(out_dir, "losses.csv"), lambda f: f.write(text.encode()))
+    if summary["last_checkpoint"] is not None:
+        files.append(CHECKPOINT_NAME)
+    if plots.available() and losses_m.numel():
+        plots.plot_losses(os.path.join(out_dir, "loss_curves.png"), spec, losses_m, losses_t,
+                          summary)
+        files.append("loss_curves.png")
+        labels = labels_of(target)
+        if labels is not None and x.shape[1] == 2:  # 2-D classification data
+            plots.plot_boundary(os.path.join(out_dir, "decision_boundary.png"), spec,
+                                lambda grid: _classify_eval(pair.mlp, grid), x, labels, summary)
+            files.append("decision_boundary.png")
+    summary["files"] = files
+    blob = json.dumps(json_safe(summary), indent=2, allow_nan=False, default=str) + "\n"
+    write_atomic(os.path.join(out_dir, "summary.json"), lambda f: f.write(blob.encode()))
+    return files
