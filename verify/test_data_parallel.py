@@ -167,6 +167,10 @@ def test_cli_dispatches_nproc_once(tmp_path, monkeypatch, capsys):
     assert main(["export", "--example", "xor", "--out", str(tmp_path / "e")]) == 2
     assert "export: does not run data-parallel" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    # one torch thread per rank: another count is refused, not silently ignored
+    assert main(["verify", "--nproc", "2", "--spec", str(path), "--threads", "2"]) == 2
+    assert "--threads: each data-parallel rank runs one torch thread" in capsys.readouterr().err
 
 
 def test_the_failure_names_the_root_cause_not_a_peer_that_saw_it(tmp_path):

@@ -22,6 +22,9 @@ from refnet.dp_launch import run_job, under_torchrun
 
 def run_verb(args):
     """The exit code of a data-parallel verb; a failed rank is one line and exit 1."""
+    if getattr(args, "threads", None) not in (None, 1):
+        raise ValueError(f"--threads: each data-parallel rank runs one torch thread; got "
+                         f"{args.threads} (leave --threads out with --nproc)")
     try:
         if args.command == "verify":
             return _verify_verb(args)
