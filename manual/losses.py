@@ -305,6 +305,19 @@ def loss_forward(name, y_pred, target):
     fwd, _, kind = _lookup(name)
     _check.loss_target(kind, y_pred, target)
     return fwd(y_pred, target)
+
+
 def loss_backward(name, dloss, cache):
     """dloss (0-d) -> dy_pred (N, C)."""
     return _lookup(name)[1](dloss, cache)
+
+
+def check_labels(labels, n_classes):
+    """Range-check a data set's class labels (N,) once: one read from the device."""
+    _check.labels(labels, n_classes)
+
+
+def labels_checked(batch, n_classes):
+    """Declare `batch`, cut from labels already passed to check_labels, in range: the next loss
+    on it reads nothing from the device (no sync per mini-batch on CUDA)."""
+    _check.trust_labels(batch, n_classes)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 import manual
+from manual.losses import check_labels, labels_checked
 from manual.mlp import MLP, init_params
 from refnet import data as datasets
 from refnet import not_bitwise
@@ -90,9 +91,14 @@ def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None
     are skipped, so the resumed run sees exactly the batches an uninterrupted one would.
     """
     index_list = datasets.batches(x.shape[0], batch_size, start + steps, seed)[start:]
+    labels, n_classes = target.dtype == torch.int64, pair.spec.sizes[-1]
+    if labels:  # class labels: range-checked once for the data set, not per batch (a CUDA sync)
+        check_labels(target, n_classes)
     losses_m, losses_t = [], []
     for step, idx in enumerate(index_list, start):
         xb, tb = (x, target) if idx is None else (x[idx.to(x.device)], target[idx.to(x.device)])
+        if labels and idx is not None:
+            labels_checked(tb, n_classes)
         loss_m = pair.mlp.train_step(xb, tb)
         pair.twin_opt.zero_grad(set_to_none=True)
         loss_t = pair.twin_loss(pair.twin(xb), tb)

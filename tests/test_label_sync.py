@@ -98,3 +98,43 @@ def test_a_validated_tensor_is_checked_again_for_fewer_classes():
     manual.loss_forward("svm", torch.zeros(8, 3, dtype=torch.float64), labels)
     with pytest.raises(ValueError, match=r"expected labels in \[0, 1\]"):
         manual.loss_forward("svm", torch.zeros(8, 2, dtype=torch.float64), labels)
+
+
+def test_minibatch_training_reads_the_labels_once_per_data_set():
+    """refnet.harness.train_lockstep checks the whole label set once and declares each mini-batch
+    (a subset) checked: the manual side reads nothing from the device per step."""
+    from refnet import harness
+    from refnet.data import load_data
+    from refnet.spec import Spec
+    spec = Spec.from_dict({"sizes": [2, 6, 3], "activation": "relu", "loss": "cross_entropy",
+                           "data": "spiral", "n_samples": 60, "batch_size": 16, "steps": 12,
+                           "optimizer": {"name": "sgd", "lr": 0.1}})
+    x, target = load_data(spec)
+    pair = harness.build_pair(spec)
+    manual_reads = []
+    real_step = pair.mlp.train_step
+
+    def recorded(xb, tb):
+        with HostReads() as reads:
+            out = real_step(xb, tb)
+        manual_reads.extend(reads.calls)
+        return out
+
+    pair.mlp.train_step = recorded
+    harness.train_lockstep(pair, x, target, spec.steps, spec.batch_size, spec.seed)
+    assert manual_reads == [], manual_reads
+
+
+def test_labels_checked_is_what_skips_the_read():
+    """Without the declaration every new mini-batch tensor is read again (the test above can fail)."""
+    x, y = _data()
+    net = _net("cross_entropy")
+    manual.losses.check_labels(y, 3)
+    with HostReads() as reads:
+        net.train_step(x[:4], y[:4])
+    assert reads.calls
+    batch = y[4:]
+    manual.losses.labels_checked(batch, 3)
+    with HostReads() as reads:
+        net.train_step(x[4:], batch)
+    assert reads.calls == []
