@@ -307,15 +307,20 @@ LOSS_SPECS = {
 }
 
 
-@pytest.fixture(scope="module")
-def loss_fixtures(tmp_path_factory):
-    base = tmp_path_factory.mktemp("losses")
+def _spec_cases(base, specs):
+    """Export cases (both dtypes) of named specs, each written to BASE/NAME.json first."""
     cases = []
-    for name, spec in LOSS_SPECS.items():
+    for name, spec in specs.items():
         path = base / f"{name}.json"
         path.write_text(json.dumps({"name": name, **spec}))
         cases += cases_for(None, str(path), "all")
-    fixtures_mod.export(str(base / "fixtures"), cases)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def loss_fixtures(tmp_path_factory):
+    base = tmp_path_factory.mktemp("losses")
+    fixtures_mod.export(str(base / "fixtures"), _spec_cases(base, LOSS_SPECS))
     return base / "fixtures"
 
 
@@ -411,13 +416,8 @@ LAYER_SPECS = {
 def layer_fixtures(tmp_path_factory):
     """The two specs above in both dtypes, exported, and the NumPy port run on them (subprocess)."""
     base = tmp_path_factory.mktemp("layers")
-    cases = []
-    for name, spec in LAYER_SPECS.items():
-        path = base / f"{name}.json"
-        path.write_text(json.dumps({"name": name, **spec}))
-        cases += cases_for(None, str(path), "all")
     fixtures, port_out = base / "fixtures", base / "port"
-    fixtures_mod.export(str(fixtures), cases)
+    fixtures_mod.export(str(fixtures), _spec_cases(base, LAYER_SPECS))
     res = subprocess.run([sys.executable, PORT, str(fixtures), str(port_out)], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr
