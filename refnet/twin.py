@@ -139,27 +139,27 @@ class Twin(nn.Module):
         return x
 
 
+def _copy_into(named, given, what):
+    """Copy `given` (name -> tensor) into the twin's tensors `named` (name -> tensor), checking
+    that the names and shapes match exactly."""
+    if set(named) != set(given):
+        raise ValueError(f"{what}: expected names {sorted(named)}, got {sorted(given)}")
+    with torch.no_grad():
+        for name, t in named.items():
+            if t.shape != given[name].shape:
+                raise ValueError(f"{what}[{name!r}]: expected shape {list(t.shape)}, "
+                                 f"got {list(given[name].shape)}")
+            t.copy_(given[name])
+
+
 def load_params(twin, params):
     """Copy a dict of tensors named like twin's parameters into the twin (shapes must match)."""
-    state = dict(twin.named_parameters())
-    if set(state) != set(params):
-        raise ValueError(f"params: expected names {sorted(state)}, got {sorted(params)}")
-    with torch.no_grad():
-        for name, t in twin.named_parameters():
-            if t.shape != params[name].shape:
-                raise ValueError(f"params[{name!r}]: expected shape {list(t.shape)}, "
-                                 f"got {list(params[name].shape)}")
-            t.copy_(params[name])
+    _copy_into(dict(twin.named_parameters()), params, "params")
 
 
 def load_buffers(twin, buffers):
     """Copy batch norm's running statistics (named like twin.state_dict()) into the twin."""
-    state = dict(twin.named_buffers())
-    if set(state) != set(buffers):
-        raise ValueError(f"buffers: expected names {sorted(state)}, got {sorted(buffers)}")
-    with torch.no_grad():
-        for name, t in state.items():
-            t.copy_(buffers[name])
+    _copy_into(dict(twin.named_buffers()), buffers, "buffers")
 
 
 def buffers_of(twin):
