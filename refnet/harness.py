@@ -82,11 +82,13 @@ def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
     return verdicts
 
 
-def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None, start=0):
+def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None, start=0,
+                   before_step=None):
     """Train both sides for `steps` steps on the same mini-batches.
 
     Returns (manual losses, twin losses) as 1-D tensors (the loss of each step before its update).
-    on_step(step, loss_manual, loss_twin) is called after every step when given.
+    on_step(step, loss_manual, loss_twin) is called after every step when given;
+    before_step(step, x_batch, target_batch) before every step's update (refnet.check_training).
     start: the step to begin at (a resumed run): the first `start` batches of the seeded schedule
     are skipped, so the resumed run sees exactly the batches an uninterrupted one would.
     """
@@ -99,6 +101,8 @@ def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None
         xb, tb = (x, target) if idx is None else (x[idx.to(x.device)], target[idx.to(x.device)])
         if labels and idx is not None:
             labels_checked(tb, n_classes)
+        if before_step is not None:
+            before_step(step, xb, tb)
         loss_m = pair.mlp.train_step(xb, tb)
         pair.twin_opt.zero_grad(set_to_none=True)
         loss_t = pair.twin_loss(pair.twin(xb), tb)

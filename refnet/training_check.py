@@ -74,32 +74,26 @@ def check_training(spec, *, pair=None, data=None, steps=None, check_every=None,
     check_every = max(1, steps // 10) if check_every is None else check_every
     if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
         raise ValueError(f"check_every: expected an integer >= 1, got {check_every!r}")
-    scratch = twin_mod.Twin(spec.sizes, spec.activation, spec.bias, dtype=spec.torch_dtype,
-                            device=spec.device, **spec.options)
-    scratch_loss = twin_mod.loss_module(spec.loss, spec.reg, scratch)
-    grad_checks, growth, losses_m, losses_t = [], [], [], []
-    window = [0.0, 0.0]          # the largest |Δloss| and |Δloss|/|loss| since the last check
-    for step, idx in enumerate(datasets.batches(x.shape[0], spec.batch_size, steps, spec.seed)):
-        xb, tb = (x, target) if idx is None else (x[idx.to(x.device)], target[idx.to(x.device)])
-        checked = step % check_every == 0 or step == steps - 1
-        if checked:
-            grad_checks.append((step, _grads_at(pair.mlp, scratch, scratch_loss, xb, tb,
-                                                required, step)))
-        loss_m = pair.mlp.train_step(xb, tb).detach()
-        pair.twin_opt.zero_grad(set_to_none=True)
-        loss_t = pair.twin_loss(pair.twin(xb), tb)
-        loss_t.backward()
-        pair.twin_opt.step()
-        losses_m.append(loss_m)
-        losses_t.append(loss_t.detach())
-        diff = abs(float(loss_m) - float(losses_t[-1]))
-        rel = diff / max(abs(float(loss_m)), abs(float(losses_t[-1]))) if diff else 0.0
-        window = [max(window[0], diff), max(window[1], rel)]
-        if checked:
-            growth.append((step, window[0], window[1]))
-            window = [0.0, 0.0]
-    curve = compare_curves("loss_curve", torch.stack(losses_m), torch.stack(losses_t),
-                           required=required)
+    if getattr(spec, "dropout", 0):
+        raise ValueError("spec: check_training does not support dropout (its gradient check at a "
+                         "step runs an extra forward, which would draw other masks)")
+    scratch = harness.build_pair(spec)     # its twin: the reference gradients at checked steps
+    grad_checks = []
+
+    def check_at(step, xb, tb):
+        if step % check_every == 0 or step == steps - 1:
+            grad_checks.append((step, _grads_at(pair.mlp, scratch, xb, tb, required, step)))
+
+    lm, lt = harness.train_lockstep(pair, x, target, steps, spec.batch_size, spec.seed,
+                                    before_step=check_at)
+    # |Δloss| and |Δloss| / max(|loss|) per step (on the host once), their peak per window
+    diff = (lm.double() - lt.double()).abs().cpu()
+    rel = torch.where(diff == 0, 0.0, diff / torch.maximum(lm.double().abs(), lt.double().abs()).cpu())
+    growth, begin = [], 0
+    for step, _ in grad_checks:
+        growth.append((step, float(diff[begin:step + 1].max()), float(rel[begin:step + 1].max())))
+        begin = step + 1
+    curve = compare_curves("loss_curve", lm, lt, required=required)
     worst = max((r.tier for _, r in grad_checks), key=TIERS.index)
     tiers = ", ".join(f"{s}: {r.tier}" for s, r in grad_checks)
     wrong = next(((s, r) for s, r in grad_checks if not r.passed), None)
@@ -130,15 +124,20 @@ def check_training(spec, *, pair=None, data=None, steps=None, check_every=None,
     return TrainingCheck(verdict, passed, required, curve, grad_checks, growth, message)
 
 
-def _grads_at(mlp, scratch, scratch_loss, xb, tb, required, step):
-    """The manual gradients against the scratch twin's, both from the manual parameters now."""
-    twin_mod.load_params(scratch, mlp.params)
+def _grads_at(mlp, scratch, xb, tb, required, step):
+    """The manual gradients against the scratch twin's, both from the manual parameters (and
+    running statistics) now; the manual side's running statistics are left as they were."""
+    buffers = {name: b.clone() for name, b in getattr(mlp, "buffers", {}).items()}
+    twin_mod.load_params(scratch.twin, mlp.params)
+    twin_mod.load_buffers(scratch.twin, buffers)
     loss_m, cache = mlp.forward(xb, tb)
     grads_m, _ = mlp.backward(cache)
-    scratch.zero_grad(set_to_none=True)
-    loss_t = scratch_loss(scratch(xb), tb)
+    for name, b in buffers.items():      # the extra forward must not advance the statistics
+        mlp.buffers[name].copy_(b)
+    scratch.twin.zero_grad(set_to_none=True)
+    loss_t = scratch.twin_loss(scratch.twin(xb), tb)
     loss_t.backward()
-    grads_t = twin_mod.grads_of(scratch)
+    grads_t = twin_mod.grads_of(scratch.twin)
     report = Report([compare(loss_m.detach(), loss_t.detach(), name="loss", tier=required,
                              kind="forward")], required=required, title=f"step {step}")
     report.extend(compare(grads_m[n], grads_t[n], name=f"{n}.grad", tier=required)

@@ -308,3 +308,22 @@ def test_docstring_examples_run():
     for module in (refnet.api, refnet.backward_check, refnet.training_check, refnet.twin):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "layernorm"])
+def test_training_check_builds_the_specs_own_net(norm):
+    """The scratch twin has the spec's norm layers, and the gradient check at a step leaves the
+    manual running statistics where training put them (the curves stay bitwise)."""
+    spec = refnet.Spec.from_dict({"sizes": [2, 6, 3], "activation": "relu", "norm": norm,
+                                  "loss": "cross_entropy", "data": "spiral", "n_samples": 30,
+                                  "batch_size": 10, "steps": 12,
+                                  "optimizer": {"name": "sgd", "lr": 0.1}})
+    result = refnet.check_training(spec, check_every=4)
+    assert result.verdict == "identical" and result.passed, result.message
+    assert [s for s, _ in result.grad_checks] == [0, 4, 8, 11]
+
+
+def test_training_check_refuses_dropout():
+    spec = refnet.Spec.from_dict({"sizes": [2, 6, 1], "dropout": 0.2, "data": "xor", "steps": 4})
+    with pytest.raises(ValueError, match="check_training does not support dropout"):
+        refnet.check_training(spec)
