@@ -188,8 +188,16 @@ def compare_tensors(name, a, b, kind="grad", *, strict_bits=False, ulp_limit=Non
             flat = int(torch.argmax(torch.nan_to_num(score, posinf=1e308)))
             verdict.worst_index = unravel(flat, list(b.shape))
             verdict.worst_values = [a_c.flatten()[flat].item(), b_c.flatten()[flat].item()]
+    notes = []
     if verdict.nan_positions:
-        verdict.note = f"{verdict.nan_positions} NaN at the same positions on both sides (counted as agreement)"
+        notes.append(f"{verdict.nan_positions} NaN at the same positions on both sides (counted as "
+                     f"agreement)")
+    if mismatched:
+        only_a = int((torch.isnan(a_c) & ~both_nan).sum())
+        only_b = int((torch.isnan(b_c) & ~both_nan).sum())
+        if only_a or only_b:
+            notes.insert(0, f"NaN on one side only: {only_a} in actual, {only_b} in expected")
+    verdict.note = "; ".join(notes)
     return verdict
 
 
