@@ -138,17 +138,9 @@ class FastMLP:
     # -- validation, once per signature: the checks of MLP.forward ---------------------------
     def _validate(self, x, target):
         self.mlp.check_input(x)
-        _check.tensor("target", target, floating=False)
-        if target.device != x.device:
-            raise ValueError(f"target: expected device {x.device}, got {target.device}")
-        out_shape = (x.shape[0], self.mlp.params[f"layers.{self.mlp.n_layers - 1}.weight"].shape[0])
-        if target_kind(self.mlp.loss) == "values":
-            _check.tensor("target", target)
-            if tuple(target.shape) != out_shape:
-                raise ValueError(f"target: expected shape {list(out_shape)} (that of the "
-                                 f"predictions), got {list(target.shape)}")
-            if target.dtype != x.dtype:
-                raise TypeError(f"target: expected dtype {x.dtype}, got {target.dtype}")
+        w = self.mlp.params[f"layers.{self.mlp.n_layers - 1}.weight"]
+        predictions = w.new_empty(()).expand(x.shape[0], w.shape[0])   # (N, C), no storage
+        _check.loss_target(target_kind(self.mlp.loss), predictions, target)
 
     def _build(self, x):
         """Buffers and a fixed schedule of ops for a batch of N rows.

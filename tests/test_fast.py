@@ -197,6 +197,16 @@ def test_bad_input_gets_the_readable_errors():
         fast.train_step(x[:0], t[:0])
     with pytest.raises(ValueError, match="optimizer"):
         FastMLP(MLP(init_params([3, 4, 2], dtype=torch.float32), "sigmoid", "mse"))
+    # class labels: the same checks as the readable step (dtype, one per row), never a raw error
+    _, fast_ce, _ = build([3, 4, 2], "relu", True, "cross_entropy", {"name": "sgd", "lr": 0.1},
+                          torch.float32)
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    with pytest.raises(TypeError, match="target: expected int64 class labels"):
+        fast_ce.train_step(x, labels.to(torch.int32))
+    with pytest.raises(ValueError, match="target: expected shape \\[5\\]"):
+        fast_ce.train_step(x, labels[:4])
+    with pytest.raises(ValueError, match="target: expected shape \\[5\\]"):
+        fast_ce.train_step(x, labels.view(5, 1))
 
 
 @pytest.mark.cuda
