@@ -411,3 +411,17 @@ def test_quiet_train_prints_the_summary_line(tmp_path, capsys):
     lines = res.out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("xor_mlp_tanh: 5 steps on cpu/float64")
     assert "tier bitwise" in lines[0] and res.err == ""
+
+
+def test_resume_with_a_changed_setting_is_refused_before_any_process_starts(tmp_path, capsys):
+    """--resume checks the spec in build_spec, so `--nproc` (which never reaches train()) refuses a
+    changed --lr in one line too, instead of diverging mid-run."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--example", "xor", "--steps", "4", "--out", str(out),
+                     "--quiet"]) == 0
+    capsys.readouterr()
+    for extra in ([], ["--nproc", "2"]):
+        assert cli.main(["train", "--resume", str(out), "--steps", "8", "--lr", "0.9",
+                         *extra]) == 2
+        err = capsys.readouterr().err
+        assert "--resume:" in err and "must keep it" in err and err.count("\n") == 1, err

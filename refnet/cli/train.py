@@ -9,7 +9,7 @@ import sys
 
 from refnet import examples
 from refnet import train as train_mod
-from refnet.checkpoint import existing_run_files, load_checkpoint
+from refnet.checkpoint import check_resume_spec, existing_run_files, load_checkpoint
 from refnet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, positive_int
 from refnet.data import load_data
 from refnet.settings import apply_threads, largest_gemm_macs, resolve_devices
@@ -104,7 +104,9 @@ def build_spec(args):
         ck = load_checkpoint(args.resume)
         base = Spec.from_dict(dict(ck["spec"]))
         device = _resolve_device(args.device) if args.device else base.device
-        return with_overrides(base, device=device, **overrides), ck["example"]
+        spec = with_overrides(base, device=device, **overrides)
+        check_resume_spec(spec, ck["spec"])   # before any process starts (also for --nproc)
+        return spec, ck["example"]
     if args.example:
         device = _resolve_device(args.device or "auto")
         base = examples.get(args.example).build_spec(args.dtype or "float64", device)
