@@ -2,9 +2,9 @@
 
 Every rank trains both sides on its shard of each global mini-batch; rank 0 alone writes
 losses.csv (a column per side: the mean over ranks of the rank losses), summary.json, the plots
-and the checkpoints, all atomically (refnet.train's writers, refnet.atomic).  The checkpoint
-records the world size; resuming with another N is refused.  Parameters and optimizer states
-are identical on every rank (checked at every check point), so rank 0's are the run's.
+and the checkpoints, all atomically (refnet.run_outputs' writers, refnet.checkpoint).  The checkpoint records the
+world size; resuming with another N is refused.  The parameters are identical on every rank
+(checked at every check point), so rank 0's are the run's.
 """
 import os
 import time

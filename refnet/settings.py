@@ -4,9 +4,9 @@ policy.
 cuBLAS workspace: deterministic cuBLAS GEMMs need ``CUBLAS_WORKSPACE_CONFIG`` (":4096:8"), and
 CUDA reads it once, when the process's first cuBLAS handle is made, then keeps that answer.  So it
 is set when the package is imported (refnet/__init__.py, before torch touches CUDA; a value the
-user already set is kept) and by the root conftest.py for the tests, and never unset: setting it
-inside ``determinism()`` would be too late for a process that multiplied on the GPU before, and
-popping it would only mislead.  A program that runs a CUDA matmul before importing refnet must
+user already set is kept) and by the root conftest.py for the tests, and never unset.
+``determinism()`` sets it too, as a fallback that only helps when no cuBLAS handle exists yet: for
+a process that multiplied on the GPU before, that would be too late.  A program that runs a CUDA matmul before importing refnet must
 set the variable itself.
 """
 from contextlib import contextmanager

@@ -8,7 +8,7 @@ failing test is named; a *survivor* is a bug no test sees.
     python scripts/mutants.py --only sigmoid_textbook_order --jobs 1
     python scripts/mutants.py --record docs/mutants.md   # write the result table there (dated)
 
-Run by hand (it takes tens of minutes on 2 cores), not in CI.  Each mutant names the tests to try
+Run by hand (minutes on 2 cores; the last run is dated in docs/mutants.md), not in CI.  Each mutant names the tests to try
 first (fast); when those pass, the whole suite (`tests verify`) runs, then the main job.
 A mutant whose `old` text is not found exactly once is reported `stale` (the code moved: update
 the mutant), never silently skipped.
@@ -257,7 +257,7 @@ EQUIVALENT = {
 
 def record(path, results, seconds):
     killed = sum(r["result"] == "killed" for r in results)
-    lines = [f"# Mutation check", "",
+    lines = ["# Mutation check", "",
              f"Last run: {datetime.date.today().isoformat()}, `python scripts/mutants.py`: "
              f"{killed}/{len(results)} killed in {seconds / 60:.1f} min "
              f"(torch {_torch_version()}, {os.cpu_count()} cores).", "",

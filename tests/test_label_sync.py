@@ -111,10 +111,11 @@ def test_minibatch_training_reads_the_labels_once_per_data_set():
                            "optimizer": {"name": "sgd", "lr": 0.1}})
     x, target = load_data(spec)
     pair = harness.build_pair(spec)
-    manual_reads = []
+    manual_reads, steps = [], []
     real_step = pair.mlp.train_step
 
     def recorded(xb, tb):
+        steps.append(1)
         with HostReads() as reads:
             out = real_step(xb, tb)
         manual_reads.extend(reads.calls)
@@ -122,6 +123,7 @@ def test_minibatch_training_reads_the_labels_once_per_data_set():
 
     pair.mlp.train_step = recorded
     harness.train_lockstep(pair, x, target, spec.steps, spec.batch_size, spec.seed)
+    assert len(steps) == spec.steps            # every step went through the recorder
     assert manual_reads == [], manual_reads
 
 

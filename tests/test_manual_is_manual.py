@@ -423,10 +423,6 @@ def test_static_scan_of_every_file_in_manual():
 
 
 # -- planted: both guards fail on real autograd ------------------------------------------------------
-def _plain_linear_backward(dout, cache):
-    return layers.linear_backward(dout, cache)
-
-
 def _leaves(x, weight):
     """Copies of x and weight, and a zero bias, that require grad (set as an attribute)."""
     leaves = (x.detach().clone(), weight.detach().clone(),

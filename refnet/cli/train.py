@@ -37,8 +37,8 @@ def add_parser(sub):
     p = sub.add_parser("train", help="train manual and twin in lockstep, checking agreement as it goes")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--example", metavar="NAME",
-                     help="an example that trains one MLP: xor, circles, spiral, two_layer_seed "
-                          "or random (the net `refnet verify --example NAME` checks)")
+                     help=f"an example that trains one MLP: {', '.join(examples.trainable())} "
+                          f"(the net `refnet verify --example NAME` checks)")
     src.add_argument("--spec", metavar="FILE.json", help="train the MLP described in this JSON file")
     p.add_argument("--resume", metavar="DIR",
                    help="continue from DIR/checkpoint.pt (or a checkpoint file); outputs go to DIR "

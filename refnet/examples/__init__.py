@@ -21,7 +21,6 @@ class Context:
     device: str = "cpu"
     dtype: torch.dtype = torch.float64
     strict_bits: bool = False
-    allow_tier: str | None = None   # relax the expected tier of manual-vs-autograd checks to this
 
     @property
     def dtype_name(self):

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from refnet import data as datasets
-from refnet.compare import Check, Verdict, compare_tensors
+from refnet.compare import Check, Verdict
 from refnet.examples import Context, register
 from refnet.examples._common import twin_check
 from refnet.oracles.fd import numeric_gradient
 from refnet.fixtures import EXPORT_STEPS, case_for_spec
 from refnet.harness import build_pair, curve_checks, gradient_checks
-from refnet.spec import Spec
+from refnet.spec import DTYPES, Spec
 from manual.losses import loss_backward, loss_forward
 from manual.ninja import PARAM_NAMES, chain_backward, chain_forward
 from manual.norm import batchnorm_backward, batchnorm_forward
@@ -31,7 +31,6 @@ FC_VARIANTS = {"batchnorm": {"norm": "batchnorm"}, "layernorm": {"norm": "layern
                "dropout": {"dropout": 0.25}}
 BN_FD_BAND, DROPOUT_FD_BAND = 1e-8, 1e-10   # CS231n's published rel-error bands
 EXPORT_ROWS = 2 * BATCH            # the makemore_ninja export case: two batches of windows
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def rel_error(a, b):
@@ -228,13 +227,11 @@ def run_fc_norm_dropout(ctx):
         if ctx.device == "cuda" and FC_VARIANTS[label].get("dropout"):
             continue  # refused on CUDA: the fused native_dropout kernel draws other masks
         spec = _fc_spec(label, ctx)
-        note = ""
-        checks.append(Check(f"{label}.grad", gradient_checks(build_pair(spec), x, y, ctx.strict_bits),
-                            note=note))
+        checks.append(Check(f"{label}.grad", gradient_checks(build_pair(spec), x, y, ctx.strict_bits)))
         verdicts, _ = curve_checks(build_pair(spec), xt, yt, FC_STEPS, FC_BATCH, spec.seed,
                                    ctx.strict_bits)
-        checks.append(Check(f"{label}.loss_curve[{FC_STEPS}]", verdicts[:1], note=note))
-        checks.append(Check(f"{label}.final_params", verdicts[1:], note=note))
+        checks.append(Check(f"{label}.loss_curve[{FC_STEPS}]", verdicts[:1]))
+        checks.append(Check(f"{label}.final_params", verdicts[1:]))
     if ctx.dtype == torch.float64:
         checks.extend(_layer_fd_checks(ctx))
     return checks
