@@ -166,6 +166,14 @@ def make_targets(y, kind, out_dim, dtype):
     return y.to(dtype)
 
 
+def check_batch_rows(n, batch_size):
+    """Batch norm in training needs at least 2 rows in every mini-batch of an n-row data set."""
+    full = batch_size is None or batch_size >= n
+    if n == 1 or (not full and (batch_size == 1 or n % batch_size == 1)):
+        raise ValueError(f"batch_size: batch norm in training needs at least 2 rows in every batch; "
+                         f"batch_size {batch_size} on {n} rows leaves a batch of 1")
+
+
 def batches(n, batch_size, steps, seed):
     """Index tensors for `steps` mini-batches: one seeded generator, a fresh permutation per epoch,
     the last partial batch of each epoch kept as it is.  batch_size None or ≥ n: full batch."""
@@ -208,4 +216,6 @@ def load_data(spec):
     elif x.shape[1] != spec.sizes[0]:
         raise ValueError(f"sizes: the first layer takes {spec.sizes[0]} inputs but data "
                          f"{spec.data!r} has {x.shape[1]} features")
+    if spec.norm == "batchnorm":
+        check_batch_rows(x.shape[0], spec.batch_size)
     return x, make_targets(y, target_kind(spec.loss), spec.sizes[-1], dtype)

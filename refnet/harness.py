@@ -92,6 +92,8 @@ def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None
     start: the step to begin at (a resumed run): the first `start` batches of the seeded schedule
     are skipped, so the resumed run sees exactly the batches an uninterrupted one would.
     """
+    if getattr(pair.spec, "norm", None) == "batchnorm":
+        datasets.check_batch_rows(x.shape[0], batch_size)   # the real row count, not a guess
     index_list = datasets.batches(x.shape[0], batch_size, start + steps, seed)[start:]
     labels, n_classes = target.dtype == torch.int64, pair.spec.sizes[-1]
     if labels:  # class labels: range-checked once for the data set, not per batch (a CUDA sync)

@@ -133,12 +133,9 @@ class Spec:
                                  f"or an .npz of indices), but data {self.data!r} is real-valued")
         elif self.data in TOKEN_DATASETS:
             raise ValueError(f"data: {self.data!r} is integer token data; it needs the embedding key")
-        if self.norm == "batchnorm":
-            n, b = self.n_samples, self.batch_size
-            if b == 1 or n == 1 or (n and b and b < n and n % b == 1):
-                raise ValueError(f"batch_size: batch norm in training needs at least 2 rows in "
-                                 f"every batch; batch_size {b} with n_samples {n} leaves a batch "
-                                 f"of 1")
+        if self.norm == "batchnorm" and self.batch_size == 1:
+            raise ValueError("batch_size: batch norm in training needs at least 2 rows in every "
+                             "batch; got batch_size 1")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
 

@@ -244,3 +244,19 @@ def test_dropout_on_cuda_is_refused_in_one_line():
     # dropout 0 on CUDA, and dropout on the CPU, are fine
     Spec(sizes=[2, 8, 3], loss="cross_entropy", data="spiral", dropout=0.0, device="cuda")
     Spec(sizes=[2, 8, 3], loss="cross_entropy", data="spiral", dropout=0.25, device="cpu")
+
+
+def test_batch_norm_batch_of_one_is_judged_on_the_real_row_count():
+    """xor rounds n_samples 5 down to 4 rows (one full batch of 4: fine); spiral rounds 10 down to
+    9 rows, and batches of 4 leave a last batch of 1: refused before training, in one line."""
+    from refnet.data import load_data
+    from refnet.spec import Spec
+    base = {"sizes": [2, 4, 1], "norm": "batchnorm", "steps": 2}
+    x, _ = load_data(Spec.from_dict({**base, "data": "xor", "n_samples": 5, "batch_size": 4}))
+    assert x.shape[0] == 4
+    spiral = Spec.from_dict({**base, "sizes": [2, 4, 3], "loss": "cross_entropy", "data": "spiral",
+                             "n_samples": 10, "batch_size": 4})
+    with pytest.raises(ValueError, match=r"^batch_size: .* batch_size 4 on 9 rows leaves a batch of 1$"):
+        load_data(spiral)
+    with pytest.raises(ValueError, match="got batch_size 1"):
+        Spec.from_dict({**base, "data": "xor", "batch_size": 1})
