@@ -82,21 +82,21 @@ def _thread_chunks(n):
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def _bn_sums(x, mean, dout):
-    """(Σₙ dout, Σₙ (x − μ)·dout) per feature, in the kernel's order: sequential over the rows of
+def _bn_sums(xc, dout):
+    """(Σₙ dout, Σₙ xc·dout) per feature (xc = x − μ), in the kernel's order: sequential over the rows of
     each thread chunk in x's dtype (dotp with one FMA per step), then the chunk partials added in
     float64 starting from +0 (acc_type<float, false> is double) and rounded back."""
-    zero = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
-    total_s = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    zero = torch.zeros(xc.shape[1], dtype=xc.dtype, device=xc.device)
+    total_s = torch.zeros(xc.shape[1], dtype=torch.float64, device=xc.device)
     total_d = torch.zeros_like(total_s)
-    for begin, end in _thread_chunks(x.shape[0]):
+    for begin, end in _thread_chunks(xc.shape[0]):
         s, d = zero, zero
         for i in range(begin, end):
             s = s + dout[i]
-            d = torch.addcmul(d, x[i] - mean, dout[i])  # dotp + (x − μ)·dy as one FMA
+            d = torch.addcmul(d, xc[i], dout[i])       # dotp + (x − μ)·dy as one FMA
         total_s = total_s + s.double()
         total_d = total_d + d.double()
-    return total_s.to(x.dtype), total_d.to(x.dtype)
+    return total_s.to(xc.dtype), total_d.to(xc.dtype)
 
 
 def _bn_dx_fma_columns(n_features, dtype, device):
@@ -123,14 +123,14 @@ def batchnorm_backward(dout, cache):
         raise ValueError(f"dout: expected shape {list(x.shape)}, got {list(dout.shape)}")
     n = x.shape[0]
     w = weight if weight is not None else torch.ones_like(invstd)
-    sum_dy, dotp = _bn_sums(x, mean, dout)
+    xc = x - mean
+    sum_dy, dotp = _bn_sums(xc, dout)
     dweight = dotp * invstd if weight is not None else None
     dbias = sum_dy if weight is not None else None
     if not training:
         return dout * invstd * w, dweight, dbias
     k = dotp * invstd * invstd / n
     grad_mean = sum_dy / n
-    xc = x - mean
     fused = torch.addcmul(dout - grad_mean, xc, k, value=-1)   # one rounding: FMA
     split = _bn_dx_fma_columns(x.shape[1], x.dtype, x.device)
     if split < x.shape[1]:
