@@ -492,7 +492,7 @@ def check_graphable(fast):
                          "identity activations and a sum_squared/mse loss (the label losses read "
                          "the labels on the host)")
     opt = fast.mlp.optimizer
-    if type(opt) is not SGD or set(vars(opt)) != _SGD_FIELDS:
+    if _optimizer_kind(opt) != "sgd":
         raise ValueError(f"optimizer: graph capture supports manual.optim.SGD only, got "
                          f"{type(opt).__name__} (its step count would be frozen in the graph)")
 

@@ -16,6 +16,8 @@ rule").
 """
 import torch
 
+from refnet.compare import ULP_LIMIT
+
 KNOWN_NOT_BITWISE = {
     "activation:elu": {
         "ulp": 1,
@@ -152,12 +154,8 @@ def expected_tier(spec, device="cpu", stage="grad"):
 
     stage "grad": gradients at init; "training": loss curve and final parameters.  CPU: bitwise
     unless a known op is used (then tolerance for "grad", None for "training").  CUDA: tolerance
-    (README.md, "Devices"; CUDA_NOT_BITWISE says which ops and by how much)."""
-    if _is_cuda(device):
-        return "tolerance"
-    if known_issues(spec, device):
-        return "tolerance" if stage == "grad" else None
-    return "bitwise"
+    (docs/verification.md, "Devices"; CUDA_NOT_BITWISE says which ops and by how much)."""
+    return expected_for(spec_keys(spec), device, stage)
 
 
 def expected_for(keys, device="cpu", stage="grad"):
@@ -173,7 +171,7 @@ def expected_for(keys, device="cpu", stage="grad"):
         return "bitwise"
     if stage == "training":
         return None
-    if stage == "op" and max(e.get("ulp", 1 << 30) for e in hits) <= 8:  # compare.ULP_LIMIT
+    if stage == "op" and max(e.get("ulp", 1 << 30) for e in hits) <= max(ULP_LIMIT.values()):
         return "ulp"
     return "tolerance"
 

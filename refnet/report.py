@@ -14,7 +14,7 @@ import torch
 
 from refnet import examples
 from refnet.atomic import write_text
-from refnet.compare import TIERS, enforce_expected
+from refnet.compare import TIERS, count_tiers, enforce_expected, meets
 from refnet.harness import spec_checks
 from refnet.settings import determinism
 from refnet.spec import DTYPES, Spec
@@ -118,15 +118,12 @@ def run(names=None, devices=("cpu",), dtypes=("float32", "float64"), strict_bits
 
 
 def summarize(rows, seconds, strict_bits=False, complete=True, allow_tier=None):
-    tiers, claims = {}, {}
-    for r in rows:
-        counts = claims if r.get("kind") == "claim" else tiers
-        counts[r["tier"]] = counts.get(r["tier"], 0) + 1
+    tiers = count_tiers(r["tier"] for r in rows if r.get("kind") != "claim")
+    claims = count_tiers(r["tier"] for r in rows if r.get("kind") == "claim")
     return {"checks": len(rows), "passed": sum(r["passed"] for r in rows),
             "failed": sum(not r["passed"] for r in rows), "tiers": tiers, "claims": claims,
             "short_of_expected": sum(r.get("expected") in TIERS and r["tier"] in TIERS
-                                     and TIERS.index(r["tier"]) > TIERS.index(r["expected"])
-                                     for r in rows),
+                                     and not meets(r["tier"], r["expected"]) for r in rows),
             "all_passed": complete and bool(rows) and all(r["passed"] for r in rows),
             "complete": complete,
             "strict_bits": strict_bits, "allow_tier": allow_tier, "seconds": round(seconds, 2),
