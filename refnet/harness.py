@@ -128,21 +128,27 @@ def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=Fa
     return verdicts, (losses_m, losses_t)
 
 
-def spec_checks(spec, strict_bits=False, data=None, fd_settings=None):
-    """The checks of a user's spec: gradients at init, the loss curve over spec.steps, and the
-    final parameters, manual vs autograd; then finite differences and gradcheck in float64
-    (refnet.oracles.fd).  data: (x, target) instead of the spec's data set."""
-    x, target = load_data(spec) if data is None else data
+def twin_checks(spec, x, target, strict_bits=False, prefix=""):
+    """Manual vs autograd for one spec: gradients at init, the loss curve over spec.steps (its
+    batch schedule) and the final parameters, each with its expected tier (refnet.not_bitwise:
+    bitwise on CPU, tolerance on CUDA; an op of the table states its own, None = no bound through
+    training) and the table's note."""
     note = not_bitwise.note(spec)
-    # the expected tiers (refnet.not_bitwise: bitwise on CPU, tolerance on CUDA; an op of the
-    # table states its own, None = no bound through training)
     grad_tier = not_bitwise.expected_tier(spec, spec.device, "grad")
     train_tier = not_bitwise.expected_tier(spec, spec.device, "training")
-    checks = [Check("grad@init", gradient_checks(build_pair(spec), x, target, strict_bits), note=note,
-                    expected=grad_tier)]
+    checks = [Check(f"{prefix}grad@init", gradient_checks(build_pair(spec), x, target, strict_bits),
+                    note=note, expected=grad_tier)]
     verdicts, _ = curve_checks(build_pair(spec), x, target, spec.steps, spec.batch_size, spec.seed,
                                strict_bits)
-    checks.append(Check(f"loss_curve[{spec.steps}]", verdicts[:1], note=note, expected=train_tier))
-    checks.append(Check("final_params", verdicts[1:], note=note, expected=train_tier))
-    checks.extend(fd.fd_checks(spec, data=data, settings=fd_settings))
+    checks.append(Check(f"{prefix}loss_curve[{spec.steps}]", verdicts[:1], note=note,
+                        expected=train_tier))
+    checks.append(Check(f"{prefix}final_params", verdicts[1:], note=note, expected=train_tier))
     return checks
+
+
+def spec_checks(spec, strict_bits=False, data=None, fd_settings=None):
+    """The checks of a user's spec: twin_checks, then finite differences and gradcheck in float64
+    (refnet.oracles.fd).  data: (x, target) instead of the spec's data set."""
+    x, target = load_data(spec) if data is None else data
+    return twin_checks(spec, x, target, strict_bits) + fd.fd_checks(spec, data=data,
+                                                                      settings=fd_settings)

@@ -8,11 +8,9 @@ Each net: gradients at init on a full batch (more than 32 rows, so the nll_loss 
 folds at every level it has), then a mini-batch training run (a fresh permutation per epoch),
 comparing the loss curve and the final parameters, manual vs autograd.
 """
-from refnet import not_bitwise
-from refnet.compare import Check
 from refnet.data import load_data
 from refnet.examples import register
-from refnet.harness import build_pair, curve_checks, gradient_checks
+from refnet.harness import twin_checks
 from refnet.spec import Spec
 
 N_SAMPLES, BATCH, STEPS = 150, 50, 120     # 3 epochs of 3 batches: the permutation changes
@@ -50,17 +48,7 @@ def _run(example, ctx):
     for net in NETS[example]:
         spec = net_spec(example, net, ctx.dtype_name, ctx.device)
         x, target = load_data(spec)
-        note = not_bitwise.note(spec)
-        grad_tier = not_bitwise.expected_tier(spec, ctx.device, "grad")
-        train_tier = not_bitwise.expected_tier(spec, ctx.device, "training")
-        checks.append(Check(f"{net}.grad@init", gradient_checks(build_pair(spec), x, target,
-                                                                ctx.strict_bits),
-                            note=note, expected=grad_tier))
-        verdicts, _ = curve_checks(build_pair(spec), x, target, spec.steps, spec.batch_size,
-                                   spec.seed, ctx.strict_bits)
-        checks.append(Check(f"{net}.loss_curve[{spec.steps}]", verdicts[:1], note=note,
-                            expected=train_tier))
-        checks.append(Check(f"{net}.final_params", verdicts[1:], note=note, expected=train_tier))
+        checks += twin_checks(spec, x, target, ctx.strict_bits, prefix=f"{net}.")
     return checks
 
 

@@ -6,10 +6,9 @@ learns (spiral: ≥ 95 % train accuracy, measured on CPU float64; see tests/test
 run's loss curve and final parameters, manual vs autograd.  Not part of the main job (section
 None): run them by name.
 """
-from refnet.compare import Check
 from refnet.examples import register
 from refnet.data import load_data
-from refnet.harness import build_pair, curve_checks, gradient_checks
+from refnet.harness import twin_checks
 from refnet.spec import Spec
 
 
@@ -33,12 +32,7 @@ def spec_run(make_spec):
     def run(ctx):
         spec = make_spec(ctx.dtype_name, ctx.device)
         x, target = load_data(spec)
-        checks = [Check("grad@init", gradient_checks(build_pair(spec), x, target, ctx.strict_bits))]
-        verdicts, _ = curve_checks(build_pair(spec), x, target, spec.steps, spec.batch_size,
-                                   spec.seed, ctx.strict_bits)
-        checks.append(Check(f"loss_curve[{spec.steps}]", verdicts[:1]))
-        checks.append(Check("final_params", verdicts[1:]))
-        return checks
+        return twin_checks(spec, x, target, ctx.strict_bits)
     return run
 
 
