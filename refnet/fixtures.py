@@ -30,6 +30,7 @@ backward.layers.{i}.grad_dropout, .grad_linear, grads.norms.*, grads.embed.weigh
 train.norms.{i}.running_mean/_var (steps, H) and final.norms.* (buffers included).  Cases
 without these layers are byte for byte what schema_version 1 wrote before them.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ from refnet import data as datasets
 from refnet.compare import TOLERANCES, ULP_LIMIT, compare_tensors
 from refnet.harness import build_pair, curve_checks, gradient_checks
 from refnet.spec import Spec
-from refnet.tensorfile import ST_DTYPES, encode_safetensors, sha256_file
+from refnet.tensorfile import ST_DTYPES, encode_safetensors
 
 SCHEMA_VERSION = 1
 FORMAT = "refnet-golden"
@@ -249,8 +250,9 @@ def export(out, cases, force=False):
             spec, values, order, reference = run_case(case)
             fname = f"{case_name}.safetensors"
             path = os.path.join(tmp, fname)
+            blob = encode_safetensors(values, {"case": case_name, "schema_version": SCHEMA_VERSION})
             with open(path, "wb") as f:
-                f.write(encode_safetensors(values, {"case": case_name, "schema_version": SCHEMA_VERSION}))
+                f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
             tensors = []
@@ -267,7 +269,7 @@ def export(out, cases, force=False):
                 tensors.append(entry)
             manifest["cases"].append({
                 "name": case_name, "dtype": spec.dtype, "file": fname,
-                "sha256": sha256_file(path), "bytes": os.path.getsize(path),
+                "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
                 "steps": spec.steps, "note": case.get("note", ""), "spec": spec.to_dict(),
                 "tensors": tensors})
         _write_json(os.path.join(tmp, MANIFEST), manifest)

@@ -1,6 +1,7 @@
 """`refnet check-port`: read golden fixtures back (manifest, sha256, headers) and compare a port's
 output directory with them, tensor by tensor, in canonical order (format: refnet/fixtures.py).
 """
+import hashlib
 import json
 import math
 import os
@@ -9,7 +10,7 @@ import torch
 
 from refnet.compare import compare_tensors, count_tiers
 from refnet.fixtures import MANIFEST, SCHEMA_VERSION
-from refnet.tensorfile import ST_DTYPES, decode_safetensors, sha256_file
+from refnet.tensorfile import ST_DTYPES, decode_safetensors
 
 
 def read_manifest(directory, what="fixtures"):
@@ -50,12 +51,13 @@ def load_fixture_case(directory, case):
     path = os.path.join(directory, case["file"])
     if not os.path.isfile(path):
         raise ValueError(f"{path}: missing fixture file (listed in manifest.json)")
-    digest = sha256_file(path)
+    with open(path, "rb") as f:
+        blob = f.read()                       # read once: hashed, then decoded
+    digest = hashlib.sha256(blob).hexdigest()
     if digest != case["sha256"]:
         raise ValueError(f"{path}: sha256 mismatch (expected {case['sha256'][:16]}…, got "
                          f"{digest[:16]}…): the fixture file is corrupted or truncated")
-    with open(path, "rb") as f:
-        tensors, _ = decode_safetensors(f.read(), path)
+    tensors, _ = decode_safetensors(blob, path)
     for entry in case["tensors"]:
         t = tensors.get(entry["name"])
         if t is None:
@@ -90,11 +92,12 @@ def check_port(port_dir, fixture_dir):
         if not os.path.isfile(path):
             rows += [_row(case, e, "fail", note=f"missing file {path}") for e in checked]
             continue
-        if port_sha.get(case["file"]) and sha256_file(path) != port_sha[case["file"]]:
+        with open(path, "rb") as f:
+            blob = f.read()
+        if port_sha.get(case["file"]) and hashlib.sha256(blob).hexdigest() != port_sha[case["file"]]:
             raise ValueError(f"{path}: sha256 does not match the port's manifest.json: the port's "
                              f"output file is corrupted or truncated")
-        with open(path, "rb") as f:
-            got, _ = decode_safetensors(f.read(), path)
+        got, _ = decode_safetensors(blob, path)
         for e in checked:
             t = got.get(e["name"])
             if t is None:

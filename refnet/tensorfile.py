@@ -1,11 +1,10 @@
-"""Tensor files: safetensors, written and read with the standard library, and sha256 of a file.
+"""Tensor files: safetensors, written and read with the standard library.
 
 A safetensors file is an unsigned 64-bit little-endian header length n, n bytes of JSON
 ``{name: {"dtype": "F32"|"F64"|"I64", "shape": [...], "data_offsets": [begin, end]}, ...}``, then
 the raw little-endian, C-order data; offsets count from the first byte after the header.  The
 tests check this codec against the `safetensors` package both ways.
 """
-import hashlib
 import json
 import math
 import struct
@@ -77,11 +76,3 @@ def decode_safetensors(blob, where="file"):
             else torch.empty(0, dtype=_ST_TORCH[dt])
         tensors[name] = t.reshape(shape)
     return tensors, metadata
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -17,6 +17,7 @@ from refnet.checkpoint import load_checkpoint
 from refnet.cli.common import EXIT_FAILED, EXIT_OK, dtypes
 from refnet.compare import enforce_expected
 from refnet.cli.train import build_spec, out_folder
+from refnet.cli.verify import print_row
 from refnet.dp_launch import run_job, under_torchrun
 
 
@@ -72,11 +73,7 @@ def _verify_verb(args):
             r = report.row(name, check, dev, dtype, spec.to_dict())
             rows.append(r)
             if not args.quiet:
-                print(report.format_row(r), flush=True)
-                if r.get("note"):
-                    print(f"    . {r['note']}", flush=True)
-                for msg in r["failures"]:
-                    print(f"    ! {msg}", flush=True)
+                print_row(r)
     s = report.summarize(rows, time.time() - started, args.strict_bits, True)
     if args.json:
         report.write_json({"results": rows, "complete": True, "summary": s}, args.json)

@@ -44,7 +44,7 @@ def main_job_argv():
 _notes_shown = set()
 
 
-def _print_row(r):
+def print_row(r):
     print(report.format_row(r), flush=True)
     # thresholds, kink counts, float64 rebuilds, known non-bitwise ops: each note once per example
     if r.get("note") and (r["example"], r["note"]) not in _notes_shown:
@@ -79,7 +79,7 @@ def run(args):
     if args.strict_bits and args.allow_tier:
         raise ValueError("--allow-tier: cannot be combined with --strict-bits")
     rep = report.run(args.example, devices, dtype_names, args.strict_bits,
-                     None if args.quiet else _print_row, spec=spec, allow_tier=args.allow_tier)
+                     None if args.quiet else print_row, spec=spec, allow_tier=args.allow_tier)
     s = rep["summary"]
     if args.json:
         report.write_json(rep, args.json)
