@@ -98,8 +98,7 @@ def train_worker(rank, world_size, job):
     summary.update(world_size=world_size, backend=dist.get_backend(),
                    loss_note="losses: the mean over ranks of each rank's loss on its shard")
     if out_dir:
-        summary["files"] = write_outputs(out_dir, spec, summary, losses_m, losses_t, dp.pair, x,
-                                         target)
+        write_outputs(out_dir, spec, summary, losses_m, losses_t, dp.pair, x, target)
     return summary
 
 

@@ -3,7 +3,7 @@
 Shared by refnet.train (one process) and refnet.dp_train (data parallel); every file is written
 atomically.  Accuracy is measured in eval mode (running statistics, no dropout).
 """
-import json
+import contextlib
 import os
 
 import torch
@@ -12,7 +12,7 @@ from refnet import plots
 from refnet.atomic import write_atomic
 from refnet.checkpoint import CHECKPOINT_NAME
 from refnet.compare import same_bits
-from refnet.report import json_safe
+from refnet.report import write_json
 
 
 def labels_of(target):
@@ -32,15 +32,24 @@ def predict_class(output):
     return (output[:, 0] > 0.5).to(torch.int64) if output.shape[1] == 1 else output.argmax(1)
 
 
-def _classify_eval(mlp, grid):
-    """The manual MLP's predicted class for each row of grid, in eval mode (running statistics,
-    no dropout, no dropout stream advanced); the MLP's mode is restored after."""
-    training = mlp.training
-    mlp.eval()
+@contextlib.contextmanager
+def _eval_mode(*models):
+    """Evaluation mode (running statistics, no dropout, no dropout stream advanced) for the
+    models inside the block; each gets back the mode it had."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
-        return predict_class(mlp.predict(grid)[0])
+        yield
     finally:
-        mlp.train(training)
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def _classify_eval(mlp, grid):
+    """The manual MLP's predicted class for each row of grid, in eval mode."""
+    with _eval_mode(mlp):
+        return predict_class(mlp.predict(grid)[0])
 
 
 def _accuracy(output, labels):
@@ -74,14 +83,10 @@ def run_summary(spec, example, tier, state, status, message, start, losses_m, lo
     if summary["nonfinite"] and status == "completed":
         summary["status"] = f"completed (non-finite from step {summary['first_nonfinite_step']})"
     labels = labels_of(target)
-    if labels is not None:  # in eval mode: running statistics, no dropout
-        pair.mlp.eval()
-        pair.twin.eval()
-        with torch.no_grad():
+    if labels is not None:
+        with _eval_mode(pair.mlp, pair.twin), torch.no_grad():
             summary["accuracy_manual"] = _accuracy(pair.mlp.predict(x)[0], labels)
             summary["accuracy_twin"] = _accuracy(pair.twin(x), labels)
-        pair.mlp.train()
-        pair.twin.train()
     return summary
 
 
@@ -106,7 +111,8 @@ def _nonfinite_note(k_m, k_t, losses_m, losses_t):
 # -- outputs --
 
 def write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target):
-    """losses.csv, summary.json and the plots in out_dir, atomically; the names written."""
+    """losses.csv, summary.json and the plots in out_dir, atomically; the names written (also
+    summary["files"])."""
     files = ["losses.csv", "summary.json"]
     lines = ["step,manual_loss,twin_loss,abs_diff"]
     for step, (a, b) in enumerate(zip(losses_m.tolist(), losses_t.tolist())):
@@ -125,6 +131,5 @@ def write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target):
                                 lambda grid: _classify_eval(pair.mlp, grid), x, labels, summary)
             files.append("decision_boundary.png")
     summary["files"] = files
-    blob = json.dumps(json_safe(summary), indent=2, allow_nan=False, default=str) + "\n"
-    write_atomic(os.path.join(out_dir, "summary.json"), lambda f: f.write(blob.encode()))
+    write_json(summary, os.path.join(out_dir, "summary.json"))
     return files

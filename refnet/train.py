@@ -204,8 +204,7 @@ def _run(spec, out_dir, check_every, tier, checkpoint, progress, example, data, 
     summary = run_summary(spec, example, tier, state, status, message, start, losses_m,
                           losses_t, pair, x, target, time.time() - started)
     if out_dir is not None:
-        summary["files"] = write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x,
-                                         target)
+        write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target)
     return summary
 
 
