@@ -30,15 +30,6 @@ def need_matplotlib():
         pytest.skip("matplotlib not installed: the PNG outputs were not checked")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny GEMMs on a busy 2-core machine are ~40x slower with 2 threads than with 1.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_spec(**over):
     """circles with mini-batches and momentum: exercises the batch schedule and optimizer state."""
     raw = dict(sizes=[2, 7, 2], activation="tanh", loss="mse", data="circles", n_samples=50,

@@ -29,16 +29,6 @@ LOSSES = ("sum_squared", "mse", "cross_entropy", "svm")
 STEPS, N, BATCH = 300, 30, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread, so softmax's parallel_for (grain 0) does not wake a thread pool
-    per call on a busy machine.  Both sides run under the same setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _data(loss, dtype, device):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(N, 5, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)

@@ -5,25 +5,17 @@ import pytest
 import torch
 
 from refnet import not_bitwise
-from refnet.examples import norm_layers
-from verify._examples import run
+from refnet.examples import Context, norm_layers
+from verify._examples import assert_all, run
 
 DTYPES = [torch.float32, torch.float64]
 
 
-class _Ctx:
-    def __init__(self, dtype):
-        self.dtype, self.device = dtype, "cpu"
-        self.dtype_name = str(dtype).replace("torch.", "")
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_makemore_ninja_everything_bitwise(dtype):
+def test_makemore_ninja_everything_bitwise(dtype, refnet_check):
     checks = run("makemore_ninja", "cpu", dtype)
-    for c in checks.values():
-        assert c.passed, f"{c.name}: " + "\n".join(c.failures())
-        if c.oracle == "manual vs autograd":
-            assert c.tier == "bitwise", f"{c.name}: " + "\n".join(v.message() for v in c.verdicts)
+    assert_all(checks, "cpu", refnet_check)
+    assert all(c.tier == "bitwise" for c in checks.values() if c.oracle == "manual vs autograd")
     chain = checks["chain.grads[26]"]
     assert len(chain.verdicts) == 26
     assert checks[f"net.loss_curve[{norm_layers.NINJA_STEPS}]"].verdicts[0].identical_steps == \
@@ -31,14 +23,15 @@ def test_makemore_ninja_everything_bitwise(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fc_norm_dropout(dtype):
+def test_fc_norm_dropout(dtype, refnet_check):
     checks = run("fc_norm_dropout", "cpu", dtype)
     for c in checks.values():
+        refnet_check.record(c.verdicts)
         assert c.passed, f"{c.name}: " + "\n".join(c.failures())
         if c.oracle != "manual vs autograd":
             continue
         if c.name.startswith("layernorm") and not_bitwise.known_issues(
-                norm_layers._fc_spec("layernorm", _Ctx(dtype))):
+                norm_layers._fc_spec("layernorm", Context(device="cpu", dtype=dtype))):
             continue      # not measured on this CPU capability (refnet/not_bitwise.py)
         assert c.tier == "bitwise", f"{c.name}: " + "\n".join(v.message() for v in c.verdicts)
     if dtype == torch.float64:
