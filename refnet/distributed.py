@@ -134,11 +134,8 @@ def _faults(job, rank, step):
 
 
 def _data(spec, example, rank, job):
-    ex = examples.get(example) if example is not None else None
-    if ex is not None and ex.data is not None:
-        x, target = ex.data(spec)
-    else:
-        x, target = datasets.load_data(spec)
+    x, target = (examples.get(example).training_data(spec) if example is not None
+                 else datasets.load_data(spec))
     if job.get("perturb_data") == rank:  # test hook: this rank's data differs
         x = x.clone()
         x.view(-1)[0] += 1

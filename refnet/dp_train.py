@@ -37,8 +37,7 @@ def train_worker(rank, world_size, job):
                          f"larger than that to continue")
     started = time.time()
     x, target = _data(spec, example, rank, job)
-    ex = examples.get(example) if example is not None else None
-    params = ex.params(spec) if ex is not None and ex.params is not None else None
+    params = examples.get(example).initial_params(spec) if example is not None else None
     dp = DPPair(spec, rank, world_size, params)
     check_same_everywhere(rank, spec, x, target, dp.pair.mlp.params)
     start, hist_m, hist_t = 0, [], []

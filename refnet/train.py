@@ -92,8 +92,8 @@ def train(spec, out_dir=None, *, check_every=50, tier=None, resume=None, progres
     try:
         if example is not None:
             ex = examples.get(example)
-            data = data if data is not None or ex.data is None else ex.data(spec)
-            params = params if params is not None or ex.params is None else ex.params(spec)
+            data = ex.training_data(spec) if data is None else data
+            params = ex.initial_params(spec) if params is None else params
         with determinism(spec.device):
             return _run(spec, out_dir, check_every, tier, checkpoint, progress, example, data,
                         params, on_step)

@@ -133,11 +133,14 @@ def out_folder(args):
 
 def run(args):
     spec, example = build_spec(args)
-    _apply_threads(spec, args.threads)
+    data = examples.get(example).training_data(spec) if example is not None else load_data(spec)
+    # the thread policy for this net: its largest GEMM at the training batch size
+    batch = spec.batch_size or data[0].shape[0]
+    apply_threads(args.threads, largest_gemm_macs(spec.sizes, batch))
     out = out_folder(args)
     summary = train_mod.train(spec, out, check_every=args.check_every, tier=args.tier,
                               resume=args.resume, progress=False if args.quiet else None,
-                              example=example)
+                              example=example, data=data)
     if summary["status"] == "diverged":
         print(f"refnet train: diverged: {summary['divergence']}", file=sys.stderr)
         return EXIT_FAILED
@@ -153,14 +156,6 @@ def run(args):
           + (f"; {summary['status']}: {nonfinite}" if nonfinite else "")
           + (f"; wrote {', '.join(summary['files'])} in {out}" if out else ""))
     return EXIT_OK
-
-
-def _apply_threads(spec, requested):
-    """The thread policy for this net: its largest GEMM at the training batch size."""
-    batch = spec.batch_size or spec.n_samples
-    if batch is None:  # full batch of a data set of its default size
-        batch = load_data(spec)[0].shape[0]
-    return apply_threads(requested, largest_gemm_macs(spec.sizes, batch))
 
 
 def resumes_into(resume, out):

@@ -15,6 +15,8 @@ import importlib
 
 import torch
 
+from refnet.data import load_data
+
 
 @dataclass
 class Context:
@@ -47,6 +49,14 @@ class Example:
             raise ValueError(f"--example: {self.name!r} trains no single MLP; examples that do: "
                              f"{', '.join(trainable())}")
         return self.spec(dtype, device)
+
+    def training_data(self, spec):
+        """(x, target) the example trains on: its own data set, else the spec's (load_data)."""
+        return self.data(spec) if self.data is not None else load_data(spec)
+
+    def initial_params(self, spec):
+        """The parameters the example starts from, or None for the spec's seeded init."""
+        return self.params(spec) if self.params is not None else None
 
 
 REGISTRY = {}
