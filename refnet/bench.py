@@ -39,7 +39,7 @@ from manual.mlp import MLP, init_params
 from refnet import data as datasets
 from refnet import twin as twin_mod
 from refnet.compare import same_bits
-from refnet.settings import determinism
+from refnet.settings import cpus, determinism
 
 # name -> batch, layer sizes, bias, loss, SGD lr, init, steps per timing block (block),
 # timed blocks per variant (reps: full, quick), dtype (default float32); the classification rows
@@ -76,10 +76,7 @@ ACTIVATION = "sigmoid"   # the default activation of a row
 
 def machine_threads():
     """The CPUs this process may run on (the thread count a row is also reported at)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return cpus()
 
 
 # -- the variants ------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def largest_gemm_macs(sizes, batch):
     return max(batch * a * b for a, b in zip(sizes[:-1], sizes[1:]))
 
 
-def _cpus():
+def cpus():
+    """The CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -94,7 +95,7 @@ def choose_threads(requested=None, gemm_macs=None):
     if env is not None:
         return env
     if gemm_macs is not None and gemm_macs >= THREADED_GEMM_MACS:
-        return _cpus()
+        return cpus()
     return 1
 
 

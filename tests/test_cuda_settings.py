@@ -101,7 +101,7 @@ def test_small_workloads_get_one_thread(no_thread_env):
 
 
 def test_large_gemms_get_every_cpu(no_thread_env, monkeypatch):
-    monkeypatch.setattr(settings, "_cpus", lambda: 7)
+    monkeypatch.setattr(settings, "cpus", lambda: 7)
     large = settings.largest_gemm_macs([2048, 2048, 2048], 1024)   # bench "large"
     assert settings.choose_threads(gemm_macs=large) == 7
 

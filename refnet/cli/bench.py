@@ -30,7 +30,7 @@ def add_parser(sub):
                    help="cuda times with CUDA events and also runs the captured CUDA graph")
     p.add_argument("--dtype", choices=["float32", "float64"],
                    help="one dtype for every size (default: float64 for seed, float32 otherwise)")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=positive_int(), metavar="N",
                    help="torch CPU threads for every row (default: each row at 1 thread and at "
                         "the machine's count)")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
@@ -128,8 +128,6 @@ def format_row(r):
 
 def run(args):
     device = resolve_devices(args.device)[0]
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads: expected an integer >= 1, got {args.threads}")
     if not 0.0 <= args.momentum < 1.0:
         raise ValueError(f"--momentum: expected a number in [0, 1), got {args.momentum}")
     if args.json:

@@ -27,7 +27,7 @@ def add_parser(sub):
                         "manual/; the report says so); default: each check's expected tier")
     p.add_argument("--json", metavar="OUT.json", help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=positive_int(), metavar="N",
                    help="torch CPU threads (default: OMP_NUM_THREADS if set, else 1 for the "
                         "document's examples and small specs; refnet.settings.choose_threads)")
     p.add_argument("--nproc", type=positive_int(), metavar="N",
