@@ -25,7 +25,7 @@ import math
 import torch
 
 GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE
-_VECTOR_BITS = {"AVX512": 512, "AVX2": 256}
+VECTOR_BITS = {"AVX512": 512, "AVX2": 256}   # ATen vector width by CPU capability
 _LOG2E = 1.442695040888963407359924681001892137426645954152985934135449406931
 
 
@@ -117,7 +117,7 @@ def vector_lanes(numel, dtype):
     """Bool mask (numel,): True where cpu_kernel_vec computes a contiguous elementwise op in vector
     lanes, False in the scalar tail of each chunk.  None when this CPU build has no known vector
     width (then every element takes the scalar path)."""
-    bits = _VECTOR_BITS.get(torch.backends.cpu.get_cpu_capability())
+    bits = VECTOR_BITS.get(torch.backends.cpu.get_cpu_capability())
     if bits is None:
         return None
     step = 2 * (bits // (8 * torch.empty((), dtype=dtype).element_size()))

@@ -40,8 +40,7 @@ import math
 import torch
 
 from manual import _check
-
-_VECTOR_BITS = {"AVX512": 512, "AVX2": 256}
+from manual.kernel_exp import VECTOR_BITS
 
 
 # --- batch norm: forward ---------------------------------------------------------------------
@@ -107,7 +106,7 @@ def _bn_dx_fma_columns(n_features, dtype, device):
     """
     if device.type != "cpu":
         return n_features
-    bits = _VECTOR_BITS.get(torch.backends.cpu.get_cpu_capability(), 256)
+    bits = VECTOR_BITS.get(torch.backends.cpu.get_cpu_capability(), 256)
     half = (bits // 2) // (torch.finfo(dtype).bits)
     return n_features - n_features % half
 
