@@ -27,9 +27,9 @@ Two batch-norm backwards:
         (chunks combined in float64: acc_type<float> is double on the CPU)
         dweight = dotp·(1/σ),  dbias = Σdy
         k = dotp·(1/σ)·(1/σ)/N,  dx = (dy − Σdy/N − (x − μ)·k)·(1/σ)·weight
-    GCC contracts ``(dy − Σdy/N) − (x − μ)·k`` into one FMA in the vector body; measured on
-    AVX-512 (torch 2.13), the last ``D mod 8`` float32 / ``D mod 4`` float64 columns of the
-    kernel's masked tail are not contracted.  We mirror both (see ``_bn_dx_fma_columns``).
+    GCC contracts ``(dy − Σdy/N) − (x − μ)·k`` into one FMA in the vector body; the last
+    ``D mod 8`` float32 / ``D mod 4`` float64 columns are not contracted — measured on AVX-512
+    (part of its 16-lane masked tail) and on AVX2 (its whole 8-lane masked tail; torch 2.13).  We mirror both (see ``_bn_dx_fma_columns``).
     Eval mode: dx = dy·(1/σ)·weight with 1/σ = 1/√(running_var + eps) formed in float64.
   * ``batchnorm_backward_steps`` — the step-by-step chain through the small ops of
     ``batchnorm_forward_steps`` (mean, centre, square, variance, inverse std, scale, shift), the
@@ -98,17 +98,28 @@ def _bn_sums(xc, dout):
     return total_s.to(xc.dtype), total_d.to(xc.dtype)
 
 
+# Width in bits of the trailing columns whose dx the kernel does not contract into an FMA,
+# measured per CPU capability (torch 2.13, GCC build): AVX-512 the last D mod 256 bits (half its
+# 512-bit vector); AVX2 the whole masked tail, D mod Vec::size() (its vector is 256 bits: 8
+# float32, 4 float64), 1200 shapes x train/eval x 1-2 threads bitwise on an AMD EPYC.
+_BN_PLAIN_TAIL_BITS = {"AVX512": 256, "AVX2": 256}
+
+
 def _bn_dx_fma_columns(n_features, dtype, device):
     """How many leading columns the kernel evaluates with the contracted (FMA) dx formula.
 
-    Measured on AVX-512 (torch 2.13): all but the last D mod (256 bits / element bits) columns.
-    On other capabilities the same rule is applied with 256-bit halves of the vector; not measured.
+    The kernel's loop takes Vec::size() columns at a time and then a masked tail of
+    D mod Vec::size() columns.  Measured (``_BN_PLAIN_TAIL_BITS``): on AVX-512 all but the last
+    D mod 8 float32 / D mod 4 float64 columns are contracted; on AVX2 all but the masked tail,
+    which is the same D mod 8 / D mod 4.  Other capabilities are not measured: 128-bit halves
+    of a 256-bit vector are assumed.
     """
     if device.type != "cpu":
         return n_features
-    bits = VECTOR_BITS.get(torch.backends.cpu.get_cpu_capability(), 256)
-    half = (bits // 2) // (torch.finfo(dtype).bits)
-    return n_features - n_features % half
+    capability = torch.backends.cpu.get_cpu_capability()
+    bits = _BN_PLAIN_TAIL_BITS.get(capability, VECTOR_BITS.get(capability, 256) // 2)
+    lanes = bits // torch.finfo(dtype).bits
+    return n_features - n_features % lanes
 
 
 def batchnorm_backward(dout, cache):
@@ -187,7 +198,8 @@ def layernorm_forward(x, weight, bias, eps=1e-5):
 
 def _ln_lanes(dtype, device):
     """Lanes of the vectors layer_norm_backward_frame reduces in: 256-bit ones (8 float32, 4
-    float64), measured on an AVX-512 machine with torch 2.13; 0 where not measured (plain sums)."""
+    float64), measured on AVX-512 and on AVX2 (AMD EPYC) with torch 2.13; 0 where not measured
+    (plain sums)."""
     if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX2"):
         return 0
     return 256 // torch.finfo(dtype).bits
@@ -242,8 +254,8 @@ def layernorm_backward(dout, cache):
         dweight = Σᵢ dy·(a·x − a·μ),  dbias = Σᵢ dy   (sequential over rows per thread chunk)
     with the compiler's contractions: db·μ − ds, −b·μ − (db·a·scale) and (a·dy·w) + b·x are each
     one FMA, and the row sums ds, db in the kernel's lane order (``_ln_row_sum``).  Measured
-    bitwise on AVX-512 (torch 2.13) for every width tried (1–19, 37, 64, 100, 257; 1 and 2
-    threads); AVX2 takes the same 256-bit rule unmeasured; other capabilities fall back to
+    bitwise on AVX-512 and AVX2 (torch 2.13) for every width tried (1–19, 31, 33, 37, 64, 100,
+    257; 1 and 2 threads); other capabilities fall back to
     torch.sum (refnet/not_bitwise.py).  dweight and dbias are sequential over rows.
     """
     # dx = (1/σ)(w·dy − mean(w·dy) − x̂·mean(w·dy·x̂));  dw = Σᵢ dy·x̂;  db = Σᵢ dy
