@@ -81,10 +81,10 @@ mutant("elu_alpha_dropped", "manual/activations.py",
 mutant("mse_factor_per_row", "manual/losses.py",
        "return ((2.0 / diff.numel()) * diff) * dloss", "return ((2.0 / diff.shape[0]) * diff) * dloss",
        "mse backward 2/N (rows) instead of 2/numel", LOSS)
-mutant("ce_backward_torch_exp", "manual/losses.py",
+mutant("ce_backward_torch_exp", "manual/kernel_order.py",
        "        return sleef_exp(logp)\n", "        return torch.exp(logp)\n",
        "cross-entropy backward with torch.exp instead of the kernel's Sleef exp", LOSS)
-mutant("nll_cascade_32", "manual/losses.py",
+mutant("nll_cascade_32", "manual/kernel_order.py",
        "if b & ((NLL_LEVEL_STEP - 1) << (NLL_LEVEL_POWER * j)):",
        "if b & ((2 * NLL_LEVEL_STEP - 1) << ((NLL_LEVEL_POWER + 1) * j)):",
        "nll summation cascade folding every 32 rows instead of 16", LOSS)
