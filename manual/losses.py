@@ -74,15 +74,6 @@ def cross_entropy_backward(dloss, cache):
     return torch.addcmul(dlogp, log_softmax_backward_exp(logp), row_sum, value=-1)
 
 
-def cross_entropy_backward_textbook(dloss, cache):
-    """The lecture's form, (softmax(y_pred) − onehot(labels))·dloss/N: correct to rounding, not
-    bit-identical to autograd (torch.exp and a different order; see the note below)."""
-    # ∂L/∂y_pred = (pᵢ − 1[j = tᵢ])/N,  p = softmax(y_pred) = exp(log softmax)
-    logp, labels = cache
-    onehot = torch.zeros_like(logp).scatter_(1, labels.unsqueeze(1), 1.0)
-    return (torch.exp(logp) - onehot) * (dloss / logp.shape[0])
-
-
 # Bits: F.cross_entropy(y, t) is nll_loss(log_softmax(y, 1), t).  The forward uses the log_softmax
 # primitive (it subtracts the row max first, so logits of ±1e4 are fine) and writes nll_loss by
 # hand with the CPU kernel's summation order.  The backward of log_softmax is, in
@@ -94,6 +85,15 @@ def cross_entropy_backward_textbook(dloss, cache):
 # algorithm with torch ops (round, FMAs via addcmul, ldexp) — measured bitwise against the kernel
 # on every element tried — and form the difference with addcmul (one FMA).  The forward's mean
 # over samples follows nll_loss_out_frame's summation cascade.  Both are in kernel_order.py.
+
+
+def cross_entropy_backward_textbook(dloss, cache):
+    """The lecture's form, (softmax(y_pred) − onehot(labels))·dloss/N: correct to rounding, not
+    bit-identical to autograd (torch.exp and no FMA; see the note above)."""
+    # ∂L/∂y_pred = (pᵢ − 1[j = tᵢ])/N,  p = softmax(y_pred) = exp(log softmax)
+    logp, labels = cache
+    onehot = torch.zeros_like(logp).scatter_(1, labels.unsqueeze(1), 1.0)
+    return (torch.exp(logp) - onehot) * (dloss / logp.shape[0])
 
 
 # -- multiclass SVM (hinge) loss, PyTorch's MultiMarginLoss(p=1, margin=1) ---------------------------

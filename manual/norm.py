@@ -109,7 +109,7 @@ def batchnorm_backward_textbook(dout, cache):
     """The same closed form as CS231n's ``batchnorm_backward_alt`` writes it, in a few plain ops:
     correct to rounding, not bit-identical to autograd.  Same arguments and results as
     batchnorm_backward."""
-    # dx = (1/(Nσ))·(N·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂)) with dx̂ = dout·w;  dweight = Σ dout·x̂;  dbias = Σ dout
+    # dx = (1/(Nσ))·(N·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂)), dx̂ = dout·w;  dweight = Σ dout·x̂;  dbias = Σ dout
     x, weight, mean, invstd, training = cache
     w = weight if weight is not None else torch.ones_like(invstd)
     n = x.shape[0]
@@ -202,7 +202,8 @@ def layernorm_backward_textbook(dout, cache):
     """The same closed form as llm.c's ``layernorm_backward`` (and CS231n) writes it, in a few
     plain ops: correct to rounding, not bit-identical to autograd.  Same arguments and results
     as layernorm_backward."""
-    # dx = (1/σ)·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) per row, dx̂ = dout·w;  dweight = Σ dout·x̂;  dbias = Σ dout
+    # dx = (1/σ)·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) per row, dx̂ = dout·w
+    # dweight = Σ dout·x̂;  dbias = Σ dout
     x, weight, mean, invstd = cache
     rstd = invstd.unsqueeze(1)
     xhat = (x - mean.unsqueeze(1)) * rstd
