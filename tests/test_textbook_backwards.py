@@ -45,32 +45,30 @@ def _grade_norm(textbook, exact, dout, xhat, x_scale):
     return sum(int((t != e).sum()) for t, e in zip(textbook, exact))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("training", [True, False])
-def test_batchnorm_textbook_within_bounds_and_not_bitwise(dtype, training):
-    differing = 0
-    for seed, (n, d) in enumerate(SHAPES):
-        x, dy, w, b, rm, rv = _inputs(n, d, dtype, seed)
-        _, cache = norm.batchnorm_forward(x, w, b, rm, rv, training=training)
-        xhat = (x - cache.mean) * cache.invstd
-        x_scale = (w.abs() * cache.invstd * dy.abs().amax(0)).expand_as(x)
-        differing += _grade_norm(norm.batchnorm_backward_textbook(dy, cache),
-                                 norm.batchnorm_backward(dy, cache), dy, xhat, x_scale)
-    assert differing > 0, "the textbook batch-norm backward came out bitwise"
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_layernorm_textbook_within_bounds_and_not_bitwise(dtype):
-    differing = 0
-    for seed, (n, d) in enumerate(SHAPES):
-        x, dy, w, b, _, _ = _inputs(n, d, dtype, seed)
+def _norm_case(kind, n, d, dtype, seed):
+    """(textbook grads, bit-exact grads, dout, x̂, the dx scale) for one norm on one input."""
+    x, dy, w, b, rm, rv = _inputs(n, d, dtype, seed)
+    if kind == "layernorm":
         _, cache = norm.layernorm_forward(x, w, b)
-        rstd = cache.invstd.unsqueeze(1)
-        xhat = (x - cache.mean.unsqueeze(1)) * rstd
-        x_scale = (rstd * (dy * w).abs().amax(1, keepdim=True)).expand_as(x)
-        differing += _grade_norm(norm.layernorm_backward_textbook(dy, cache),
-                                 norm.layernorm_backward(dy, cache), dy, xhat, x_scale)
-    assert differing > 0, "the textbook layer-norm backward came out bitwise"
+        invstd, mean = cache.invstd.unsqueeze(1), cache.mean.unsqueeze(1)
+        x_scale = invstd * (dy * w).abs().amax(1, keepdim=True)           # per row
+        backwards = norm.layernorm_backward_textbook, norm.layernorm_backward
+    else:
+        _, cache = norm.batchnorm_forward(x, w, b, rm, rv, training=kind == "batchnorm_train")
+        invstd, mean = cache.invstd, cache.mean
+        x_scale = w.abs() * invstd * dy.abs().amax(0)                     # per feature
+        backwards = norm.batchnorm_backward_textbook, norm.batchnorm_backward
+    textbook, exact = (backward(dy, cache) for backward in backwards)
+    return textbook, exact, dy, (x - mean) * invstd, x_scale.expand_as(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["batchnorm_train", "batchnorm_eval", "layernorm"])
+def test_norm_textbook_within_bounds_and_not_bitwise(kind, dtype):
+    differing = 0
+    for seed, (n, d) in enumerate(SHAPES):
+        differing += _grade_norm(*_norm_case(kind, n, d, dtype, seed))
+    assert differing > 0, f"the textbook {kind} backward came out bitwise"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
