@@ -5,13 +5,12 @@ it accepts (fn -> out with backward_fn(dout, *inputs); CS231n's (out, cache) wit
 backward_fn(dout, cache); a custom autograd.Function checked against a stock-ops reference).
 """
 import inspect
-import math
 
 import torch
 
-from refnet.api import DEFAULT_TIER, Report, _required, compare
-from refnet.compare import Verdict
-from refnet.oracles.fd import FDSettings, rel_error, sample_indices
+from refnet.api import Report, compare
+from refnet.compare import DEFAULT_TIER, Verdict, required_tier
+from refnet.oracles.fd import FDSettings, fd_verdict, probe, sample_indices
 
 
 def _arg_names(fn, n):
@@ -94,7 +93,7 @@ def check_backward(fn, inputs, backward_fn=None, *, tier=DEFAULT_TIER, reference
     >>> report.passed, [v.name for v in report]
     (True, ['dx'])
     """
-    required = _required(tier)
+    required = required_tier(tier)
     if not callable(fn):
         raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
     if backward_fn is not None and not callable(backward_fn):
@@ -184,71 +183,34 @@ def check_backward(fn, inputs, backward_fn=None, *, tier=DEFAULT_TIER, reference
 
 
 def _fd_verdicts(fn, inputs, backward_fn, wrt, names, dout, st, seed):
-    """Hand-written backward in float64 vs central differences of sum(fn(inputs)·dout)."""
+    """Hand-written backward in float64 vs central differences of sum(fn(inputs)·dout), by the
+    one finite-difference rule (refnet.oracles.fd.probe; kinks by the one-sided differences)."""
     x64 = _fresh(inputs, wrt, False, dtype=torch.float64)
     dout64 = dout.detach().to(torch.float64)
 
-    def value():
+    def loss():
         out, _, _ = _split_out(fn(*x64), "fn")
-        return float((out.to(torch.float64) * dout64).sum())
+        return float((out.to(torch.float64) * dout64).sum()), None
 
     with torch.no_grad():
         out, cache, has_cache = _split_out(fn(*x64), "fn")
         analytic = _as_grads(backward_fn(dout64, cache) if has_cache else backward_fn(dout64, *x64),
                              len(wrt), names)
-        base = value()
-        atol = st.atol_scale * max(1.0, abs(base))
+        atol = st.atol_scale * max(1.0, abs(loss()[0]))
         gen = torch.Generator().manual_seed(seed)
         verdicts = []
         for i, nm, a_full in zip(wrt, names, analytic):
-            t = x64[i]
+            t, name = x64[i], f"{nm} (finite differences)"
             if a_full is None or a_full.shape != t.shape:
-                verdicts.append(Verdict(name=f"{nm} (finite differences)", tier="fail",
-                                        passed=False, shape=list(t.shape), dtype="float64",
-                                        device=str(t.device),
+                verdicts.append(Verdict(name=name, tier="fail", passed=False, shape=list(t.shape),
+                                        dtype="float64", device=str(t.device),
                                         note="the float64 backward returned no gradient or a "
                                              "wrong shape"))
                 continue
-            flat, a_flat = t.view(-1), a_full.detach().to(torch.float64).reshape(-1).cpu()
+            flat = t.view(-1)
             idx = sample_indices(flat.numel(), st.per_tensor, gen)
-            worst, worst_j, bad, kinks = -1.0, None, 0, 0
-            numeric = torch.empty(len(idx), dtype=torch.float64)
-            for j, k in enumerate(idx.tolist()):
-                old = flat[k].item()
-                flat[k] = old + st.eps
-                lp = value()
-                flat[k] = old - st.eps
-                lm = value()
-                flat[k] = old
-                central = (lp - lm) / (2 * st.eps)
-                fwd, bwd = (lp - base) / st.eps, (base - lm) / st.eps
-                a = float(a_flat[k])
-                numeric[j] = central
-                if abs(fwd - bwd) > max(atol, st.kink_rtol * (abs(fwd) + abs(bwd))):
-                    kinks += 1   # a kink: accept between the one-sided differences
-                    ok = min(fwd, bwd) - atol <= a <= max(fwd, bwd) + atol
-                else:
-                    ok = abs(a - central) <= atol or \
-                        abs(a - central) <= st.rtol * max(abs(a) + abs(central), 1e-300)
-                err = float(rel_error(torch.tensor(a), torch.tensor(central)))
-                score = err + (10.0 if not ok else 0.0)
-                bad += not ok
-                if score > worst:
-                    worst, worst_j = score, j
-            a_s = a_flat[idx]
-            diff = (a_s - numeric).abs()
-            v = Verdict(name=f"{nm} (finite differences)", tier="fail" if bad else "tolerance",
-                        passed=not bad, shape=list(t.shape), dtype="float64", device=str(t.device),
-                        numel=len(idx), mismatched=bad, max_abs_diff=float(diff.max()),
-                        max_rel_diff=float(rel_error(a_s, numeric).max()), rtol=st.rtol,
-                        atol=atol, note=f"{len(idx)}/{flat.numel()} coordinates, {kinks} at a kink "
-                                        f"(accepted between the one-sided differences); central "
-                                        f"differences in float64, h {st.eps:g}")
-            if worst_j is not None:
-                k = int(idx[worst_j])
-                v.worst_index = [int(c) for c in torch.unravel_index(torch.tensor(k), t.shape)] \
-                    if t.dim() else []
-                v.worst_values = [float(a_s[worst_j]), float(numeric[worst_j])]
-                v.max_ulp = math.nan
-            verdicts.append(v)
+            probed = probe(flat, idx, a_full.detach().to(torch.float64).reshape(-1).cpu(), loss,
+                           atol, st)
+            verdicts.append(fd_verdict(name, list(t.shape), str(t.device), probed, flat.numel(),
+                                       atol, st, f"central differences in float64, h {st.eps:g}"))
     return verdicts
