@@ -43,9 +43,6 @@ values or (N,) labels; letters as in manual/__init__.py.
 The plan (buffers, forward and backward schedule, loss buffers) is one module because its stages
 share buffers and lifetimes; the activations and the update, which only take tensors, are apart.
 """
-from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
-
 import torch
 
 from manual import _check
@@ -62,56 +59,58 @@ FAST_LOSSES = ("sum_squared", "mse", "cross_entropy", "svm")
 _graph_state = graph_state   # the name tests/test_fast.py imports
 
 
-class ForwardLayer(NamedTuple):
-    """One linear layer and its activation in the forward schedule."""
-    wt: torch.Tensor                 # the weight, transposed
-    bias: Optional[torch.Tensor]
-    h: torch.Tensor                  # the pre-activation buffer (N, width)
-    activation: Optional[Callable]   # (z, **options) -> (y, cache); None for the last layer
-    options: dict                    # the activation's options (slope, alpha, k)
+class _Record:
+    """Named fields, set by keyword at construction (the names in __slots__; one not given is
+    None).  manual/ imports torch and math only, so no dataclass or NamedTuple."""
+    __slots__ = ()
+
+    def __init__(self, **fields):
+        unknown = set(fields) - set(self.__slots__)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown fields {sorted(unknown)}")
+        for name in self.__slots__:
+            setattr(self, name, fields.get(name))
+
+    def values(self):
+        return [getattr(self, name) for name in self.__slots__]
 
 
-@dataclass
-class BackwardLayer:
-    """One linear layer (and the activation in front of it) in the backward schedule."""
-    w: torch.Tensor
-    gw: Optional[torch.Tensor]       # dW when W is column-major as Wᵀ's mm writes it, else None
-    gw_t: torch.Tensor               # dW transposed (written when gw is None)
-    gb: Optional[torch.Tensor]       # db, None without a bias
-    one: torch.Tensor                # the 0-d one of the plan (sigmoid's 1 − y)
-    backward: Optional[Callable] = None   # the activation's (dy, cache, layer) -> dz; None: first layer
-    dy: Optional[torch.Tensor] = None     # d activation, a view of a scratch buffer
-    tmp: Optional[torch.Tensor] = None    # the temporary of sigmoid/tanh's backward
-    y_bits: Optional[torch.Tensor] = None  # an in-place activation's output as integers (ReLU)
+class ForwardLayer(_Record):
+    """One linear layer and its activation in the forward schedule: wt (the weight, transposed),
+    bias (or None), h (the pre-activation buffer (N, width)), activation ((z, **options) ->
+    (y, cache); None for the last layer) and its options (slope, alpha, k)."""
+    __slots__ = ("wt", "bias", "h", "activation", "options")
 
 
-class CrossEntropyBuffers(NamedTuple):
-    """The buffers of cross_entropy's forward and backward for a batch of N rows."""
-    cascade: NllCascade
-    logp: torch.Tensor       # (N, C) log-probabilities
-    dlogp: torch.Tensor      # (N, C) d log-probabilities
-    picked: torch.Tensor     # (N, 1) log-probability of each label
-    g: torch.Tensor          # (N, 1) −1/N, formed as cross_entropy_backward forms it
-    sums: torch.Tensor       # the cascade's partial sums
-    kept: torch.Tensor
-    total: torch.Tensor
+class BackwardLayer(_Record):
+    """One linear layer (and the activation in front of it) in the backward schedule.
+
+    w; gw: dW where W is column-major as the mm writes it, else None and gw_t (dW transposed) is
+    written; gb: db (None without a bias); one: the plan's 0-d one (sigmoid's 1 − y); activation:
+    the FastActivation in front (None for the first layer), whose backward(dy, cache, layer)
+    gives dz; dy: d activation, a view of a scratch buffer; tmp: the temporary of sigmoid/tanh's backward; y_bits: an in-place
+    activation's output as integers (ReLU's mask is written there)."""
+    __slots__ = ("w", "gw", "gw_t", "gb", "one", "activation", "dy", "tmp", "y_bits")
 
 
-class Plan(NamedTuple):
-    """Buffers and a fixed schedule of ops for one input signature (see FastMLP._build)."""
-    one: torch.Tensor
-    forward: list            # ForwardLayer per layer, first to last
-    backward: list           # BackwardLayer per layer, last to first
-    weights: list
-    grad_weights: list
-    out: torch.Tensor        # the last pre-activation: the output, then d output
-    sq: Optional[torch.Tensor]   # the regression losses' diff², a view of scratch A
-    grads: dict              # a gradient buffer per parameter name
-    scratch: list            # scratch buffers A and B (None where unused)
-    names: list
-    params: list
-    grad_list: list          # grads in the order of names
-    ce: Optional[CrossEntropyBuffers]
+class CrossEntropyBuffers(_Record):
+    """cross_entropy's buffers for N rows: cascade (the nll cascade's plan), logp and dlogp
+    (N, C), picked (N, 1) (each label's log-probability), g (N, 1) (−1/N, formed as
+    cross_entropy_backward forms it), and the cascade's sums, kept and total."""
+    __slots__ = ("cascade", "logp", "dlogp", "picked", "g", "sums", "kept", "total")
+
+
+class Plan(_Record):
+    """Buffers and a fixed schedule of ops for one input signature (see FastMLP._build).
+
+    one (0-d); forward_layers (ForwardLayer per layer, first to last); reverse_layers
+    (BackwardLayer per layer, last to first); weights and grad_weights (per layer); out (the last pre-activation:
+    the output, then d output); sq (the regression losses' diff², a view of scratch A, else
+    None); grads (a buffer per parameter name); scratch (buffers A and B, None where unused);
+    names, params and grad_list (the update's lists, in the order of mlp.params); ce
+    (CrossEntropyBuffers or None)."""
+    __slots__ = ("one", "forward_layers", "reverse_layers", "weights", "grad_weights", "out", "sq", "grads",
+                 "scratch", "names", "params", "grad_list", "ce")
 
 
 class FastMLP:
@@ -183,9 +182,10 @@ class FastMLP:
         forward = []
         for i, w in enumerate(weights):
             hidden = i < mlp.n_layers - 1
-            forward.append(ForwardLayer(w.t(), p.get(f"layers.{i}.bias"), hs[i],
-                                        acts[i].forward if hidden else None,
-                                        mlp._act_options(mlp.activations[i]) if hidden else {}))
+            forward.append(ForwardLayer(
+                wt=w.t(), bias=p.get(f"layers.{i}.bias"), h=hs[i],
+                activation=acts[i].forward if hidden else None,
+                options=mlp._act_options(mlp.activations[i]) if hidden else {}))
         out = hs[-1]
         # which scratch buffer (0: A, 1: B) and shape each view takes; sizes follow
         views = []     # (layer, field, scratch index, shape)
@@ -197,14 +197,14 @@ class FastMLP:
             w = weights[i]
             gw = grads[f"layers.{i}.weight"]
             # linear_backward's dW branch (the layout of W is fixed for the plan)
-            layer = BackwardLayer(w, gw if _column_major(w.t()) else None, gw.t(),
-                                  grads.get(f"layers.{i}.bias"), one)
+            layer = BackwardLayer(w=w, gw=gw if _column_major(w.t()) else None, gw_t=gw.t(),
+                                  gb=grads.get(f"layers.{i}.bias"), one=one)
             if i > 0:
                 act = acts[i - 1]
                 shape = (n, out_width(i - 1))
                 free = 1 if dz_in == 0 else 0      # not where d pre-activation (the mm's input) is
                 views.append((layer, "dy", free, shape))
-                layer.backward = act.backward
+                layer.activation = act
                 if act.tmp:
                     views.append((layer, "tmp", 1 - free, shape))
                 if act.in_place:
@@ -222,21 +222,21 @@ class FastMLP:
             else:
                 setattr(layer, field, view)
         ce = self._cross_entropy_buffers(n, one, out) if mlp.loss == "cross_entropy" else None
-        self._plan = Plan(one, forward, backward, weights,
-                          [grads[f"layers.{i}.weight"] for i in range(mlp.n_layers)], out, sq,
-                          grads, scratch, list(p), list(p.values()),
-                          [grads[name] for name in p], ce)
+        self._plan = Plan(
+            one=one, forward_layers=forward, reverse_layers=backward, weights=weights,
+            grad_weights=[grads[f"layers.{i}.weight"] for i in range(mlp.n_layers)], out=out,
+            sq=sq, grads=grads, scratch=scratch, names=list(p), params=list(p.values()),
+            grad_list=[grads[name] for name in p], ce=ce)
 
     @staticmethod
     def _cross_entropy_buffers(n, one, out):
         cascade = NllCascade(n, out.device)
         opts = dict(dtype=out.dtype, device=out.device)
         g = (-(one / float(n))).expand(n, 1).contiguous()   # as cross_entropy_backward forms it
-        return CrossEntropyBuffers(cascade, torch.empty_like(out), torch.empty_like(out),
-                                   torch.empty((n, 1), **opts), g,
-                                   torch.empty(cascade.size, **opts),
-                                   torch.empty(cascade.kept.shape[0], **opts),
-                                   torch.empty(1, **opts))
+        return CrossEntropyBuffers(
+            cascade=cascade, logp=torch.empty_like(out), dlogp=torch.empty_like(out),
+            picked=torch.empty((n, 1), **opts), g=g, sums=torch.empty(cascade.size, **opts),
+            kept=torch.empty(cascade.kept.shape[0], **opts), total=torch.empty(1, **opts))
 
     # -- the step ---------------------------------------------------------------------------
     def train_step(self, x, target):
@@ -269,7 +269,7 @@ class FastMLP:
         # forward: z = x·Wᵀ + b (one addmm, as linear_forward), the activation in place on z or
         # (readable activations) from z into a new tensor
         a, inputs, caches = x, [], []
-        for layer in plan.forward:
+        for layer in plan.forward_layers:
             inputs.append(a)
             if layer.bias is not None:
                 torch.addmm(layer.bias, a, layer.wt, out=layer.h)
@@ -286,7 +286,7 @@ class FastMLP:
             loss = loss + l2_forward(plan.weights, reg)
         # backward, layer by layer (manual.layers.linear_backward, manual/fast_activations.py)
         dz = out
-        for i, layer in zip(range(len(inputs) - 1, -1, -1), plan.backward):
+        for i, layer in zip(range(len(inputs) - 1, -1, -1), plan.reverse_layers):
             x_i = inputs[i]
             if layer.gw is not None:
                 torch.mm(dz.t(), x_i, out=layer.gw)      # dW = doutᵀ·x
@@ -301,7 +301,7 @@ class FastMLP:
                 torch.mm(layer.w.t(), dz.t(), out=dy.t())
             else:
                 torch.mm(dz, layer.w, out=dy)
-            dz = layer.backward(dy, caches[i - 1], layer)
+            dz = layer.activation.backward(dy, caches[i - 1], layer)
         if reg:  # dW += reg·2W (l2_backward with dloss = 1): the second use of each W
             for gw, dweight_reg in zip(plan.grad_weights, l2_backward(plan.one, plan.weights, reg)):
                 gw.add_(dweight_reg)
@@ -359,8 +359,8 @@ class FastMLP:
         if plan is not None:
             tensors += list(plan.grads.values()) + [plan.one] + list(plan.scratch)
             if plan.ce is not None:
-                tensors += [t for t in plan.ce if isinstance(t, torch.Tensor)]
-            tensors += [layer.h for layer in plan.forward]
+                tensors += [t for t in plan.ce.values() if isinstance(t, torch.Tensor)]
+            tensors += [layer.h for layer in plan.forward_layers]
         return [t for t in tensors if t is not None]
 
     @property

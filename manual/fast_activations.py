@@ -8,19 +8,19 @@ maxout, whose backward needs z or the arg-max, are ACTIVATIONS' readable pair (n
 step).  Each in-place op is the op of the readable pair in manual/activations.py, on the same
 operands in the same order, so the same bits.
 """
-from typing import Callable, NamedTuple
-
 import torch
 
 from manual.activations import ACTIVATIONS
 
 
-class FastActivation(NamedTuple):
-    forward: Callable    # (z, **options) -> (y, cache)
-    backward: Callable   # (dy, cache, layer) -> dz; layer: the plan's buffers for this layer
-    in_place: bool       # y is z's buffer and the cache is y (no new tensors)
-    tmp: bool            # backward needs the layer's scratch temporary and writes dz over y
-    #                      (an in-place one without: dz is dy's buffer)
+class FastActivation:
+    """forward: (z, **options) -> (y, cache); backward: (dy, cache, layer) -> dz, layer holding
+    the plan's buffers for it (manual.fast.BackwardLayer); in_place: y is z's buffer and needs
+    no new tensor; tmp: backward needs the layer's scratch temporary and writes dz over y (an
+    in-place one without: dz is dy's buffer)."""
+
+    def __init__(self, forward, backward, in_place, tmp):
+        self.forward, self.backward, self.in_place, self.tmp = forward, backward, in_place, tmp
 
 
 def relu_backward_over(dy, y_bits):
