@@ -165,53 +165,16 @@ class FastMLP:
         readable activation (leaky_relu, elu, maxout) gets its output and its d pre-activation as
         new tensors from the readable pair.
         """
-        mlp, n = self.mlp, x.shape[0]
-        p = mlp.params
+        mlp, n, p = self.mlp, x.shape[0], self.mlp.params
         opts = dict(dtype=x.dtype, device=x.device)
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
         weights = [p[f"layers.{i}.weight"] for i in range(mlp.n_layers)]
         grads = {name: torch.empty_like(t) for name, t in p.items()}
         one = torch.ones((), **opts)
-        acts = [_ACTIVATION_TABLE[a] for a in mlp.activations]
-
-        def out_width(i):   # width of layer i's activation output (maxout: H of its H·K)
-            w = weights[i].shape[0]
-            return w // mlp.options["k"] if mlp.activations[i] == "maxout" else w
-
         hs = [torch.empty((n, w.shape[0]), **opts) for w in weights]
-        forward = []
-        for i, w in enumerate(weights):
-            hidden = i < mlp.n_layers - 1
-            forward.append(ForwardLayer(
-                wt=w.t(), bias=p.get(f"layers.{i}.bias"), h=hs[i],
-                activation=acts[i].forward if hidden else None,
-                options=mlp._act_options(mlp.activations[i]) if hidden else {}))
         out = hs[-1]
-        # which scratch buffer (0: A, 1: B) and shape each view takes; sizes follow
-        views = []     # (layer, field, scratch index, shape)
-        if mlp.loss in ("sum_squared", "mse"):
-            views.append((None, "sq", 0, tuple(out.shape)))
-        backward = []  # per layer, last to first: see _forward_backward
-        dz_in = None   # the scratch buffer d pre-activation lives in (None: not a scratch one)
-        for i in range(mlp.n_layers - 1, -1, -1):
-            w = weights[i]
-            gw = grads[f"layers.{i}.weight"]
-            # linear_backward's dW branch (the layout of W is fixed for the plan)
-            layer = BackwardLayer(w=w, gw=gw if _column_major(w.t()) else None, gw_t=gw.t(),
-                                  gb=grads.get(f"layers.{i}.bias"), one=one)
-            if i > 0:
-                act = acts[i - 1]
-                shape = (n, out_width(i - 1))
-                free = 1 if dz_in == 0 else 0      # not where d pre-activation (the mm's input) is
-                views.append((layer, "dy", free, shape))
-                layer.activation = act
-                if act.tmp:
-                    views.append((layer, "tmp", 1 - free, shape))
-                if act.in_place:
-                    layer.y_bits = hs[i - 1].view(bits)
-                # d pre-activation: over y (tmp), in dy's buffer (in place, no tmp), or new
-                dz_in = free if act.in_place and not act.tmp else None
-            backward.append(layer)
+        # which scratch buffer (0: A, 1: B) and shape each view takes: (layer, field, index, shape)
+        views = [(None, "sq", 0, tuple(out.shape))] if mlp.loss in ("sum_squared", "mse") else []
+        reverse = self._reverse_layers(weights, hs, grads, one, views)
         sizes = [max((sh[0] * sh[1] for _, _, k, sh in views if k == j), default=0) for j in (0, 1)]
         scratch = [torch.empty(size, **opts) if size else None for size in sizes]
         sq = None
@@ -223,10 +186,50 @@ class FastMLP:
                 setattr(layer, field, view)
         ce = self._cross_entropy_buffers(n, one, out) if mlp.loss == "cross_entropy" else None
         self._plan = Plan(
-            one=one, forward_layers=forward, reverse_layers=backward, weights=weights,
-            grad_weights=[grads[f"layers.{i}.weight"] for i in range(mlp.n_layers)], out=out,
-            sq=sq, grads=grads, scratch=scratch, names=list(p), params=list(p.values()),
-            grad_list=[grads[name] for name in p], ce=ce)
+            one=one, forward_layers=self._forward_layers(weights, hs), reverse_layers=reverse,
+            weights=weights, out=out, sq=sq, grads=grads, scratch=scratch, ce=ce,
+            grad_weights=[grads[f"layers.{i}.weight"] for i in range(mlp.n_layers)],
+            names=list(p), params=list(p.values()), grad_list=[grads[name] for name in p])
+
+    def _forward_layers(self, weights, hs):
+        """ForwardLayer per layer, first to last: its pre-activation buffer hs[i] and activation."""
+        mlp, layers = self.mlp, []
+        for i, w in enumerate(weights):
+            hidden = i < mlp.n_layers - 1
+            act = mlp.activations[i] if hidden else None
+            layers.append(ForwardLayer(
+                wt=w.t(), bias=mlp.params.get(f"layers.{i}.bias"), h=hs[i],
+                activation=_ACTIVATION_TABLE[act].forward if hidden else None,
+                options=mlp._act_options(act) if hidden else {}))
+        return layers
+
+    def _reverse_layers(self, weights, hs, grads, one, views):
+        """BackwardLayer per layer, last to first; appends to views the scratch view each layer
+        needs (d activation, sigmoid/tanh's temporary), placed so that d activation is never
+        written into the buffer d pre-activation (the mm's input) is in."""
+        mlp, n = self.mlp, hs[0].shape[0]
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[hs[0].element_size()]
+        layers = []
+        dz_in = None   # the scratch buffer d pre-activation lives in (None: not a scratch one)
+        for i in range(mlp.n_layers - 1, -1, -1):
+            w = weights[i]
+            gw = grads[f"layers.{i}.weight"]
+            # linear_backward's dW branch (the layout of W is fixed for the plan)
+            layer = BackwardLayer(w=w, gw=gw if _column_major(w.t()) else None, gw_t=gw.t(),
+                                  gb=grads.get(f"layers.{i}.bias"), one=one)
+            if i > 0:
+                act = layer.activation = _ACTIVATION_TABLE[mlp.activations[i - 1]]
+                width = w.shape[1]                 # layer i−1's activation output (maxout: H)
+                free = 1 if dz_in == 0 else 0      # not where d pre-activation (the mm's input) is
+                views.append((layer, "dy", free, (n, width)))
+                if act.tmp:
+                    views.append((layer, "tmp", 1 - free, (n, width)))
+                if act.in_place:
+                    layer.y_bits = hs[i - 1].view(bits)
+                # d pre-activation: over y (tmp), in dy's buffer (in place, no tmp), or new
+                dz_in = free if act.in_place and not act.tmp else None
+            layers.append(layer)
+        return layers
 
     @staticmethod
     def _cross_entropy_buffers(n, one, out):
