@@ -47,14 +47,14 @@ import torch
 
 from manual import _check
 from manual.cuda_graph import CudaGraphStep, check_graphable, graph_state  # noqa: F401 (re-export)
-from manual.fast_activations import FAST_ACTIVATIONS as _ACTIVATION_TABLE
-from manual.fast_activations import IN_PLACE_ACTIVATIONS, relu_backward_over  # noqa: F401
+from manual.fast_activations import (FAST_ACTIVATION_TABLE, IN_PLACE_ACTIVATIONS,  # noqa: F401
+                                     relu_backward_over)
 from manual.fast_optim import update
 from manual.layers import _column_major
 from manual.losses import (NllCascade, l2_backward, l2_forward, log_softmax_backward_exp,
                            loss_backward, loss_forward, target_kind)
 
-FAST_ACTIVATIONS = tuple(_ACTIVATION_TABLE)
+FAST_ACTIVATIONS = tuple(FAST_ACTIVATION_TABLE)
 FAST_LOSSES = ("sum_squared", "mse", "cross_entropy", "svm")
 _graph_state = graph_state   # the name tests/test_fast.py imports
 
@@ -77,8 +77,9 @@ class _Record:
 
 class ForwardLayer(_Record):
     """One linear layer and its activation in the forward schedule: wt (the weight, transposed),
-    bias (or None), h (the pre-activation buffer (N, width)), activation ((z, **options) ->
-    (y, cache); None for the last layer) and its options (slope, alpha, k)."""
+    bias (or None), h (the pre-activation buffer (N, width)), activation (its FastActivation,
+    whose forward(z, **options) gives (y, cache); None for the last layer) and its options
+    (slope, alpha, k)."""
     __slots__ = ("wt", "bias", "h", "activation", "options")
 
 
@@ -88,8 +89,9 @@ class BackwardLayer(_Record):
     w; gw: dW where W is column-major as the mm writes it, else None and gw_t (dW transposed) is
     written; gb: db (None without a bias); one: the plan's 0-d one (sigmoid's 1 − y); activation:
     the FastActivation in front (None for the first layer), whose backward(dy, cache, layer)
-    gives dz; dy: d activation, a view of a scratch buffer; tmp: the temporary of sigmoid/tanh's backward; y_bits: an in-place
-    activation's output as integers (ReLU's mask is written there)."""
+    gives dz; dy: d activation, a view of a scratch buffer; tmp: the temporary of sigmoid/tanh's
+    backward; y_bits: an in-place activation's output as integers (ReLU's mask is written there).
+    """
     __slots__ = ("w", "gw", "gw_t", "gb", "one", "activation", "dy", "tmp", "y_bits")
 
 
@@ -104,13 +106,13 @@ class Plan(_Record):
     """Buffers and a fixed schedule of ops for one input signature (see FastMLP._build).
 
     one (0-d); forward_layers (ForwardLayer per layer, first to last); reverse_layers
-    (BackwardLayer per layer, last to first); weights and grad_weights (per layer); out (the last pre-activation:
-    the output, then d output); sq (the regression losses' diff², a view of scratch A, else
-    None); grads (a buffer per parameter name); scratch (buffers A and B, None where unused);
-    names, params and grad_list (the update's lists, in the order of mlp.params); ce
-    (CrossEntropyBuffers or None)."""
-    __slots__ = ("one", "forward_layers", "reverse_layers", "weights", "grad_weights", "out", "sq", "grads",
-                 "scratch", "names", "params", "grad_list", "ce")
+    (BackwardLayer per layer, last to first); weights and grad_weights (per layer); out (the last
+    pre-activation: the output, then d output); sq (the regression losses' diff², a view of
+    scratch A, else None); grads (a buffer per parameter name); scratch (buffers A and B, None
+    where unused); names, params and grad_list (the update's lists, in the order of mlp.params);
+    ce (CrossEntropyBuffers or None)."""
+    __slots__ = ("one", "forward_layers", "reverse_layers", "weights", "grad_weights", "out",
+                 "sq", "grads", "scratch", "names", "params", "grad_list", "ce")
 
 
 class FastMLP:
@@ -199,7 +201,7 @@ class FastMLP:
             act = mlp.activations[i] if hidden else None
             layers.append(ForwardLayer(
                 wt=w.t(), bias=mlp.params.get(f"layers.{i}.bias"), h=hs[i],
-                activation=_ACTIVATION_TABLE[act].forward if hidden else None,
+                activation=FAST_ACTIVATION_TABLE[act] if hidden else None,
                 options=mlp._act_options(act) if hidden else {}))
         return layers
 
@@ -218,7 +220,7 @@ class FastMLP:
             layer = BackwardLayer(w=w, gw=gw if _column_major(w.t()) else None, gw_t=gw.t(),
                                   gb=grads.get(f"layers.{i}.bias"), one=one)
             if i > 0:
-                act = layer.activation = _ACTIVATION_TABLE[mlp.activations[i - 1]]
+                act = layer.activation = FAST_ACTIVATION_TABLE[mlp.activations[i - 1]]
                 width = w.shape[1]                 # layer i−1's activation output (maxout: H)
                 free = 1 if dz_in == 0 else 0      # not where d pre-activation (the mm's input) is
                 views.append((layer, "dy", free, (n, width)))
@@ -280,7 +282,7 @@ class FastMLP:
                 torch.mm(a, layer.wt, out=layer.h)
             a, cache = layer.h, None
             if layer.activation is not None:
-                a, cache = layer.activation(a, **layer.options)
+                a, cache = layer.activation.forward(a, **layer.options)
             caches.append(cache)
         out = plan.out
         loss = self._loss(out, target)

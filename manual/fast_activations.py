@@ -1,12 +1,12 @@
 """FastMLP's activations: manual.activations' ACTIVATIONS table, with sigmoid, tanh and ReLU run in
 place over the fast step's buffers.
 
-``FAST_ACTIVATIONS[name]`` is a FastActivation for every name of ACTIVATIONS.  Sigmoid, tanh and
-ReLU, whose backward needs only the output y, overwrite the pre-activation z with y and write d z
-into the plan's buffers (identity is ACTIVATIONS' own pair: y is z, dz is dy).  Leaky ReLU, ELU and
-maxout, whose backward needs z or the arg-max, are ACTIVATIONS' readable pair (new tensors every
-step).  Each in-place op is the op of the readable pair in manual/activations.py, on the same
-operands in the same order, so the same bits.
+``FAST_ACTIVATION_TABLE[name]`` is a FastActivation for every name of ACTIVATIONS.  Sigmoid,
+tanh and ReLU, whose backward needs only the output y, overwrite the pre-activation z with y and
+write d z into the plan's buffers (identity is ACTIVATIONS' own pair: y is z, dz is dy).  Leaky
+ReLU, ELU and maxout, whose backward needs z or the arg-max, are ACTIVATIONS' readable pair (new
+tensors every step).  Each in-place op is the op of the readable pair in manual/activations.py,
+on the same operands in the same order, so the same bits.
 """
 import torch
 
@@ -81,5 +81,5 @@ _IN_PLACE = {"sigmoid": FastActivation(_sigmoid_forward, _sigmoid_backward, True
              "relu": FastActivation(_relu_forward, _relu_backward, True, False),
              "identity": _readable("identity", in_place=True)}   # y = z, dz = dy: nothing to do
 
-FAST_ACTIVATIONS = {name: _IN_PLACE.get(name) or _readable(name) for name in ACTIVATIONS}
-IN_PLACE_ACTIVATIONS = tuple(name for name, a in FAST_ACTIVATIONS.items() if a.in_place)
+FAST_ACTIVATION_TABLE = {name: _IN_PLACE.get(name) or _readable(name) for name in ACTIVATIONS}
+IN_PLACE_ACTIVATIONS = tuple(name for name, a in FAST_ACTIVATION_TABLE.items() if a.in_place)
