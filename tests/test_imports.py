@@ -1,4 +1,4 @@
-"""The import graph of refnet/ and manual/: no cycles, and no function-level import without a reason.
+"""The import graph of refnet/, manual/ and the top-level pytest plugin module: no cycles, and no function-level import without a reason.
 
 Read with `ast` (nothing is imported): every `import` and `from … import`, at module level and
 inside functions, is an edge to the module it names.  `from pkg import name` is an edge to
@@ -20,14 +20,18 @@ import re
 import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("refnet", "manual")
+PACKAGES = ("refnet", "manual", "_refnet_pytestplugin")   # packages, or a top-level module
 REASON = re.compile(r"#.*\b(optional|lazy)\b", re.IGNORECASE)
 
 
 def find_modules(root, packages):
-    """{dotted module name: (path, is_package)} for every .py file under the packages."""
+    """{dotted module name: (path, is_package)} for every .py file under the packages (a name
+    with a .py file at the root is that one module)."""
     modules = {}
     for pkg in packages:
+        if os.path.isfile(os.path.join(root, pkg + ".py")):
+            modules[pkg] = (os.path.join(root, pkg + ".py"), False)
+            continue
         for folder, dirs, files in os.walk(os.path.join(root, pkg)):
             dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__pycache__")))
             rel = os.path.relpath(folder, root).replace(os.sep, ".")
@@ -151,7 +155,7 @@ def _describe(graph, cycle):
 # --- the project -------------------------------------------------------------------------------
 def test_no_import_cycle_in_refnet_or_manual():
     graph, _ = import_graph(ROOT, PACKAGES)
-    assert "refnet.harness" in graph and "manual.mlp" in graph  # the walk found the packages
+    assert {"refnet.harness", "manual.mlp", "_refnet_pytestplugin"} <= set(graph)  # all found
     cycles = find_cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(_describe(graph, c) for c in cycles)
 

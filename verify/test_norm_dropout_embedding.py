@@ -19,6 +19,10 @@ def test_makemore_ninja_everything_bitwise(dtype, refnet_check):
     assert all(c.tier == "bitwise" for c in checks.values() if c.oracle == ORACLE_AUTOGRAD)
     chain = checks["chain.grads[26]"]
     assert len(chain.verdicts) == 26
+    # the chain's forward is the stock layer's (biased variance), at the tier the example states
+    stock = checks["chain.stock_batchnorm"]
+    assert stock.oracle == norm_layers.STOCK_BN_ORACLE and stock.expected == "tolerance"
+    assert stock.passed and stock.verdicts[0].name == "hpreact"
     assert checks[f"net.loss_curve[{norm_layers.NINJA_STEPS}]"].verdicts[0].identical_steps == \
         norm_layers.NINJA_STEPS
 
