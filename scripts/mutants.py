@@ -11,7 +11,8 @@ failing test is named; a *survivor* is a bug no test sees.
 Run by hand (minutes on 2 cores; the last run is dated in docs/mutants.md), not in CI.  Each mutant names the tests to try
 first (fast); when those pass, the whole suite (`tests verify`) runs, then the main job.
 A mutant whose `old` text is not found exactly once is reported `stale` (the code moved: update
-the mutant), never silently skipped.
+the mutant), never silently skipped.  `old`/`new` may be tuples of the same length: several edits
+to one file, each of which must be found once (a bug in a forward and its backward together).
 """
 import argparse
 import concurrent.futures
@@ -177,6 +178,43 @@ mutant("check_port_first_16", "refnet/portcheck.py",
        'v = compare_tensors(e["name"], t.reshape(-1)[:16], ref[e["name"]].reshape(-1)[:16], e["kind"],',
        "check-port compares only the first 16 elements of each tensor", PORT)
 
+# --- issue 26: the suite's blind spots (each item's test named first) ----------------------------
+mutant("eval_uses_batch_statistics", "manual/mlp.py",
+       'self.buffers[f"norms.{i}.running_var"], training=self.training,',
+       'self.buffers[f"norms.{i}.running_var"], training=True,',
+       "the manual MLP's batch norm keeps batch statistics (and moves its running statistics) in "
+       "eval (item 1)", ["tests/test_eval_mode.py"])
+mutant("assert_same_ignores_tier", "refnet/api.py",
+       "verdict = compare(actual, expected, name=name, tier=required, kind=kind)",
+       "verdict = compare(actual, expected, name=name, kind=kind)",
+       "assert_same grades at the default tier whatever tier it is given (item 3)",
+       ["tests/test_api.py::test_assert_same_honours_a_stricter_tier_than_the_default"])
+mutant("check_port_drops_rtol", "refnet/portcheck.py",
+       'rtol=e["rtol"],\n                                atol=e["atol"]',
+       'rtol=0.0,\n                                atol=e["atol"]',
+       "check-port's bound is atol alone: the manifest's rtol dropped (item 4)",
+       ["tests/test_golden.py::test_relative_tolerance_is_applied"])
+mutant("fd_accepts_every_kink", "refnet/oracles/fd.py",
+       "        elif not freeze:\n            ok[j] = False\n",
+       "        elif not freeze:\n            pass\n",
+       "check_backward's finite differences accept every kink coordinate (item 5)",
+       ["tests/test_api.py::test_finite_differences_reject_a_wrong_value_at_a_kink",
+        "tests/test_fd.py"])
+mutant("report_passed_ignores_fd", "refnet/api.py",
+       "\n                and (self.fd is None or self.fd.passed))", ")",
+       "Report.passed ignores report.fd: autograd agreeing is enough (item 6)",
+       ["tests/test_api.py::test_a_report_whose_only_failure_is_finite_differences_fails"])
+mutant("check_training_moves_running_stats", "refnet/training_check.py",
+       "        mlp.buffers[name].copy_(b)\n", "        pass\n",
+       "check_training's extra gradient forward advances the caller's running statistics (item 7)",
+       ["tests/test_check_training_state.py"])
+mutant("ninja_bessel_variance", "manual/ninja.py",
+       ('v["bnvar"] = 1 / n * v["bndiff2"]', 'd["bndiff2"] = (d["bnvar"] * (1 / n))'),
+       ('v["bnvar"] = 1 / (n - 1) * v["bndiff2"]', 'd["bndiff2"] = (d["bnvar"] * (1 / (n - 1)))'),
+       "the ninja chain normalises with Bessel's 1/(N − 1) in forward and backward alike, as the "
+       "notebook does (item 8)",
+       ["verify/test_norm_dropout_embedding.py::test_makemore_ninja_everything_bitwise"])
+
 
 def copy_tree(dst):
     """The tracked and untracked-but-not-ignored files of the checkout, copied to dst."""
@@ -194,11 +232,20 @@ def apply(m, tree):
     path = os.path.join(tree, m["file"])
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if text.count(m["old"]) != 1:
-        return False
+    for old, new in edits(m):
+        if text.count(old) != 1:
+            return False
+        text = text.replace(old, new)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(text.replace(m["old"], m["new"]))
+        f.write(text)
     return True
+
+
+def edits(m):
+    """The mutant's (old, new) pairs: one, or several when old and new are tuples."""
+    if isinstance(m["old"], tuple):
+        return list(zip(m["old"], m["new"], strict=True))
+    return [(m["old"], m["new"])]
 
 
 FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
