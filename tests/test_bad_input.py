@@ -241,6 +241,6 @@ def test_cli_bad_input(index, tmp_path):
 def test_cli_subprocess_prints_no_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     res = subprocess.run([sys.executable, "-m", "refnet", "verify", "--spec", str(tmp_path / "x.json")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip() == f"refnet: error: --spec: file not found: {tmp_path / 'x.json'}"
