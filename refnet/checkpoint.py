@@ -67,6 +67,34 @@ def load_checkpoint(path, map_location="cpu"):
     return payload
 
 
+STATE_KEYS = ("manual_params", "twin_params", "manual_buffers", "twin_buffers", "manual_optimizer",
+              "twin_optimizer", "manual_rng", "twin_rng", "rank_streams", "losses_manual",
+              "losses_twin", "step", "world_size")
+
+
+def state_differences(a, b):
+    """The pieces of training state in which two checkpoints differ (bitwise for tensors), as
+    names like "manual_optimizer.buffers.layers.0.weight"; [] when they hold the same state."""
+    out = []
+
+    def walk(name, x, y):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            same = (x.dtype == y.dtype and x.shape == y.shape
+                    and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)))
+        elif isinstance(x, dict) and isinstance(y, dict) and x.keys() == y.keys():
+            return [walk(f"{name}.{k}", x[k], y[k]) for k in x]
+        elif isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and len(x) == len(y):
+            return [walk(f"{name}[{i}]", u, v) for i, (u, v) in enumerate(zip(x, y))]
+        else:
+            same = type(x) is type(y) and x == y
+        if not same:
+            out.append(name)
+
+    for key in STATE_KEYS:
+        walk(key, a.get(key), b.get(key))
+    return out
+
+
 def cpu_copy(obj):
     """Detached CPU copies of every tensor in nested dicts/lists (what a checkpoint stores)."""
     if isinstance(obj, torch.Tensor):
