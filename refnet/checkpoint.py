@@ -3,9 +3,9 @@
 A checkpoint file is a header line `REFNET-CHECKPOINT <format> <sha256 of the body>` followed by
 torch.save's bytes of a dict holding both sides' parameters, both optimizers' state, the losses
 so far, the step reached, the spec, the example name, batch norm's running statistics, both
-sides' dropout streams (data parallel: every rank's) and the number of processes.  The batch schedule is not stored: it is
-regenerated from the spec's seed, so on CPU a resumed run's curve is bitwise the uninterrupted
-one.  Written atomically (refnet.atomic); a flipped or truncated file fails the checksum.
+sides' dropout streams (data parallel: every rank's) and the number of processes.  The batch
+schedule is not stored: it is regenerated from the spec's seed, so on CPU a resumed run's curve
+is bitwise the uninterrupted one.  Written atomically (refnet.atomic); a flipped or truncated file fails the checksum.
 """
 import hashlib
 import io
@@ -171,7 +171,8 @@ def save_run(path, pair, spec, example, state, world_size=1, rank_streams=None):
 
 def _streams(pair):
     """Both sides' dropout streams (the twin has none without dropout)."""
-    return {"manual_rng": pair.mlp.generator.get_state() if pair.mlp.generator is not None else None,
+    gen = pair.mlp.generator
+    return {"manual_rng": gen.get_state() if gen is not None else None,
             "twin_rng": getattr(pair.twin, "_rng_state", None)}
 
 

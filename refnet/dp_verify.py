@@ -32,10 +32,10 @@ def verify_spec(spec, rank, world_size, job=None):
     if rank != 0:
         return None
     tag, oracle = f"dp{world_size}", "manual DP vs DDP"
-    checks = [Check(f"{tag}.reduced_grads", [v for g in gathered for v in g["grads"]], oracle=oracle),
-              Check(f"{tag}.loss_curve[{spec.steps}]", [v for g in gathered for v in g["curve"]],
-                    oracle=oracle),
-              Check(f"{tag}.final_params", [v for g in gathered for v in g["final"]], oracle=oracle),
+    every = {kind: [v for g in gathered for v in g[kind]] for kind in ("grads", "curve", "final")}
+    checks = [Check(f"{tag}.reduced_grads", every["grads"], oracle=oracle),
+              Check(f"{tag}.loss_curve[{spec.steps}]", every["curve"], oracle=oracle),
+              Check(f"{tag}.final_params", every["final"], oracle=oracle),
               Check(f"{tag}.ranks_identical", ranks, oracle="rank r vs rank 0")]
     grads_m = {n: [s.grads_m[n] for s in steps] for n in dp.pair.mlp.params}
     checks.extend(_vs_single(spec, x, target, world_size, torch.stack(all_losses), grads_m))
@@ -72,7 +72,8 @@ def _rank_verdicts(dp, steps):
 
 def _ranks_identical(dp):
     """Rank r's parameters (both sides) vs rank 0's, for r = 1 … N-1 (on every rank)."""
-    flat = torch.cat([flat_params(dp.pair.mlp.params), flat_params(twin_mod.params_of(dp.pair.twin))])
+    flat = torch.cat([flat_params(dp.pair.mlp.params),
+                      flat_params(twin_mod.params_of(dp.pair.twin))])
     everyone = [torch.empty_like(flat) for _ in range(dp.world_size)]
     dist.all_gather(everyone, flat)
     return [compare_tensors(f"rank{r}.params vs rank0", everyone[r], everyone[0], "curve",

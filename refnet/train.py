@@ -171,7 +171,7 @@ def run_loop(cfg, pair, x, target, checkpoint=None, dp=None):
     if checkpoint is not None:
         restore_run(pair, checkpoint, spec.device, rank=0 if dp is None else dp.rank)
         state = RunState.resumed(checkpoint, spec.device)
-        if dp is not None:  # a fresh DDP would use its first-iteration bucket; the unbroken run had rebuilt
+        if dp is not None:  # a fresh DDP would use its first-iteration bucket again
             dp.resume_buckets(x, target, state.start)
     batches = harness.lockstep_batches(pair, x, target, spec.steps - state.start, spec.batch_size,
                                        spec.seed, state.start,
@@ -197,7 +197,9 @@ def _train_step(cfg, pair, state, step, xb, tb, dp, bar):
     """One step of the loop: train, record, grade (data parallel: every rank agrees), checkpoint
     at check points, progress, stop on Ctrl-C."""
     out = harness.lockstep_step(pair, xb, tb, dp, keep_grads=dp is not None)
-    loss_m, loss_t = (out.loss_m, out.loss_t) if dp is None else dp.mean_loss(out.loss_m, out.loss_t)
+    loss_m, loss_t = out.loss_m, out.loss_t
+    if dp is not None:
+        loss_m, loss_t = dp.mean_loss(loss_m, loss_t)
     state.hist_m.append(loss_m.reshape(1))
     state.hist_t.append(loss_t.reshape(1))
     if cfg.on_step is not None:
@@ -228,8 +230,8 @@ def _grade(cfg, pair, state, out, at_check, dp):
     step = state.step - 1
     failures = _grade_loss(cfg, state, out.loss_m, out.loss_t, flush=at_check)
     for name, g in (out.grads_m or {}).items():
-        failures += _graded(cfg, state, step, f"{name}.grad",
-                            compare_tensors(f"{name}.grad", g, out.grads_t[name], required=cfg.tier))
+        failures += _graded(cfg, state, step, f"{name}.grad", compare_tensors(
+            f"{name}.grad", g, out.grads_t[name], required=cfg.tier))
     if at_check:
         twin_params = twin_mod.params_of(pair.twin)
         for name, p in pair.mlp.params.items():
@@ -244,7 +246,9 @@ def _grade(cfg, pair, state, out, at_check, dp):
 def _graded(cfg, state, step, tensor, verdict, tier=None):
     """Grade verdict into state; [its divergence message] when it failed, else []."""
     state.grade(verdict)
-    return [] if verdict.passed else [_divergence(step, tensor, verdict, tier or cfg.tier, cfg.spec)]
+    if verdict.passed:
+        return []
+    return [_divergence(step, tensor, verdict, tier or cfg.tier, cfg.spec)]
 
 
 def _grade_loss(cfg, state, loss_m, loss_t, flush):
