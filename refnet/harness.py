@@ -88,8 +88,8 @@ class StepOut:
     (data-parallel grading), the gradients each side applied (manual: after the reduction)."""
     loss_m: torch.Tensor
     loss_t: torch.Tensor
-    grads_m: dict = None
-    grads_t: dict = None
+    grads_m: dict | None = None
+    grads_t: dict | None = None
 
 
 def lockstep_step(pair, xb, tb, dp=None, keep_grads=False):

@@ -51,12 +51,12 @@ def default_tier(spec):
 class RunConfig:
     """What a run was asked to do; fixed for the run."""
     spec: Spec
-    tier: str                   # the worst agreement allowed (ALLOWED_TIERS)
-    check_every: int = 50       # compare the parameters and write a checkpoint every this many steps
-    out_dir: str = None         # None: nothing written
-    example: str = None         # the example registry's name, recorded in the outputs
-    on_step: object = None      # on_step(step, loss_manual, loss_twin) after every step's update
-    progress: bool = False      # True / False / None (train's `progress`)
+    tier: str                       # the worst agreement allowed (ALLOWED_TIERS)
+    check_every: int = 50           # compare the parameters, write a checkpoint: every K steps
+    out_dir: str | None = None      # None: nothing written
+    example: str | None = None      # the example registry's name, recorded in the outputs
+    on_step: object = None          # on_step(step, loss_manual, loss_twin) after each update
+    progress: bool | None = False   # True / False / None (train's `progress`)
 
     def at_check(self, done):
         return done % self.check_every == 0 or done == self.spec.steps
@@ -76,7 +76,7 @@ class RunState:
     pending: list = field(default_factory=list)     # (step, loss_m, loss_t) of this process, ungraded
     worst: str = "bitwise"                          # the worst tier seen
     checks: int = 0                                 # comparisons made
-    last_checkpoint: int = None                     # the step of the last checkpoint written
+    last_checkpoint: int | None = None              # the step of the last checkpoint written
     interrupted: bool = False                       # Ctrl-C seen: stop at the step boundary
     status: str = "completed"                       # completed | diverged | interrupted
     message: str = ""

@@ -122,6 +122,8 @@ def test_kill_one_rank_then_resume_bitwise(tmp_path):
     # another N is refused with one line, before any process starts
     rc = main(["train", "--resume", str(broken), "--nproc", "2", "--steps", "12", "--quiet"])
     assert rc == 2
+    # and so is one process (no --nproc): the loop is the same, the checkpoint says 3
+    assert main(["train", "--resume", str(broken), "--steps", "12", "--quiet"]) == 2
 
 
 def test_resume_with_dropout_batchnorm_momentum_on_uneven_shards_bitwise(tmp_path):
