@@ -119,7 +119,7 @@ class DPPair:
                           flat_params(twin_mod.params_of(self.pair.twin))])
         ref = flat.clone()
         dist.broadcast(ref, 0)
-        return compare_tensors("params vs rank 0", flat, ref, "curve", strict_bits=True)
+        return compare_tensors("params vs rank 0", flat, ref, "curve", tier="bitwise")
 
     def agree(self, failures):
         """Every rank's failure messages (each prefixed with its rank), the same list on every

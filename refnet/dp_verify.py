@@ -54,7 +54,7 @@ def _shards(dp, x, target, job):
 def _rank_verdicts(dp, steps):
     """This rank's manual vs DDP verdicts, bitwise: reduced gradients of every step, the loss
     curve, final parameters and running statistics."""
-    strict, rank, pair = dict(strict_bits=True), dp.rank, dp.pair
+    strict, rank, pair = dict(tier="bitwise"), dp.rank, dp.pair
     grads = [compare_tensors(f"rank{rank}.{n}.grad[steps]",
                              torch.stack([s.grads_m[n] for s in steps]),
                              torch.stack([s.grads_t[n] for s in steps]), "grad", **strict)
@@ -77,7 +77,7 @@ def _ranks_identical(dp):
     everyone = [torch.empty_like(flat) for _ in range(dp.world_size)]
     dist.all_gather(everyone, flat)
     return [compare_tensors(f"rank{r}.params vs rank0", everyone[r], everyone[0], "curve",
-                            strict_bits=True) for r in range(1, dp.world_size)]
+                            tier="bitwise") for r in range(1, dp.world_size)]
 
 
 def _vs_single(spec, x, target, world_size, all_losses, gm):

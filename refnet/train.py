@@ -231,12 +231,12 @@ def _grade(cfg, pair, state, out, at_check, dp):
     failures = _grade_loss(cfg, state, out.loss_m, out.loss_t, flush=at_check)
     for name, g in (out.grads_m or {}).items():
         failures += _graded(cfg, state, step, f"{name}.grad", compare_tensors(
-            f"{name}.grad", g, out.grads_t[name], required=cfg.tier))
+            f"{name}.grad", g, out.grads_t[name], tier=cfg.tier))
     if at_check:
         twin_params = twin_mod.params_of(pair.twin)
         for name, p in pair.mlp.params.items():
             failures += _graded(cfg, state, step, name, compare_tensors(
-                name, p, twin_params[name], "curve", required=cfg.tier))
+                name, p, twin_params[name], "curve", tier=cfg.tier))
         if dp is not None:
             failures += _graded(cfg, state, step, "params vs rank 0", dp.same_params_verdict(),
                                 "bitwise")
@@ -271,24 +271,20 @@ def _flush_losses(cfg, state):
     state.pending.clear()
     # NaN at the same steps agrees here: the summary reports non-finite steps in its own
     # fields (first_nonfinite_step, status), so the curve check is one of NaN propagation
-    verdict = compare_curves("loss", torch.stack(ms), torch.stack(ts), required=cfg.tier,
+    verdict = compare_curves("loss", torch.stack(ms), torch.stack(ts), tier=cfg.tier,
                              nan_propagation=True)
     state.grade(verdict)
     if not verdict.passed:
         for step, a, b in zip(steps, ms, ts):  # the first step beyond the tier
-            v = compare_tensors("loss", a, b, "curve", required=cfg.tier)
+            v = compare_tensors("loss", a, b, "curve", tier=cfg.tier)
             if not v.passed:
                 return [_divergence(step, "loss", v, cfg.tier, cfg.spec)]
     return []
 
 
 def _divergence(step, tensor, verdict, tier, spec):
-    where = f"worst at {verdict.worst_index}: " if verdict.worst_index else ""
-    values = verdict.worst_values or [None, None]
-    return (f"step {step}: {tensor} diverged beyond the {tier} tier on {spec.device}/{spec.dtype} "
-            f"(got {verdict.tier}): {where}manual {values[0]!r} vs twin {values[1]!r}, "
-            f"{verdict.mismatched}/{verdict.numel} elements differ, max ulp {verdict.max_ulp:.6g}, "
-            f"max abs diff {verdict.max_abs_diff:.3g}")
+    return (f"step {step}: {tensor} diverged beyond the {tier} tier on {spec.device}/{spec.dtype}: "
+            + verdict.message(tier, sides=("manual", "twin")))
 
 
 # -- checkpoints and the end of a run --
