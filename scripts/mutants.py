@@ -88,7 +88,8 @@ mutant("ce_backward_torch_exp", "manual/kernel_order.py",
 mutant("nll_cascade_32", "manual/kernel_order.py",
        "if b & ((NLL_LEVEL_STEP - 1) << (NLL_LEVEL_POWER * j)):",
        "if b & ((2 * NLL_LEVEL_STEP - 1) << ((NLL_LEVEL_POWER + 1) * j)):",
-       "nll summation cascade folding every 32 rows instead of 16", LOSS)
+       "nll summation cascade folding every 32 rows instead of 16",
+       LOSS + ["tests/test_loss_sums.py"])
 mutant("svm_margin_sign", "manual/losses.py",
        "z = (margin - y_target) + y_pred", "z = (-margin - y_target) + y_pred",
        "SVM margin with the wrong sign", LOSS)

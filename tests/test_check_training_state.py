@@ -1,4 +1,5 @@
-"""refnet.check_training leaves the caller's pair as plain lockstep training would (issue 26, item 7).
+"""refnet.check_training leaves the caller's pair as plain lockstep training would (issue 26,
+item 7).
 
 Its gradient check at a step runs an extra manual forward/backward and a twin forward/backward.
 Neither may move anything in the caller's pair: batch norm's running statistics (and
