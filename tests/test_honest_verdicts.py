@@ -131,12 +131,16 @@ def _elu_grad_autograd(x):
 
 
 def test_elu_lanes_and_tail_sit_where_the_kernel_puts_them():
-    """Values whose SLEEF exp differs from glibc's exp, at every position of a 1073-element tensor:
+    """Values whose SLEEF exp differs from glibc's exp, at every position of a 1023-element tensor:
     manual ELU backward is bitwise autograd's only if it puts vector lanes and the scalar tail where
-    the kernel does (a lane count off by one Vec moves a band of positions to the wrong exp)."""
+    the kernel does (a lane count off by one Vec moves a band of positions to the wrong exp).
+    1023 = 2^10 - 1 leaves a tail of 2V - 1 elements for every vector width V up to 512 bits, so a
+    step of one Vec instead of the kernel's two puts V of them in lanes (1073, the size before,
+    is 1 modulo 16 and 8 alike: on AVX2 it could not tell the two steps apart)."""
     from manual.activations import elu_backward, elu_forward
     from manual.kernel_exp import sleef_exp, vector_lanes
-    if vector_lanes(1073, torch.float32) is None:
+    n = 1023
+    if vector_lanes(n, torch.float32) is None:
         pytest.skip("no known vector width on this CPU build: every element takes the scalar path")
     gen = torch.Generator().manual_seed(0)
     cand = -torch.rand(20000, generator=gen, dtype=torch.float64).mul(20).to(torch.float32)
@@ -145,7 +149,7 @@ def test_elu_lanes_and_tail_sit_where_the_kernel_puts_them():
     mine_tail = torch.exp(cand[:4000].double()).float()
     pick = cand[:4000][(sleef_exp(cand[:4000]) != tail) & (mine_tail == tail)]
     assert pick.numel() >= 1, "no value where SLEEF and glibc differ: the test would prove nothing"
-    x = pick.repeat(1073 // pick.numel() + 1)[:1073].contiguous()
+    x = pick.repeat(n // pick.numel() + 1)[:n].contiguous()
     _, cache = elu_forward(x, 1.0)
     dx = elu_backward(torch.ones_like(x), cache)
     want = _elu_grad_autograd(x)
