@@ -227,7 +227,7 @@ def _worst(verdicts):
         return (TIERS.index(v.tier), v.beyond_tolerance or 0, v.max_ulp)
     worst = max(verdicts, key=badness)
     k = verdicts.index(worst)
-    if k:
+    if k and verdicts[0].tier != worst.tier:
         worst.note = "; ".join(filter(None, [worst.note, f"under the second default dout (the "
                                              f"first gave {verdicts[0].tier})"]))
     return worst
