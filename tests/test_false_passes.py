@@ -60,6 +60,18 @@ def test_default_dout_is_not_the_users_seeded_draw():
         assert bool((seen[1].abs() >= 0.5).all())        # the second law: |dout| in [0.5, 1.5)
 
 
+def test_a_dout_tied_to_an_input_is_redrawn():
+    # an input that happens to equal (or be proportional to, or the transpose of) refnet's own
+    # first draw: the guard redraws rather than let the dout coincide with it
+    from refnet import backward_check
+    gen = torch.Generator().manual_seed(backward_check._DOUT_SEEDS[0] % 2 ** 63)
+    first = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    for x in (first, 3 * first, first.T.contiguous()):
+        seen = []
+        refnet.check_backward(lambda x: x * 1.0, [x], lambda dout, x: seen.append(dout) or dout)
+        assert all(not torch.equal(d, first) for d in seen)
+
+
 def mse_head(n=32768, seed=0):
     """An MSE regression head near convergence in float32: residuals ~1e-3."""
     gen = torch.Generator().manual_seed(seed)
