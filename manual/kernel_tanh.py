@@ -21,6 +21,7 @@ import torch
 
 from manual import double_word as dw
 from manual.kernel_exp import vector_lanes
+from manual.libm_tail import patch_tail
 
 _R_LN2 = 1.442695040888963407359924681001892137426645954152985934135449406931
 _F32 = {"ln2": (-0.693145751953125, -1.428606765330187045e-06),
@@ -116,4 +117,4 @@ def kernel_tanh(x):
     if lanes is None:
         return tail, None
     lanes = lanes.view(x.shape)
-    return torch.where(lanes, sleef_tanh(x), tail), lanes
+    return patch_tail(torch.where(lanes, sleef_tanh(x), tail), x, lanes, "tanh"), lanes
