@@ -12,10 +12,9 @@ an ulp on about 1% of values.  SLEEF's tanh is evaluated here op by op:
 
 The float and double versions differ beyond their constants: the double one evaluates e^|x|'s
 polynomial by Estrin's scheme in single words, and adds the numerator and the denominator with
-``add2`` (no magnitude assumption); the float one uses ``add``.  glibc's tanh is not reachable by
-plain ops; at the tail positions we use the nearest thing (float32: tanh in float64 rounded once;
-float64: torch.tanh), bitwise with glibc on every value measured (docs/bit-exactness.md).
-Positions: manual.kernel_exp.vector_lanes.
+``add2`` (no magnitude assumption); the float one uses ``add``.  At the scalar tail positions
+(manual.kernel_exp.vector_lanes) glibc's tanh is reached through ``math.tanh`` (float64) and
+glibc's tanhf through its mirror in manual/glibc_float.py (float32): manual/libm_tail.py.
 """
 import torch
 

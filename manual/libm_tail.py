@@ -5,12 +5,14 @@ ATen's cpu_kernel_vec computes most elements in SLEEF vector lanes and the remai
 lambda, whose std::exp / std::erf / std::tanh on double are glibc's exp / erf / tanh.  Python's
 ``math`` module calls the same libm functions (measured identical on 200 000 values each), so in
 float64 those few elements are computed here one by one with ``math``: bitwise with the kernel.
-float32's std::expf / erff / tanhf have no ``math`` counterpart; callers keep their own
-approximation there (or mirror glibc's algorithm, as manual/kernel_tanh.py does for tanhf).
+float32's std::tanh is glibc's tanhf, mirrored in float32 ops by manual/glibc_float.py; expf and
+erff have no counterpart here, and callers keep their own approximation at those positions.
 """
 import math
 
 import torch
+
+from manual import glibc_float
 
 
 def _exp(v):
@@ -20,19 +22,24 @@ def _exp(v):
         return math.inf
 
 
-LIBM = {"exp": _exp, "erf": math.erf, "tanh": math.tanh}
+LIBM = {"exp": _exp, "erf": math.erf, "tanh": math.tanh}      # float64, one value at a time
+LIBM_F32 = {"tanh": glibc_float.tanhf}                          # float32, tensor ops
 
 
 def patch_tail(values, x, lanes, name):
     """values with every position outside lanes (a bool mask shaped like x) replaced by libm's
-    name(x) there.  float64 on CPU only; anything else is returned unchanged."""
-    if lanes is None or x.dtype != torch.float64 or x.device.type != "cpu":
+    name(x) there, where it is reachable (CPU; float64, or float32 tanh); else values unchanged."""
+    if lanes is None or x.device.type != "cpu" or \
+            (x.dtype != torch.float64 and not (x.dtype == torch.float32 and name in LIBM_F32)):
         return values
     tail = (~lanes).reshape(-1).nonzero().flatten()
     if tail.numel() == 0:
         return values
-    fn = LIBM[name]
-    exact = torch.tensor([fn(v) for v in x.reshape(-1)[tail].tolist()], dtype=torch.float64)
+    at = x.reshape(-1)[tail]
+    if x.dtype == torch.float32:
+        exact = LIBM_F32[name](at)
+    else:
+        exact = torch.tensor([LIBM[name](v) for v in at.tolist()], dtype=torch.float64)
     out = values.clone().reshape(-1)
     out[tail] = exact
     return out.view(values.shape)
