@@ -90,3 +90,43 @@ def tanhf(x):
     z = torch.where(torch.signbit(x), -z, z)
     z = torch.where(x.abs() < _f(0x24000000), x * (1 + x), z)    # |x| < 2^−55 (and ±0)
     return torch.where(x.isnan(), x, z)
+
+
+# expf (glibc 2.27+, sysdeps/ieee754/flt-32/e_expf.c; on x86-64 with FMA its ifunc picks the build
+# compiled with -mfma, where the compiler contracts the three a·b + c of the polynomial): in
+# double, x·32/ln2 = k + r, eˣ = 2^(k/32) · (1 + C2·r + C1·r² + C0·r³), rounded once to float.
+# _EXP2_TAB[i] is the bit pattern of 2^(i/32) (correctly rounded) minus i << 47.
+_EXP2_TAB = (
+    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51,
+    0x3fef72b83c7d517b, 0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1,
+    0x3fef06fe0a31b715, 0x3feef1a7373aa9cb, 0x3feedea64c123422, 0x3feece086061892d,
+    0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429, 0x3feea47eb03a5585,
+    0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13,
+    0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d,
+    0x3feee89f995ad3ad, 0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069,
+    0x3fef5818dcfba487, 0x3fef7c97337b9b5f, 0x3fefa4afa2a490da, 0x3fefd0765b6e4540)
+_EXPF_POLY = (float.fromhex("0x1.c6af84b912394p-5") / 32 / 32 / 32,
+              float.fromhex("0x1.ebfce50fac4f3p-3") / 32 / 32,
+              float.fromhex("0x1.62e42ff0c52d6p-1") / 32)
+_INVLN2_32 = float.fromhex("0x1.71547652b82fep+0") * 32
+_SHIFT = float.fromhex("0x1.8p+52")
+
+
+def expf(x):
+    """eˣ for float32 x, elementwise, as glibc's __expf (FMA build)."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"x: expected float32, got {x.dtype}")
+    xd = x.double().clamp(-110.0, 100.0)                         # outside: the selects below
+    z = _INVLN2_32 * xd
+    kd = (z + _SHIFT) - _SHIFT                                    # rint(z), ties to even
+    r = z - kd
+    k = kd.to(torch.int64)
+    tab = torch.tensor(_EXP2_TAB, dtype=torch.int64, device=x.device)
+    s = (tab[k & 31] + (k << 47)).view(torch.float64)             # 2^(k/32)
+    one = torch.ones_like(r)
+    c0, c1, c2 = (torch.tensor(c, dtype=torch.float64, device=x.device) for c in _EXPF_POLY)
+    y = torch.addcmul(torch.addcmul(one, c2, r), torch.addcmul(c1, c0, r), r * r)
+    y = (y * s).float()
+    y = torch.where(x > float.fromhex("0x1.62e42ep6"), torch.inf, y)
+    y = torch.where(x < float.fromhex("-0x1.9fe368p6"), 0.0, y)
+    return torch.where(x.isnan(), x, y)

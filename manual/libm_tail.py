@@ -5,8 +5,8 @@ ATen's cpu_kernel_vec computes most elements in SLEEF vector lanes and the remai
 lambda, whose std::exp / std::erf / std::tanh on double are glibc's exp / erf / tanh.  Python's
 ``math`` module calls the same libm functions (measured identical on 200 000 values each), so in
 float64 those few elements are computed here one by one with ``math``: bitwise with the kernel.
-float32's std::tanh is glibc's tanhf, mirrored in float32 ops by manual/glibc_float.py; expf and
-erff have no counterpart here, and callers keep their own approximation at those positions.
+float32's std::tanh and std::exp are glibc's tanhf and expf, mirrored by manual/glibc_float.py;
+erff has no counterpart here, and callers keep their own approximation at those positions.
 """
 import math
 
@@ -23,7 +23,7 @@ def _exp(v):
 
 
 LIBM = {"exp": _exp, "erf": math.erf, "tanh": math.tanh}      # float64, one value at a time
-LIBM_F32 = {"tanh": glibc_float.tanhf}                          # float32, tensor ops
+LIBM_F32 = {"tanh": glibc_float.tanhf, "exp": glibc_float.expf}                          # float32, tensor ops
 
 
 def patch_tail(values, x, lanes, name):
