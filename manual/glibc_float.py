@@ -8,13 +8,13 @@ once, which float32 tensor ops reproduce exactly.  It is not reachable through P
 evaluated for every element and selected with ``where``.  (glibc 2.41 replaced both by
 correctly rounded CORE-MATH code; refnet/not_bitwise.py's entry names the version.)
 """
-import struct
-
 import torch
 
 
 def _f(bits):
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
+    # the float32 whose bit pattern is the unsigned 32-bit integer bits, as a Python float
+    signed = bits - (1 << 32) if bits >= 1 << 31 else bits
+    return torch.tensor(signed, dtype=torch.int32).view(torch.float32).item()
 
 
 _LN2_HI, _LN2_LO, _INVLN2 = _f(0x3f317180), _f(0x3717f7d1), _f(0x3fb8aa3b)

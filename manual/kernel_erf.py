@@ -19,8 +19,6 @@ Two routes, chosen by ``gelu_backward_out_cpu`` (aten/src/ATen/native/Activation
   vector lanes too (SLEEF's float erf is not mirrored): a few ulp, refnet/not_bitwise.py.
 """
 import math
-import struct
-
 import torch
 
 from manual import double_word as dw
@@ -131,7 +129,9 @@ def sleef_erf(a):
 
 
 def _f32(bits):
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
+    # the float32 whose bit pattern is the unsigned 32-bit integer bits, as a Python float
+    signed = bits - (1 << 32) if bits >= 1 << 31 else bits
+    return torch.tensor(signed, dtype=torch.int32).view(torch.float32).item()
 
 
 # oneDNN's table (jit_uni_eltwise_injector register_table_entries), as float32 bit patterns
