@@ -109,12 +109,10 @@ def gelu_backward(dout, x):
         return kernel_erf.onednn_gelu_grad(x) * dout
     e, lanes = kernel_exp(x * x * -0.5)
     xa = x * kernel_erf.ALPHA
-    if x.dtype == torch.float32:
-        erf = torch.erf(xa.double()).float()
-    else:
-        erf = torch.erf(xa)
-        if lanes is not None:
-            erf = patch_tail(torch.where(lanes, kernel_erf.sleef_erf(xa), erf), xa, lanes, "erf")
+    erf = torch.erf(xa)
+    if lanes is not None:
+        vec_erf = kernel_erf.sleef_erf if x.dtype == torch.float64 else kernel_erf.vec_erf_f32
+        erf = patch_tail(torch.where(lanes, vec_erf(xa), erf), xa, lanes, "erf")
     cdf = 0.5 * (1 + erf)
     pdf = kernel_erf.BETA * e
     grad = cdf + x * pdf                                  # the scalar tail: two roundings

@@ -1,12 +1,14 @@
-"""glibc's float tanhf, as the scalar tail of a CPU kernel calls it (std::tanh on float), in float32
-tensor ops.
+"""glibc's float tanhf, expf and erff, as the scalar tail of a CPU kernel calls them (std::tanh,
+std::exp, std::erf on float), in tensor ops.
 
-glibc 2.36 (this machine; x86-64 baseline build, no FMA) implements tanhf and the expm1f it calls
-with the SunPro (fdlibm) algorithms of sysdeps/ieee754/flt-32: every ``+ − × ÷`` rounds to float
-once, which float32 tensor ops reproduce exactly.  It is not reachable through Python's ``math``
-(double only), and float64's tanh rounded to float differs from it on ~5% of values.  Branches are
-evaluated for every element and selected with ``where``.  (glibc 2.41 replaced both by
-correctly rounded CORE-MATH code; refnet/not_bitwise.py's entry names the version.)
+Python's ``math`` reaches only the double functions.  glibc 2.36 (this machine) implements tanhf
+(with the expm1f it calls) and erff with the SunPro (fdlibm) algorithms of sysdeps/ieee754/flt-32,
+built for baseline x86-64: every ``+ − × ÷`` rounds to float once, which float32 tensor ops
+reproduce exactly.  expf (glibc 2.27+) works in double with a 32-entry table; x86-64 runs the
+build compiled with FMA.  Branches are evaluated for every element and selected with ``where``.
+Each mirror agrees with the C library on every value tested (tests/test_smooth_activations.py,
+about a million values each when written).  glibc 2.41 replaced tanhf and erff by correctly
+rounded CORE-MATH code: on such a system these two mirrors (and the tail bits) no longer hold.
 """
 import torch
 
@@ -130,3 +132,57 @@ def expf(x):
     y = torch.where(x > float.fromhex("0x1.62e42ep6"), torch.inf, y)
     y = torch.where(x < float.fromhex("-0x1.9fe368p6"), 0.0, y)
     return torch.where(x.isnan(), x, y)
+
+
+# erff (fdlibm, sysdeps/ieee754/flt-32/s_erff.c; glibc 2.41 replaced it by CORE-MATH's): rational
+# approximations on [0, 0.84375), [0.84375, 1.25), [1.25, 1/0.35), [1/0.35, 6), 1 above, with
+# erfc = e^(−z² − 0.5625) · e^((z − x)(z + x) + R/S) / x on the last two.  Bit patterns of its
+# coefficients, lowest degree first.
+_ERFF = {
+    "efx": 0x3e0375d4, "erx": 0x3f58560b,
+    "pp": (0x3e0375d4, 0xbea66beb, 0xbce9528f, 0xbbbd1489, 0xb7c756b1),
+    "qq": (0x3f800000, 0x3ecbbbce, 0x3d852a63, 0x3ba68116, 0x390aee49, 0xb684e21a),
+    "pa": (0xbb1acdc6, 0x3ed46805, 0xbebe9208, 0x3ea2fe54, 0xbde31cc2, 0x3d1151b3, 0xbb0df9c0),
+    "qa": (0x3f800000, 0x3dd9f331, 0x3f0a5785, 0x3d931ae7, 0x3e013307, 0x3c5f6e13, 0x3c445aa3),
+    "ra": (0xbc21a093, 0xbf31a0b7, 0xc128f022, 0xc2798057, 0xc322658c, 0xc3389ae7, 0xc2a2932b,
+           0xc11d077e),
+    "sa": (0x3f800000, 0x419d35ce, 0x4309a863, 0x43d9486f, 0x442158c9, 0x43d6810b, 0x42d9451f,
+           0x40d23f7c, 0xbd777f97),
+    "rb": (0xbc21a092, 0xbf4c9dd4, 0xc18e104b, 0xc320a2ea, 0xc41f6441, 0xc480230b, 0xc3f1c275),
+    "sb": (0x3f800000, 0x41f2b459, 0x43a2e571, 0x44c01759, 0x4547fdbb, 0x451f90ce, 0x43ed43a7,
+           0xc1b38712),
+}
+
+
+def _poly(s, key):
+    # c0 + s·(c1 + s·(c2 + …)), innermost first, every step rounded (no FMA in this build)
+    coefs = [_f(b) for b in _ERFF[key]]
+    v = torch.full_like(s, coefs[-1])
+    for c in reversed(coefs[:-1]):
+        v = c + s * v
+    return v
+
+
+def erff(x):
+    """erf(x) for float32 x, elementwise, as glibc's __erff."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"x: expected float32, got {x.dtype}")
+    ax = x.abs()
+    efx, erx = _f(_ERFF["efx"]), _f(_ERFF["erx"])
+    z = x * x
+    small = x + x * (_poly(z, "pp") / _poly(z, "qq"))                     # |x| < 0.84375
+    tiny = torch.where(ax < _f(0x04000000), 0.0625 * (16.0 * x + (16.0 * efx) * x), x + efx * x)
+    s = ax - 1
+    mid = erx + _poly(s, "pa") / _poly(s, "qa")                           # |x| < 1.25
+    a = torch.clamp(ax, 1.0, 6.0)                                         # the tail's own range
+    s = 1 / (a * a)
+    near = a < _f(0x4036DB6E)                                             # |x| < 1/0.35
+    ratio = torch.where(near, _poly(s, "ra") / _poly(s, "sa"), _poly(s, "rb") / _poly(s, "sb"))
+    zt = (a.view(torch.int32) & -4096).view(torch.float32)                # low 12 bits cleared
+    r = expf(-zt * zt - 0.5625) * expf((zt - a) * (zt + a) + ratio)
+    far = 1 - r / a
+    out = torch.where(ax < _f(0x3fa00000), mid, far)
+    out = torch.where(ax >= 6, 1.0, out)
+    out = torch.where(torch.signbit(x), -out, out)
+    out = torch.where(ax < _f(0x3f580000), torch.where(ax < _f(0x31800000), tiny, small), out)
+    return torch.where(x.isnan(), x, out)

@@ -12,16 +12,16 @@ Two routes, chosen by ``gelu_backward_out_cpu`` (aten/src/ATen/native/Activation
   :func:`onednn_gelu_grad` mirrors it instruction by instruction.
 * everything else (float64 always): ATen's GeluBackwardKernelImpl,
       dy · (0.5·(1 + erf(x/√2)) + x · (kBeta · e^(−x²/2)))      (x·pdf + cdf one FMA)
-  whose vector lanes call SLEEF's u10 erf and exp (:func:`sleef_erf` mirrors xerf_u1; the exp is
-  manual.kernel_exp.sleef_exp) and whose scalar tail calls glibc's erf and exp, not reachable by
-  plain ops: there we use torch.erf / torch.exp (float64) or float64 rounded once (float32).
-  float32 off the oneDNN route (one element, strided, or oneDNN disabled) uses torch.erf in the
-  vector lanes too (SLEEF's float erf is not mirrored): a few ulp, refnet/not_bitwise.py.
+  whose vector lanes call ``Vectorized<T>::erf`` and SLEEF's u10 exp (manual.kernel_exp.sleef_exp).
+  For double that erf is SLEEF's xerf_u1 (:func:`sleef_erf`); for float it is ATen's own
+  Abramowitz & Stegun 7.1.26 with SLEEF's exp (:func:`vec_erf_f32`).  The scalar tail calls glibc's
+  erf and exp (manual/libm_tail.py), and does not contract x·pdf + cdf (the vector lanes do).
 """
 import math
 import torch
 
 from manual import double_word as dw
+from manual.kernel_exp import sleef_exp
 
 _R_LN2 = 1.442695040888963407359924681001892137426645954152985934135449406931
 _LN2 = (.69314718055966295651160180568695068359375,
@@ -126,6 +126,24 @@ def sleef_erf(a):
     z = torch.where((x >= 6) | a.isinf(), 1.0, z)
     z = torch.where(a == 0, 0.0, z)
     return torch.where(torch.signbit(a), -z, z)                 # vmulsign
+
+
+_AS_P, _AS_POL = 0.3275911, (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)
+
+
+def vec_erf_f32(x):
+    """erf(x) as ATen's Vectorized<float>::erf (not SLEEF's: Abramowitz & Stegun 7.1.26 with
+    SLEEF's exp, FMAs as written in vec256_float.h): float32."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"x: expected float32, got {x.dtype}")
+    c = [torch.tensor(v, dtype=torch.float32, device=x.device) for v in (_AS_P,) + _AS_POL]
+    t = 1 / dw.fma(c[0], x.abs(), torch.ones_like(x))
+    r = c[1].expand_as(t)
+    for coef in c[2:]:
+        r = dw.fma(r, t, coef)
+    e = sleef_exp(-(x * x))
+    erf = dw.fma(-e * t, r, torch.ones_like(x))
+    return torch.where(torch.signbit(x), -erf, erf)
 
 
 def _f32(bits):

@@ -5,8 +5,8 @@ ATen's cpu_kernel_vec computes most elements in SLEEF vector lanes and the remai
 lambda, whose std::exp / std::erf / std::tanh on double are glibc's exp / erf / tanh.  Python's
 ``math`` module calls the same libm functions (measured identical on 200 000 values each), so in
 float64 those few elements are computed here one by one with ``math``: bitwise with the kernel.
-float32's std::tanh and std::exp are glibc's tanhf and expf, mirrored by manual/glibc_float.py;
-erff has no counterpart here, and callers keep their own approximation at those positions.
+float32's std::tanh, std::exp and std::erf are glibc's tanhf, expf and erff, mirrored in float32
+tensor ops by manual/glibc_float.py.
 """
 import math
 
@@ -23,14 +23,13 @@ def _exp(v):
 
 
 LIBM = {"exp": _exp, "erf": math.erf, "tanh": math.tanh}      # float64, one value at a time
-LIBM_F32 = {"tanh": glibc_float.tanhf, "exp": glibc_float.expf}                          # float32, tensor ops
+LIBM_F32 = {"tanh": glibc_float.tanhf, "exp": glibc_float.expf, "erf": glibc_float.erff}                          # float32, tensor ops
 
 
 def patch_tail(values, x, lanes, name):
     """values with every position outside lanes (a bool mask shaped like x) replaced by libm's
-    name(x) there, where it is reachable (CPU; float64, or float32 tanh); else values unchanged."""
-    if lanes is None or x.device.type != "cpu" or \
-            (x.dtype != torch.float64 and not (x.dtype == torch.float32 and name in LIBM_F32)):
+    name(x) there.  CPU, float32 or float64; anything else is returned unchanged."""
+    if lanes is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return values
     tail = (~lanes).reshape(-1).nonzero().flatten()
     if tail.numel() == 0:

@@ -101,7 +101,8 @@ def test_inside_an_mlp_every_gradient_and_training_is_bitwise(name, dtype):
 
 
 def test_gelu_float32_follows_the_route_autograd_takes():
-    """float32, contiguous, > 1 element: oneDNN's kernel (mirrored); one element: ATen's."""
+    """float32, contiguous, > 1 element: oneDNN's kernel (mirrored); one element, or oneDNN
+    disabled: ATen's."""
     x = values(1000, torch.float32, seed=9)
     assert kernel_erf.uses_onednn(x) and not kernel_erf.uses_onednn(x[:1])
     assert not kernel_erf.uses_onednn(x.double())
@@ -110,6 +111,10 @@ def test_gelu_float32_follows_the_route_autograd_takes():
     e, _ = A.kernel_exp(x * x * -0.5)
     aten = 0.5 * (1 + torch.erf(x * kernel_erf.ALPHA)) + x * (kernel_erf.BETA * e)
     assert differing(aten, autograd_grad("gelu", x, torch.ones_like(x))) > 100
+    with torch.backends.mkldnn.flags(enabled=False):       # ATen's kernel: its own float erf
+        assert not kernel_erf.uses_onednn(x)
+        assert bitwise(A.gelu_backward(torch.ones_like(x), x),
+                       autograd_grad("gelu", x, torch.ones_like(x)))
     ones = torch.ones(1)
     for v in (0.3, -0.75, 2.5, -4.0, 7.0):
         one = torch.tensor([v])
@@ -140,13 +145,13 @@ def _libm():
     return lib, tuple(int(p) for p in version().decode().split(".")[:2])
 
 
-@pytest.mark.parametrize("fn", ["tanhf", "expf"])
+@pytest.mark.parametrize("fn", ["tanhf", "expf", "erff"])
 def test_glibc_float_mirrors_agree_with_the_c_library(fn):
-    """manual.glibc_float's tanhf / expf give the C library's own results (glibc 2.27–2.40: its
+XX the C library's own results (glibc 2.27–2.40: its
     fdlibm tanhf and its expf; 2.41 replaced tanhf by CORE-MATH's)."""
     lib, version = _libm()
-    if fn == "tanhf" and version >= (2, 41):
-        pytest.skip(f"glibc {version}: tanhf is CORE-MATH's, not the fdlibm one mirrored")
+    if fn in ("tanhf", "erff") and version >= (2, 41):
+        pytest.skip(f"glibc {version}: {fn} is CORE-MATH's, not the fdlibm one mirrored")
     cfn = getattr(lib, fn)
     cfn.restype, cfn.argtypes = ctypes.c_float, [ctypes.c_float]
     gen = torch.Generator().manual_seed(6)
