@@ -147,8 +147,8 @@ def _libm():
 
 @pytest.mark.parametrize("fn", ["tanhf", "expf", "erff"])
 def test_glibc_float_mirrors_agree_with_the_c_library(fn):
-XX the C library's own results (glibc 2.27–2.40: its
-    fdlibm tanhf and its expf; 2.41 replaced tanhf by CORE-MATH's)."""
+    """manual.glibc_float's tanhf / expf / erff give the C library's own results (glibc 2.27–2.40:
+    its fdlibm tanhf and erff and its expf; 2.41 replaced tanhf and erff by CORE-MATH's)."""
     lib, version = _libm()
     if fn in ("tanhf", "erff") and version >= (2, 41):
         pytest.skip(f"glibc {version}: {fn} is CORE-MATH's, not the fdlibm one mirrored")
