@@ -1,4 +1,5 @@
-"""Activation functions of the document's figure, each a forward/backward pair.
+"""Activation functions of the document's figure, and today's GELU (erf and tanh forms) and SiLU,
+each a forward/backward pair.
 
 Shapes: any; dout and dx have the shape of y and x.  Maxout takes z (N, H·K) and returns (N, H): unit h is the
 max over the K consecutive pieces z[:, h·K:(h+1)·K] (each piece has its own weights and bias in
@@ -7,6 +8,9 @@ the preceding linear layer).
 Conventions at kinks, matching PyTorch: ReLU'(0) = 0, LeakyReLU'(0) = slope, ELU'(0) = alpha
 (x = 0 takes the negative branch), Maxout ties route the whole gradient to the first maximal piece
 (as ``max(dim)`` does).
+
+ELU, GELU and SiLU evaluate their exp / erf / tanh as the CPU kernel autograd runs does, position by
+position (vector lanes and scalar tail): manual/kernel_exp.py, kernel_erf.py, kernel_tanh.py.
 """
 import math
 
