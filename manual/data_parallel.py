@@ -5,7 +5,7 @@ then averages the gradients over the ranks with torch.distributed collectives; e
 applies the same optimizer step to the same averaged gradients, so the parameters stay identical.
 
 The DDP rules mirrored (torch 2.13, no communication hook, gradient_as_bucket_view=False), each
-measured to decide the last bit with gloo (refnet/distributed.py, docs/data-parallel.md):
+measured to decide the last bit with gloo (refnet/dp_pair.py, docs/data-parallel.md):
 1. Scaling: each gradient is MULTIPLIED by 1/world_size (a Python float, i.e. the double
    1.0/world_size rounded to the gradient's dtype) WHILE it is copied into the flat bucket
    (reducer.cpp mark_variable_ready_dense: at::mul_out(bucket_view, grad, 1/div_factor)); the

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from refnet import data as datasets
-from refnet.distributed import DPPair
+from refnet.dp_pair import DPPair
 from refnet.spec import Spec
 
 BENCH_SPEC = dict(sizes=[256, 512, 512, 10], activation="relu", loss="cross_entropy",

@@ -2,9 +2,10 @@
 
 A checkpoint file is a header line `REFNET-CHECKPOINT <format> <sha256 of the body>` followed by
 torch.save's bytes of a dict holding both sides' parameters, both optimizers' state, the losses
-so far, the step reached, the spec and the example name.  The batch schedule is not stored: it is
-regenerated from the spec's seed, so on CPU a resumed run's curve is bitwise the uninterrupted
-one.  Written atomically (refnet.atomic); a flipped or truncated file fails the checksum.
+so far, the step reached, the spec, the example name, batch norm's running statistics, both
+sides' dropout streams (data parallel: every rank's) and the number of processes.  The batch
+schedule is not stored: it is regenerated from the spec's seed, so on CPU a resumed run's curve
+is bitwise the uninterrupted one.  Written atomically (refnet.atomic); a flipped or truncated file fails the checksum.
 """
 import hashlib
 import io
@@ -66,6 +67,34 @@ def load_checkpoint(path, map_location="cpu"):
     return payload
 
 
+STATE_KEYS = ("manual_params", "twin_params", "manual_buffers", "twin_buffers", "manual_optimizer",
+              "twin_optimizer", "manual_rng", "twin_rng", "rank_streams", "losses_manual",
+              "losses_twin", "step", "world_size")
+
+
+def state_differences(a, b):
+    """The pieces of training state in which two checkpoints differ (bitwise for tensors), as
+    names like "manual_optimizer.buffers.layers.0.weight"; [] when they hold the same state."""
+    out = []
+
+    def walk(name, x, y):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            same = (x.dtype == y.dtype and x.shape == y.shape
+                    and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)))
+        elif isinstance(x, dict) and isinstance(y, dict) and x.keys() == y.keys():
+            return [walk(f"{name}.{k}", x[k], y[k]) for k in x]
+        elif isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and len(x) == len(y):
+            return [walk(f"{name}[{i}]", u, v) for i, (u, v) in enumerate(zip(x, y))]
+        else:
+            same = type(x) is type(y) and x == y
+        if not same:
+            out.append(name)
+
+    for key in STATE_KEYS:
+        walk(key, a.get(key), b.get(key))
+    return out
+
+
 def cpu_copy(obj):
     """Detached CPU copies of every tensor in nested dicts/lists (what a checkpoint stores)."""
     if isinstance(obj, torch.Tensor):
@@ -99,27 +128,57 @@ def check_resume_spec(spec, saved):
                              f"with {value!r}; a resumed run must keep it")
 
 
-def save_run(path, pair, spec, example, step, losses_m, losses_t, worst_tier, **extra):
-    """A checkpoint of a lockstep run (refnet.harness.Pair) after `step` steps; extra: more
-    entries (refnet.dp_train records world_size)."""
+def check_world_size(ck, world_size):
+    """A checkpoint resumes on the number of processes it was trained on (older and
+    single-process checkpoints: 1)."""
+    saved = ck.get("world_size") or 1
+    if saved != world_size:
+        raise ValueError(f"--nproc: the checkpoint was trained on {saved} processes; resume it "
+                         f"with --nproc {saved}, not {world_size}")
+
+
+def check_resume(ck, spec, world_size=1):
+    """Everything that must hold before a run resumes from checkpoint ck: the spec (but steps and
+    device) unchanged, the same number of processes, and steps still to train."""
+    check_resume_spec(spec, ck["spec"])
+    check_world_size(ck, world_size)
+    if ck["step"] >= spec.steps:
+        raise ValueError(f"--steps: the checkpoint is already at step {ck['step']}; give --steps "
+                         f"larger than that to continue")
+
+
+def save_run(path, pair, spec, example, state, world_size=1, rank_streams=None):
+    """A checkpoint of a lockstep run (refnet.harness.Pair) at state.step (refnet.train.RunState:
+    its loss history and worst tier).  rank_streams: every rank's dropout streams, in rank order
+    (data parallel: refnet.dp_pair.DPPair.gather_streams); the top-level streams are this
+    process's (rank 0's)."""
+    losses_m, losses_t = state.history()
     save_checkpoint(path, {
-        "format": CHECKPOINT_FORMAT, "step": step, "spec": spec.to_dict(), "example": example,
+        "format": CHECKPOINT_FORMAT, "step": state.step, "spec": spec.to_dict(),
+        "example": example, "world_size": world_size,
         "manual_params": cpu_copy(pair.mlp.params),
         "twin_params": cpu_copy(twin_mod.params_of(pair.twin)),
         "manual_buffers": cpu_copy(pair.mlp.buffers),
         "twin_buffers": cpu_copy(twin_mod.buffers_of(pair.twin)),
-        "manual_rng": pair.mlp.generator.get_state() if pair.mlp.generator is not None else None,
-        "twin_rng": getattr(pair.twin, "_rng_state", None),
+        **_streams(pair),
+        "rank_streams": rank_streams,
         "manual_optimizer": cpu_copy(pair.mlp.optimizer.state_dict()),
         "twin_optimizer": cpu_copy(pair.twin_opt.state_dict()),
         "losses_manual": losses_m.cpu(), "losses_twin": losses_t.cpu(),
-        "worst_tier": worst_tier, "torch": str(torch.__version__), **extra,
+        "worst_tier": state.worst, "torch": str(torch.__version__),
     })
 
 
-def restore_run(pair, ck, device):
+def _streams(pair):
+    """Both sides' dropout streams (the twin has none without dropout)."""
+    gen = pair.mlp.generator
+    return {"manual_rng": gen.get_state() if gen is not None else None,
+            "twin_rng": getattr(pair.twin, "_rng_state", None)}
+
+
+def restore_run(pair, ck, device, rank=0):
     """Both sides' parameters, both optimizers' state, batch norm's running statistics and the
-    dropout streams from a checkpoint."""
+    dropout streams (rank's own, when the checkpoint keeps every rank's) from a checkpoint."""
     names = set(pair.mlp.params)
     for side in ("manual_params", "twin_params"):
         if set(ck[side]) != names:
@@ -139,7 +198,8 @@ def restore_run(pair, ck, device):
     for name, b in pair.mlp.buffers.items():
         b.copy_(buffers[name])
     twin_mod.load_buffers(pair.twin, ck.get("twin_buffers", {}))
-    if ck.get("manual_rng") is not None and pair.mlp.generator is not None:
-        pair.mlp.generator.set_state(ck["manual_rng"])
-    if ck.get("twin_rng") is not None and hasattr(pair.twin, "_rng_state"):
-        pair.twin._rng_state = ck["twin_rng"].clone()
+    streams = ck["rank_streams"][rank] if ck.get("rank_streams") else ck
+    if streams.get("manual_rng") is not None and pair.mlp.generator is not None:
+        pair.mlp.generator.set_state(streams["manual_rng"])
+    if streams.get("twin_rng") is not None and hasattr(pair.twin, "_rng_state"):
+        pair.twin._rng_state = streams["twin_rng"].clone()

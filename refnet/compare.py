@@ -22,6 +22,7 @@ ORACLE_FINITE_DIFFERENCES = "manual vs finite differences (float64)"     # the e
 ORACLE_GRADCHECK = "twin (autograd) vs torch.autograd.gradcheck (float64)"
 ORACLE_DOCUMENT = "manual vs the document's numbers"
 ORACLE_NUMPY_PROGRAM = "manual vs document's numpy program"
+ORACLE_STOCK_BATCHNORM = "ninja chain vs F.batch_norm (training mode)"
 
 # (rtol, atol) by dtype, for each kind of quantity compared.  atol is a cap, not a floor: the
 # absolute term a comparison uses is min(atol, rtol * max|expected|) (`scaled_atol`), so a tensor

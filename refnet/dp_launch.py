@@ -24,7 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from refnet import bench_dp, dp_train
-from refnet import distributed as dist_mod
+from refnet.dp_pair import TIMEOUT_S, RankFailed, backend_for
+from refnet.dp_verify import verify_spec
+from refnet.spec import Spec
 from refnet.settings import determinism
 
 GRACE_S = 5
@@ -38,7 +40,7 @@ def _init(rank, world_size, device, init_method, timeout_s):
     torch.set_num_threads(1)  # N ranks share the cores; one thread each
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    dist.init_process_group(dist_mod.backend_for(device), init_method=init_method, rank=rank,
+    dist.init_process_group(backend_for(device), init_method=init_method, rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
 
 
@@ -47,9 +49,9 @@ def _work(rank, world_size, job):
     if job["mode"] == "verify":
         results = []
         for raw in job["specs"]:
-            spec = dist_mod.Spec.from_dict(raw[rank] if isinstance(raw, list) else raw)
+            spec = Spec.from_dict(raw[rank] if isinstance(raw, list) else raw)
             with determinism(spec.device):
-                checks = dist_mod.verify_spec(spec, rank, world_size, job)
+                checks = verify_spec(spec, rank, world_size, job)
             results.append((spec.name, spec.device, spec.dtype, checks))
         return results
     if job["mode"] == "train":
@@ -106,7 +108,7 @@ def _context():
 
 def launch(job, nproc, timeout_s=None):
     """Run job on nproc spawned ranks; rank 0's result, or RankFailed / ValueError (one line)."""
-    timeout_s = timeout_s or dist_mod.TIMEOUT_S
+    timeout_s = timeout_s or TIMEOUT_S
     ctx = _context()
     folder = tempfile.mkdtemp(prefix="refnet-dp-")
     procs = []
@@ -164,7 +166,7 @@ def _failure(folder, procs, first):
     if msg and code == 2:  # a usage error the same on every rank (spec, --nproc, data mismatch)
         return ValueError(msg.split(": ", 1)[1] if ": " in msg else msg)
     others = [r for r in range(len(procs)) if r != first]
-    return dist_mod.RankFailed(
+    return RankFailed(
         f"rank {first} of {len(procs)} failed ({_why(code)}{': ' + msg if msg else ''}); "
         f"ranks {', '.join(map(str, others))} stopped")
 
@@ -177,13 +179,13 @@ def run_job(job, nproc):
     if nproc and nproc != world_size:
         raise ValueError(f"--nproc: {nproc} given but torchrun started {world_size} processes; "
                          f"drop --nproc under torchrun or make them agree")
-    _init(rank, world_size, job["device"], "env://", dist_mod.TIMEOUT_S)
+    _init(rank, world_size, job["device"], "env://", TIMEOUT_S)
     try:
         result = _work(rank, world_size, job)
     except (ValueError, TypeError):
         raise
     except Exception as exc:  # a collective failed: a peer died or timed out
-        raise dist_mod.RankFailed(f"rank {rank}: {' '.join(str(exc).split())[:300]}") from None
+        raise RankFailed(f"rank {rank}: {' '.join(str(exc).split())[:300]}") from None
     finally:
         try:
             dist.destroy_process_group()

@@ -82,38 +82,89 @@ def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
     return verdicts
 
 
-def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None, start=0,
-                   before_step=None):
-    """Train both sides for `steps` steps on the same mini-batches.
+@dataclass
+class StepOut:
+    """One lockstep step: each side's loss before the update (detached) and, when asked
+    (data-parallel grading), the gradients each side applied (manual: after the reduction)."""
+    loss_m: torch.Tensor
+    loss_t: torch.Tensor
+    grads_m: dict | None = None
+    grads_t: dict | None = None
 
-    Returns (manual losses, twin losses) as 1-D tensors (the loss of each step before its update).
-    on_step(step, loss_manual, loss_twin) is called after every step when given;
-    before_step(step, x_batch, target_batch) before every step's update (refnet.check_training).
-    start: the step to begin at (a resumed run): the first `start` batches of the seeded schedule
-    are skipped, so the resumed run sees exactly the batches an uninterrupted one would.
+
+def lockstep_step(pair, xb, tb, dp=None, keep_grads=False):
+    """One training step of both sides on the same batch; a StepOut.
+
+    dp: the data-parallel hook (refnet.dp_pair.DPPair): rank 0's buffers broadcast before the
+    forward, the manual gradients averaged over the ranks, the twin run through DDP.
+    The step is three phases, which is where the next features go: gradients (gradient
+    accumulation: k micro-batches summed here, DDP's no_sync on all but the last; autocast
+    around the forwards and the GradScaler's scaled backward), the data-parallel reduction, and
+    the update (clipping and the scaler's unscale/step before the optimizer's step, the LR
+    schedule's step after it).
     """
+    mlp = pair.mlp
+    if dp is not None:
+        dp.sync_buffers()
+    # gradients
+    loss_m, cache = mlp.forward(xb, tb)
+    grads_m, _ = mlp.backward(cache)
+    pair.twin_opt.zero_grad(set_to_none=True)
+    loss_t = pair.twin_loss((pair.twin if dp is None else dp.ddp)(xb), tb)
+    loss_t.backward()   # under DDP: the all-reduce of the twin's gradients happens here
+    # reduction
+    if dp is not None:
+        grads_m = dp.reducer.reduce(grads_m)
+    grads_t = ({n: g.detach().clone() for n, g in twin_mod.grads_of(pair.twin).items()}
+               if keep_grads else None)
+    # update
+    mlp.step(grads_m)
+    pair.twin_opt.step()
+    return StepOut(loss_m.detach(), loss_t.detach(), grads_m if keep_grads else None, grads_t)
+
+
+def lockstep_batches(pair, x, target, steps, batch_size=None, seed=0, start=0, shard=None):
+    """(step, x_batch, target_batch) for steps start … start + steps - 1 of the seeded schedule
+    (refnet.data.batches), so a resumed run sees exactly the batches an uninterrupted one would.
+    shard(idx, n): this rank's rows of a global batch (data parallel; refnet.dp_pair)."""
     if getattr(pair.spec, "norm", None) == "batchnorm":
         datasets.check_batch_rows(x.shape[0], batch_size)   # the real row count, not a guess
     index_list = datasets.batches(x.shape[0], batch_size, start + steps, seed)[start:]
     labels, n_classes = target.dtype == torch.int64, pair.spec.sizes[-1]
     if labels:  # class labels: range-checked once for the data set, not per batch (a CUDA sync)
         check_labels(target, n_classes)
-    losses_m, losses_t = [], []
     for step, idx in enumerate(index_list, start):
-        xb, tb = (x, target) if idx is None else (x[idx.to(x.device)], target[idx.to(x.device)])
-        if labels and idx is not None:
+        if shard is not None:
+            idx = shard(idx, x.shape[0])
+        if idx is None:
+            yield step, x, target
+            continue
+        idx = idx.to(x.device)
+        xb, tb = x[idx], target[idx]
+        if labels:
             labels_checked(tb, n_classes)
+        yield step, xb, tb
+
+
+def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None, start=0,
+                   before_step=None):
+    """Train both sides for `steps` steps on the same mini-batches, unchecked (the checks that
+    grade a whole run afterwards use it; refnet.train is the checked run).
+
+    Returns (manual losses, twin losses) as 1-D tensors (the loss of each step before its update).
+    on_step(step, loss_manual, loss_twin) is called after every step when given;
+    before_step(step, x_batch, target_batch) before every step's update (refnet.check_training).
+    start: the step to begin at (lockstep_batches).
+    """
+    losses_m, losses_t = [], []
+    for step, xb, tb in lockstep_batches(pair, x, target, steps, batch_size, seed, start):
         if before_step is not None:
             before_step(step, xb, tb)
-        loss_m = pair.mlp.train_step(xb, tb)
-        pair.twin_opt.zero_grad(set_to_none=True)
-        loss_t = pair.twin_loss(pair.twin(xb), tb)
-        loss_t.backward()
-        pair.twin_opt.step()
-        losses_m.append(loss_m.detach())
-        losses_t.append(loss_t.detach())
+        out = lockstep_step(pair, xb, tb)
+        losses_m.append(out.loss_m)
+        losses_t.append(out.loss_t)
         if on_step is not None:
-            on_step(step, losses_m[-1], losses_t[-1])
+            on_step(step, out.loss_m, out.loss_t)
     return torch.stack(losses_m), torch.stack(losses_t)
 
 

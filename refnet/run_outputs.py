@@ -1,7 +1,7 @@
 """What a finished training run reports and writes: summary.json's dict, losses.csv and the plots.
 
-Shared by refnet.train (one process) and refnet.dp_train (data parallel); every file is written
-atomically.  Accuracy is measured in eval mode (running statistics, no dropout).
+Written by refnet.train's loop (one process, or rank 0 of a data-parallel run); every file is
+written atomically.  Accuracy is measured in eval mode (running statistics, no dropout).
 """
 import contextlib
 import os
@@ -56,17 +56,16 @@ def _accuracy(output, labels):
     return float((predict_class(output).cpu() == labels.cpu()).double().mean())
 
 
-def run_summary(spec, example, tier, state, status, message, start, losses_m, losses_t, pair, x,
-                target, seconds):
-    """summary.json's dict for a run (also refnet.dp_train's): status, tiers, final losses,
-    non-finite steps, accuracy on classification data."""
-    n = losses_m.numel()
+def run_summary(spec, example, tier, state, losses_m, losses_t, pair, x, target, seconds):
+    """summary.json's dict for a run (one process or data parallel; state: refnet.train.RunState):
+    status, tiers, final losses, non-finite steps, accuracy on classification data."""
+    n, status, message, start = losses_m.numel(), state.status, state.message, state.start
     summary = {
         "name": spec.name, "example": example, "status": status, "divergence": None,
         "message": message, "device": spec.device, "dtype": spec.dtype, "steps": n,
         "steps_planned": spec.steps, "resumed_from": start if start else None,
-        "allowed_tier": tier, "tier": state["worst"], "comparisons": state["checks"],
-        "last_checkpoint": state["last_checkpoint"],
+        "allowed_tier": tier, "tier": state.worst, "comparisons": state.checks,
+        "last_checkpoint": state.last_checkpoint,
         "final_loss_manual": float(losses_m[-1]) if n else None,
         "final_loss_twin": float(losses_t[-1]) if n else None,
         "identical_steps": int(same_bits(losses_m, losses_t).sum()) if n else 0,

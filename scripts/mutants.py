@@ -172,6 +172,16 @@ mutant("checkpoint_drops_optimizer_state", "refnet/checkpoint.py",
        '    pair.mlp.optimizer.load_state_dict(to_device(ck["manual_optimizer"], device))\n'
        '    pair.twin_opt.load_state_dict(ck["twin_optimizer"])\n', "",
        "resume does not restore the optimizer state (both sides: lockstep still agrees)", TRAIN)
+mutant("resume_drops_dropout_stream", "refnet/checkpoint.py",
+       '        pair.mlp.generator.set_state(streams["manual_rng"])\n', "        pass\n",
+       "resume restarts the manual side's dropout stream (issue 26, item 2)",
+       ["tests/test_train.py::test_resume_restores_every_piece_of_state"])
+mutant("dp_resume_rank0_stream", "refnet/checkpoint.py",
+       'streams = ck["rank_streams"][rank] if ck.get("rank_streams") else ck',
+       "streams = ck",
+       "data-parallel resume gives every rank rank 0's dropout stream (uneven shards differ)",
+       ["verify/test_data_parallel.py::"
+        "test_resume_with_dropout_batchnorm_momentum_on_uneven_shards_bitwise"])
 mutant("check_port_first_16", "refnet/portcheck.py",
        'v = compare_tensors(e["name"], t, ref[e["name"]], e["kind"],',
        'v = compare_tensors(e["name"], t.reshape(-1)[:16], ref[e["name"]].reshape(-1)[:16], e["kind"],',

@@ -12,6 +12,7 @@ import torch
 
 import manual.mlp
 from refnet import cli, data, examples, run_outputs, train as train_mod
+from refnet.checkpoint import state_differences
 from refnet.cli import train as cli_train
 from refnet.spec import Spec
 
@@ -74,7 +75,9 @@ def test_interrupted_then_resumed_curve_is_bitwise_the_uninterrupted_one(tmp_pat
 
     def interrupt_at_29(step, loss_m, loss_t):
         if step == 29:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: stop at the step boundary
+            # as Ctrl-C, delivered to this thread before raise_signal returns (os.kill may
+            # deliver it to another thread, later): stop at the step boundary
+            signal.raise_signal(signal.SIGINT)
 
     cut = train_mod.train(small_spec(), tmp_path / "cut", check_every=7, progress=False,
                           on_step=interrupt_at_29)
@@ -112,6 +115,32 @@ def test_resume_extends_a_finished_run_via_cli(tmp_path, capsys):
     assert "--resume: optimizer is" in capsys.readouterr().err
     assert cli.main(["train", "--resume", out, "--steps", "10"]) == 2
     assert "already at step 40" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pieces", [
+    dict(dropout=0.3),                                                   # the dropout streams
+    dict(norm="batchnorm"),                                              # running statistics
+    dict(optimizer={"name": "adam", "lr": 0.01}),                        # Adam's moments and step
+    dict(norm="batchnorm", dropout=0.2, optimizer={"name": "adamw", "lr": 0.01}),
+], ids=["dropout", "batchnorm", "adam", "all"])
+def test_resume_restores_every_piece_of_state(tmp_path, pieces):
+    """A run cut at step 13 and resumed equals the unbroken run bitwise: its losses and every
+    piece of state the final checkpoint carries.  Each spec moves one piece that a resume which
+    forgot it would leave at its start value (a fresh dropout stream, fresh running statistics,
+    zeroed optimizer moments)."""
+    net = dict(sizes=[2, 16, 3], activation="relu", loss="cross_entropy", data="spiral",
+               n_samples=60, batch_size=20)   # batch norm at width 7 (small_spec) is 1 ulp off
+    spec = small_spec(steps=30, **net, **pieces)
+    straight = train_mod.train(spec, tmp_path / "a", check_every=10, progress=False)
+    assert straight["status"] == "completed" and straight["tier"] == "bitwise"
+    train_mod.train(small_spec(steps=13, **net, **pieces), tmp_path / "b", check_every=10,
+                    progress=False)
+    resumed = train_mod.train(spec, tmp_path / "b", check_every=10, progress=False,
+                              resume=tmp_path / "b")
+    assert resumed["resumed_from"] == 13 and resumed["tier"] == "bitwise"
+    assert read_csv(tmp_path / "b" / "losses.csv") == read_csv(tmp_path / "a" / "losses.csv")
+    assert state_differences(train_mod.load_checkpoint(tmp_path / "a"),
+                             train_mod.load_checkpoint(tmp_path / "b")) == []
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "foreign"])

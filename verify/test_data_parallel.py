@@ -5,7 +5,6 @@ in a `finally`, so a failing test leaves no process behind.  One torch thread pe
 """
 import json
 import os
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +12,10 @@ import torch
 
 from manual.data_parallel import FIRST_BUCKET_BYTES, assign_buckets, ready_order
 from refnet import dp_launch
-from refnet import distributed as dist_mod
-from refnet.checkpoint import load_checkpoint
+from refnet.dp_pair import DPPair, RankFailed
+from refnet.dp_specs import bn_dp_spec, dp_specs
+from verify._dp_faults import KillAt, PerturbData, RaiseAt
+from refnet.checkpoint import load_checkpoint, state_differences
 from refnet.cli import main
 from refnet.spec import Spec
 
@@ -28,7 +29,7 @@ def _verify_job(world_size, specs):
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_manual_dp_bitwise_to_ddp(world_size):
-    specs = [s for dt in ("float32", "float64") for s in dist_mod.dp_specs(dt, steps=STEPS)]
+    specs = [s for dt in ("float32", "float64") for s in dp_specs(dt, steps=STEPS)]
     results = _verify_job(world_size, specs)
     assert len(results) == len(specs)
     seen = set()
@@ -51,7 +52,7 @@ def test_manual_dp_bitwise_to_ddp(world_size):
 def test_batchnorm_and_dropout_dp_bitwise_to_ddp(dtype):
     # per-rank batch statistics (no SyncBatchNorm); rank 0's running statistics broadcast before
     # every forward on both sides (DDP's broadcast_buffers); each rank's dropout stream
-    spec = dist_mod.bn_dp_spec(dtype, steps=STEPS)
+    spec = bn_dp_spec(dtype, steps=STEPS)
     [(name, _device, _dtype, checks)] = _verify_job(2, [spec])
     names = {c.name for c in checks}
     for kind in ("reduced_grads", f"loss_curve[{STEPS}]", "final_params", "ranks_identical"):
@@ -62,11 +63,11 @@ def test_batchnorm_and_dropout_dp_bitwise_to_ddp(dtype):
 
 
 def test_batchnorm_shard_of_one_row_is_refused():
-    spec = dist_mod.bn_dp_spec(steps=STEPS)
+    spec = bn_dp_spec(steps=STEPS)
     fake = SimpleNamespace(spec=spec, world_size=2, rank=1)
     with pytest.raises(ValueError, match="^batch_size: batch norm normalizes each rank's shard"):
-        dist_mod.DPPair.shard(fake, torch.arange(3), 3)
-    assert dist_mod.DPPair.shard(fake, torch.arange(4), 4).tolist() == [2, 3]
+        DPPair.shard(fake, torch.arange(3), 3)
+    assert DPPair.shard(fake, torch.arange(4), 4).tolist() == [2, 3]
 
 
 def test_bucket_assignment_and_ready_order():
@@ -89,9 +90,9 @@ def _small_spec(**kw):
     return Spec(**raw)
 
 
-def _train_job(out, spec, resume=None, **faults):
+def _train_job(out, spec, resume=None, hook=None):
     return {"mode": "train", "device": "cpu", "spec": spec.to_dict(), "example": None,
-            "out": str(out), "resume": resume, "check_every": 3, "tier": None, **faults}
+            "out": str(out), "resume": resume, "check_every": 3, "tier": None, "test_hook": hook}
 
 
 def test_kill_one_rank_then_resume_bitwise(tmp_path):
@@ -102,13 +103,10 @@ def test_kill_one_rank_then_resume_bitwise(tmp_path):
     broken.mkdir()
     summary = dp_launch.launch(_train_job(whole, spec), 3)
     assert summary["status"] == "completed" and summary["tier"] == "bitwise"
-    started = time.time()
-    with pytest.raises(dist_mod.RankFailed) as info:
-        dp_launch.launch(_train_job(broken, spec, kill_at=[1, 5]), 3)
-    elapsed = time.time() - started
+    with pytest.raises(RankFailed) as info:   # (no timed assertion: a loaded machine is slow)
+        dp_launch.launch(_train_job(broken, spec, hook=KillAt(1, 5)), 3)
     msg = str(info.value)
-    assert "rank 1 of 3 failed (killed by SIGKILL)" in msg and "\n" not in msg, msg
-    assert elapsed < dist_mod.TIMEOUT_S + dp_launch.GRACE_S
+    assert "rank 1 of 3 failed (killed by SIGKILL); ranks 0, 2 stopped" == msg, msg
     # the last complete checkpoint (step 3) is intact; no temporary file is left behind
     ck = load_checkpoint(str(broken))
     assert ck["step"] == 3 and ck["world_size"] == 3
@@ -124,11 +122,36 @@ def test_kill_one_rank_then_resume_bitwise(tmp_path):
     # another N is refused with one line, before any process starts
     rc = main(["train", "--resume", str(broken), "--nproc", "2", "--steps", "12", "--quiet"])
     assert rc == 2
+    # and so is one process (no --nproc): the loop is the same, the checkpoint says 3
+    assert main(["train", "--resume", str(broken), "--steps", "12", "--quiet"]) == 2
+
+
+def test_resume_with_dropout_batchnorm_momentum_on_uneven_shards_bitwise(tmp_path):
+    """Every piece of state a data-parallel checkpoint carries survives a resume: 25-row batches
+    over 2 ranks are shards of 13 and 12 rows, so rank 1 draws fewer dropout numbers than rank 0
+    and its stream must be its own on resume (the checkpoint keeps every rank's); batch norm's
+    running statistics and the momentum buffers too.  The resumed run equals the unbroken one
+    bitwise, on both sides.  (N = 2: batch norm nets on N >= 3 are not bitwise to DDP yet.)"""
+    def spec(steps):
+        return _small_spec(steps=steps, batch_size=25, norm="batchnorm", dropout=0.2,
+                           optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9})
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir()
+    cut.mkdir()
+    summary = dp_launch.launch(_train_job(whole, spec(7)), 2)
+    assert summary["status"] == "completed" and summary["tier"] == "bitwise"
+    dp_launch.launch(_train_job(cut, spec(4)), 2)
+    streams = load_checkpoint(str(cut))["rank_streams"]
+    assert len(streams) == 2 and not torch.equal(streams[0]["manual_rng"], streams[1]["manual_rng"])
+    resumed = dp_launch.launch(_train_job(cut, spec(7), resume=str(cut)), 2)
+    assert resumed["resumed_from"] == 4 and resumed["tier"] == "bitwise"
+    assert (cut / "losses.csv").read_text() == (whole / "losses.csv").read_text()
+    assert state_differences(load_checkpoint(str(whole)), load_checkpoint(str(cut))) == []
 
 
 def test_raising_rank_names_itself(tmp_path):
-    with pytest.raises(dist_mod.RankFailed, match=r"rank 0 of 2 failed .*injected failure"):
-        dp_launch.launch(_train_job(tmp_path, _small_spec(steps=4), raise_at=[0, 1]), 2)
+    with pytest.raises(RankFailed, match=r"rank 0 of 2 failed .*injected failure"):
+        dp_launch.launch(_train_job(tmp_path, _small_spec(steps=4), hook=RaiseAt(0, 1)), 2)
 
 
 def test_mismatched_spec_and_data_detected_at_start():
@@ -138,13 +161,13 @@ def test_mismatched_spec_and_data_detected_at_start():
                           "specs": [[a.to_dict(), b.to_dict()]]}, 2)
     with pytest.raises(ValueError, match="rank 1 has a different data than rank 0"):
         dp_launch.launch({"mode": "verify", "device": "cpu", "specs": [a.to_dict()],
-                          "perturb_data": 1}, 2)
+                          "test_hook": PerturbData(1)}, 2)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
 def test_nccl_two_gpus():
-    results = _verify_job(2, dist_mod.dp_specs("float64", device="cuda", steps=STEPS))
+    results = _verify_job(2, dp_specs("float64", device="cuda", steps=STEPS))
     for _name, _device, _dtype, checks in results:
         for check in checks:
             assert check.passed, check.failures()

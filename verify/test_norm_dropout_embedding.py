@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from refnet import not_bitwise
-from refnet.compare import ORACLE_AUTOGRAD
+from refnet.compare import ORACLE_AUTOGRAD, ORACLE_STOCK_BATCHNORM
 from refnet.examples import Context, norm_layers
 from verify._examples import assert_all, run
 
@@ -21,7 +21,7 @@ def test_makemore_ninja_everything_bitwise(dtype, refnet_check):
     assert len(chain.verdicts) == 26
     # the chain's forward is the stock layer's (biased variance), at the tier the example states
     stock = checks["chain.stock_batchnorm"]
-    assert stock.oracle == norm_layers.STOCK_BN_ORACLE and stock.expected == "tolerance"
+    assert stock.oracle == ORACLE_STOCK_BATCHNORM and stock.expected == "tolerance"
     assert stock.passed and stock.verdicts[0].name == "hpreact"
     assert checks[f"net.loss_curve[{norm_layers.NINJA_STEPS}]"].verdicts[0].identical_steps == \
         norm_layers.NINJA_STEPS

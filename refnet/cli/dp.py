@@ -11,14 +11,16 @@ import sys
 import time
 
 from refnet import bench_dp, report
-from refnet import distributed as dist_mod
 from refnet.atomic import write_text
-from refnet.checkpoint import load_checkpoint
+from refnet.checkpoint import check_world_size, load_checkpoint
 from refnet.cli.common import EXIT_FAILED, EXIT_OK, dtypes
 from refnet.compare import enforce_expected
 from refnet.cli.train import build_spec, out_folder
 from refnet.cli.verify import print_row
 from refnet.dp_launch import run_job, under_torchrun
+from refnet.dp_pair import RankFailed
+from refnet.dp_specs import dp_specs
+from refnet.spec import Spec
 
 
 def run_verb(args):
@@ -35,7 +37,7 @@ def run_verb(args):
             return _bench_verb(args)
         raise ValueError(f"{args.command}: does not run data-parallel (only verify, train and "
                          f"bench take --nproc or run under torchrun)")
-    except dist_mod.RankFailed as exc:
+    except RankFailed as exc:
         print(f"refnet: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -52,11 +54,11 @@ def _verify_verb(args):
     dtype_names = dtypes("all") if both else [args.dtype] if args.dtype else None
     device = "cuda" if args.device == "cuda" else "cpu"
     if args.spec:
-        base = dist_mod.Spec.from_json(args.spec)
-        specs = [dist_mod.Spec.from_dict({**base.to_dict(), "dtype": dt, "device": device})
+        base = Spec.from_json(args.spec)
+        specs = [Spec.from_dict({**base.to_dict(), "dtype": dt, "device": device})
                  for dt in (dtype_names or [base.dtype])]
     else:
-        specs = [s for dt in dtype_names for s in dist_mod.dp_specs(dt, device)]
+        specs = [s for dt in dtype_names for s in dp_specs(dt, device)]
     if args.json:
         report.check_writable(args.json)
     started = time.time()
@@ -86,11 +88,8 @@ def _train_verb(args):
     spec, example = build_spec(args)
     out = out_folder(args)
     if args.resume:  # refuse another N before starting any process
-        saved = load_checkpoint(args.resume).get("world_size")
-        nproc = args.nproc or int(os.environ.get("WORLD_SIZE", 0))
-        if saved != nproc:
-            raise ValueError(f"--nproc: the checkpoint was trained on {saved} processes; resume "
-                             f"it with --nproc {saved}, not {nproc}")
+        check_world_size(load_checkpoint(args.resume),
+                         args.nproc or int(os.environ.get("WORLD_SIZE", 0)))
     if out:
         os.makedirs(out, exist_ok=True)
     job = {"mode": "train", "device": spec.device, "spec": spec.to_dict(), "example": example,

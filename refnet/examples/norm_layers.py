@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from refnet import data as datasets
-from refnet.compare import Check, Verdict, compare_tensors
+from refnet.compare import (ORACLE_FINITE_DIFFERENCES, ORACLE_STOCK_BATCHNORM, Check, Verdict,
+                            compare_tensors)
 from refnet.examples import Context, register
 from refnet.examples._common import twin_check
 from refnet.oracles.fd import numeric_gradient
@@ -38,7 +39,6 @@ FC_VARIANTS = {"batchnorm": {"norm": "batchnorm"}, "layernorm": {"norm": "layern
                "dropout": {"dropout": 0.25}}
 BN_FD_BAND, DROPOUT_FD_BAND = 1e-8, 1e-10   # CS231n's published rel-error bands
 EXPORT_ROWS = 2 * BATCH            # the makemore_ninja export case: two batches of windows
-STOCK_BN_ORACLE = "ninja chain vs F.batch_norm (training mode)"
 
 
 def rel_error(a, b):
@@ -121,7 +121,7 @@ def run_makemore_ninja(ctx):
                          params["bnbias"].view(-1), True, 0.1, 1e-5)
     checks.append(Check("chain.stock_batchnorm",
                         [compare_tensors("hpreact", v["hpreact"], stock, "forward")],
-                        STOCK_BN_ORACLE, note="biased batch variance, as nn.BatchNorm1d "
+                        ORACLE_STOCK_BATCHNORM, note="biased batch variance, as nn.BatchNorm1d "
                         "normalizes in training (the exercise's 1/(N-1) would fail here)",
                         expected="tolerance"))
 
@@ -190,7 +190,7 @@ def _band_check(name, pairs, band, note):
                                 passed=err <= band, max_rel_diff=err,
                                 note=f"rel_error {err:.2e} (band {band:g})"))
     errs = ", ".join(f"{v.name} {v.max_rel_diff:.1e}" for v in verdicts)
-    return Check(name, verdicts, "manual vs finite differences (float64)",
+    return Check(name, verdicts, ORACLE_FINITE_DIFFERENCES,
                  f"{note}; rel_error {errs} (band {band:g})")
 
 

@@ -5,7 +5,7 @@ import torch
 
 from manual import gates
 from manual.activations import sigmoid_backward, sigmoid_forward
-from refnet.compare import Check
+from refnet.compare import ORACLE_FINITE_DIFFERENCES, Check
 from refnet.examples import register
 from refnet.examples._common import as_tensor, doc_check, fd_check, twin_check
 
@@ -232,6 +232,6 @@ def run_gate_patterns(ctx):
         c = fd_check("copy", lambda x: 4.0 * x + 2.0 * x, x, {"x": m["copy.grads"][0]})
         c.verdicts[0].name = "copy.x"
         verdicts += c.verdicts
-        checks.append(Check("finite_differences", verdicts, "manual vs finite differences (float64)",
+        checks.append(Check("finite_differences", verdicts, ORACLE_FINITE_DIFFERENCES,
                             "local gradients (per unit upstream); max away from its tie"))
     return checks
