@@ -37,6 +37,64 @@ def sequential_sum_into(acc, index, values, alpha=1):
     return acc.index_add_(0, index, values, alpha=alpha)
 
 
+class ChunkedColumnSums:
+    """Per-column sums over the rows of an (N, D) tensor in a CPU kernel's order, in a fixed
+    number of torch calls whatever N: each thread chunk's rows (``thread_chunks``) added one by
+    one in the tensor's dtype, then the chunk partials added in ``fold_dtype`` starting from +0
+    and rounded back (the order of batch_norm_cpu_backward_channels_last_impl and of layer
+    norm's dweight/dbias loop).
+
+    ``sum(values)``: Σₙ values — ``index_add_`` of each row into its chunk's partial.  For a 2-D
+    tensor every CPU path of index_add_cpu_out (aten/src/ATen/native/TensorAdvancedIndexing.cpp)
+    adds the source rows in index order per column, rounding each add: the reused-iterator
+    ``add_stub`` per row; the scatter_add_ it takes for dim 0 with alpha 1, whose
+    cpu_scatter_gather_base_kernel loops the rows outermost, or whose expanded-index path
+    (ScatterGatherKernel.cpp) stable-radix-sorts by target row and map2-adds the rows in order.
+    ``dot(a, b)``: Σₙ a·b with one FMA per step — ``torch._foreach_addcmul_`` over the rows,
+    each row's partial listed once per row: on the CPU it is foreach_tensor_addcmul_scalar_slow_
+    (aten/src/ATen/native/ForeachOpsKernels.cpp), ``input[i].addcmul_(t1[i], t2[i])`` for
+    i = 0, 1, … in list order, and addcmul is one FMA (see the module docstring).
+
+    The plan (chunk of each row, the partials and their row views) depends on N, D and the thread
+    count; it is built once and may be reused by a caller with fixed shapes (``matches``).
+    Partials are never −0 (a sum started from +0 cannot become −0), so folding from +0 is exact.
+    """
+
+    def __init__(self, n, d, dtype, device, fold_dtype):
+        chunks = thread_chunks(n)
+        self.threads, self.shape, self.dtype = torch.get_num_threads(), (n, d), dtype
+        self.chunk_of_row = torch.tensor([c for c, (b, e) in enumerate(chunks) for _ in range(b, e)],
+                                         dtype=torch.int64, device=device)
+        self.partials = torch.zeros(len(chunks), d, dtype=dtype, device=device)
+        rows = self.partials.unbind(0)
+        self.partial_of_row = [rows[c] for c in self.chunk_of_row.tolist()]
+        self.fold_index = torch.zeros(len(chunks), dtype=torch.int64, device=device)
+        self.total = torch.zeros(1, d, dtype=fold_dtype, device=device)
+
+    def matches(self, n, d):
+        """Whether this plan still holds for an (n, d) input at the current thread count."""
+        return self.shape == (n, d) and self.threads == torch.get_num_threads()
+
+    def sum(self, values, out=None):
+        """Σₙ values (N, D) -> (D,), into out if given."""
+        self.partials.zero_().index_add_(0, self.chunk_of_row, values)
+        return self._fold(out)
+
+    def dot(self, a, b, out=None, a_rows=None, b_rows=None):
+        """Σₙ a·b (N, D) -> (D,), one FMA per step, into out if given.  a_rows, b_rows: the
+        rows' views (``a.unbind(0)``) if the caller keeps them."""
+        self.partials.zero_()
+        torch._foreach_addcmul_(self.partial_of_row, a_rows or a.unbind(0),
+                                b_rows or b.unbind(0))
+        return self._fold(out)
+
+    def _fold(self, out):
+        self.total.zero_().index_add_(0, self.fold_index, self.partials.to(self.total.dtype))
+        if out is None:
+            return self.total[0].to(self.dtype, copy=True)
+        return out.copy_(self.total[0])
+
+
 # --- nll_loss: the summation cascade ------------------------------------------------------------
 NLL_LEVELS = 8        # nll_loss_out_frame's cascade_sum_num_levels
 NLL_LEVEL_POWER = 4   # its level_power: max(4, CeilLog2(N) / 8), i.e. 4 for N ≤ 2^39
@@ -161,17 +219,8 @@ def bn_column_sums(xc, dout):
     x's dtype (vec::map2 ``sum + dy``; vec::map4 ``dotp + (x − mean)·dy``, one FMA per step), then
     the chunk partials added in float64 starting from +0 (acc_type<float, false> is double) and
     rounded back.  Measured bitwise on AVX-512 and AVX2, 1 and 2 threads."""
-    zero = torch.zeros(xc.shape[1], dtype=xc.dtype, device=xc.device)
-    total_sum = torch.zeros(xc.shape[1], dtype=torch.float64, device=xc.device)
-    total_dotp = torch.zeros_like(total_sum)
-    for begin, end in thread_chunks(xc.shape[0]):
-        chunk_sum, chunk_dotp = zero, zero
-        for i in range(begin, end):
-            chunk_sum = chunk_sum + dout[i]
-            chunk_dotp = torch.addcmul(chunk_dotp, xc[i], dout[i])   # dotp + (x − μ)·dy, one FMA
-        total_sum = total_sum + chunk_sum.double()
-        total_dotp = total_dotp + chunk_dotp.double()
-    return total_sum.to(xc.dtype), total_dotp.to(xc.dtype)
+    sums = ChunkedColumnSums(xc.shape[0], xc.shape[1], xc.dtype, xc.device, torch.float64)
+    return sums.sum(dout), sums.dot(xc, dout)
 
 
 # Width in bits of the trailing columns whose dx the kernel does not contract into an FMA,
@@ -277,14 +326,6 @@ def ln_param_grads(dout, x, mean, rstd):
     (layer_norm_kernel.cpp) forms dweight and dbias: x̂ = fma(rstd, x, −rstd·μ); sequential over
     the rows of each thread chunk, dweight one FMA per step; the chunk partials added in opmath
     (float for float32).  mean, rstd: (N, 1)."""
-    zero = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
-    dweight, dbias = zero, zero
-    shift = -rstd * mean
-    for begin, end in thread_chunks(x.shape[0]):
-        chunk_dweight, chunk_dbias = zero, zero
-        for i in range(begin, end):
-            xhat = torch.addcmul(shift[i], rstd[i], x[i])
-            chunk_dweight = torch.addcmul(chunk_dweight, dout[i], xhat)
-            chunk_dbias = chunk_dbias + dout[i]
-        dweight, dbias = dweight + chunk_dweight, dbias + chunk_dbias
-    return dweight, dbias
+    xhat = torch.addcmul(-rstd * mean, rstd, x)                 # x̂ = fma(rstd, x, −rstd·μ)
+    sums = ChunkedColumnSums(x.shape[0], x.shape[1], x.dtype, x.device, x.dtype)
+    return sums.dot(dout, xhat), sums.sum(dout)
