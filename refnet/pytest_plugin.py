@@ -54,7 +54,7 @@ class RefnetCheck:
 
     def tier(self, tier):
         """The required tier of a call: --refnet-tier when given, else the call's, else default."""
-        return self.override or api._required(tier)
+        return self.override or api.required_tier(tier)
 
     def _record(self, verdicts):
         for v in verdicts:
