@@ -60,9 +60,7 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
     for arg, t in (("running_mean", running_mean), ("running_var", running_var)):
         _check.tensor(f"batchnorm.{arg}", t, ndim=1)
         _check.same("x", x, f"batchnorm.{arg}", t)
-    if training and x.shape[0] < 2:
-        raise ValueError(f"x: batch norm in training mode needs at least 2 rows per batch, "
-                         f"got shape {list(x.shape)}")
+    check_batch_rows(x, training)
     out, save_mean, save_invstd = torch.native_batch_norm(
         x, weight, bias, running_mean, running_var, training, momentum, eps)
     if training:
@@ -71,11 +69,23 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
             num_batches_tracked.add_(1)
     else:
         mean = running_mean
-        # the kernel's eval 1/σ: 1 / std::sqrt(running_var[c] + eps) in double (eps is a double),
-        # per feature with the correctly rounded math.sqrt (torch.sqrt's MKL path is not always)
-        invstd = torch.tensor([1 / math.sqrt(v + eps) for v in running_var.double().tolist()],
-                              dtype=torch.float64).to(dtype=x.dtype, device=x.device)
+        invstd = eval_invstd(running_var, eps, x.dtype)
     return out, BatchNormCache(x, weight, mean.clone(), invstd, training)
+
+
+def check_batch_rows(x, training):
+    """Batch norm in training mode needs at least 2 rows (nn.BatchNorm1d's rule)."""
+    if training and x.shape[0] < 2:
+        raise ValueError(f"x: batch norm in training mode needs at least 2 rows per batch, "
+                         f"got shape {list(x.shape)}")
+
+
+def eval_invstd(running_var, eps, dtype):
+    """The batch norm kernel's eval 1/σ: 1 / std::sqrt(running_var[c] + eps) in double (eps is a
+    double), per feature with the correctly rounded math.sqrt (torch.sqrt's MKL path is not
+    always), rounded to dtype.  (D,) on running_var's device."""
+    return torch.tensor([1 / math.sqrt(v + eps) for v in running_var.double().tolist()],
+                        dtype=torch.float64).to(dtype=dtype, device=running_var.device)
 
 
 def batchnorm_backward(dout, cache):
