@@ -182,7 +182,7 @@ class FastMLP:
         one = torch.ones((), **opts)
         hs = [torch.empty((n, w.shape[0]), **opts) for w in weights]
         out = hs[-1]
-        norms, drops = self._optional_layers(hs[:-1], grads)
+        norms, drops = self._optional_layers(hs[:-1], [w.shape[1] for w in weights[1:]], grads)
         acts = [norm.out if norm is not None else h for norm, h in zip(norms, hs)]
         embed = FastEmbedding(mlp, n, grads) if mlp.embedding is not None else None
         # which scratch buffer (0: A, 1: B) and shape each view takes: (layer, field, index, shape)
@@ -207,14 +207,16 @@ class FastMLP:
             grad_weights=[grads[f"layers.{i}.weight"] for i in range(mlp.n_layers)],
             names=list(p), params=list(p.values()), grad_list=[grads[name] for name in p])
 
-    def _optional_layers(self, hidden_hs, grads):
-        """Per hidden layer its norm (over its linear output buffer) and dropout (training with
-        p > 0 only: otherwise dropout is the identity and draws nothing), None where absent."""
+    def _optional_layers(self, hidden_hs, widths, grads):
+        """Per hidden layer its norm (over its linear output buffer) and dropout (over its
+        activation's output, widths[i] wide; training with p > 0 only: otherwise dropout is the
+        identity and draws nothing), None where absent."""
         mlp = self.mlp
         norm = FAST_NORMS.get(mlp.norm)
         norms = [norm(mlp, i, h, grads) if norm else None for i, h in enumerate(hidden_hs)]
         active = mlp.dropout and mlp.training
-        drops = [FastDropout(mlp, h) if active else None for h in hidden_hs]
+        drops = [FastDropout(mlp, h.new_empty((h.shape[0], width))) if active else None
+                 for h, width in zip(hidden_hs, widths)]
         return norms, drops
 
     def _forward_layers(self, weights, hs, norms, drops):
@@ -280,7 +282,7 @@ class FastMLP:
         mlp = self.mlp
         sig = (x.shape, x.dtype, x.device, target.shape, target.dtype, target.device, mlp.loss,
                mlp.reg, tuple(mlp.activations), tuple(map(id, mlp.params.values())),
-               mlp.training, tuple(map(id, mlp.buffers.values())))
+               mlp.training, tuple(map(id, mlp.buffers.values())), torch.get_num_threads())
         if sig != self._signature:
             self._validate(x, target)
             if self.specialised:

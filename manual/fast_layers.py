@@ -126,9 +126,10 @@ class FastDropout:
     """manual.dropout.dropout_forward / _backward in training mode with p > 0, over buffers:
     the same bernoulli_ and div_ on the MLP's generator (the same masks), out = x·mask."""
 
-    def __init__(self, mlp, like):
+    def __init__(self, mlp, noise):
+        """noise: a buffer shaped like the activation's output (N, H)."""
         self.mlp, self.keep = mlp, 1 - mlp.dropout
-        self.noise, self.out = torch.empty_like(like), torch.empty_like(like)
+        self.noise, self.out = noise, torch.empty_like(noise)
 
     def buffers(self):
         return [self.noise, self.out]

@@ -278,12 +278,16 @@ def ln_row_sum(factors, lanes):
     each further full chunk (acc + product, two roundings), adds the partial last chunk with one
     FMA per lane (the compiler contracts that one), then folds the lanes: float32 by the shuffle
     tree (lane i + lane i^4, then i^2, then i^1), float64 left to right.  lanes 0: torch.sum.
+    The full chunks' sequential adds are one ``index_add_`` along the chunk dimension of the
+    products seen as (N, chunks, lanes) (dim 1 of 3: index_add_cpu_out's reused-iterator path,
+    one add per chunk in index order); the accumulator starts as a copy of chunk 0, not 0 + it,
+    so a −0 product stays −0 as in the kernel.
     """
     def prod(sl):
         out = factors[0][:, sl] * factors[1][:, sl]
         return out * factors[2][:, sl] if len(factors) == 3 else out
 
-    n = factors[0].shape[1]
+    n_rows, n = factors[0].shape
     if not lanes or n < lanes:
         if not lanes:
             return prod(slice(0, n)).sum(1, keepdim=True)
@@ -292,11 +296,12 @@ def ln_row_sum(factors, lanes):
         for j in range(1, n):
             total = total + terms[:, j:j + 1]
         return total
-    acc = prod(slice(0, lanes))
-    d = lanes
-    while d + lanes <= n:
-        acc = acc + prod(slice(d, d + lanes))
-        d += lanes
+    d = n - n % lanes
+    chunks = prod(slice(0, d)).view(n_rows, d // lanes, lanes)
+    acc = chunks[:, 0].clone()
+    if d > lanes:
+        later = torch.zeros(d // lanes - 1, dtype=torch.int64, device=acc.device)
+        acc.unsqueeze(1).index_add_(1, later, chunks[:, 1:])
     if d < n:
         r = n - d
         head = factors[0][:, d:] * factors[1][:, d:] if len(factors) == 3 else factors[0][:, d:]
