@@ -152,14 +152,14 @@ class FastEmbedding:
         self.table, self.gw = mlp.params["embed.weight"], grads["embed.weight"]
         self.out = self.table.new_empty((n, mlp.embedding["context"] * dim))
         self.rows = self.out.view(-1, dim)      # (N·T, E)
-        self.idx = None
+        self.x, self.idx = None, None           # the tokens last looked up, flattened to int64
 
     def buffers(self):
         return [self.out]
 
     def forward(self, x):
-        _check.token_indices(x, self.vocab)
-        self.idx = x.long().reshape(-1)
+        if _check.tokens(x, self.vocab) or x is not self.x:   # read (new or written since)
+            self.x, self.idx = x, x.long().reshape(-1)
         torch.index_select(self.table, 0, self.idx, out=self.rows)
         return self.out
 

@@ -57,7 +57,11 @@ class ChunkedColumnSums:
 
     The plan (chunk of each row, the partials and their row views) depends on N, D and the thread
     count; it is built once and may be reused by a caller with fixed shapes (``matches``).
-    Partials are never −0 (a sum started from +0 cannot become −0), so folding from +0 is exact.
+    Partials are never −0 (a sum started from +0 cannot become −0), so folding from +0 is exact:
+    one chunk's sum is its partial (+0 + p = p, and p → float64 → p round-trips); two chunks'
+    is p₀ + p₁ rounded once in the dtype (a sum of two floats rounded to float64 and then to
+    float32 is the correctly rounded float32 sum: 53 ≥ 2·24 + 2), so the fold in fold_dtype runs
+    only for three chunks or more.
     """
 
     def __init__(self, n, d, dtype, device, fold_dtype):
@@ -77,19 +81,35 @@ class ChunkedColumnSums:
 
     def sum(self, values, out=None):
         """Σₙ values (N, D) -> (D,), into out if given."""
-        self.partials.zero_().index_add_(0, self.chunk_of_row, values)
+        partials = self._partials(out)
+        partials.zero_().index_add_(0, self.chunk_of_row, values)
         return self._fold(out)
 
     def dot(self, a, b, out=None, a_rows=None, b_rows=None):
         """Σₙ a·b (N, D) -> (D,), one FMA per step, into out if given.  a_rows, b_rows: the
         rows' views (``a.unbind(0)``) if the caller keeps them."""
-        self.partials.zero_()
-        torch._foreach_addcmul_(self.partial_of_row, a_rows or a.unbind(0),
-                                b_rows or b.unbind(0))
+        partials = self._partials(out)
+        partial_of_row = self.partial_of_row if partials is self.partials else \
+            [partials[0]] * len(self.partial_of_row)
+        partials.zero_()
+        torch._foreach_addcmul_(partial_of_row, a_rows or a.unbind(0), b_rows or b.unbind(0))
         return self._fold(out)
 
+    def _partials(self, out):
+        """Where the chunk sums go: with one chunk straight into out (its sum is its partial)."""
+        if self.partials.shape[0] == 1 and out is not None and out.is_contiguous():
+            return out.view(1, -1)
+        return self.partials
+
     def _fold(self, out):
-        self.total.zero_().index_add_(0, self.fold_index, self.partials.to(self.total.dtype))
+        partials = self.partials
+        if out is not None and partials.shape[0] == 1:
+            return out if out.is_contiguous() else out.copy_(partials[0])
+        if partials.shape[0] <= 2:
+            folded = partials[0] if partials.shape[0] == 1 else torch.add(
+                partials[0], partials[1], out=out)
+            return folded.clone() if out is None and partials.shape[0] == 1 else folded
+        self.total.zero_().index_add_(0, self.fold_index, partials.to(self.total.dtype))
         if out is None:
             return self.total[0].to(self.dtype, copy=True)
         return out.copy_(self.total[0])
