@@ -12,7 +12,7 @@ import torch
 
 from manual import _check
 from manual.kernel_order import ChunkedColumnSums, bn_dx_fma_columns
-from manual.norm import LayerNormCache, eval_invstd, layernorm_backward
+from manual.norm import eval_invstd, layernorm_dx_coefficients
 
 _native_batch_norm_out = torch.ops.aten.native_batch_norm.out
 _native_layer_norm_out = torch.ops.aten.native_layer_norm.out
@@ -95,20 +95,24 @@ class FastBatchNorm:
 
 
 class FastLayerNorm:
-    """manual.norm.layernorm_forward over buffers (the kernel's out= form); the backward is
-    layernorm_backward itself (new tensors), its dweight and dbias copied into the buffers."""
+    """manual.norm.layernorm_forward / layernorm_backward of hidden layer i over buffers (the
+    forward kernel's out= form; dweight, dbias with a ChunkedColumnSums plan made once; dx over
+    d output, after the sums that read it)."""
 
     def __init__(self, mlp, i, h, grads):
-        n = h.shape[0]
+        n, width = h.shape
         self.mlp, self.x = mlp, h
         self.weight, self.bias = mlp.params[f"norms.{i}.weight"], mlp.params[f"norms.{i}.bias"]
         self.gw, self.gb = grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"]
-        self.out = torch.empty_like(h)
-        self.mean, self.rstd = h.new_empty((n, 1)), h.new_empty((n, 1))
-        self.cache = LayerNormCache(h, self.weight, self.mean.view(-1), self.rstd.view(-1))
+        self.out, self.xhat = torch.empty_like(h), torch.empty_like(h)
+        self.xhat_rows = self.xhat.unbind(0)
+        self.mean, self.rstd, self.shift = (h.new_empty((n, 1)) for _ in range(3))
+        self.sums = ChunkedColumnSums(n, width, h.dtype, h.device, h.dtype)
+        self.dout_seen, self.dout_rows = None, None
 
     def buffers(self):
-        return [self.out, self.mean, self.rstd]
+        return [self.out, self.xhat, self.mean, self.rstd, self.shift, self.sums.partials,
+                self.sums.total]
 
     def forward(self, h):
         _native_layer_norm_out(h, [h.shape[1]], self.weight, self.bias, self.mlp.eps,
@@ -116,10 +120,18 @@ class FastLayerNorm:
         return self.out
 
     def backward(self, dout):
-        dx, dweight, dbias = layernorm_backward(dout, self.cache)
-        self.gw.copy_(dweight)
-        self.gb.copy_(dbias)
-        return dx
+        """dx over dout; dweight, dbias into the gradient buffers (layernorm_backward's ops)."""
+        # dx = (1/σ)(w·dy − mean(w·dy) − x̂·mean(w·dy·x̂));  dweight = Σᵢ dy·x̂;  dbias = Σᵢ dy
+        x, w, mu, rstd = self.x, self.weight, self.mean, self.rstd
+        x_coef, const = layernorm_dx_coefficients(dout, x, w, mu, rstd)
+        # kernel_order.ln_param_grads: x̂ = fma(rstd, x, −rstd·μ), then the sums over the rows
+        shift = torch.mul(rstd, mu, out=self.shift).neg_()
+        xhat = torch.addcmul(shift, rstd, x, out=self.xhat)
+        if dout is not self.dout_seen:
+            self.dout_seen, self.dout_rows = dout, dout.unbind(0)
+        self.sums.dot(dout, xhat, out=self.gw, a_rows=self.dout_rows, b_rows=self.xhat_rows)
+        self.sums.sum(dout, out=self.gb)
+        return dout.mul_(rstd).mul_(w).addcmul_(x_coef.expand_as(x), x).add_(const)
 
 
 class FastDropout:

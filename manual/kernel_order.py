@@ -298,10 +298,9 @@ def ln_row_sum(factors, lanes):
     each further full chunk (acc + product, two roundings), adds the partial last chunk with one
     FMA per lane (the compiler contracts that one), then folds the lanes: float32 by the shuffle
     tree (lane i + lane i^4, then i^2, then i^1), float64 left to right.  lanes 0: torch.sum.
-    The full chunks' sequential adds are one ``index_add_`` along the chunk dimension of the
-    products seen as (N, chunks, lanes) (dim 1 of 3: index_add_cpu_out's reused-iterator path,
-    one add per chunk in index order); the accumulator starts as a copy of chunk 0, not 0 + it,
-    so a −0 product stays −0 as in the kernel.
+    The full chunks' sequential adds are one 2-D ``index_add_`` (the order ChunkedColumnSums
+    relies on) of the products laid out chunk-major, (chunks, N·lanes), into a copy of chunk 0
+    (not 0 + it, so a −0 product stays −0 as in the kernel).
     """
     def prod(sl):
         out = factors[0][:, sl] * factors[1][:, sl]
@@ -317,11 +316,16 @@ def ln_row_sum(factors, lanes):
             total = total + terms[:, j:j + 1]
         return total
     d = n - n % lanes
-    chunks = prod(slice(0, d)).view(n_rows, d // lanes, lanes)
-    acc = chunks[:, 0].clone()
-    if d > lanes:
-        later = torch.zeros(d // lanes - 1, dtype=torch.int64, device=acc.device)
-        acc.unsqueeze(1).index_add_(1, later, chunks[:, 1:])
+    n_chunks = d // lanes
+    by_chunk = [f[:, :d].view(n_rows, n_chunks, lanes).transpose(0, 1) for f in factors]
+    chunks = factors[0].new_empty((n_chunks, n_rows, lanes))     # chunk-major products
+    torch.mul(by_chunk[0], by_chunk[1], out=chunks)
+    if len(factors) == 3:
+        chunks.mul_(by_chunk[2])
+    acc = chunks[0].clone()
+    if n_chunks > 1:
+        later = torch.zeros(n_chunks - 1, dtype=torch.int64, device=acc.device)
+        acc.view(1, -1).index_add_(0, later, chunks[1:].view(n_chunks - 1, -1))
     if d < n:
         r = n - d
         head = factors[0][:, d:] * factors[1][:, d:] if len(factors) == 3 else factors[0][:, d:]

@@ -195,17 +195,25 @@ def layernorm_backward(dout, cache):
     if dout.shape != x.shape:
         raise ValueError(f"dout: expected shape {list(x.shape)}, got {list(dout.shape)}")
     w = weight if weight is not None else torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
-    scale = 1.0 / x.shape[1]
     rstd = invstd.unsqueeze(1)
     mu = mean.unsqueeze(1)
-    sum_dyw_x, sum_dyw = kernel_order.ln_row_sums(dout, x, w)            # Σⱼ dy·w·x, Σⱼ dy·w
-    x_coef = torch.addcmul(-sum_dyw_x, sum_dyw, mu) * rstd * rstd * rstd * scale
-    const = torch.addcmul(-(sum_dyw * rstd * scale), -x_coef, mu)
+    x_coef, const = layernorm_dx_coefficients(dout, x, w, mu, rstd)
     dx = torch.addcmul((rstd * dout) * w, x_coef.expand_as(x), x) + const
     if weight is None:
         return dx, None, None
     dweight, dbias = kernel_order.ln_param_grads(dout, x, mu, rstd)      # Σᵢ dy·x̂, Σᵢ dy
     return dx, dweight, dbias
+
+
+def layernorm_dx_coefficients(dout, x, w, mu, rstd):
+    """(x_coef, const), each (N, 1), of layernorm_backward's dx = rstd·w·dy + x_coef·x + const
+    (mu, rstd: (N, 1)), formed as layer_norm_kernel.cpp forms them (its FMA contractions; the row
+    sums in its lane order)."""
+    scale = 1.0 / x.shape[1]
+    sum_dyw_x, sum_dyw = kernel_order.ln_row_sums(dout, x, w)            # Σⱼ dy·w·x, Σⱼ dy·w
+    x_coef = torch.addcmul(-sum_dyw_x, sum_dyw, mu) * rstd * rstd * rstd * scale
+    const = torch.addcmul(-(sum_dyw * rstd * scale), -x_coef, mu)
+    return x_coef, const
 
 
 def layernorm_backward_textbook(dout, cache):
