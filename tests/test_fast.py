@@ -328,6 +328,13 @@ def test_graph_capture_refuses_what_is_not_a_fast_step():
         CudaGraphStep(readable, x, t)
 
 
+@pytest.mark.parametrize("layer", ["batchnorm", "dropout", "embedding"])
+def test_graph_capture_refuses_the_optional_layers(layer):
+    _, fast, x, t = _layer_net(layer, "mse", OPTIMIZER_SETTINGS[0], torch.float32, 5, "tanh")
+    with pytest.raises(ValueError, match="fast: graph capture does not cover norm, dropout"):
+        CudaGraphStep(fast, x, t)
+
+
 def test_graph_capture_refuses_the_readable_fallback():
     _, fast, _ = build([3, 4, 2], "elu", True, "mse", {"name": "sgd", "lr": 0.1}, torch.float32)
     x, t = data(5, [3, 4, 2], torch.float32)
