@@ -74,6 +74,7 @@ class ChunkedColumnSums:
         self.partial_of_row = [rows[c] for c in self.chunk_of_row.tolist()]
         self.fold_index = torch.zeros(len(chunks), dtype=torch.int64, device=device)
         self.total = torch.zeros(1, d, dtype=fold_dtype, device=device)
+        self.out_rows = {}   # id(out) -> (out, [out] per row, out as (1, D)): one-chunk targets
 
     def matches(self, n, d):
         """Whether this plan still holds for an (n, d) input at the current thread count."""
@@ -90,15 +91,20 @@ class ChunkedColumnSums:
         rows' views (``a.unbind(0)``) if the caller keeps them."""
         partials = self._partials(out)
         partial_of_row = self.partial_of_row if partials is self.partials else \
-            [partials[0]] * len(self.partial_of_row)
+            self.out_rows[id(out)][1]
         partials.zero_()
         torch._foreach_addcmul_(partial_of_row, a_rows or a.unbind(0), b_rows or b.unbind(0))
         return self._fold(out)
 
     def _partials(self, out):
-        """Where the chunk sums go: with one chunk straight into out (its sum is its partial)."""
+        """Where the chunk sums go: with one chunk straight into out (its sum is its partial);
+        out's (1, D) view and its row list are kept while out is the same tensor."""
         if self.partials.shape[0] == 1 and out is not None and out.is_contiguous():
-            return out.view(1, -1)
+            kept = self.out_rows.get(id(out))
+            if kept is None or kept[0] is not out:
+                kept = self.out_rows[id(out)] = (out, [out] * len(self.partial_of_row),
+                                                 out.view(1, -1))
+            return kept[2]
         return self.partials
 
     def _fold(self, out):
