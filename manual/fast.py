@@ -21,17 +21,25 @@ on the same operands in the same order, so the same roundings — but:
   last op (x·1 = x exactly);
 * the optimizers SGD (momentum, dampening, Nesterov, weight decay), Adam and AdamW (amsgrad
   too) update the gradient buffers in place, through torch._foreach_* on the CPU
-  (manual/fast_optim.py; the optimizers' state is created by manual.optim itself).
+  (manual/fast_optim.py; the optimizers' state is created by manual.optim itself);
+* the optional layers (manual/fast_layers.py): batch norm (training and eval) and layer norm
+  run their forward kernels' out= forms and the readable backwards' ops over buffers (the
+  column sums with a ChunkedColumnSums plan made once, the row views kept); dropout draws its
+  mask into a buffer (the same bernoulli_ and div_ on the same generator); the embedding looks up
+  into the flattened first-layer input and adds its gradient rows in index order, and the first
+  layer's input gradient is then computed (it is the embedding's).
 
 L2 regularization (``reg`` > 0) runs manual.losses.l2_forward / l2_backward, as the readable
 step does, and adds the weight terms into the gradient buffers (x + y in place, the same bits).
 
 What it does not specialise falls back to the readable code, visibly (``specialised`` is False,
-``fallback`` says why): an activation or loss it does not know, or a norm, dropout or embedding
-layer, runs the readable step; an optimizer that is not exactly manual.optim.SGD/Adam/AdamW (a
-subclass, extra state) runs its own ``step``.  tests/test_fast.py checks bit identity with the
-readable path and the autograd twin for every loss × optimizer pair, every activation, reg and
-bias on/off.  The CUDA-graph capture of this step is manual/cuda_graph.py (CudaGraphStep,
+``fallback`` says why): an activation or loss it does not know runs the readable step; an
+optimizer that is not exactly manual.optim.SGD/Adam/AdamW (a subclass, extra state) runs its own
+``step``.  tests/test_fast.py checks bit identity with the readable path and the autograd twin
+for every loss × optimizer pair, every activation, reg and bias on/off, and with the readable
+path for every optional layer (batch norm train/eval, layer norm, dropout train/eval,
+embedding, makemore's embedding + batch norm) × loss × optimizer setting.  The plan depends on
+the training mode and the torch thread count too (batch norm's sums follow the thread chunks).  The CUDA-graph capture of this step is manual/cuda_graph.py (CudaGraphStep,
 re-exported here).
 
 The parameters are the MLP's own tensors, updated in place.  What the buffers depend on (the
@@ -257,6 +265,9 @@ class FastMLP:
                 layer.norm, layer.drop = norms[i - 1], drops[i - 1]
                 width = w.shape[1]                 # layer i−1's activation output (maxout: H)
                 views.append((layer, "dy", free, (n, width)))
+                if layer.norm is not None:         # its (N, W) temporary: where tmp was, never dz
+                    views.append((layer.norm, layer.norm.scratch, 1 - free,
+                                  tuple(layer.norm.x.shape)))
                 if act.tmp:
                     views.append((layer, "tmp", 1 - free, (n, width)))
                 if act.in_place:

@@ -5,7 +5,9 @@ buffers allocated once with ``out=`` or in place.
 
 Each takes its buffers at construction (one input signature: N rows, dtype, device, training
 mode) and has ``forward`` and ``backward``; ``buffers()`` lists what it holds (peak-memory
-accounting).  The backward writes d input over its d output argument where the readable one
+accounting).  A norm's (N, W) backward temporary (batch norm's x − μ, layer norm's x̂) is a view
+of the plan's scratch that FastMLP assigns to the attribute named by ``scratch``, in the part
+free while the norm's backward runs.  The backward writes d input over its d output argument where the readable one
 returns a new tensor (the fast step never reads that d output again).
 """
 import torch
@@ -24,6 +26,7 @@ class FastBatchNorm:
     h: the layer's linear output (N, W), which the forward normalizes into ``out`` (the
     activation then runs in place there) and the backward reads as x.  grads: the step's
     gradient buffers, dweight and dbias are written there."""
+    scratch = "xc"   # the attribute FastMLP points at scratch
 
     def __init__(self, mlp, i, h, grads):
         n, width = h.shape
@@ -33,8 +36,7 @@ class FastBatchNorm:
         self.running_var = mlp.buffers[f"norms.{i}.running_var"]
         self.tracked = mlp.buffers[f"norms.{i}.num_batches_tracked"]
         self.gw, self.gb = grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"]
-        self.out, self.xc = torch.empty_like(h), torch.empty_like(h)
-        self.xc_rows = self.xc.unbind(0)
+        self.out, self.xc, self.xc_rows = torch.empty_like(h), None, None   # xc: the plan's
         vec = lambda: h.new_empty(width)  # noqa: E731
         self.mean, self.invstd, self.dotp, self.k, self.grad_mean = (vec() for _ in range(5))
         self.unused = (h.new_empty(0), h.new_empty(0))   # eval: the kernel's empty save_*
@@ -45,7 +47,7 @@ class FastBatchNorm:
         self.dout_seen, self.dout_rows = None, None
 
     def buffers(self):
-        return [self.out, self.xc, self.mean, self.invstd, self.dotp, self.k, self.grad_mean,
+        return [self.out, self.mean, self.invstd, self.dotp, self.k, self.grad_mean,
                 self.sums.partials, self.sums.total, *(self.tails or ())]
 
     def forward(self, h):
@@ -74,6 +76,8 @@ class FastBatchNorm:
         # dx = (w/σ)(dy − Σdy/N − (x−μ)·Σ(x−μ)dy/(Nσ²));  dweight = Σ(x−μ)dy/σ;  dbias = Σdy
         invstd, n = self.invstd, self.n
         xc = torch.sub(self.x, self.mean, out=self.xc)
+        if self.xc_rows is None:
+            self.xc_rows = xc.unbind(0)
         sum_dy = self.sums.sum(dout, out=self.gb)                           # Σₙ dy = dbias
         dotp = self.sums.dot(xc, dout, out=self.dotp, a_rows=self.xc_rows,
                              b_rows=self._rows(dout))                       # Σₙ (x − μ)·dy
@@ -98,20 +102,20 @@ class FastLayerNorm:
     """manual.norm.layernorm_forward / layernorm_backward of hidden layer i over buffers (the
     forward kernel's out= form; dweight, dbias with a ChunkedColumnSums plan made once; dx over
     d output, after the sums that read it)."""
+    scratch = "xhat"   # the attribute FastMLP points at scratch
 
     def __init__(self, mlp, i, h, grads):
         n, width = h.shape
         self.mlp, self.x = mlp, h
         self.weight, self.bias = mlp.params[f"norms.{i}.weight"], mlp.params[f"norms.{i}.bias"]
         self.gw, self.gb = grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"]
-        self.out, self.xhat = torch.empty_like(h), torch.empty_like(h)
-        self.xhat_rows = self.xhat.unbind(0)
+        self.out, self.xhat, self.xhat_rows = torch.empty_like(h), None, None   # xhat: the plan's
         self.mean, self.rstd, self.shift = (h.new_empty((n, 1)) for _ in range(3))
         self.sums = ChunkedColumnSums(n, width, h.dtype, h.device, h.dtype)
         self.dout_seen, self.dout_rows = None, None
 
     def buffers(self):
-        return [self.out, self.xhat, self.mean, self.rstd, self.shift, self.sums.partials,
+        return [self.out, self.mean, self.rstd, self.shift, self.sums.partials,
                 self.sums.total]
 
     def forward(self, h):
@@ -127,6 +131,8 @@ class FastLayerNorm:
         # kernel_order.ln_param_grads: x̂ = fma(rstd, x, −rstd·μ), then the sums over the rows
         shift = torch.mul(rstd, mu, out=self.shift).neg_()
         xhat = torch.addcmul(shift, rstd, x, out=self.xhat)
+        if self.xhat_rows is None:
+            self.xhat_rows = xhat.unbind(0)
         if dout is not self.dout_seen:
             self.dout_seen, self.dout_rows = dout, dout.unbind(0)
         self.sums.dot(dout, xhat, out=self.gw, a_rows=self.dout_rows, b_rows=self.xhat_rows)
