@@ -265,7 +265,7 @@ class FastMLP:
                 layer.norm, layer.drop = norms[i - 1], drops[i - 1]
                 width = w.shape[1]                 # layer i−1's activation output (maxout: H)
                 views.append((layer, "dy", free, (n, width)))
-                if layer.norm is not None:         # its (N, W) temporary: where tmp was, never dz
+                if layer.norm is not None and layer.norm.scratch:   # where tmp was, never dz
                     views.append((layer.norm, layer.norm.scratch, 1 - free,
                                   tuple(layer.norm.x.shape)))
                 if act.tmp:
@@ -273,7 +273,7 @@ class FastMLP:
                 if act.in_place:
                     layer.y_bits = acts[i - 1].view(bits)
                 # d pre-activation: over y (tmp), in dy's buffer (in place, no tmp), or new
-                dz_in = free if act.in_place and not act.tmp else None
+                dz_in = free if act.in_place and not act.over_y else None
             layers.append(layer)
         return layers
 

@@ -5,9 +5,9 @@ buffers allocated once with ``out=`` or in place.
 
 Each takes its buffers at construction (one input signature: N rows, dtype, device, training
 mode) and has ``forward`` and ``backward``; ``buffers()`` lists what it holds (peak-memory
-accounting).  A norm's (N, W) backward temporary (batch norm's x − μ, layer norm's x̂) is a view
-of the plan's scratch that FastMLP assigns to the attribute named by ``scratch``, in the part
-free while the norm's backward runs.  The backward writes d input over its d output argument where the readable one
+accounting).  Layer norm's (N, W) backward temporary x̂ is a view of the plan's scratch that
+FastMLP assigns to the attribute named by ``scratch``, in the part free while the norm's
+backward runs; batch norm forms x − μ over x (``scratch`` None).  The backward writes d input over its d output argument where the readable one
 returns a new tensor (the fast step never reads that d output again).
 """
 import torch
@@ -24,9 +24,9 @@ class FastBatchNorm:
     """manual.norm.batchnorm_forward / batchnorm_backward of hidden layer i over buffers.
 
     h: the layer's linear output (N, W), which the forward normalizes into ``out`` (the
-    activation then runs in place there) and the backward reads as x.  grads: the step's
+    activation then runs in place there) and the backward turns into x − μ.  grads: the step's
     gradient buffers, dweight and dbias are written there."""
-    scratch = "xc"   # the attribute FastMLP points at scratch
+    scratch = None   # x − μ is formed over x: the linear output is read by nothing else
 
     def __init__(self, mlp, i, h, grads):
         n, width = h.shape
@@ -36,7 +36,7 @@ class FastBatchNorm:
         self.running_var = mlp.buffers[f"norms.{i}.running_var"]
         self.tracked = mlp.buffers[f"norms.{i}.num_batches_tracked"]
         self.gw, self.gb = grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"]
-        self.out, self.xc, self.xc_rows = torch.empty_like(h), None, None   # xc: the plan's
+        self.out, self.xc_rows = torch.empty_like(h), h.unbind(0)
         vec = lambda: h.new_empty(width)  # noqa: E731
         self.mean, self.invstd, self.dotp, self.k, self.grad_mean = (vec() for _ in range(5))
         self.unused = (h.new_empty(0), h.new_empty(0))   # eval: the kernel's empty save_*
@@ -75,9 +75,7 @@ class FastBatchNorm:
         """dx over dout; dweight, dbias into the gradient buffers (batchnorm_backward's ops)."""
         # dx = (w/σ)(dy − Σdy/N − (x−μ)·Σ(x−μ)dy/(Nσ²));  dweight = Σ(x−μ)dy/σ;  dbias = Σdy
         invstd, n = self.invstd, self.n
-        xc = torch.sub(self.x, self.mean, out=self.xc)
-        if self.xc_rows is None:
-            self.xc_rows = xc.unbind(0)
+        xc = self.x.sub_(self.mean)                       # x − μ over x (h), its last reader
         sum_dy = self.sums.sum(dout, out=self.gb)                           # Σₙ dy = dbias
         dotp = self.sums.dot(xc, dout, out=self.dotp, a_rows=self.xc_rows,
                              b_rows=self._rows(dout))                       # Σₙ (x − μ)·dy
