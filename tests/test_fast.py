@@ -480,3 +480,14 @@ def test_optional_layers_are_bitwise_with_the_twin():
     final = twin_mod.params_of(twin)
     for name, p in fast.mlp.params.items():
         assert same_bits(p, final[name]), name
+
+
+def test_tokens_written_in_place_are_checked_and_looked_up_again():
+    readable, fast, x, t = _layer_net("embedding", "mse", OPTIMIZER_SETTINGS[0], torch.float32, 9,
+                                      "tanh")
+    assert same_bits(fast.train_step(x, t), readable.train_step(x, t))
+    x[0, 0] = (x[0, 0] + 1) % 11                          # in place: new values, same tensor
+    assert same_bits(fast.train_step(x, t), readable.train_step(x, t))
+    x[1, 1] = 11                                          # out of range, in place
+    with pytest.raises(ValueError, match=r"x: token indices must lie in \[0, 11\)"):
+        fast.train_step(x, t)
