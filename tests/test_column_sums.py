@@ -13,14 +13,6 @@ BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65]
 WIDTHS = [1, 3, 8, 9, 17, 200]
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def _loop_sums(a, b, fold_dtype):
     """The row-by-row reference: (Σₙ b, Σₙ a·b with one FMA per step) per thread chunk, chunk
     partials added in fold_dtype from +0 (the loop kernel_order used before)."""

@@ -17,14 +17,6 @@ DTYPES = [torch.float32, torch.float64]
 SHAPES = [(32, 64), (7, 13), (50, 37), (3, 100), (2, 1), (257, 21)]
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def _inputs(n, c, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, generator=g, dtype=torch.float64).mul_(3).add_(1).to(dtype)
