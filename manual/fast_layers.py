@@ -125,7 +125,7 @@ class FastLayerNorm:
         """dx over dout; dweight, dbias into the gradient buffers (layernorm_backward's ops)."""
         # dx = (1/σ)(w·dy − mean(w·dy) − x̂·mean(w·dy·x̂));  dweight = Σᵢ dy·x̂;  dbias = Σᵢ dy
         x, w, mu, rstd = self.x, self.weight, self.mean, self.rstd
-        x_coef, const = layernorm_dx_coefficients(dout, x, w, mu, rstd)
+        x_coef, const = layernorm_dx_coefficients(dout, x, w, mu, rstd, work=self.xhat)
         # kernel_order.ln_param_grads: x̂ = fma(rstd, x, −rstd·μ), then the sums over the rows
         shift = torch.mul(rstd, mu, out=self.shift).neg_()
         xhat = torch.addcmul(shift, rstd, x, out=self.xhat)

@@ -296,7 +296,7 @@ def ln_lanes(dtype, device):
     return 256 // torch.finfo(dtype).bits
 
 
-def ln_row_sum(factors, lanes):
+def ln_row_sum(factors, lanes, work=None):
     """Σⱼ Πfactors per row, as layer_norm_backward_frame's vec::map{2,3}_reduce_all sums it
     (factors: 2 or 3 tensors (N, D) -> (N, 1)).
 
@@ -306,7 +306,8 @@ def ln_row_sum(factors, lanes):
     tree (lane i + lane i^4, then i^2, then i^1), float64 left to right.  lanes 0: torch.sum.
     The full chunks' sequential adds are one 2-D ``index_add_`` (the order ChunkedColumnSums
     relies on) of the products laid out chunk-major, (chunks, N·lanes), into a copy of chunk 0
-    (not 0 + it, so a −0 product stays −0 as in the kernel).
+    (not 0 + it, so a −0 product stays −0 as in the kernel).  work: an optional contiguous
+    buffer of at least N·D elements of the dtype to hold those products (else a new one).
     """
     def prod(sl):
         out = factors[0][:, sl] * factors[1][:, sl]
@@ -324,7 +325,8 @@ def ln_row_sum(factors, lanes):
     d = n - n % lanes
     n_chunks = d // lanes
     by_chunk = [f[:, :d].view(n_rows, n_chunks, lanes).transpose(0, 1) for f in factors]
-    chunks = factors[0].new_empty((n_chunks, n_rows, lanes))     # chunk-major products
+    shape = (n_chunks, n_rows, lanes)                              # chunk-major products
+    chunks = factors[0].new_empty(shape) if work is None else work.view(-1)[:d * n_rows].view(shape)
     torch.mul(by_chunk[0], by_chunk[1], out=chunks)
     if len(factors) == 3:
         chunks.mul_(by_chunk[2])
@@ -348,12 +350,13 @@ def ln_row_sum(factors, lanes):
     return total
 
 
-def ln_row_sums(dout, x, weight):
+def ln_row_sums(dout, x, weight, work=None):
     """(Σⱼ dy·x·w, Σⱼ dy·w) per row (N, 1) each, in layer_norm_backward_frame's lane order
-    (``ln_row_sum``; the kernel's ds and db)."""
+    (``ln_row_sum``; the kernel's ds and db).  work: as ln_row_sum's (used by one sum after the
+    other)."""
     lanes = ln_lanes(x.dtype, x.device)
     w = weight.expand_as(x)
-    return ln_row_sum((dout, x, w), lanes), ln_row_sum((dout, w), lanes)
+    return ln_row_sum((dout, x, w), lanes, work), ln_row_sum((dout, w), lanes, work)
 
 
 def ln_param_grads(dout, x, mean, rstd):
