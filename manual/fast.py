@@ -22,8 +22,9 @@ on the same operands in the same order, so the same roundings — but:
 * the optimizers SGD (momentum, dampening, Nesterov, weight decay), Adam and AdamW (amsgrad
   too) update the gradient buffers in place, through torch._foreach_* on the CPU
   (manual/fast_optim.py; the optimizers' state is created by manual.optim itself);
-* the optional layers (manual/fast_layers.py): batch norm (training and eval) and layer norm
-  run their forward kernels' out= forms and the readable backwards' ops over buffers (the
+* the optional layers (manual/fast_layers.py): batch norm (training and eval) runs its forward
+  kernel's out= form, layer norm copies its forward's output into a buffer, and both run the
+  readable backwards' ops over buffers (the
   column sums with a ChunkedColumnSums plan made once, the row views kept); dropout draws its
   mask into a buffer (the same bernoulli_ and div_ on the same generator); the embedding looks up
   into the flattened first-layer input and adds its gradient rows in index order, and the first

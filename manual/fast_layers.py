@@ -16,8 +16,6 @@ from manual import _check
 from manual.kernel_order import ChunkedColumnSums, bn_dx_fma_columns
 from manual.norm import eval_invstd, layernorm_dx_coefficients
 
-_native_batch_norm_out = torch.ops.aten.native_batch_norm.out
-_native_layer_norm_out = torch.ops.aten.native_layer_norm.out
 
 
 class FastBatchNorm:
@@ -53,14 +51,14 @@ class FastBatchNorm:
     def forward(self, h):
         mlp = self.mlp
         if mlp.training:
-            _native_batch_norm_out(h, self.weight, self.bias, self.running_mean, self.running_var,
-                                   True, mlp.momentum, mlp.eps, out=self.out,
-                                   save_mean=self.mean, save_invstd=self.invstd)
+            torch.native_batch_norm(h, self.weight, self.bias, self.running_mean,
+                                    self.running_var, True, mlp.momentum, mlp.eps,
+                                    out=(self.out, self.mean, self.invstd))
             self.tracked.add_(1)
         else:
-            _native_batch_norm_out(h, self.weight, self.bias, self.running_mean, self.running_var,
-                                   False, mlp.momentum, mlp.eps, out=self.out,
-                                   save_mean=self.unused[0], save_invstd=self.unused[1])
+            torch.native_batch_norm(h, self.weight, self.bias, self.running_mean,
+                                    self.running_var, False, mlp.momentum, mlp.eps,
+                                    out=(self.out, *self.unused))
             self.mean.copy_(self.running_mean)
             self.invstd.copy_(eval_invstd(self.running_var, mlp.eps, h.dtype))
         return self.out
@@ -98,7 +96,7 @@ class FastBatchNorm:
 
 class FastLayerNorm:
     """manual.norm.layernorm_forward / layernorm_backward of hidden layer i over buffers (the
-    forward kernel's out= form; dweight, dbias with a ChunkedColumnSums plan made once; dx over
+    forward kernel's output copied into one; dweight, dbias with a ChunkedColumnSums plan made once; dx over
     d output, after the sums that read it)."""
     scratch = "xhat"   # the attribute FastMLP points at scratch
 
@@ -108,18 +106,20 @@ class FastLayerNorm:
         self.weight, self.bias = mlp.params[f"norms.{i}.weight"], mlp.params[f"norms.{i}.bias"]
         self.gw, self.gb = grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"]
         self.out, self.xhat, self.xhat_rows = torch.empty_like(h), None, None   # xhat: the plan's
-        self.mean, self.rstd, self.shift = (h.new_empty((n, 1)) for _ in range(3))
+        self.mean, self.rstd, self.shift = None, None, h.new_empty((n, 1))   # μ, 1/σ: forward's
         self.sums = ChunkedColumnSums(n, width, h.dtype, h.device, h.dtype)
         self.dout_seen, self.dout_rows = None, None
 
     def buffers(self):
-        return [self.out, self.mean, self.rstd, self.shift, self.sums.partials,
+        return [self.out, self.shift, self.sums.partials,
                 self.sums.total]
 
     def forward(self, h):
-        _native_layer_norm_out(h, [h.shape[1]], self.weight, self.bias, self.mlp.eps,
-                               out0=self.out, out1=self.mean, out2=self.rstd)
-        return self.out
+        # torch.native_layer_norm has no out= form outside torch.ops (which manual/ may not
+        # use): its output is copied into the buffer the activation runs in; μ, 1/σ kept
+        out, self.mean, self.rstd = torch.native_layer_norm(h, [h.shape[1]], self.weight,
+                                                            self.bias, self.mlp.eps)
+        return self.out.copy_(out)
 
     def backward(self, dout):
         """dx over dout; dweight, dbias into the gradient buffers (layernorm_backward's ops)."""
