@@ -93,6 +93,7 @@ class _Validated:
     same labels tensor every step (unchanged: same version) reads it once, not every step.
     """
     labels, version, classes = None, None, None
+    tokens, tokens_version, vocab = None, None, None   # the same for token indices (tokens())
 
 
 def _version(t):
@@ -116,6 +117,20 @@ def labels(target, n_classes):
                              f"[{low}, {high}]")
     if version is not None:
         _Validated.labels, _Validated.version, _Validated.classes = target, version, n_classes
+
+
+def tokens(idx, vocab):
+    """token_indices(idx, vocab), except that a tensor already found in range (the same object,
+    not written in place since) is not read again (as ``labels``).  Returns True when it read
+    idx, False when it trusted the earlier check."""
+    version = _version(idx)
+    if version is not None and _Validated.tokens is idx and _Validated.tokens_version == version \
+            and _Validated.vocab == vocab:
+        return False
+    token_indices(idx, vocab)
+    if version is not None:
+        _Validated.tokens, _Validated.tokens_version, _Validated.vocab = idx, version, vocab
+    return True
 
 
 def trust_labels(subset, n_classes):

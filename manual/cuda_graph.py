@@ -40,6 +40,10 @@ def check_graphable(fast):
         raise ValueError("fast: graph capture needs a specialised FastMLP with sigmoid/tanh/relu/"
                          "identity activations and a sum_squared/mse loss (the label losses read "
                          "the labels on the host)")
+    if mlp.norm is not None or mlp.dropout or mlp.embedding is not None:
+        raise ValueError("fast: graph capture does not cover norm, dropout or embedding layers "
+                         "(their steps read the host: batch norm's counter, dropout's generator, "
+                         "the token check)")
     opt = fast.mlp.optimizer
     if optimizer_kind(opt) != "sgd":
         raise ValueError(f"optimizer: graph capture supports manual.optim.SGD only, got "

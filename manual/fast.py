@@ -21,17 +21,26 @@ on the same operands in the same order, so the same roundings — but:
   last op (x·1 = x exactly);
 * the optimizers SGD (momentum, dampening, Nesterov, weight decay), Adam and AdamW (amsgrad
   too) update the gradient buffers in place, through torch._foreach_* on the CPU
-  (manual/fast_optim.py; the optimizers' state is created by manual.optim itself).
+  (manual/fast_optim.py; the optimizers' state is created by manual.optim itself);
+* the optional layers (manual/fast_layers.py): batch norm (training and eval) runs its forward
+  kernel's out= form, layer norm copies its forward's output into a buffer, and both run the
+  readable backwards' ops over buffers (the
+  column sums with a ChunkedColumnSums plan made once, the row views kept); dropout draws its
+  mask into a buffer (the same bernoulli_ and div_ on the same generator); the embedding looks up
+  into the flattened first-layer input and adds its gradient rows in index order, and the first
+  layer's input gradient is then computed (it is the embedding's).
 
 L2 regularization (``reg`` > 0) runs manual.losses.l2_forward / l2_backward, as the readable
 step does, and adds the weight terms into the gradient buffers (x + y in place, the same bits).
 
 What it does not specialise falls back to the readable code, visibly (``specialised`` is False,
-``fallback`` says why): an activation or loss it does not know, or a norm, dropout or embedding
-layer, runs the readable step; an optimizer that is not exactly manual.optim.SGD/Adam/AdamW (a
-subclass, extra state) runs its own ``step``.  tests/test_fast.py checks bit identity with the
-readable path and the autograd twin for every loss × optimizer pair, every activation, reg and
-bias on/off.  The CUDA-graph capture of this step is manual/cuda_graph.py (CudaGraphStep,
+``fallback`` says why): an activation or loss it does not know runs the readable step; an
+optimizer that is not exactly manual.optim.SGD/Adam/AdamW (a subclass, extra state) runs its own
+``step``.  tests/test_fast.py checks bit identity with the readable path and the autograd twin
+for every loss × optimizer pair, every activation, reg and bias on/off, and with the readable
+path for every optional layer (batch norm train/eval, layer norm, dropout train/eval,
+embedding, makemore's embedding + batch norm) × loss × optimizer setting.  The plan depends on
+the training mode and the torch thread count too (batch norm's sums follow the thread chunks).  The CUDA-graph capture of this step is manual/cuda_graph.py (CudaGraphStep,
 re-exported here).
 
 The parameters are the MLP's own tensors, updated in place.  What the buffers depend on (the
@@ -49,13 +58,16 @@ from manual import _check
 from manual.cuda_graph import CudaGraphStep, check_graphable, graph_state  # noqa: F401 (re-export)
 from manual.fast_activations import (FAST_ACTIVATION_TABLE, IN_PLACE_ACTIVATIONS,  # noqa: F401
                                      relu_backward_over)
+from manual.fast_layers import FastBatchNorm, FastDropout, FastEmbedding, FastLayerNorm
 from manual.fast_optim import update
 from manual.layers import _column_major
 from manual.losses import (NllCascade, l2_backward, l2_forward, log_softmax_backward_exp,
                            loss_backward, loss_forward, target_kind)
+from manual.norm import check_batch_rows
 
 FAST_ACTIVATIONS = tuple(FAST_ACTIVATION_TABLE)
 FAST_LOSSES = ("sum_squared", "mse", "cross_entropy", "svm")
+FAST_NORMS = {"batchnorm": FastBatchNorm, "layernorm": FastLayerNorm}
 _graph_state = graph_state   # the name tests/test_fast.py imports
 
 
@@ -77,10 +89,11 @@ class _Record:
 
 class ForwardLayer(_Record):
     """One linear layer and its activation in the forward schedule: wt (the weight, transposed),
-    bias (or None), h (the pre-activation buffer (N, width)), activation (its FastActivation,
-    whose forward(z, **options) gives (y, cache); None for the last layer) and its options
-    (slope, alpha, k)."""
-    __slots__ = ("wt", "bias", "h", "activation", "options")
+    bias (or None), h (the linear output buffer (N, width)), norm (its FastBatchNorm /
+    FastLayerNorm, or None), activation (its FastActivation, whose forward(z, **options) gives
+    (y, cache); None for the last layer) and its options (slope, alpha, k), drop (its
+    FastDropout, or None)."""
+    __slots__ = ("wt", "bias", "h", "norm", "activation", "options", "drop")
 
 
 class BackwardLayer(_Record):
@@ -89,10 +102,13 @@ class BackwardLayer(_Record):
     w; gw: dW where W is column-major as the mm writes it, else None and gw_t (dW transposed) is
     written; gb: db (None without a bias); one: the plan's 0-d one (sigmoid's 1 − y); activation:
     the FastActivation in front (None for the first layer), whose backward(dy, cache, layer)
-    gives dz; dy: d activation, a view of a scratch buffer; tmp: the temporary of sigmoid/tanh's
-    backward; y_bits: an in-place activation's output as integers (ReLU's mask is written there).
+    gives dz; dy: d activation (the first layer's: d embedding), a view of a scratch buffer; tmp:
+    the temporary of sigmoid/tanh's backward; y_bits: an in-place activation's output as integers
+    (ReLU's mask is written there); norm, drop: the norm and dropout of the layer in front (None
+    where it has none), whose backward runs over dz and dy.
     """
-    __slots__ = ("w", "gw", "gw_t", "gb", "one", "activation", "dy", "tmp", "y_bits")
+    __slots__ = ("w", "gw", "gw_t", "gb", "one", "activation", "dy", "tmp", "y_bits", "norm",
+                 "drop")
 
 
 class CrossEntropyBuffers(_Record):
@@ -110,9 +126,10 @@ class Plan(_Record):
     pre-activation: the output, then d output); sq (the regression losses' diff², a view of
     scratch A, else None); grads (a buffer per parameter name); scratch (buffers A and B, None
     where unused); names, params and grad_list (the update's lists, in the order of mlp.params);
-    ce (CrossEntropyBuffers or None)."""
+    ce (CrossEntropyBuffers or None); embed (FastEmbedding or None); extra (the optional
+    layers' buffers, for held_tensors)."""
     __slots__ = ("one", "forward_layers", "reverse_layers", "weights", "grad_weights", "out",
-                 "sq", "grads", "scratch", "names", "params", "grad_list", "ce")
+                 "sq", "grads", "scratch", "names", "params", "grad_list", "ce", "embed", "extra")
 
 
 class FastMLP:
@@ -132,8 +149,6 @@ class FastMLP:
             return f"activations {mlp.activations}: not all in {FAST_ACTIVATIONS}"
         if mlp.loss not in FAST_LOSSES:
             return f"loss {mlp.loss!r} not in {FAST_LOSSES}"
-        if mlp.norm is not None or mlp.dropout or mlp.embedding is not None:
-            return "norm, dropout and embedding layers are not specialised"
         return None
 
     @property
@@ -149,6 +164,8 @@ class FastMLP:
     # -- validation, once per signature: the checks of MLP.forward ---------------------------
     def _validate(self, x, target):
         self.mlp.check_input(x)
+        if self.mlp.norm == "batchnorm":
+            check_batch_rows(x, self.mlp.training)
         w = self.mlp.params[f"layers.{self.mlp.n_layers - 1}.weight"]
         predictions = w.new_empty(()).expand(x.shape[0], w.shape[0])   # (N, C), no storage
         _check.loss_target(target_kind(self.mlp.loss), predictions, target)
@@ -168,15 +185,18 @@ class FastMLP:
         new tensors from the readable pair.
         """
         mlp, n, p = self.mlp, x.shape[0], self.mlp.params
-        opts = dict(dtype=x.dtype, device=x.device)
+        opts = dict(dtype=p["layers.0.weight"].dtype, device=x.device)   # x: tokens with an embedding
         weights = [p[f"layers.{i}.weight"] for i in range(mlp.n_layers)]
         grads = {name: torch.empty_like(t) for name, t in p.items()}
         one = torch.ones((), **opts)
         hs = [torch.empty((n, w.shape[0]), **opts) for w in weights]
         out = hs[-1]
+        norms, drops = self._optional_layers(hs[:-1], [w.shape[1] for w in weights[1:]], grads)
+        acts = [norm.out if norm is not None else h for norm, h in zip(norms, hs)]
+        embed = FastEmbedding(mlp, n, grads) if mlp.embedding is not None else None
         # which scratch buffer (0: A, 1: B) and shape each view takes: (layer, field, index, shape)
         views = [(None, "sq", 0, tuple(out.shape))] if mlp.loss in ("sum_squared", "mse") else []
-        reverse = self._reverse_layers(weights, hs, grads, one, views)
+        reverse = self._reverse_layers(weights, acts, grads, one, views, norms, drops)
         sizes = [max((sh[0] * sh[1] for _, _, k, sh in views if k == j), default=0) for j in (0, 1)]
         scratch = [torch.empty(size, **opts) if size else None for size in sizes]
         sq = None
@@ -187,30 +207,49 @@ class FastMLP:
             else:
                 setattr(layer, field, view)
         ce = self._cross_entropy_buffers(n, one, out) if mlp.loss == "cross_entropy" else None
+        extra = [t for layer in [*norms, *drops, embed] if layer is not None
+                 for t in layer.buffers()]
         self._plan = Plan(
-            one=one, forward_layers=self._forward_layers(weights, hs), reverse_layers=reverse,
+            one=one, forward_layers=self._forward_layers(weights, hs, norms, drops),
+            reverse_layers=reverse, embed=embed, extra=extra,
             weights=weights, out=out, sq=sq, grads=grads, scratch=scratch, ce=ce,
             grad_weights=[grads[f"layers.{i}.weight"] for i in range(mlp.n_layers)],
             names=list(p), params=list(p.values()), grad_list=[grads[name] for name in p])
 
-    def _forward_layers(self, weights, hs):
-        """ForwardLayer per layer, first to last: its pre-activation buffer hs[i] and activation."""
+    def _optional_layers(self, hidden_hs, widths, grads):
+        """Per hidden layer its norm (over its linear output buffer) and dropout (over its
+        activation's output, widths[i] wide; training with p > 0 only: otherwise dropout is the
+        identity and draws nothing), None where absent."""
+        mlp = self.mlp
+        norm = FAST_NORMS.get(mlp.norm)
+        norms = [norm(mlp, i, h, grads) if norm else None for i, h in enumerate(hidden_hs)]
+        active = mlp.dropout and mlp.training
+        drops = [FastDropout(mlp, h.new_empty((h.shape[0], width))) if active else None
+                 for h, width in zip(hidden_hs, widths)]
+        return norms, drops
+
+    def _forward_layers(self, weights, hs, norms, drops):
+        """ForwardLayer per layer, first to last: its linear output buffer hs[i], norm,
+        activation and dropout."""
         mlp, layers = self.mlp, []
         for i, w in enumerate(weights):
             hidden = i < mlp.n_layers - 1
             act = mlp.activations[i] if hidden else None
             layers.append(ForwardLayer(
                 wt=w.t(), bias=mlp.params.get(f"layers.{i}.bias"), h=hs[i],
+                norm=norms[i] if hidden else None, drop=drops[i] if hidden else None,
                 activation=FAST_ACTIVATION_TABLE[act] if hidden else None,
                 options=mlp._act_options(act) if hidden else {}))
         return layers
 
-    def _reverse_layers(self, weights, hs, grads, one, views):
+    def _reverse_layers(self, weights, acts, grads, one, views, norms, drops):
         """BackwardLayer per layer, last to first; appends to views the scratch view each layer
-        needs (d activation, sigmoid/tanh's temporary), placed so that d activation is never
-        written into the buffer d pre-activation (the mm's input) is in."""
-        mlp, n = self.mlp, hs[0].shape[0]
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[hs[0].element_size()]
+        needs (d activation, sigmoid/tanh's temporary; with an embedding the first layer's d
+        input), placed so that d activation is never written into the buffer d pre-activation
+        (the mm's input) is in.  acts[i]: the buffer hidden layer i's activation runs in (its
+        norm's output, else its linear output)."""
+        mlp, n = self.mlp, acts[0].shape[0]
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[acts[0].element_size()]
         layers = []
         dz_in = None   # the scratch buffer d pre-activation lives in (None: not a scratch one)
         for i in range(mlp.n_layers - 1, -1, -1):
@@ -219,17 +258,23 @@ class FastMLP:
             # linear_backward's dW branch (the layout of W is fixed for the plan)
             layer = BackwardLayer(w=w, gw=gw if _column_major(w.t()) else None, gw_t=gw.t(),
                                   gb=grads.get(f"layers.{i}.bias"), one=one)
+            free = 1 if dz_in == 0 else 0          # not where d pre-activation (the mm's input) is
+            if i == 0 and mlp.embedding is not None:
+                views.append((layer, "dy", free, (n, w.shape[1])))   # d embedding (N, T·E)
             if i > 0:
                 act = layer.activation = FAST_ACTIVATION_TABLE[mlp.activations[i - 1]]
+                layer.norm, layer.drop = norms[i - 1], drops[i - 1]
                 width = w.shape[1]                 # layer i−1's activation output (maxout: H)
-                free = 1 if dz_in == 0 else 0      # not where d pre-activation (the mm's input) is
                 views.append((layer, "dy", free, (n, width)))
+                if layer.norm is not None and layer.norm.scratch:   # where tmp was, never dz
+                    views.append((layer.norm, layer.norm.scratch, 1 - free,
+                                  tuple(layer.norm.x.shape)))
                 if act.tmp:
                     views.append((layer, "tmp", 1 - free, (n, width)))
                 if act.in_place:
-                    layer.y_bits = hs[i - 1].view(bits)
+                    layer.y_bits = acts[i - 1].view(bits)
                 # d pre-activation: over y (tmp), in dy's buffer (in place, no tmp), or new
-                dz_in = free if act.in_place and not act.tmp else None
+                dz_in = free if act.in_place and not act.over_y else None
             layers.append(layer)
         return layers
 
@@ -248,7 +293,8 @@ class FastMLP:
         """forward, backward, step; returns the loss (before the update), a fresh 0-d tensor."""
         mlp = self.mlp
         sig = (x.shape, x.dtype, x.device, target.shape, target.dtype, target.device, mlp.loss,
-               mlp.reg, tuple(mlp.activations), tuple(map(id, mlp.params.values())))
+               mlp.reg, tuple(mlp.activations), tuple(map(id, mlp.params.values())),
+               mlp.training, tuple(map(id, mlp.buffers.values())), torch.get_num_threads())
         if sig != self._signature:
             self._validate(x, target)
             if self.specialised:
@@ -271,9 +317,12 @@ class FastMLP:
 
     def _forward_backward(self, x, target):
         plan = self._plan
-        # forward: z = x·Wᵀ + b (one addmm, as linear_forward), the activation in place on z or
-        # (readable activations) from z into a new tensor
+        # forward: [embedding], then per layer z = x·Wᵀ + b (one addmm, as linear_forward),
+        # [norm into its buffer], the activation in place or (readable activations) from z into
+        # a new tensor, [dropout into its buffer]
         a, inputs, caches = x, [], []
+        if plan.embed is not None:
+            a = plan.embed.forward(x)
         for layer in plan.forward_layers:
             inputs.append(a)
             if layer.bias is not None:
@@ -281,8 +330,12 @@ class FastMLP:
             else:
                 torch.mm(a, layer.wt, out=layer.h)
             a, cache = layer.h, None
+            if layer.norm is not None:
+                a = layer.norm.forward(a)
             if layer.activation is not None:
                 a, cache = layer.activation.forward(a, **layer.options)
+            if layer.drop is not None:
+                a = layer.drop.forward(a)
             caches.append(cache)
         out = plan.out
         loss = self._loss(out, target)
@@ -299,14 +352,21 @@ class FastMLP:
                 torch.mm(x_i.t(), dz, out=layer.gw_t)    # (xᵀ·dout)ᵀ for a transposed weight
             if layer.gb is not None:
                 torch.sum(dz, 0, out=layer.gb)           # db = Σₙ dout
-            if i == 0:
+            if i == 0 and plan.embed is None:
                 break
-            dy = layer.dy                                # d of layer i−1's activation, x_i
-            if _column_major(x_i):                       # d activation = dout·W, autograd's branch
+            dy = layer.dy                                # d x_i: layer i−1's output or embedding
+            if _column_major(x_i):                       # d x_i = dout·W, autograd's branch
                 torch.mm(layer.w.t(), dz.t(), out=dy.t())
             else:
                 torch.mm(dz, layer.w, out=dy)
+            if i == 0:
+                plan.embed.backward(dy)
+                break
+            if layer.drop is not None:
+                dy = layer.drop.backward(dy)
             dz = layer.activation.backward(dy, caches[i - 1], layer)
+            if layer.norm is not None:
+                dz = layer.norm.backward(dz)
         if reg:  # dW += reg·2W (l2_backward with dloss = 1): the second use of each W
             for gw, dweight_reg in zip(plan.grad_weights, l2_backward(plan.one, plan.weights, reg)):
                 gw.add_(dweight_reg)
@@ -365,7 +425,7 @@ class FastMLP:
             tensors += list(plan.grads.values()) + [plan.one] + list(plan.scratch)
             if plan.ce is not None:
                 tensors += [t for t in plan.ce.values() if isinstance(t, torch.Tensor)]
-            tensors += [layer.h for layer in plan.forward_layers]
+            tensors += [layer.h for layer in plan.forward_layers] + plan.extra
         return [t for t in tensors if t is not None]
 
     @property

@@ -16,11 +16,12 @@ from manual.activations import ACTIVATIONS
 class FastActivation:
     """forward: (z, **options) -> (y, cache); backward: (dy, cache, layer) -> dz, layer holding
     the plan's buffers for it (manual.fast.BackwardLayer); in_place: y is z's buffer and needs
-    no new tensor; tmp: backward needs the layer's scratch temporary and writes dz over y (an
-    in-place one without: dz is dy's buffer)."""
+    no new tensor; tmp: backward needs the layer's scratch temporary; over_y: backward writes
+    dz over y (default: tmp; an in-place one with neither: dz is dy's buffer)."""
 
-    def __init__(self, forward, backward, in_place, tmp):
+    def __init__(self, forward, backward, in_place, tmp, over_y=None):
         self.forward, self.backward, self.in_place, self.tmp = forward, backward, in_place, tmp
+        self.over_y = tmp if over_y is None else over_y
 
 
 def relu_backward_over(dy, y_bits):
@@ -54,11 +55,10 @@ def _tanh_forward(z):
 
 
 def _tanh_backward(dy, y, layer):
-    # dx = dy·(1 − y²), (1 − y²) one fused addcmul, as activations.tanh_backward
-    tmp = layer.tmp
-    tmp.fill_(1)
-    tmp.addcmul_(y, y, value=-1)
-    return torch.mul(dy, tmp, out=y)
+    # dx = dy·(1 − y²), (1 − y²) one fused addcmul, as activations.tanh_backward, over y (each
+    # element reads its y before writing it), then ·dy (a·b = b·a exactly): no temporary
+    torch.addcmul(layer.one, y, y, value=-1, out=y)
+    return y.mul_(dy)
 
 
 def _relu_forward(z):
@@ -77,7 +77,7 @@ def _readable(name, in_place=False):
 
 
 _IN_PLACE = {"sigmoid": FastActivation(_sigmoid_forward, _sigmoid_backward, True, True),
-             "tanh": FastActivation(_tanh_forward, _tanh_backward, True, True),
+             "tanh": FastActivation(_tanh_forward, _tanh_backward, True, False, over_y=True),
              "relu": FastActivation(_relu_forward, _relu_backward, True, False),
              "identity": _readable("identity", in_place=True)}   # y = z, dz = dy: nothing to do
 

@@ -37,6 +37,90 @@ def sequential_sum_into(acc, index, values, alpha=1):
     return acc.index_add_(0, index, values, alpha=alpha)
 
 
+class ChunkedColumnSums:
+    """Per-column sums over the rows of an (N, D) tensor in a CPU kernel's order, in a fixed
+    number of torch calls whatever N: each thread chunk's rows (``thread_chunks``) added one by
+    one in the tensor's dtype, then the chunk partials added in ``fold_dtype`` starting from +0
+    and rounded back (the order of batch_norm_cpu_backward_channels_last_impl and of layer
+    norm's dweight/dbias loop).
+
+    ``sum(values)``: Σₙ values — ``index_add_`` of each row into its chunk's partial.  For a 2-D
+    tensor every CPU path of index_add_cpu_out (aten/src/ATen/native/TensorAdvancedIndexing.cpp)
+    adds the source rows in index order per column, rounding each add: the reused-iterator
+    ``add_stub`` per row; the scatter_add_ it takes for dim 0 with alpha 1, whose
+    cpu_scatter_gather_base_kernel loops the rows outermost, or whose expanded-index path
+    (ScatterGatherKernel.cpp) stable-radix-sorts by target row and map2-adds the rows in order.
+    ``dot(a, b)``: Σₙ a·b with one FMA per step — ``torch._foreach_addcmul_`` over the rows,
+    each row's partial listed once per row: on the CPU it is foreach_tensor_addcmul_scalar_slow_
+    (aten/src/ATen/native/ForeachOpsKernels.cpp), ``input[i].addcmul_(t1[i], t2[i])`` for
+    i = 0, 1, … in list order, and addcmul is one FMA (see the module docstring).
+
+    The plan (chunk of each row, the partials and their row views) depends on N, D and the thread
+    count; it is built once and may be reused by a caller with fixed shapes (``matches``).
+    Partials are never −0 (a sum started from +0 cannot become −0), so folding from +0 is exact:
+    one chunk's sum is its partial (+0 + p = p, and p → float64 → p round-trips); two chunks'
+    is p₀ + p₁ rounded once in the dtype (a sum of two floats rounded to float64 and then to
+    float32 is the correctly rounded float32 sum: 53 ≥ 2·24 + 2), so the fold in fold_dtype runs
+    only for three chunks or more.
+    """
+
+    def __init__(self, n, d, dtype, device, fold_dtype):
+        chunks = thread_chunks(n)
+        self.threads, self.shape, self.dtype = torch.get_num_threads(), (n, d), dtype
+        self.chunk_of_row = torch.tensor([c for c, (b, e) in enumerate(chunks) for _ in range(b, e)],
+                                         dtype=torch.int64, device=device)
+        self.partials = torch.zeros(len(chunks), d, dtype=dtype, device=device)
+        rows = self.partials.unbind(0)
+        self.partial_of_row = [rows[c] for c in self.chunk_of_row.tolist()]
+        self.fold_index = torch.zeros(len(chunks), dtype=torch.int64, device=device)
+        self.total = torch.zeros(1, d, dtype=fold_dtype, device=device)
+        self.out_rows = {}   # id(out) -> (out, [out] per row, out as (1, D)): one-chunk targets
+
+    def matches(self, n, d):
+        """Whether this plan still holds for an (n, d) input at the current thread count."""
+        return self.shape == (n, d) and self.threads == torch.get_num_threads()
+
+    def sum(self, values, out=None):
+        """Σₙ values (N, D) -> (D,), into out if given."""
+        partials = self._partials(out)
+        partials.zero_().index_add_(0, self.chunk_of_row, values)
+        return self._fold(out)
+
+    def dot(self, a, b, out=None, a_rows=None, b_rows=None):
+        """Σₙ a·b (N, D) -> (D,), one FMA per step, into out if given.  a_rows, b_rows: the
+        rows' views (``a.unbind(0)``) if the caller keeps them."""
+        partials = self._partials(out)
+        partial_of_row = self.partial_of_row if partials is self.partials else \
+            self.out_rows[id(out)][1]
+        partials.zero_()
+        torch._foreach_addcmul_(partial_of_row, a_rows or a.unbind(0), b_rows or b.unbind(0))
+        return self._fold(out)
+
+    def _partials(self, out):
+        """Where the chunk sums go: with one chunk straight into out (its sum is its partial);
+        out's (1, D) view and its row list are kept while out is the same tensor."""
+        if self.partials.shape[0] == 1 and out is not None and out.is_contiguous():
+            kept = self.out_rows.get(id(out))
+            if kept is None or kept[0] is not out:
+                kept = self.out_rows[id(out)] = (out, [out] * len(self.partial_of_row),
+                                                 out.view(1, -1))
+            return kept[2]
+        return self.partials
+
+    def _fold(self, out):
+        partials = self.partials
+        if out is not None and partials.shape[0] == 1:
+            return out if out.is_contiguous() else out.copy_(partials[0])
+        if partials.shape[0] <= 2:
+            folded = partials[0] if partials.shape[0] == 1 else torch.add(
+                partials[0], partials[1], out=out)
+            return folded.clone() if out is None and partials.shape[0] == 1 else folded
+        self.total.zero_().index_add_(0, self.fold_index, partials.to(self.total.dtype))
+        if out is None:
+            return self.total[0].to(self.dtype, copy=True)
+        return out.copy_(self.total[0])
+
+
 # --- nll_loss: the summation cascade ------------------------------------------------------------
 NLL_LEVELS = 8        # nll_loss_out_frame's cascade_sum_num_levels
 NLL_LEVEL_POWER = 4   # its level_power: max(4, CeilLog2(N) / 8), i.e. 4 for N ≤ 2^39
@@ -161,17 +245,8 @@ def bn_column_sums(xc, dout):
     x's dtype (vec::map2 ``sum + dy``; vec::map4 ``dotp + (x − mean)·dy``, one FMA per step), then
     the chunk partials added in float64 starting from +0 (acc_type<float, false> is double) and
     rounded back.  Measured bitwise on AVX-512 and AVX2, 1 and 2 threads."""
-    zero = torch.zeros(xc.shape[1], dtype=xc.dtype, device=xc.device)
-    total_sum = torch.zeros(xc.shape[1], dtype=torch.float64, device=xc.device)
-    total_dotp = torch.zeros_like(total_sum)
-    for begin, end in thread_chunks(xc.shape[0]):
-        chunk_sum, chunk_dotp = zero, zero
-        for i in range(begin, end):
-            chunk_sum = chunk_sum + dout[i]
-            chunk_dotp = torch.addcmul(chunk_dotp, xc[i], dout[i])   # dotp + (x − μ)·dy, one FMA
-        total_sum = total_sum + chunk_sum.double()
-        total_dotp = total_dotp + chunk_dotp.double()
-    return total_sum.to(xc.dtype), total_dotp.to(xc.dtype)
+    sums = ChunkedColumnSums(xc.shape[0], xc.shape[1], xc.dtype, xc.device, torch.float64)
+    return sums.sum(dout), sums.dot(xc, dout)
 
 
 # Width in bits of the trailing columns whose dx the kernel does not contract into an FMA,
@@ -221,7 +296,7 @@ def ln_lanes(dtype, device):
     return 256 // torch.finfo(dtype).bits
 
 
-def ln_row_sum(factors, lanes):
+def ln_row_sum(factors, lanes, work=None):
     """Σⱼ Πfactors per row, as layer_norm_backward_frame's vec::map{2,3}_reduce_all sums it
     (factors: 2 or 3 tensors (N, D) -> (N, 1)).
 
@@ -229,12 +304,16 @@ def ln_row_sum(factors, lanes):
     each further full chunk (acc + product, two roundings), adds the partial last chunk with one
     FMA per lane (the compiler contracts that one), then folds the lanes: float32 by the shuffle
     tree (lane i + lane i^4, then i^2, then i^1), float64 left to right.  lanes 0: torch.sum.
+    The full chunks' sequential adds are one 2-D ``index_add_`` (the order ChunkedColumnSums
+    relies on) of the products laid out chunk-major, (chunks, N·lanes), into a copy of chunk 0
+    (not 0 + it, so a −0 product stays −0 as in the kernel).  work: an optional contiguous
+    buffer of at least N·D elements of the dtype to hold those products (else a new one).
     """
     def prod(sl):
         out = factors[0][:, sl] * factors[1][:, sl]
         return out * factors[2][:, sl] if len(factors) == 3 else out
 
-    n = factors[0].shape[1]
+    n_rows, n = factors[0].shape
     if not lanes or n < lanes:
         if not lanes:
             return prod(slice(0, n)).sum(1, keepdim=True)
@@ -243,11 +322,18 @@ def ln_row_sum(factors, lanes):
         for j in range(1, n):
             total = total + terms[:, j:j + 1]
         return total
-    acc = prod(slice(0, lanes))
-    d = lanes
-    while d + lanes <= n:
-        acc = acc + prod(slice(d, d + lanes))
-        d += lanes
+    d = n - n % lanes
+    n_chunks = d // lanes
+    by_chunk = [f[:, :d].view(n_rows, n_chunks, lanes).transpose(0, 1) for f in factors]
+    shape = (n_chunks, n_rows, lanes)                              # chunk-major products
+    chunks = factors[0].new_empty(shape) if work is None else work.view(-1)[:d * n_rows].view(shape)
+    torch.mul(by_chunk[0], by_chunk[1], out=chunks)
+    if len(factors) == 3:
+        chunks.mul_(by_chunk[2])
+    acc = chunks[0].clone()
+    if n_chunks > 1:
+        later = torch.zeros(n_chunks - 1, dtype=torch.int64, device=acc.device)
+        acc.view(1, -1).index_add_(0, later, chunks[1:].view(n_chunks - 1, -1))
     if d < n:
         r = n - d
         head = factors[0][:, d:] * factors[1][:, d:] if len(factors) == 3 else factors[0][:, d:]
@@ -264,12 +350,13 @@ def ln_row_sum(factors, lanes):
     return total
 
 
-def ln_row_sums(dout, x, weight):
+def ln_row_sums(dout, x, weight, work=None):
     """(Σⱼ dy·x·w, Σⱼ dy·w) per row (N, 1) each, in layer_norm_backward_frame's lane order
-    (``ln_row_sum``; the kernel's ds and db)."""
+    (``ln_row_sum``; the kernel's ds and db).  work: as ln_row_sum's (used by one sum after the
+    other)."""
     lanes = ln_lanes(x.dtype, x.device)
     w = weight.expand_as(x)
-    return ln_row_sum((dout, x, w), lanes), ln_row_sum((dout, w), lanes)
+    return ln_row_sum((dout, x, w), lanes, work), ln_row_sum((dout, w), lanes, work)
 
 
 def ln_param_grads(dout, x, mean, rstd):
@@ -277,14 +364,6 @@ def ln_param_grads(dout, x, mean, rstd):
     (layer_norm_kernel.cpp) forms dweight and dbias: x̂ = fma(rstd, x, −rstd·μ); sequential over
     the rows of each thread chunk, dweight one FMA per step; the chunk partials added in opmath
     (float for float32).  mean, rstd: (N, 1)."""
-    zero = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
-    dweight, dbias = zero, zero
-    shift = -rstd * mean
-    for begin, end in thread_chunks(x.shape[0]):
-        chunk_dweight, chunk_dbias = zero, zero
-        for i in range(begin, end):
-            xhat = torch.addcmul(shift[i], rstd[i], x[i])
-            chunk_dweight = torch.addcmul(chunk_dweight, dout[i], xhat)
-            chunk_dbias = chunk_dbias + dout[i]
-        dweight, dbias = dweight + chunk_dweight, dbias + chunk_dbias
-    return dweight, dbias
+    xhat = torch.addcmul(-rstd * mean, rstd, x)                 # x̂ = fma(rstd, x, −rstd·μ)
+    sums = ChunkedColumnSums(x.shape[0], x.shape[1], x.dtype, x.device, x.dtype)
+    return sums.dot(dout, xhat), sums.sum(dout)

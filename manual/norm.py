@@ -60,9 +60,7 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
     for arg, t in (("running_mean", running_mean), ("running_var", running_var)):
         _check.tensor(f"batchnorm.{arg}", t, ndim=1)
         _check.same("x", x, f"batchnorm.{arg}", t)
-    if training and x.shape[0] < 2:
-        raise ValueError(f"x: batch norm in training mode needs at least 2 rows per batch, "
-                         f"got shape {list(x.shape)}")
+    check_batch_rows(x, training)
     out, save_mean, save_invstd = torch.native_batch_norm(
         x, weight, bias, running_mean, running_var, training, momentum, eps)
     if training:
@@ -71,11 +69,23 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
             num_batches_tracked.add_(1)
     else:
         mean = running_mean
-        # the kernel's eval 1/σ: 1 / std::sqrt(running_var[c] + eps) in double (eps is a double),
-        # per feature with the correctly rounded math.sqrt (torch.sqrt's MKL path is not always)
-        invstd = torch.tensor([1 / math.sqrt(v + eps) for v in running_var.double().tolist()],
-                              dtype=torch.float64).to(dtype=x.dtype, device=x.device)
+        invstd = eval_invstd(running_var, eps, x.dtype)
     return out, BatchNormCache(x, weight, mean.clone(), invstd, training)
+
+
+def check_batch_rows(x, training):
+    """Batch norm in training mode needs at least 2 rows (nn.BatchNorm1d's rule)."""
+    if training and x.shape[0] < 2:
+        raise ValueError(f"x: batch norm in training mode needs at least 2 rows per batch, "
+                         f"got shape {list(x.shape)}")
+
+
+def eval_invstd(running_var, eps, dtype):
+    """The batch norm kernel's eval 1/σ: 1 / std::sqrt(running_var[c] + eps) in double (eps is a
+    double), per feature with the correctly rounded math.sqrt (torch.sqrt's MKL path is not
+    always), rounded to dtype.  (D,) on running_var's device."""
+    return torch.tensor([1 / math.sqrt(v + eps) for v in running_var.double().tolist()],
+                        dtype=torch.float64).to(dtype=dtype, device=running_var.device)
 
 
 def batchnorm_backward(dout, cache):
@@ -185,17 +195,25 @@ def layernorm_backward(dout, cache):
     if dout.shape != x.shape:
         raise ValueError(f"dout: expected shape {list(x.shape)}, got {list(dout.shape)}")
     w = weight if weight is not None else torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
-    scale = 1.0 / x.shape[1]
     rstd = invstd.unsqueeze(1)
     mu = mean.unsqueeze(1)
-    sum_dyw_x, sum_dyw = kernel_order.ln_row_sums(dout, x, w)            # Σⱼ dy·w·x, Σⱼ dy·w
-    x_coef = torch.addcmul(-sum_dyw_x, sum_dyw, mu) * rstd * rstd * rstd * scale
-    const = torch.addcmul(-(sum_dyw * rstd * scale), -x_coef, mu)
+    x_coef, const = layernorm_dx_coefficients(dout, x, w, mu, rstd)
     dx = torch.addcmul((rstd * dout) * w, x_coef.expand_as(x), x) + const
     if weight is None:
         return dx, None, None
     dweight, dbias = kernel_order.ln_param_grads(dout, x, mu, rstd)      # Σᵢ dy·x̂, Σᵢ dy
     return dx, dweight, dbias
+
+
+def layernorm_dx_coefficients(dout, x, w, mu, rstd, work=None):
+    """(x_coef, const), each (N, 1), of layernorm_backward's dx = rstd·w·dy + x_coef·x + const
+    (mu, rstd: (N, 1)), formed as layer_norm_kernel.cpp forms them (its FMA contractions; the row
+    sums in its lane order; work: a buffer for them, kernel_order.ln_row_sums)."""
+    scale = 1.0 / x.shape[1]
+    sum_dyw_x, sum_dyw = kernel_order.ln_row_sums(dout, x, w, work)      # Σⱼ dy·w·x, Σⱼ dy·w
+    x_coef = torch.addcmul(-sum_dyw_x, sum_dyw, mu) * rstd * rstd * rstd * scale
+    const = torch.addcmul(-(sum_dyw * rstd * scale), -x_coef, mu)
+    return x_coef, const
 
 
 def layernorm_backward_textbook(dout, cache):

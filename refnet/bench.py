@@ -52,10 +52,11 @@ SIZES = {
                  init="randn", block=20, reps=(15, 5), dtype=torch.float64),
     "medium": dict(batch=256, sizes=[1024, 1024, 10], bias=True, loss="mse", lr=0.01,
                    init="uniform", block=4, reps=(15, 3)),
-    # medium with batch norm after the hidden layer (manual: the readable path; the kernel-order
-    # batch-norm backward sums the batch row by row, so it is slower than the fused kernel)
+    # medium with batch norm / layer norm after the hidden layer
     "medium_bn": dict(batch=256, sizes=[1024, 1024, 10], bias=True, loss="mse", lr=0.01,
                       init="uniform", block=4, reps=(15, 3), norm="batchnorm"),
+    "medium_ln": dict(batch=256, sizes=[1024, 1024, 10], bias=True, loss="mse", lr=0.01,
+                      init="uniform", block=4, reps=(15, 3), norm="layernorm"),
     "large": dict(batch=1024, sizes=[2048, 2048, 2048], bias=True, loss="mse", lr=0.01,
                   init="uniform", block=1, reps=(7, 2)),
     "spiral_ce": dict(batch=300, sizes=[2, 100, 3], bias=True, loss="cross_entropy", lr=1e-3,
@@ -64,6 +65,12 @@ SIZES = {
     "mnist_ce": dict(batch=1024, sizes=[784, 256, 10], bias=True, loss="cross_entropy", lr=0.01,
                      init="uniform", block=2, reps=(9, 2), activation="relu",
                      optimizer=("sgd", {"lr": 0.01, "momentum": 0.9}), data="labels"),
+    # makemore's MLP (Karpathy, part 3): 3 characters embedded 27×10 and flattened, 30-200-27,
+    # batch norm, tanh, cross-entropy, plain SGD, batch 32 of makemore's names data set
+    "makemore": dict(batch=32, sizes=[30, 200, 27], bias=True, loss="cross_entropy", lr=0.1,
+                     init="uniform", block=20, reps=(15, 5), activation="tanh", norm="batchnorm",
+                     embedding={"vocab": 27, "dim": 10, "context": 3},
+                     optimizer=("sgd", {"lr": 0.1}), data="names"),
 }
 QUICK_SIZES = ("xor", "seed")
 # The document's program is float64 (numpy).  Its randn init puts ~0.5% of the pre-activations
@@ -81,6 +88,10 @@ def machine_threads():
 
 # -- the variants ------------------------------------------------------------------------------
 def _data(cfg, dtype, device):
+    if cfg.get("data") == "names":
+        x, y = datasets.names(context=cfg["embedding"]["context"], n_names=200, seed=0,
+                              device=device)
+        return x[:cfg["batch"]], y[:cfg["batch"]]
     if cfg.get("data") == "spiral":
         return datasets.spiral(n_per_class=cfg["batch"] // cfg["sizes"][-1],
                                classes=cfg["sizes"][-1], seed=0, dtype=dtype, device=device)
@@ -98,7 +109,8 @@ def _data(cfg, dtype, device):
 
 def _params(cfg, dtype, device):
     return init_params(cfg["sizes"], _activation(cfg), cfg["bias"], scheme=cfg["init"], seed=0,
-                       dtype=dtype, device=device, norm=cfg.get("norm"))
+                       dtype=dtype, device=device, norm=cfg.get("norm"),
+                       embedding=cfg.get("embedding"))
 
 
 def _activation(cfg):
@@ -113,12 +125,13 @@ def _optimizer(cfg, momentum):
 def _manual(cfg, params, momentum):
     name, settings = _optimizer(cfg, momentum)
     return MLP({k: v.clone() for k, v in params.items()}, _activation(cfg), cfg["loss"],
-               manual.make_optimizer(name, **settings), norm=cfg.get("norm"))
+               manual.make_optimizer(name, **settings), norm=cfg.get("norm"),
+               embedding=cfg.get("embedding"))
 
 
 def _twin(cfg, params, dtype, device, momentum):
     twin = twin_mod.Twin(cfg["sizes"], _activation(cfg), cfg["bias"], dtype=dtype, device=device,
-                         norm=cfg.get("norm"))
+                         norm=cfg.get("norm"), embedding=cfg.get("embedding"))
     twin_mod.load_params(twin, params)
     name, settings = _optimizer(cfg, momentum)
     return twin, twin_mod.loss_module(cfg["loss"]), twin_mod.make_optimizer(twin, name, **settings)
@@ -133,8 +146,11 @@ def _twin_step(model, loss_fn, opt, x, target, fwd=None):
 
 
 def _floor(cfg, params, x, target):
-    """The manual step's matrix products alone, with the same operands' shapes and layouts."""
-    n, device, dtype = x.shape[0], x.device, x.dtype
+    """The manual step's matrix products alone, with the same operands' shapes and layouts (with
+    an embedding: the products behind the lookup, on a float input of the flattened width)."""
+    n, device, dtype = x.shape[0], x.device, params["layers.0.weight"].dtype
+    if not x.is_floating_point():
+        x = torch.rand((n, cfg["sizes"][0]), dtype=dtype, device=device)
     weights = [params[f"layers.{i}.weight"].clone() for i in range(len(cfg["sizes"]) - 1)]
     biases = [params.get(f"layers.{i}.bias") for i in range(len(weights))]
     hs = [torch.rand((n, w.shape[0]), dtype=dtype, device=device) for w in weights]
@@ -223,6 +239,17 @@ def step_peak_bytes(fn, device):
     return peak
 
 
+def step_calls(fn):
+    """ATen operator calls of one call of fn, counted from torch.profiler's events: every
+    ``aten::`` event not nested in another ``aten::`` event (ops dispatched from Python, from
+    the autograd engine's backward nodes or from an optimizer; what an op calls inside is not
+    counted again)."""
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
 def _manual_state(fast):
     return fast.held_tensors()
 
@@ -303,6 +330,9 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
     twin_peak = held_bytes(_twin_state(model, opt)) + step_peak_bytes(
         lambda: _twin_step(model, loss_fn, opt, x, target), device)
 
+    calls = {"manual": step_calls(lambda: fast.train_step(x, target)),
+             "twin": step_calls(lambda: _twin_step(model, loss_fn, opt, x, target))}
+
     opt_name, opt_settings = _optimizer(cfg, momentum)
     ratio = lambda a, b: (med[a] / med[b]) if a in med and b in med else None  # noqa: E731
     row = {
@@ -317,6 +347,8 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
         "readable_over_manual": ratio("readable", "manual"),
         "graph_over_manual": ratio("graph", "manual"),
         "manual_peak_bytes": manual_peak, "twin_peak_bytes": twin_peak,
+        "manual_calls": calls["manual"], "twin_calls": calls["twin"],
+        "manual_fallback": fast.fallback,
         "bitwise": bool(bitwise),
         "median_seconds": med, "samples": reps, "steps_per_sample": block,
         "compile_seconds": compile_seconds, "compile_error": compile_error,

@@ -15,7 +15,7 @@ from manual.mlp import MLP, init_params
 from refnet import data as datasets
 from refnet import not_bitwise
 from refnet import twin as twin_mod
-from refnet.compare import Check, compare_curves, compare_tensors
+from refnet.compare import Check, compare_curves, compare_tensors, magnitude
 from refnet.data import load_data
 from refnet.oracles import fd
 from refnet.spec import Spec
@@ -73,12 +73,17 @@ def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
     verdicts = [compare_tensors(prefix + "loss", loss_m, loss_t, "forward", strict_bits=strict_bits),
                 compare_tensors(prefix + "output", out_m, out_t, "forward", strict_bits=strict_bits)]
     grads_t = twin_mod.grads_of(pair.twin)
+    # One scale for the tolerance's absolute term: the largest gradient of this backward.  A
+    # gradient that is mathematically zero (a bias in front of batch norm) is rounding noise
+    # of that size, not of its own (refnet.compare.scaled_atol; matters where graded at tolerance).
+    scale = max([magnitude(g) for g in grads_t.values()]
+                + [magnitude(dx_t) if dx_t is not None else 0.0])
     for name, g in grads_m.items():
         verdicts.append(compare_tensors(f"{prefix}{name}.grad", g, grads_t[name], "grad",
-                                        strict_bits=strict_bits))
+                                        strict_bits=strict_bits, scale=scale))
     if dx_t is not None:
         verdicts.append(compare_tensors(prefix + "input.grad", dx_m, dx_t, "grad",
-                                        strict_bits=strict_bits))
+                                        strict_bits=strict_bits, scale=scale))
     return verdicts
 
 

@@ -34,8 +34,9 @@ def test_bench_quick_json_schema(tmp_path):
         for key in ("autograd_over_manual", "manual_over_floor"):
             assert isinstance(r[key], float) and r[key] > 0, key
         assert r["compile_over_manual"] is None and "skipped" in r["compile_error"]
-        for key in ("manual_peak_bytes", "twin_peak_bytes"):
+        for key in ("manual_peak_bytes", "twin_peak_bytes", "manual_calls", "twin_calls"):
             assert isinstance(r[key], int) and r[key] > 0, key
+        assert r["manual_fallback"] is None
         assert r["bitwise"] is True
     assert "xor" in res.stdout and "seed" in res.stdout and "autograd/man" in res.stdout
     assert not list(tmp_path.glob(".refnet-*"))  # no temporary file left behind
@@ -63,6 +64,15 @@ def test_peak_bytes_sees_a_step_allocation():
     assert peak >= 8 * n + 4 * n and peak < 8 * n + 4 * n + 4096
     t = torch.zeros(10)
     assert bench.held_bytes([t, t[2:], None]) == 40
+
+
+def test_step_calls_counts_top_level_ops_once():
+    x = torch.ones(4)
+    def step():
+        torch.mul(x, 2).add_(1)            # 2 top-level calls
+        torch._foreach_add_([x, x, x], 1)  # 1, whatever it runs inside
+        x.sum()                            # 1
+    assert bench.step_calls(step) == 4
 
 
 def test_format_row_reports_compile_failure():

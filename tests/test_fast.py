@@ -328,6 +328,13 @@ def test_graph_capture_refuses_what_is_not_a_fast_step():
         CudaGraphStep(readable, x, t)
 
 
+@pytest.mark.parametrize("layer", ["batchnorm", "dropout", "embedding"])
+def test_graph_capture_refuses_the_optional_layers(layer):
+    _, fast, x, t = _layer_net(layer, "mse", OPTIMIZER_SETTINGS[0], torch.float32, 5, "tanh")
+    with pytest.raises(ValueError, match="fast: graph capture does not cover norm, dropout"):
+        CudaGraphStep(fast, x, t)
+
+
 def test_graph_capture_refuses_the_readable_fallback():
     _, fast, _ = build([3, 4, 2], "elu", True, "mse", {"name": "sgd", "lr": 0.1}, torch.float32)
     x, t = data(5, [3, 4, 2], torch.float32)
@@ -380,3 +387,107 @@ def test_cuda_graph_refuses_a_stale_graph_and_reset_recaptures():
             assert same_bits(p, captured.mlp.params[name]), name
         for name, b in eager.mlp.optimizer.buffers.items():
             assert same_bits(b, captured.mlp.optimizer.buffers[name]), name
+
+
+# every optional layer × loss × optimizer setting: the specialised step equals the readable one
+LAYERS = {
+    "batchnorm": dict(norm="batchnorm"),
+    "batchnorm_eval": dict(norm="batchnorm", training=False),
+    "layernorm": dict(norm="layernorm"),
+    "dropout": dict(dropout=0.3),
+    "dropout_eval": dict(dropout=0.3, training=False),
+    "embedding": dict(embedding={"vocab": 11, "dim": 3, "context": 4}),
+    "makemore": dict(norm="batchnorm", embedding={"vocab": 27, "dim": 10, "context": 3}),
+}
+LAYER_BATCHES = [9, 17, 32]   # around the 8/4-lane widths and their tails
+
+
+def _layer_net(layer, loss, opt, dtype, n, act):
+    """Readable and fast MLPs with the optional layer(s), from the same parameters, and a batch."""
+    settings = dict(LAYERS[layer])
+    training = settings.pop("training", True)
+    emb = settings.get("embedding")
+    sizes = [emb["context"] * emb["dim"] if emb else 5, 13, 6, 4]
+    params = init_params(sizes, act, True, seed=3, dtype=dtype, norm=settings.get("norm"),
+                         embedding=emb)
+    nets = []
+    for _ in range(2):
+        opt_args = {k: v for k, v in opt.items() if k != "name"}
+        mlp = MLP({k: v.clone() for k, v in params.items()}, act, loss,
+                  manual.make_optimizer(opt["name"], **opt_args),
+                  generator=torch.Generator().manual_seed(5), **settings)
+        if not training:
+            for name, buf in mlp.buffers.items():   # running statistics away from 0 and 1
+                if buf.is_floating_point():
+                    buf.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
+        nets.append(mlp.train(training))
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randint(0, emb["vocab"], (n, emb["context"]), generator=gen) if emb else \
+        torch.randn((n, sizes[0]), generator=gen, dtype=torch.float64).mul_(3).to(dtype)
+    if target_kind(loss) == "labels":
+        t = torch.randint(0, sizes[-1], (n,), generator=gen)
+    else:
+        t = torch.randn((n, sizes[-1]), generator=gen, dtype=torch.float64).to(dtype)
+    return nets[0], FastMLP(nets[1]), x, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("oi", range(len(OPTIMIZER_SETTINGS)))
+@pytest.mark.parametrize("loss", sorted(manual.LOSSES))
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_every_layer_loss_and_optimizer_fast_equals_readable(layer, loss, oi, dtype):
+    acts = sorted(manual.ACTIVATIONS)
+    for bi, n in enumerate(LAYER_BATCHES):
+        act = acts[(oi + bi + len(layer)) % len(acts)]
+        readable, fast, x, t = _layer_net(layer, loss, OPTIMIZER_SETTINGS[oi], dtype, n, act)
+        for step in range(3):
+            lr_, lf = readable.train_step(x, t), fast.train_step(x, t)
+            assert fast.specialised, fast.fallback
+            assert same_bits(lf, lr_), f"{act} n={n} step {step}: fast {lf!r} != readable {lr_!r}"
+        for name, p in fast.mlp.params.items():
+            assert same_bits(p, readable.params[name]), f"{act} n={n} {name}: fast != readable"
+        for name, b in fast.mlp.buffers.items():
+            assert torch.equal(b, readable.buffers[name]), f"{act} n={n} buffer {name}"
+
+
+@pytest.mark.parametrize("layer", ["batchnorm", "layernorm", "makemore"])
+def test_optional_layers_bitwise_at_two_threads_and_after_a_thread_change(layer):
+    before = torch.get_num_threads()
+    try:
+        readable, fast, x, t = _layer_net(layer, "cross_entropy", OPTIMIZER_SETTINGS[0],
+                                          torch.float32, 33, "tanh")
+        for threads in (2, 2, 1, 2):   # the batch norm sums' chunks follow the thread count
+            torch.set_num_threads(threads)
+            assert same_bits(fast.train_step(x, t), readable.train_step(x, t)), threads
+        for name, p in fast.mlp.params.items():
+            assert same_bits(p, readable.params[name]), name
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_optional_layers_are_bitwise_with_the_twin():
+    # makemore's net (embedding, batch norm, tanh, cross-entropy, SGD) against autograd too
+    opt = {"name": "sgd", "lr": 0.1}
+    readable, fast, x, t = _layer_net("makemore", "cross_entropy", opt, torch.float32, 32, "tanh")
+    emb = LAYERS["makemore"]["embedding"]
+    twin = twin_mod.Twin([30, 13, 6, 4], "tanh", True, dtype=torch.float32, norm="batchnorm",
+                         embedding=emb)
+    twin_mod.load_params(twin, {k: v.clone() for k, v in readable.params.items()})
+    twin_opt = twin_mod.make_optimizer(twin, "sgd", lr=0.1)
+    for step in range(3):
+        lt = twin_step((twin, twin_mod.loss_module("cross_entropy"), twin_opt), x, t)
+        assert same_bits(fast.train_step(x, t), lt), step
+    final = twin_mod.params_of(twin)
+    for name, p in fast.mlp.params.items():
+        assert same_bits(p, final[name]), name
+
+
+def test_tokens_written_in_place_are_checked_and_looked_up_again():
+    readable, fast, x, t = _layer_net("embedding", "mse", OPTIMIZER_SETTINGS[0], torch.float32, 9,
+                                      "tanh")
+    assert same_bits(fast.train_step(x, t), readable.train_step(x, t))
+    x[0, 0] = (x[0, 0] + 1) % 11                          # in place: new values, same tensor
+    assert same_bits(fast.train_step(x, t), readable.train_step(x, t))
+    x[1, 1] = 11                                          # out of range, in place
+    with pytest.raises(ValueError, match=r"x: token indices must lie in \[0, 11\)"):
+        fast.train_step(x, t)

@@ -71,15 +71,16 @@ def markdown(rep):
              f"Python {platform.python_version()}; {rep['seconds']} s in all.  Medians of "
              f"interleaved samples; ratios above 1 mean the manual step is faster.", "",
              "| size | batch | layers | dtype | threads | manual ms/step | autograd/manual "
-             "| compile/manual | manual/floor | readable/manual | peak manual | peak twin | bitwise |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| compile/manual | manual/floor | readable/manual | peak manual | peak twin "
+             "| calls manual/twin | bitwise |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rep["rows"]:
         lines.append(
             f"| {r['size']} | {r['batch']} | {'-'.join(map(str, r['sizes']))} | {r['dtype']} "
             f"| {r['threads']} | {r['median_seconds']['manual'] * 1e3:.3f} | {_ratio(r['autograd_over_manual'])} "
             f"| {_ratio(r['compile_over_manual'])} | {_ratio(r['manual_over_floor'])} "
             f"| {_ratio(r['readable_over_manual'])} | {_mib(r['manual_peak_bytes'])} "
-            f"| {_mib(r['twin_peak_bytes'])} | {'yes' if r['bitwise'] else 'no'} |")
+            f"| {_mib(r['twin_peak_bytes'])} | {_calls(r)} | {'yes' if r['bitwise'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,13 +103,17 @@ def _mib(n):
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _calls(r):
+    return f"{r['manual_calls']}/{r['twin_calls']}" if "manual_calls" in r else "-"
+
+
 def _ratio(v):
     return "-" if v is None else f"{v:.2f}"
 
 
 HEADER = (f"{'size':9s} {'batch':>5s} {'layers':16s} {'dtype':7s} {'thr':>3s} {'manual ms':>9s} "
           f"{'autograd/man':>12s} {'compile/man':>11s} {'man/floor':>9s} {'readable/man':>12s} "
-          f"{'peak man':>11s} {'peak twin':>11s} bitwise")
+          f"{'peak man':>11s} {'peak twin':>11s} {'calls m/t':>9s} bitwise")
 
 
 def format_row(r):
@@ -117,7 +122,9 @@ def format_row(r):
             f"{r['median_seconds']['manual'] * 1e3:9.3f} {_ratio(r['autograd_over_manual']):>12s} "
             f"{_ratio(r['compile_over_manual']):>11s} {_ratio(r['manual_over_floor']):>9s} "
             f"{_ratio(r['readable_over_manual']):>12s} {_mib(r['manual_peak_bytes']):>11s} "
-            f"{_mib(r['twin_peak_bytes']):>11s} {'yes' if r['bitwise'] else 'NO'}")
+            f"{_mib(r['twin_peak_bytes']):>11s} {_calls(r):>9s} {'yes' if r['bitwise'] else 'NO'}")
+    if r.get("manual_fallback"):
+        line += f"  (manual falls back: {r['manual_fallback']})"
     if r.get("graph_over_manual") is not None:
         line += f"  graph/man {r['graph_over_manual']:.2f}"
     if r["compile_over_manual"] is None and r.get("compile_error") \
