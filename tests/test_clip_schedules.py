@@ -41,6 +41,22 @@ def test_clip_matches_clip_grad_norm_bitwise(dtype, norm_type, active):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_coefficient_over_many_max_norms(dtype):
+    """``max_norm / (N + 1e-6)`` is torch's ``reciprocal(N + 1e-6) * max_norm`` (Python's
+    float / Tensor), two roundings: a true division differs on about 1 max_norm in 4."""
+    params = _params_with_grads(dtype, 1.0, shapes=[(6, 5), (6,)])
+    grads = {i: p.grad.clone() for i, p in enumerate(params)}
+    for i in range(60):
+        max_norm = 0.05 + i * 0.0731
+        for p, g in zip(params, grads.values()):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        clipped, _, _ = clip.clip_grad_norm(grads, max_norm)
+        for j, p in enumerate(params):
+            assert torch.equal(clipped[j], p.grad), (max_norm, j)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_per_tensor_norm_every_length(dtype):
     """Every vector-tail length, over several magnitudes: the kernel's lane order and sqrt."""
     g = torch.Generator().manual_seed(1)
