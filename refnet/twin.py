@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import manual
+import manual.blocks
 import manual.mlp
 
 
@@ -66,6 +67,30 @@ class L2Regularized(nn.Module):
             s = layer.weight.pow(2).sum()
             total = s if total is None else total + s
         return self.base(out, target) + total * self.reg
+
+
+class FFNBlock(nn.Module):
+    """The transformer's MLP block as plain modules: h + fc2(act(fc1(norm(h)))), the residual
+    add in forward; norm is nn.LayerNorm(width) or absent.  manual/blocks.py is its manual side."""
+
+    def __init__(self, width, hidden, activation="relu", norm="layer", *, eps=1e-5, slope=0.1,
+                 alpha=1.0, dtype=torch.float64, device="cpu"):
+        super().__init__()
+        manual.blocks.check_block_settings(activation, norm)
+        if norm == "layer":
+            self.norm = nn.LayerNorm(width, eps=eps, dtype=dtype, device=device)
+        self.fc1 = torch.nn.utils.skip_init(nn.Linear, width, hidden, dtype=dtype, device=device)
+        self.act = activation_module(activation, slope, alpha)
+        self.fc2 = torch.nn.utils.skip_init(nn.Linear, hidden, width, dtype=dtype, device=device)
+
+    def forward(self, h):
+        u = self.norm(h) if hasattr(self, "norm") else h
+        return h + self.fc2(self.act(self.fc1(u)))
+
+
+def ffn_blocks(n, width, hidden, activation="relu", norm="layer", **options):
+    """n FFNBlocks in an nn.ModuleList (state_dict names blocks.{i}.… under a `blocks` attribute)."""
+    return nn.ModuleList(FFNBlock(width, hidden, activation, norm, **options) for _ in range(n))
 
 
 CUDA_DROPOUT = ("dropout: not supported on device cuda (CUDA's fused native_dropout kernel draws its "
