@@ -67,7 +67,7 @@ def block_forward(h, params, prefix, activation="relu", norm="layer", eps=1e-5, 
     z, fc1_cache = linear_forward(u, params[f"{prefix}.fc1.weight"], params[f"{prefix}.fc1.bias"])
     a, act_cache = activation_forward(activation, z, **act_options)
     v, fc2_cache = linear_forward(a, params[f"{prefix}.fc2.weight"], params[f"{prefix}.fc2.bias"])
-    out = v
+    out = h + v
     return out, (prefix, activation, norm_cache, fc1_cache, act_cache, fc2_cache)
 
 
@@ -77,17 +77,15 @@ def block_backward(dout, cache):
     prefix, activation, norm_cache, fc1_cache, act_cache, fc2_cache = cache
     grads = {}
     da, grads[f"{prefix}.fc2.weight"], grads[f"{prefix}.fc2.bias"] = linear_backward(dout, fc2_cache)
-    grads[f"{prefix}.fc2.weight"] = fc2_cache[0].t().mm(dout).t()
     dz = activation_backward(activation, da, act_cache)
     du, grads[f"{prefix}.fc1.weight"], grads[f"{prefix}.fc1.bias"] = linear_backward(dz, fc1_cache)
     dh_branch = du
     if norm_cache is not None:
-        grads[f"{prefix}.norm.weight"] = None
-        dh_branch, grads[f"{prefix}.norm.bias"], grads[f"{prefix}.norm.weight"] = \
+        dh_branch, grads[f"{prefix}.norm.weight"], grads[f"{prefix}.norm.bias"] = \
             layernorm_backward(du, norm_cache)
     # The residual's split and sum: the add passed dout unchanged to both h and v; the two
     # gradients reaching h are summed here, once.
-    dh = dh_branch
+    dh = dout + dh_branch
     return dh, grads
 
 
