@@ -39,6 +39,25 @@ def check_block_settings(activation, norm):
         raise ValueError(f"blocks.norm: expected 'layer' or null, got {norm!r}")
 
 
+def block_settings(config):
+    """A spec's ``blocks`` object -> {"n", "width", "hidden", "norm", "activation"}, validated;
+    norm defaults to "layer", activation to "relu" (nn.TransformerEncoderLayer's default)."""
+    keys = ("n", "width", "hidden", "norm", "activation")
+    if not isinstance(config, dict):
+        raise ValueError(f"blocks: expected an object with n, width, hidden, got {config!r}")
+    unknown = sorted(set(config) - set(keys))
+    if unknown:
+        raise ValueError(f"blocks.{unknown[0]}: unknown setting; expected among {', '.join(keys)}")
+    out = {"norm": config.get("norm", "layer"), "activation": config.get("activation", "relu")}
+    for key in ("n", "width", "hidden"):
+        v = config.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"blocks.{key}: expected an integer >= 1, got {v!r}")
+        out[key] = v
+    check_block_settings(out["activation"], out["norm"])
+    return {key: out[key] for key in keys}
+
+
 def init_block_params(n, width, hidden, norm="layer", *, generator, dtype=torch.float64,
                       device="cpu", prefix="blocks"):
     """n blocks' parameters: fc1, fc2 with nn.Linear's U(−1/√fan_in, 1/√fan_in) drawn in float64

@@ -44,6 +44,25 @@ def check_norm_type(norm_type):
     raise ValueError(f"norm_type: expected 2 or 'inf', got {norm_type!r}")
 
 
+def clip_settings(config):
+    """A spec's ``clip_grad_norm`` object -> {"max_norm": float > 0, "norm_type": 2 or "inf"}."""
+    if not isinstance(config, dict) or "max_norm" not in config:
+        raise ValueError(f"clip_grad_norm: expected an object with 'max_norm', got {config!r}")
+    unknown = sorted(set(config) - {"max_norm", "norm_type"})
+    if unknown:
+        raise ValueError(f"clip_grad_norm.{unknown[0]}: unknown setting; expected max_norm, norm_type")
+    max_norm = config["max_norm"]
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) \
+            or not math.isfinite(max_norm) or max_norm <= 0:
+        raise ValueError(f"clip_grad_norm.max_norm: expected a finite number > 0, got {max_norm!r}")
+    try:
+        norm_type = check_norm_type(config.get("norm_type", 2))
+    except ValueError:
+        raise ValueError(f"clip_grad_norm.norm_type: expected 2 or \"inf\", got "
+                         f"{config.get('norm_type')!r}") from None
+    return {"max_norm": float(max_norm), "norm_type": "inf" if norm_type == math.inf else 2}
+
+
 def _lanes(dtype, device):
     """(lanes, tail_plain): Vectorized<T>::size() of the build, and how many leading elements of the
     scalar tail the compiler evaluates as a separate (uncontracted) vector multiply.  Measured on

@@ -5,7 +5,9 @@ from torch import nn
 
 import manual
 import manual.blocks
+import manual.clip
 import manual.mlp
+import manual.schedules
 
 
 class Maxout(nn.Module):
@@ -226,3 +228,27 @@ def make_optimizer(twin, name, **settings):
     if name not in makers:
         raise ValueError(f"optimizer.name: unknown name {name!r}; expected one of {', '.join(makers)}")
     return makers[name](twin.parameters(), **settings, foreach=False)
+
+
+def make_scheduler(optimizer, config, steps):
+    """The stock torch.optim.lr_scheduler for a spec's ``lr_schedule`` over ``steps`` optimizer
+    steps (None: no schedule); arguments from manual.schedules.schedule_settings, so both sides
+    read one set of defaults.  warmup_cosine is LinearLR then CosineAnnealingLR via SequentialLR."""
+    if config is None:
+        return None
+    s = manual.schedules.schedule_settings(config, steps)
+    lr_sched = torch.optim.lr_scheduler
+    if s["name"] == "step":
+        return lr_sched.StepLR(optimizer, s["step_size"], s["gamma"])
+    if s["name"] == "cosine":
+        return lr_sched.CosineAnnealingLR(optimizer, s["T_max"], s["eta_min"])
+    warmup = lr_sched.LinearLR(optimizer, s["start_factor"], 1.0, s["warmup_steps"])
+    cosine = lr_sched.CosineAnnealingLR(optimizer, s["T_max"], s["eta_min"])
+    return lr_sched.SequentialLR(optimizer, [warmup, cosine], [s["warmup_steps"]])
+
+
+def clip_grads(twin, config):
+    """torch.nn.utils.clip_grad_norm_ over the twin's parameters with a spec's ``clip_grad_norm``
+    (its defaults otherwise: foreach on CPU and CUDA, error_if_nonfinite False); -> the total norm."""
+    c = manual.clip.clip_settings(config)
+    return torch.nn.utils.clip_grad_norm_(twin.parameters(), c["max_norm"], norm_type=c["norm_type"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from manual import clip, schedules
+from refnet import twin as twin_mod
 
 DTYPES = [torch.float32, torch.float64]
 # odd lengths: every vector tail of the norm kernel (0–7 float32 / 0–3 float64 elements) and the
@@ -93,22 +94,9 @@ def test_bad_norm_type(bad):
 
 
 # --- schedules -------------------------------------------------------------------------------
-def torch_schedule(config, lr, steps):
-    """The stock schedulers for a spec's lr_schedule, on a one-parameter SGD."""
-    s = schedules.schedule_settings(config, steps)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    sched = torch.optim.lr_scheduler
-    if s["name"] == "step":
-        return opt, sched.StepLR(opt, s["step_size"], s["gamma"])
-    if s["name"] == "cosine":
-        return opt, sched.CosineAnnealingLR(opt, s["T_max"], s["eta_min"])
-    warm = sched.LinearLR(opt, s["start_factor"], 1.0, s["warmup_steps"])
-    cos = sched.CosineAnnealingLR(opt, s["T_max"], s["eta_min"])
-    return opt, sched.SequentialLR(opt, [warm, cos], [s["warmup_steps"]])
-
-
 def torch_rates(config, lr, steps, n):
-    opt, sched = torch_schedule(config, lr, steps)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = twin_mod.make_scheduler(opt, config, steps)
     rates = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # no backward before opt.step: nothing to update

@@ -31,20 +31,6 @@ def _pair(dtype, opt_name, settings, loss="mse"):
     return mlp, twin, twin_mod.make_optimizer(twin, opt_name, **settings), twin_mod.loss_module(loss)
 
 
-def _torch_scheduler(opt, config, steps):
-    if config is None:
-        return None
-    s = schedules.schedule_settings(config, steps)
-    lr_sched = torch.optim.lr_scheduler
-    if s["name"] == "step":
-        return lr_sched.StepLR(opt, s["step_size"], s["gamma"])
-    if s["name"] == "cosine":
-        return lr_sched.CosineAnnealingLR(opt, s["T_max"], s["eta_min"])
-    return lr_sched.SequentialLR(opt, [lr_sched.LinearLR(opt, s["start_factor"], 1.0, s["warmup_steps"]),
-                                       lr_sched.CosineAnnealingLR(opt, s["T_max"], s["eta_min"])],
-                                 [s["warmup_steps"]])
-
-
 def _twin_step(twin, opt, loss_fn, batches, max_norm, norm_type, sched):
     """The script: zero_grad, k backward passes of loss / k, clip, step, schedule."""
     opt.zero_grad(set_to_none=True)
@@ -55,7 +41,7 @@ def _twin_step(twin, opt, loss_fn, batches, max_norm, norm_type, sched):
         losses.append(loss.detach())
     total = None
     if max_norm is not None:
-        total = torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm, norm_type=norm_type)
+        total = twin_mod.clip_grads(twin, {"max_norm": max_norm, "norm_type": norm_type})
     lr = opt.param_groups[0]["lr"]
     opt.step()
     if sched is not None:
@@ -67,7 +53,7 @@ def run_both(dtype, k, *, max_norm=None, norm_type=2.0, config=None, opt=("adamw
              steps=12):
     """Train both sides in lockstep; assert every step bitwise.  -> (clipped steps, steps)."""
     mlp, twin, twin_opt, loss_fn = _pair(dtype, *opt)
-    sched_t = _torch_scheduler(twin_opt, config, steps)
+    sched_t = twin_mod.make_scheduler(twin_opt, config, steps)
     sched_m = schedules.make_schedule(config, opt[1]["lr"], steps)
     data = _data(dtype, k * steps)
     clipped = 0
