@@ -57,18 +57,20 @@ def test_coefficient_over_many_max_norms(dtype):
             assert torch.equal(clipped[j], p.grad), (max_norm, j)
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
 def test_per_tensor_norm_every_length(dtype, threads):
     """Every vector-tail length, over several magnitudes: the kernel's lane order and sqrt (one
     output: the kernel never splits it over threads, above GRAIN_SIZE = 32768 elements too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _norms_every_length(dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _norms_every_length(dtype):
     g = torch.Generator().manual_seed(1)
     for n in list(range(1, 70)) + [255, 256, 257, 1000, 4099, 40000]:
         for scale in (1e-4, 1.0, 3e3):
