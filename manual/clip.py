@@ -140,8 +140,8 @@ def clip_grad_norm(grads, max_norm, norm_type=2.0):
 
     grads: dict name -> tensor, in the twin's parameter order.  max_norm > 0.
     -> (clipped grads (a new dict, same order), total norm (0-d), coefficient (0-d)).
-    The coefficient is 1 when the total norm is at most max_norm − 1e-6, so the gradients keep
-    their bits (g·1 = g); the step is "clipped" when coefficient < 1.
+    Where max_norm / (total + 1e-6) ≥ 1 the clamped coefficient is 1 and the gradients keep
+    their bits (g·1 = g); a step is "clipped" when the coefficient is < 1.
     """
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) \
             or not math.isfinite(max_norm) or max_norm <= 0:
