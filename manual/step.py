@@ -9,7 +9,7 @@ The twin does ``(criterion(out, y) / k).backward()`` k times and lets Accumulate
 
 * the division's backward seeds each micro-batch's backward with ``dloss = 1 / k`` in the
   loss's dtype (``div.Scalar``: grad / k), so every micro-batch gradient is computed from that
-  seed, not divided afterwards (``(g·1)/k`` and ``g`` seeded with ``1/k`` differ in the last bit);
+  seed, not divided afterwards (seeding with 1 and dividing by k is not bitwise: tests/test_step.py);
 * AccumulateGrad keeps the first gradient as it is (``zero_grad`` sets ``.grad`` to None, so
   there is no ``0 + g``: a −0.0 stays −0.0) and adds each later one in place, in micro-batch
   order: ``((g₁ + g₂) + g₃)``.
