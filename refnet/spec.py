@@ -13,6 +13,9 @@ import torch
 
 import manual
 from manual.mlp import INIT_SCHEMES, activation_list
+from manual.blocks import block_settings
+from manual.clip import clip_settings
+from manual.schedules import schedule_settings
 from refnet.data import DATASETS, TOKEN_DATASETS
 from refnet.twin import CUDA_DROPOUT
 
@@ -58,6 +61,10 @@ class Spec:
     momentum: float = 0.1                # batch norm's running-statistics momentum
     eps: float = 1e-5                    # the norms' eps
     embedding: dict | None = None        # {"vocab": V, "dim": E, "context": T}: integer inputs (N, T)
+    clip_grad_norm: dict | None = None   # {"max_norm": M, "norm_type": 2 | "inf"}: clip_grad_norm_
+    accumulate: int = 1                  # micro-batches of batch_size rows per optimizer step
+    lr_schedule: dict | None = None      # {"name": warmup_cosine | cosine | step, ...} over `steps`
+    blocks: dict | None = None           # {"n", "width", "hidden", "norm", "activation"}: FFN blocks
     name: str = "spec"
 
     def __post_init__(self):
@@ -136,8 +143,27 @@ class Spec:
         if self.norm == "batchnorm" and self.batch_size == 1:
             raise ValueError("batch_size: batch norm in training needs at least 2 rows in every "
                              "batch; got batch_size 1")
+        self._validate_step_keys()
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
+
+    def _validate_step_keys(self):
+        """clip_grad_norm, accumulate, lr_schedule, blocks (normalized in place).  The check that
+        the data holds k micro-batches needs the data: the training loop makes it."""
+        if self.clip_grad_norm is not None:
+            self.clip_grad_norm = clip_settings(self.clip_grad_norm)
+        if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) \
+                or self.accumulate < 1:
+            raise ValueError(f"accumulate: expected an integer >= 1, got {self.accumulate!r}")
+        if self.lr_schedule is not None:
+            schedule_settings(self.lr_schedule, self.steps)    # validates, warm-up vs the run
+            self.lr_schedule = dict(self.lr_schedule)
+        if self.blocks is not None:
+            self.blocks = block_settings(self.blocks)
+            if len(self.sizes) < 3 or self.sizes[-2] != self.blocks["width"]:
+                raise ValueError(f"blocks.width: {self.blocks['width']} must equal the width the "
+                                 f"blocks sit in, sizes[-2] (the last hidden width, the head's "
+                                 f"input), got sizes {self.sizes}")
 
     @property
     def torch_dtype(self):
