@@ -32,6 +32,10 @@ def check_finite(key, value, minimum=None):
     return value
 
 
+# the training-step keys and their off values (the NumPy port keeps the same table)
+STEP_KEYS_OFF = {"clip_grad_norm": None, "accumulate": 1, "lr_schedule": None, "blocks": None}
+
+
 def _default_optimizer():
     return {"name": "sgd", "lr": 0.01}
 
@@ -164,6 +168,18 @@ class Spec:
                 raise ValueError(f"blocks.width: {self.blocks['width']} must equal the width the "
                                  f"blocks sit in, sizes[-2] (the last hidden width, the head's "
                                  f"input), got sizes {self.sizes}")
+
+    def step_keys_on(self):
+        """The training-step keys (STEP_KEYS_OFF) this spec sets to other than their off value,
+        for the paths that do not carry them yet to refuse by name."""
+        return [key for key, off in STEP_KEYS_OFF.items() if getattr(self, key) != off]
+
+    def refuse_step_keys(self, where):
+        """A ValueError naming the first step key set, for a path (`where`) that lacks it."""
+        on = self.step_keys_on()
+        if on:
+            raise ValueError(f"{on[0]}: {where} does not carry this key yet; remove it, or run the "
+                             f"spec without {where}")
 
     @property
     def torch_dtype(self):
