@@ -270,11 +270,11 @@ def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None
     return torch.stack(losses_m), torch.stack(losses_t)
 
 
-def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=False):
+def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=False, record=None):
     """Train in lockstep; compare the loss curves (and, with a schedule or clipping, the
     learning rates and total norms of every step: step_curves) and the final parameters
-    (named final.*)."""
-    outs = []
+    (named final.*).  record: a list to append each step's StepOut to."""
+    outs = [] if record is None else record
     losses_m, losses_t = train_lockstep(pair, x, target, steps, batch_size, seed, record=outs)
     verdicts = [compare_curves("loss_curve", losses_m, losses_t, strict_bits=strict_bits)]
     verdicts += step_curves(outs, strict_bits)
@@ -300,18 +300,18 @@ def step_curves(outs, strict_bits=False):
     return verdicts
 
 
-def twin_checks(spec, x, target, strict_bits=False, prefix=""):
+def twin_checks(spec, x, target, strict_bits=False, prefix="", record=None):
     """Manual vs autograd for one spec: gradients at init, the loss curve over spec.steps (its
     batch schedule) and the final parameters, each with its expected tier (refnet.not_bitwise:
     bitwise on CPU, tolerance on CUDA; an op of the table states its own, None = no bound through
-    training) and the table's note."""
+    training) and the table's note.  record: a list for the training run's StepOuts."""
     note = not_bitwise.note(spec)
     grad_tier = not_bitwise.expected_tier(spec, spec.device, "grad")
     train_tier = not_bitwise.expected_tier(spec, spec.device, "training")
     checks = [Check(f"{prefix}grad@init", gradient_checks(build_pair(spec), x, target, strict_bits),
                     note=note, expected=grad_tier)]
     verdicts, _ = curve_checks(build_pair(spec), x, target, spec.steps, spec.batch_size, spec.seed,
-                               strict_bits)
+                               strict_bits, record)
     final = [v for v in verdicts if v.name.startswith("final.")]
     checks.append(Check(f"{prefix}loss_curve[{spec.steps}]", verdicts[:len(verdicts) - len(final)],
                         note=note, expected=train_tier))

@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 
+import refnet
 from refnet import cli, harness, train as train_mod
 from refnet.checkpoint import load_checkpoint, state_differences
 from refnet.data import load_data
@@ -116,3 +117,9 @@ def test_nproc_and_export_refuse_the_step_keys_by_name(tmp_path, capsys, verb):
     assert err.strip().endswith("lr_schedule: " + ("--nproc" if "--nproc" in verb else "export")
                                 + " does not carry this key yet; remove it, or run the spec "
                                 + "without " + ("--nproc" if "--nproc" in verb else "export"))
+
+
+def test_check_training_refuses_micro_batches_but_takes_clipping_and_schedules():
+    with pytest.raises(ValueError, match="^accumulate: check_training"):
+        refnet.check_training(combined())
+    assert refnet.check_training(combined(accumulate=1), tier="bitwise").verdict == "identical"
