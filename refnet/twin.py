@@ -201,3 +201,32 @@ def make_optimizer(twin, name, **settings):
     if name not in makers:
         raise ValueError(f"optimizer.name: unknown name {name!r}; expected one of {', '.join(makers)}")
     return makers[name](twin.parameters(), **settings, foreach=False)
+
+
+def autocast_step(twin, loss_fn, optimizer, x, target, dtype, scaler=None):
+    """One training step as a mixed-precision script writes it (the twin's side of
+    manual.autocast.AutocastMLP.train_step):
+
+        optimizer.zero_grad()
+        with torch.autocast(device, dtype):      # entered once per step: fresh weight casts
+            loss = loss_fn(twin(x), target)      # forward and loss under autocast
+        scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
+        (without a scaler: loss.backward(); optimizer.step())
+
+    dtype: torch.bfloat16 / torch.float16; scaler: a torch.amp.GradScaler or None.
+    Returns (the float32 loss, detached; whether the optimizer stepped).  Whether GradScaler
+    skipped is read from its per-optimizer record of the inf check (a private field; the public
+    API does not say).
+    """
+    optimizer.zero_grad()
+    with torch.autocast(x.device.type, dtype=dtype):
+        loss = loss_fn(twin(x), target)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), True
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    found_inf = sum(float(v) for v in scaler._found_inf_per_device(optimizer).values())
+    scaler.update()
+    return loss.detach(), not found_inf
