@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from refnet.compare import TIERS, Verdict, compare_tensors
+from refnet.compare import TIERS, TOLERANCES, Verdict, compare_tensors
 
 GRADED = TIERS[:3]          # the tiers a check may require: bitwise, ulp, tolerance
 DEFAULT_TIER = "tolerance"
@@ -77,9 +77,10 @@ def compare(actual, expected, *, name=None, tier=None, kind="grad"):
             f"mismatch: {', '.join(what)} (actual vs expected); refnet never broadcasts, casts or "
             f"moves: make both sides {_describe_tensor(expected)} explicitly if that is what you "
             f"mean"), **base)
-    if expected.is_floating_point() and expected.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name}: dtype {expected.dtype} is not graded; refnet grades float32 and "
-                        f"float64 (integers and bool exactly); cast both sides if you mean it")
+    if expected.is_floating_point() and expected.dtype not in TOLERANCES:
+        raise TypeError(f"{name}: dtype {expected.dtype} is not graded; refnet grades float32, "
+                        f"float64, bfloat16 and float16 (integers and bool exactly); cast both "
+                        f"sides if you mean it")
     if expected.is_complex():
         raise TypeError(f"{name}: complex tensors are not graded; compare .real and .imag")
     return compare_tensors(name, actual, expected, kind, required=required)

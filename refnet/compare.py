@@ -13,12 +13,18 @@ import torch
 
 TIERS = ("bitwise", "ulp", "tolerance", "fail")
 
-# (rtol, atol) by dtype, for each kind of quantity compared.
+# (rtol, atol) by dtype, for each kind of quantity compared.  bfloat16 / float16 (mixed precision:
+# tensors kept in the low dtype, e.g. a port's activations on a bf16 chip) are graded in their own
+# format: forward at torch.testing's defaults for the dtype (about 4 and 1 units of eps: 2⁻⁷ and
+# 2⁻¹⁰), gradients and curves at twice that.
 TOLERANCES = {
     torch.float32: {"forward": (1e-5, 1e-6), "grad": (1e-4, 1e-6), "curve": (1e-4, 1e-6)},
     torch.float64: {"forward": (1e-10, 1e-12), "grad": (1e-9, 1e-12), "curve": (1e-9, 1e-12)},
+    torch.bfloat16: {"forward": (1.6e-2, 1e-5), "grad": (3.2e-2, 1e-5), "curve": (3.2e-2, 1e-5)},
+    torch.float16: {"forward": (1e-3, 1e-5), "grad": (2e-3, 1e-5), "curve": (2e-3, 1e-5)},
 }
-ULP_LIMIT = {torch.float32: 8, torch.float64: 8}
+# ulps in the tensor's own format: a bfloat16 ulp is 2⁻⁷ relative, so fewer of them are allowed.
+ULP_LIMIT = {torch.float32: 8, torch.float64: 8, torch.bfloat16: 2, torch.float16: 4}
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64,
              torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -28,7 +34,8 @@ def tolerance(dtype, kind="grad"):
     try:
         return TOLERANCES[dtype][kind]
     except KeyError:
-        raise ValueError(f"dtype: no tolerance for {dtype} / {kind!r}; expected float32 or float64 "
+        names = ", ".join(str(d).replace("torch.", "") for d in TOLERANCES)
+        raise ValueError(f"dtype: no tolerance for {dtype} / {kind!r}; expected one of {names} "
                          f"and one of {sorted(TOLERANCES[torch.float64])}") from None
 
 
