@@ -129,9 +129,9 @@ def autocast_activation_backward(name, dout, cache):
 
 # --- what is mirrored and what is refused ---------------------------------------------------
 REFUSED = {
-    "norm": ("{norm} under autocast: not mirrored (autocast leaves the norm in the low dtype "
-             "with float32 weight and bias, a mixed-dtype CPU kernel whose float32 reductions "
-             "manual/norm.py does not reproduce); use autocast null or norm null"),
+    "norm": ("{norm} under autocast: not mirrored (autocast runs the norm in the low dtype "
+             "with float32 weight and bias, a mixed-dtype CPU kernel manual/norm.py does not "
+             "reproduce); use autocast null or norm null"),
 }
 
 

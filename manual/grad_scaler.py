@@ -102,17 +102,14 @@ class GradScaler:
 def check_scaler_settings(init_scale, growth_factor, backoff_factor, growth_interval):
     """The four settings, validated: init_scale finite > 0, growth_factor > 1,
     0 < backoff_factor < 1, growth_interval an integer >= 1.  ValueError naming the setting."""
-    init_scale = _check.number("grad_scaler.init_scale", init_scale, low=0)
-    if init_scale == 0 or not math.isfinite(float(torch.tensor(init_scale, dtype=torch.float32))):
+    init_scale = _check.number("grad_scaler.init_scale", init_scale, allow_equal=False)
+    if not math.isfinite(float(torch.tensor(init_scale, dtype=torch.float32))):
         raise ValueError(f"grad_scaler.init_scale: expected a positive number that is finite in "
                          f"float32, got {init_scale!r}")
-    growth_factor = _check.number("grad_scaler.growth_factor", growth_factor)
-    if not growth_factor > 1:
-        raise ValueError(f"grad_scaler.growth_factor: expected a number > 1, got {growth_factor!r}")
-    backoff_factor = _check.number("grad_scaler.backoff_factor", backoff_factor)
-    if not 0 < backoff_factor < 1:
-        raise ValueError(f"grad_scaler.backoff_factor: expected a number in (0, 1), got "
-                         f"{backoff_factor!r}")
+    growth_factor = _check.number("grad_scaler.growth_factor", growth_factor, low=1.0,
+                                  allow_equal=False)
+    backoff_factor = _check.number("grad_scaler.backoff_factor", backoff_factor,
+                                   allow_equal=False, high=1.0)
     if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) \
             or growth_interval < 1:
         raise ValueError(f"grad_scaler.growth_interval: expected an integer >= 1, got "

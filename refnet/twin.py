@@ -230,3 +230,9 @@ def autocast_step(twin, loss_fn, optimizer, x, target, dtype, scaler=None):
     found_inf = sum(float(v) for v in scaler._found_inf_per_device(optimizer).values())
     scaler.update()
     return loss.detach(), not found_inf
+
+
+def make_grad_scaler(settings, device="cpu"):
+    """torch.amp.GradScaler(device, **settings), or None for settings None (a spec's
+    ``scaler_settings``: the four GradScaler settings, torch's defaults filled in)."""
+    return None if settings is None else torch.amp.GradScaler(str(device).split(":")[0], **settings)

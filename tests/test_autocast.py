@@ -20,7 +20,9 @@ from manual.autocast import AutocastMLP
 from manual.grad_scaler import GradScaler
 from manual.losses import target_kind
 from manual.mlp import MLP, init_params
-from refnet import twin as twin_mod
+import refnet
+from refnet import harness, spec as spec_mod, twin as twin_mod
+from refnet.compare import compare_curves, compare_tensors
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATIONS = ["relu", "tanh", "sigmoid", "leaky_relu", "elu", "maxout", "identity"]
@@ -221,13 +223,104 @@ def test_growth_stops_at_the_float32_limit():
     (lambda: AutocastMLP(MLP(init_params([3, 4, 2], dtype=torch.float32, norm="batchnorm"),
                              norm="batchnorm"), "bfloat16"),
      "batchnorm under autocast: not mirrored"),
-    (lambda: GradScaler(init_scale=0.0), "grad_scaler.init_scale"),
+    (lambda: GradScaler(init_scale=0.0), "grad_scaler.init_scale: expected a finite number > 0"),
     (lambda: GradScaler(init_scale=1e39), "grad_scaler.init_scale: .*finite in float32"),
-    (lambda: GradScaler(growth_factor=1.0), "grad_scaler.growth_factor: expected a number > 1"),
-    (lambda: GradScaler(backoff_factor=0.0), r"grad_scaler.backoff_factor: expected a number in \(0, 1\)"),
+    (lambda: GradScaler(growth_factor=1.0), "grad_scaler.growth_factor: expected a finite number > 1"),
+    (lambda: GradScaler(backoff_factor=0.0), "grad_scaler.backoff_factor: expected a finite number > 0.0 and < 1.0"),
     (lambda: GradScaler(growth_interval=0), "grad_scaler.growth_interval: expected an integer >= 1"),
 ])
 def test_refusals_are_one_line(build, match):
     with pytest.raises(ValueError, match=match) as caught:
         build()
     assert "\n" not in str(caught.value)
+
+
+# -- the spec keys --------------------------------------------------------------------------------
+SPEC_ERRORS = [
+    ({"autocast": "bfloat16"}, r"autocast: needs dtype float32 \(the master weights\), got dtype float64"),
+    ({"autocast": "float8", "dtype": "float32"}, "autocast: unknown dtype 'float8'; expected one of "
+                                                 "bfloat16, float16 or null"),
+    ({"autocast": "float16", "dtype": "float32", "norm": "batchnorm"},
+     "batchnorm under autocast: not mirrored"),
+    ({"grad_scaler": True}, "grad_scaler: needs autocast"),
+    ({"autocast": "float16", "dtype": "float32", "grad_scaler": {"growth_factor": 1}},
+     "grad_scaler.growth_factor: expected a finite number > 1"),
+    ({"autocast": "float16", "dtype": "float32", "grad_scaler": {"backoff_factor": -0.5}},
+     "grad_scaler.backoff_factor: expected a finite number > 0"),
+    ({"autocast": "float16", "dtype": "float32", "grad_scaler": {"init_scale": 0}},
+     "grad_scaler.init_scale: expected a finite number > 0"),
+    ({"autocast": "float16", "dtype": "float32", "grad_scaler": {"init_scale": 1, "scale": 2}},
+     r"grad_scaler: unknown key\(s\) \['scale'\]"),
+    ({"autocast": "float16", "dtype": "float32", "grad_scaler": "yes"},
+     "grad_scaler: expected true, false, null or an object"),
+]
+
+
+@pytest.mark.parametrize("raw, match", SPEC_ERRORS, ids=[m[:30] for _, m in SPEC_ERRORS])
+def test_spec_refuses_in_one_line(raw, match):
+    with pytest.raises(ValueError, match=match) as caught:
+        refnet.Spec.from_dict({"sizes": [2, 3, 1], **raw})
+    assert "\n" not in str(caught.value)
+
+
+def test_spec_refuses_a_dtype_the_device_lacks(monkeypatch):
+    """torch.autocast switches itself off (with a warning) for a dtype the device lacks; the spec
+    asks torch the same way and refuses.  On this CPU both dtypes are supported."""
+    assert spec_mod.autocast_supported("cpu", "float16") and spec_mod.autocast_supported("cpu", "bfloat16")
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device: False)
+    with pytest.raises(ValueError, match="autocast: float16 is not supported on device cpu"):
+        refnet.Spec.from_dict({"sizes": [2, 3, 1], "dtype": "float32", "autocast": "float16"})
+
+
+def test_spec_settings():
+    spec = refnet.Spec.from_dict({"sizes": [2, 3, 1], "dtype": "float32", "autocast": "float16",
+                                  "grad_scaler": {"init_scale": 1024, "growth_interval": 5}})
+    assert spec.autocast_dtype is torch.float16
+    assert spec.scaler_settings == {"init_scale": 1024, "growth_factor": 2.0,
+                                    "backoff_factor": 0.5, "growth_interval": 5}
+    assert refnet.Spec.from_dict(spec.to_dict()) == spec
+    on = refnet.Spec.from_dict({"sizes": [2, 3, 1], "dtype": "float32", "autocast": "bfloat16",
+                                "grad_scaler": True})
+    assert on.scaler_settings == spec_mod.SCALER_DEFAULTS
+    assert refnet.Spec.from_dict({"sizes": [2, 3, 1]}).autocast_dtype is None
+
+
+# The issue's two examples, from their specs: the whole curve and the final parameters bitwise.
+SPEC_RUNS = {
+    "spiral_bf16": {"sizes": [2, 100, 3], "activation": "relu", "loss": "cross_entropy",
+                    "reg": 1e-3, "data": "spiral", "dtype": "float32", "autocast": "bfloat16",
+                    "optimizer": {"name": "adamw", "lr": 1e-2}, "steps": 40},
+    "circles_fp16_scaler": {"sizes": [2, 16, 16, 2], "activation": "tanh",
+                            "loss": "cross_entropy", "data": "circles", "dtype": "float32",
+                            "autocast": "float16", "optimizer": {"name": "adam", "lr": 1e-2},
+                            "grad_scaler": {"init_scale": 2.0 ** 30, "growth_interval": 4},
+                            "steps": 40},
+}
+
+
+@pytest.mark.parametrize("name", list(SPEC_RUNS))
+def test_spec_runs_bitwise(name):
+    spec = refnet.Spec.from_dict({**SPEC_RUNS[name], "name": name})
+    pair = harness.build_pair(spec)
+    manual_amp = AutocastMLP(pair.mlp, spec.autocast)
+    settings = spec.scaler_settings
+    ms = None if settings is None else GradScaler(**settings)
+    ts = twin_mod.make_grad_scaler(settings, spec.device)
+    x, target = refnet.load_data(spec)
+    curve_m, curve_t, skipped = [], [], []
+    for step in range(spec.steps):
+        loss_m, stepped_m = manual_amp.train_step(x, target, ms)
+        loss_t, stepped_t = twin_mod.autocast_step(pair.twin, pair.twin_loss, pair.twin_opt, x,
+                                                   target, spec.autocast_dtype, ts)
+        assert stepped_m == stepped_t, step
+        curve_m.append(loss_m)
+        curve_t.append(loss_t)
+        skipped += [] if stepped_m else [step]
+    curve = compare_curves("loss_curve", torch.stack(curve_m), torch.stack(curve_t), strict_bits=True)
+    assert curve.passed, curve.message()
+    for k, p in pair.twin.named_parameters():
+        v = compare_tensors(k, pair.mlp.params[k], p.detach(), strict_bits=True)
+        assert v.passed, v.message()
+    if settings is not None:
+        assert skipped and skipped[0] == 0, skipped           # the first scale overflows
+        print(f"{name}: skipped {skipped}, final scale {float(ms.scale)}")
