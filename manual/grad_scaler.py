@@ -90,13 +90,21 @@ class GradScaler:
         self.found_inf = None
 
     def state_dict(self):
-        return {"scale": float(self.scale), "growth_tracker": self.growth_tracker,
-                "init_scale": self.init_scale, "growth_factor": self.growth_factor,
-                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval}
+        """The keys of torch.amp.GradScaler.state_dict(), so a checkpoint moves between the two."""
+        return {"scale": float(self.scale), "growth_factor": self.growth_factor,
+                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
+                "_growth_tracker": self.growth_tracker}
 
     def load_state_dict(self, state):
+        """Restore from state_dict() (ours or torch.amp.GradScaler's): scale, tracker, settings."""
+        missing = {"scale", "growth_factor", "backoff_factor", "growth_interval",
+                   "_growth_tracker"} - set(state)
+        if missing:
+            raise ValueError(f"state: missing {sorted(missing)}")
+        _, self.growth_factor, self.backoff_factor, self.growth_interval = check_scaler_settings(
+            1.0, state["growth_factor"], state["backoff_factor"], state["growth_interval"])
         self.scale.fill_(state["scale"])
-        self.growth_tracker = int(state["growth_tracker"])
+        self.growth_tracker = int(state["_growth_tracker"])
 
 
 def check_scaler_settings(init_scale, growth_factor, backoff_factor, growth_interval):

@@ -324,3 +324,30 @@ def test_spec_runs_bitwise(name):
     if settings is not None:
         assert skipped and skipped[0] == 0, skipped           # the first scale overflows
         print(f"{name}: skipped {skipped}, final scale {float(ms.scale)}")
+
+
+def test_scaler_state_moves_between_manual_and_torch_mid_run():
+    """An fp16 run with an overflowing first scale, interrupted after 9 steps: the manual scaler
+    resumes from torch's state_dict (and torch's from the manual one's), and the resumed run is
+    bitwise to the uninterrupted one, skipped steps included."""
+    settings = {"init_scale": 2.0 ** 30, "growth_factor": 1.8, "backoff_factor": 0.4,
+                "growth_interval": 3}
+    whole, parted = run_both("tanh", "mse", OPTIMIZERS[1], torch.float16, settings, steps=18)
+    assert parted is None
+    net, (twin, loss_fn, twin_opt) = _pair("tanh", "mse", OPTIMIZERS[1])
+    manual_amp, gen = AutocastMLP(net, torch.float16), torch.Generator().manual_seed(7)
+    ms, ts = GradScaler(**settings), torch.amp.GradScaler("cpu", **settings)
+    resumed = []
+    for step in range(18):
+        if step == 9:   # swap the scalers' states through the other side's state_dict
+            ms_state, ts_state = ms.state_dict(), ts.state_dict()
+            ms, ts = GradScaler(), torch.amp.GradScaler("cpu")
+            ms.load_state_dict(ts_state)
+            ts.load_state_dict(ms_state)
+        x, target = _batch(gen, "mse")
+        _, stepped = manual_amp.train_step(x, target, ms)
+        twin_mod.autocast_step(twin, loss_fn, twin_opt, x, target, torch.float16, ts)
+        resumed.append({"stepped": stepped, "scale": float(ms.scale)})
+        assert float(ms.scale) == ts.get_scale(), step
+    assert resumed == whole
+    assert not whole[0]["stepped"]
