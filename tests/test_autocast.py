@@ -327,9 +327,10 @@ def test_spec_runs_bitwise(name):
 
 
 def test_scaler_state_moves_between_manual_and_torch_mid_run():
-    """An fp16 run with an overflowing first scale, interrupted after 9 steps: the manual scaler
+    """An fp16 run with an overflowing first scale, interrupted after 11 steps: the manual scaler
     resumes from torch's state_dict (and torch's from the manual one's), and the resumed run is
-    bitwise to the uninterrupted one, skipped steps included."""
+    bitwise to the uninterrupted one, skipped steps included (the swap falls where the growth
+    tracker is at 2 of 3, so a tracker lost in the move changes when the scale grows)."""
     settings = {"init_scale": 2.0 ** 30, "growth_factor": 1.8, "backoff_factor": 0.4,
                 "growth_interval": 3}
     whole, parted = run_both("tanh", "mse", OPTIMIZERS[1], torch.float16, settings, steps=18)
@@ -339,8 +340,9 @@ def test_scaler_state_moves_between_manual_and_torch_mid_run():
     ms, ts = GradScaler(**settings), torch.amp.GradScaler("cpu", **settings)
     resumed = []
     for step in range(18):
-        if step == 9:   # swap the scalers' states through the other side's state_dict
+        if step == 11:   # swap the scalers' states through the other side's state_dict
             ms_state, ts_state = ms.state_dict(), ts.state_dict()
+            assert ms_state["_growth_tracker"] == ts_state["_growth_tracker"] == 2
             ms, ts = GradScaler(), torch.amp.GradScaler("cpu")
             ms.load_state_dict(ts_state)
             ts.load_state_dict(ms_state)
