@@ -16,13 +16,15 @@ from importlib import metadata
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-# refnet's pytest plugin (refnet_check, --refnet-tier, the summary line).  When refnet is
+# refnet's pytest plugin (refnet_check, --refnet-tier, the summary line; the top-level module
+# _refnet_pytestplugin, which imports refnet only when the fixture is used).  When refnet is
 # pip-installed its pytest11 entry point already loads it; naming it again here would register
-# the plugin twice, so only a plain checkout (nothing installed) loads it from this file, or a run
-# with entry points switched off (PYTEST_DISABLE_PLUGIN_AUTOLOAD).
+# the plugin twice, so only a plain checkout (nothing installed, or an install older than this
+# module) loads it from this file, or a run with entry points switched off
+# (PYTEST_DISABLE_PLUGIN_AUTOLOAD).
 if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") or not any(
-        ep.value == "refnet.pytest_plugin" for ep in metadata.entry_points(group="pytest11")):
-    pytest_plugins = ["refnet.pytest_plugin"]
+        ep.value == "_refnet_pytestplugin" for ep in metadata.entry_points(group="pytest11")):
+    pytest_plugins = ["_refnet_pytestplugin"]
 
 from refnet.settings import apply_threads  # noqa: E402  (after the variable, which must come first)
 

@@ -15,6 +15,13 @@ the indices in the same order with the same add, so it gives those bits.
 import torch
 
 from manual import _check
+from manual.cache import Cache
+
+
+class EmbeddingCache(Cache):
+    """What embedding_backward needs: the indices (N, T) int64 and the table's shape (V, E)."""
+    fields = ("idx", "weight_shape")
+    __slots__ = fields
 
 
 def embedding_forward(idx, weight):
@@ -26,14 +33,15 @@ def embedding_forward(idx, weight):
                          f"got {idx.device}")
     idx = idx.long()
     out = weight.index_select(0, idx.reshape(-1)).view(*idx.shape, weight.shape[1])
-    return out, (idx, weight.shape)
+    return out, EmbeddingCache(idx, weight.shape)
 
 
 def embedding_backward(dout, cache):
     """dout (N, T, E) -> dweight (V, E)."""
     # out = W[idx]  ⇒  dW[v] = Σ_{i: idx_i = v} dout_i, accumulated in index order
-    idx, wshape = cache
-    if dout.shape != (*idx.shape, wshape[1]):
-        raise ValueError(f"dout: expected shape {[*idx.shape, wshape[1]]}, got {list(dout.shape)}")
-    dweight = torch.zeros(wshape, dtype=dout.dtype, device=dout.device)
-    return dweight.index_add_(0, idx.reshape(-1), dout.reshape(-1, wshape[1]))
+    idx, weight_shape = cache
+    if dout.shape != (*idx.shape, weight_shape[1]):
+        raise ValueError(f"dout: expected shape {[*idx.shape, weight_shape[1]]}, "
+                         f"got {list(dout.shape)}")
+    dweight = torch.zeros(weight_shape, dtype=dout.dtype, device=dout.device)
+    return dweight.index_add_(0, idx.reshape(-1), dout.reshape(-1, weight_shape[1]))

@@ -20,7 +20,8 @@ L2 regularization (reg · Σ_layers Σ W², weights only, biases not) is ``l2_fo
 import torch
 
 from manual import _check
-from manual.kernel_exp import sleef_exp
+# NllCascade is used by manual/fast.py through this module
+from manual.kernel_order import NllCascade, log_softmax_backward_exp, nll_mean, sequential_sum_into
 
 
 def sum_squared_forward(y_pred, target):
@@ -56,7 +57,7 @@ def cross_entropy_forward(y_pred, labels):
     logp = torch.log_softmax(y_pred, 1)                          # (N, C)
     picked = logp.gather(1, labels.unsqueeze(1)).squeeze(1)      # (N,)
     if y_pred.device.type == "cpu":
-        loss = _nll_mean(picked, n)
+        loss = nll_mean(picked, n)                               # the kernel's cascade
     else:  # CUDA's nll kernel reduces in its own block order: sum then divide (not bitwise-checked)
         loss = -(picked.sum()) / float(n)
     return loss, (logp, labels)
@@ -82,129 +83,17 @@ def cross_entropy_backward(dloss, cache):
 # not torch.exp (MKL VML), and the two differ in the last bit on ~5–10% of elements; (2) GCC
 # contracts `x − e·s` into one FMA.  So on x86 CPUs with AVX2/AVX512 we evaluate Sleef's exp
 # algorithm with torch ops (round, FMAs via addcmul, ldexp) — measured bitwise against the kernel
-# on every element tried — and form the difference with addcmul (one FMA).
+# on every element tried — and form the difference with addcmul (one FMA).  The forward's mean
+# over samples follows nll_loss_out_frame's summation cascade.  Both are in kernel_order.py.
 
 
-def log_softmax_backward_exp(logp):
-    """exp as the CPU log_softmax backward kernel evaluates it: vec::map2 runs every element,
-    partial last vector included, through Sleef's exp on AVX2/AVX512 builds (no scalar tail,
-    unlike elu_backward), so manual.kernel_exp.sleef_exp applies at every position.
-
-    Elsewhere (CUDA, or a CPU run with ATEN_CPU_CAPABILITY=default) it is torch.exp: not verified
-    bitwise there; expect the `ulp` tier at worst.
-    """
-    if logp.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") \
-            and logp.dtype in (torch.float32, torch.float64):
-        return sleef_exp(logp)
-    return torch.exp(logp)
-
-
-NLL_LEVELS = 8        # nll_loss_out_frame's cascade_sum_num_levels
-NLL_LEVEL_POWER = 4   # its level_power: max(4, CeilLog2(N) / 8), i.e. 4 for N ≤ 2^39
-NLL_LEVEL_STEP = 1 << NLL_LEVEL_POWER
-
-
-def _nll_mean_reference(picked, n):
-    """−(1/N) Σ picked, one sample at a time exactly as nll_loss_out_frame (LossNLL.cpp) loops.
-
-    The plain reference for ``_nll_mean`` (O(N) tensor ops; tests compare the two bit for bit).
-    The kernel keeps 8 partial sums; each sample is subtracted from partial 0, and whenever the
-    sample index b has its low 4·(j+1) bits zero, partial j is folded into partial j+1.  At the
-    end partials 0..7 are added in order, and the sum is divided by (scalar_t)N.
-    """
-    zero = torch.zeros((), dtype=picked.dtype, device=picked.device)
-    partial = [zero] * NLL_LEVELS
-    for b in range(n):
-        partial[0] = partial[0] - picked[b]
-        for j in range(NLL_LEVELS - 1):
-            if b & ((NLL_LEVEL_STEP - 1) << (NLL_LEVEL_POWER * j)):
-                break
-            partial[j + 1] = partial[j + 1] + partial[j]
-            partial[j] = zero
-    total = zero
-    for p in partial:
-        total = total + p
-    return total / float(n)
-
-
-def sequential_sum_into(acc, index, values, alpha=1):
-    """acc[index[i]] += alpha·values[i] for i = 0, 1, … in that order, each add rounded in the
-    tensor's dtype; returns acc.
-
-    On the CPU, ``index_add_`` of a 1-D tensor is exactly this serial loop (TensorAdvancedIndexing.cpp,
-    index_add_cpu_out: ``*self_ip += source[i] * alpha``; ·1 and ·(−1) are exact), one thread, so it
-    sums many short sequences in their written order in one op — unlike ``sum``, which vectorizes
-    and blocks.  acc, index, values: 1-D.
-    """
-    return acc.index_add_(0, index, values, alpha=alpha)
-
-
-class NllCascade:
-    """nll_loss_out_frame's cascade for N samples, as a fixed plan of sequential sums.
-
-    The kernel's cascade (``_nll_mean_reference`` follows it one sample at a time) is a fixed
-    blocked summation.  Level j starts at 0, takes its inputs one by one (level 0: the samples,
-    subtracted) and, after input m with m % 16 == 0 (m = 0 included), hands its sum to level
-    j+1 and restarts at 0.  So its hand-offs are the sums of the groups {v₀}, {v₁..v₁₆},
-    {v₁₇..v₃₂}, … — input m is in group (m + 15) // 16 — and what it holds at the end is the sum
-    of the incomplete last group (0 if there is none).  Level 7 never hands off: everything it
-    receives is one group.  A level that receives a single value hands it up unchanged
-    (0 + v = v: a sum started at +0 is never −0), so the levels stop there and that value is
-    what partial 7 ends with.  Partials that are 0 are left out of the final sum (s + 0 = s for
-    the same reason); the others are added in level order, starting from 0, and divided by N.
-
-    All levels' group sums live in one flat buffer of ``size`` entries: level j's in
-    ``[offset_j, offset_j + groups_j)``.  ``levels``: (offset, groups, alpha, group index
-    (inputs,) int64, where its inputs start: None for the samples (level 0), else the offset of
-    the level below, whose first sums they are); ``kept``: (P,) int64 positions of the partials
-    to add at the end.
-    """
-
-    def __init__(self, n, device="cpu"):
-        self.n, self.levels, kept = n, [], []
-        offset, length, level, last = 0, n, 0, None
-        while level < NLL_LEVELS and (length > 1 or level == 0):
-            if level == NLL_LEVELS - 1:
-                group = torch.zeros(length, dtype=torch.int64, device=device)
-                groups = 1
-            else:
-                group = torch.arange(NLL_LEVEL_STEP - 1, length + NLL_LEVEL_STEP - 1,
-                                     device=device) // NLL_LEVEL_STEP
-                groups = (length - 1 + NLL_LEVEL_STEP - 1) // NLL_LEVEL_STEP + 1
-            self.levels.append((offset, groups, -1 if level == 0 else 1, group, last))
-            if level == NLL_LEVELS - 1:
-                kept.append(offset)                       # partial 7 sums all it receives
-            elif (length - 1) % NLL_LEVEL_STEP:           # an incomplete last group: kept
-                kept.append(offset + groups - 1)
-                length = groups - 1
-            else:
-                length = groups
-            last, offset, level = offset, offset + groups, level + 1
-        if level < NLL_LEVELS:                            # stopped at a single hand-off:
-            kept.append(last)                             # the value rising to partial 7
-        self.size = offset
-        self.kept = torch.tensor(kept, dtype=torch.int64, device=device)
-        self.kept_into = torch.zeros(len(kept), dtype=torch.int64, device=device)
-
-    def mean(self, picked, sums, kept_values, total):
-        """−(1/N) Σ picked with the kernel's bits, in 3 + (levels) ops, into the given buffers:
-        sums (size,), kept_values (P,), total (1,), all of picked's dtype.  Returns a new 0-d
-        tensor."""
-        sums.zero_()
-        for offset, groups, alpha, group, below in self.levels:
-            inputs = picked if below is None else sums[below:below + group.shape[0]]
-            sequential_sum_into(sums[offset:offset + groups], group, inputs, alpha)
-        torch.index_select(sums, 0, self.kept, out=kept_values)
-        sequential_sum_into(total.zero_(), self.kept_into, kept_values)
-        return total[0] / float(self.n)
-
-
-def _nll_mean(picked, n):
-    """−(1/N) Σ picked with the bits of nll_loss_out_frame, in O(1) tensor ops (see NllCascade;
-    ``_nll_mean_reference`` is the plain one-sample-at-a-time version)."""
-    plan = NllCascade(n, picked.device)
-    new = lambda size: picked.new_empty(size)  # noqa: E731
-    return plan.mean(picked, new(plan.size), new(plan.kept.shape[0]), new(1))
+def cross_entropy_backward_textbook(dloss, cache):
+    """The lecture's form, (softmax(y_pred) − onehot(labels))·dloss/N: correct to rounding, not
+    bit-identical to autograd (torch.exp and no FMA; see the note above)."""
+    # ∂L/∂y_pred = (pᵢ − 1[j = tᵢ])/N,  p = softmax(y_pred) = exp(log softmax)
+    logp, labels = cache
+    onehot = torch.zeros_like(logp).scatter_(1, labels.unsqueeze(1), 1.0)
+    return (torch.exp(logp) - onehot) * (dloss / logp.shape[0])
 
 
 # -- multiclass SVM (hinge) loss, PyTorch's MultiMarginLoss(p=1, margin=1) ---------------------------

@@ -21,6 +21,7 @@ import torch
 
 from manual import _check
 from manual.activations import activation_backward, activation_forward, activation_list
+from manual.cache import Cache
 from manual.dropout import dropout_backward, dropout_forward
 from manual.embedding import embedding_backward, embedding_forward
 from manual.layers import linear_backward, linear_forward
@@ -28,6 +29,20 @@ from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward, 
 from manual.norm import batchnorm_backward, batchnorm_forward, layernorm_backward, layernorm_forward
 
 INIT_SCHEMES = ("uniform", "randn")
+
+
+class LayerCache(Cache):
+    """One layer's caches, in forward order; norm, activation and dropout are None where the
+    layer has none (the last layer: linear only)."""
+    fields = ("linear", "norm", "activation", "dropout")
+    __slots__ = fields
+
+
+class ForwardCache(Cache):
+    """What MLP.backward needs: the layers' caches (a list of LayerCache), the embedding's (or
+    None) and the loss's."""
+    fields = ("layers", "embedding", "loss")
+    __slots__ = fields
 
 
 def linear_widths(sizes, activations, k=2):
@@ -185,7 +200,7 @@ class MLP:
         layers.{i}.grad_linear).
         """
         self.check_input(x)
-        caches = []
+        layer_caches = []
         h, emb_cache = x, None
         if self.embedding is not None:
             emb, emb_cache = embedding_forward(x, self.params["embed.weight"])
@@ -199,8 +214,8 @@ class MLP:
                 if self.norm is not None:
                     _record(trace, f"layers.{i}.linear", z)
                     z, norm_cache = self._norm_forward(i, z)
-                    _record(trace, f"norms.{i}.mean", norm_cache[2])    # μ per feature (batch
-                    _record(trace, f"norms.{i}.invstd", norm_cache[3])  # norm) or row (layer norm)
+                    _record(trace, f"norms.{i}.mean", norm_cache.mean)      # μ per feature (batch
+                    _record(trace, f"norms.{i}.invstd", norm_cache.invstd)  # norm) or row (layer norm)
                 _record(trace, f"layers.{i}.pre_activation", z)
                 act = self.activations[i]
                 h, act_cache = activation_forward(act, z, **self._act_options(act))
@@ -211,19 +226,18 @@ class MLP:
                     _record(trace, f"layers.{i}.dropout", h)
             else:
                 _record(trace, f"layers.{i}.pre_activation", z)
-            caches.append((lin_cache, norm_cache, act_cache, drop_cache))
-        caches.append(emb_cache)
-        return h, caches
+            layer_caches.append(LayerCache(lin_cache, norm_cache, act_cache, drop_cache))
+        return h, ForwardCache(layer_caches, emb_cache)
 
     def forward(self, x, target, trace=None):
         """x (N, D), target (N, C) values or (N,) labels -> scalar loss, cache for backward."""
-        out, caches = self.predict(x, trace)
+        out, cache = self.predict(x, trace)
         loss, loss_cache = loss_forward(self.loss, out, target)
         if self.reg:
             loss = loss + l2_forward(self._weights(), self.reg)
         _record(trace, "output", out)
         _record(trace, "loss", loss)
-        return loss, (caches, loss_cache)
+        return loss, cache.replace(loss=loss_cache)
 
     def backward(self, cache, dloss=None, trace=None):
         """cache from forward -> grads (name -> tensor shaped like the parameter), dx (N, D).
@@ -233,16 +247,14 @@ class MLP:
         seed autograd starts from.  With an embedding, dx is the gradient of the flattened
         lookup (N, T·E).
         """
-        caches, loss_cache = cache
-        layer_caches, emb_cache = caches[:-1], caches[-1]
         if dloss is None:
             w0 = self.params["layers.0.weight"]
             dloss = torch.ones((), dtype=w0.dtype, device=w0.device)
-        dh = loss_backward(self.loss, dloss, loss_cache)
+        dh = loss_backward(self.loss, dloss, cache.loss)
         _record(trace, "grad_output", dh)
         grads = {}
         for i in reversed(range(self.n_layers)):
-            lin_cache, norm_cache, act_cache, drop_cache = layer_caches[i]
+            lin_cache, norm_cache, act_cache, drop_cache = cache.layers[i]
             if i < self.n_layers - 1:
                 if self.dropout:
                     _record(trace, f"layers.{i}.grad_dropout", dh)
@@ -258,9 +270,9 @@ class MLP:
             grads[f"layers.{i}.weight"] = dweight
             if dbias is not None:
                 grads[f"layers.{i}.bias"] = dbias
-        if emb_cache is not None:
-            idx = emb_cache[0]
-            grads["embed.weight"] = embedding_backward(dh.view(*idx.shape, -1), emb_cache)
+        if cache.embedding is not None:
+            idx = cache.embedding.idx
+            grads["embed.weight"] = embedding_backward(dh.view(*idx.shape, -1), cache.embedding)
         if self.reg:  # the second use of each W: its gradient is added to the data gradient
             for i, dweight_reg in enumerate(l2_backward(dloss, self._weights(), self.reg)):
                 grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dweight_reg

@@ -15,32 +15,36 @@ over the D features of each sample, and no running statistics.
 The forward passes call torch's forward kernels (``torch.native_batch_norm``,
 ``torch.native_layer_norm``): the kernels' reductions for μ and σ² run in lanes and passes whose
 order plain tensor ops cannot reproduce, and we want the very μ, 1/σ and running statistics
-autograd's twin sees.  The backward passes are written by hand.
-
-Two batch-norm backwards:
-  * ``batchnorm_backward`` — the fused closed form (CS231n's ``batchnorm_backward_alt``), written
-    as the CPU kernel evaluates it (aten/src/ATen/native/cpu/batch_norm_kernel.cpp,
-    batch_norm_cpu_backward_channels_last_impl: an (N, D) input has image size 1, "NC11 is also
-    channels last"):
-        Σdy  = Σₙ dy                    sequential over rows, per thread chunk, in the dtype
-        dotp = Σₙ (x − μ)·dy            the same, each step one FMA: dotp + (x − μ)·dy
-        (chunks combined in float64: acc_type<float> is double on the CPU)
-        dweight = dotp·(1/σ),  dbias = Σdy
-        k = dotp·(1/σ)·(1/σ)/N,  dx = (dy − Σdy/N − (x − μ)·k)·(1/σ)·weight
-    GCC contracts ``(dy − Σdy/N) − (x − μ)·k`` into one FMA in the vector body; measured on
-    AVX-512 (torch 2.13), the last ``D mod 8`` float32 / ``D mod 4`` float64 columns of the
-    kernel's masked tail are not contracted.  We mirror both (see ``_bn_dx_fma_columns``).
-    Eval mode: dx = dy·(1/σ)·weight with 1/σ = 1/√(running_var + eps) formed in float64.
+autograd's twin sees.  The backward passes are written by hand, three ways:
+  * ``*_backward_textbook`` — the closed form as a lecture writes it (CS231n's
+    ``batchnorm_backward_alt``, llm.c's ``layernorm_backward``): a few lines, correct to rounding,
+    not bit-identical to autograd (tests/test_textbook_backwards.py grades it);
+  * ``batchnorm_backward`` / ``layernorm_backward`` — the same closed form as the CPU kernels
+    evaluate it, bit-identical to autograd: the sums and FMA contractions whose order decides the
+    bits are one call each into manual/kernel_order.py, which names the kernel;
   * ``batchnorm_backward_steps`` — the step-by-step chain through the small ops of
-    ``batchnorm_forward_steps`` (mean, centre, square, variance, inverse std, scale, shift), the
-    CS231n / makemore computational graph; it matches autograd run over those same small ops.
+    ``batchnorm_forward_steps`` (the CS231n / makemore computational graph); it matches autograd
+    run over those same small ops.
 """
 import math
 
 import torch
 
-from manual import _check
-from manual.kernel_exp import VECTOR_BITS
+from manual import _check, kernel_order
+from manual.cache import Cache
+
+
+class BatchNormCache(Cache):
+    """What batchnorm_backward needs: x (N, D), weight (D,) or None, and mean, invstd the batch's
+    μ, 1/σ (training) or the running statistics' (eval), per feature (D,)."""
+    fields = ("x", "weight", "mean", "invstd", "training")
+    __slots__ = fields
+
+
+class LayerNormCache(Cache):
+    """What layernorm_backward needs: x (N, D), weight (D,) or None, each row's μ, 1/σ (N,)."""
+    fields = ("x", "weight", "mean", "invstd")
+    __slots__ = fields
 
 
 # --- batch norm: forward ---------------------------------------------------------------------
@@ -71,72 +75,53 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
         # per feature with the correctly rounded math.sqrt (torch.sqrt's MKL path is not always)
         invstd = torch.tensor([1 / math.sqrt(v + eps) for v in running_var.double().tolist()],
                               dtype=torch.float64).to(dtype=x.dtype, device=x.device)
-    return out, (x, weight, mean.clone(), invstd, training)
-
-
-def _thread_chunks(n):
-    """Row ranges of at::parallel_for(0, n, grain 1) on OpenMP: ceil(n / threads) rows each."""
-    threads = max(1, min(torch.get_num_threads(), n))
-    size = -(-n // threads)
-    return [(s, min(n, s + size)) for s in range(0, n, size)]
-
-
-def _bn_sums(xc, dout):
-    """(Σₙ dout, Σₙ xc·dout) per feature (xc = x − μ), in the kernel's order: sequential over the rows of
-    each thread chunk in x's dtype (dotp with one FMA per step), then the chunk partials added in
-    float64 starting from +0 (acc_type<float, false> is double) and rounded back."""
-    zero = torch.zeros(xc.shape[1], dtype=xc.dtype, device=xc.device)
-    total_s = torch.zeros(xc.shape[1], dtype=torch.float64, device=xc.device)
-    total_d = torch.zeros_like(total_s)
-    for begin, end in _thread_chunks(xc.shape[0]):
-        s, d = zero, zero
-        for i in range(begin, end):
-            s = s + dout[i]
-            d = torch.addcmul(d, xc[i], dout[i])       # dotp + (x − μ)·dy as one FMA
-        total_s = total_s + s.double()
-        total_d = total_d + d.double()
-    return total_s.to(xc.dtype), total_d.to(xc.dtype)
-
-
-def _bn_dx_fma_columns(n_features, dtype, device):
-    """How many leading columns the kernel evaluates with the contracted (FMA) dx formula.
-
-    Measured on AVX-512 (torch 2.13): all but the last D mod (256 bits / element bits) columns.
-    On other capabilities the same rule is applied with 256-bit halves of the vector; not measured.
-    """
-    if device.type != "cpu":
-        return n_features
-    bits = VECTOR_BITS.get(torch.backends.cpu.get_cpu_capability(), 256)
-    half = (bits // 2) // (torch.finfo(dtype).bits)
-    return n_features - n_features % half
+    return out, BatchNormCache(x, weight, mean.clone(), invstd, training)
 
 
 def batchnorm_backward(dout, cache):
     """Fused closed-form backward.  dout (N, D) -> (dx (N, D), dweight (D,), dbias (D,)).
 
     dx = (1/σ)·weight·(dout − mean(dout) − x̂·mean(dout·x̂)) in training, (1/σ)·weight·dout in eval.
+    Written as batch_norm_cpu_backward_channels_last_impl evaluates it (an (N, D) input is
+    "NC11", channels last): k = dotp·(1/σ)·(1/σ)/N,  dx = (dy − Σdy/N − (x − μ)·k)·(1/σ)·weight;
+    Σdy, dotp and the FMA in dx in the kernel's order (kernel_order.bn_column_sums, bn_dx_inner).
+    Eval mode: 1/σ = 1/√(running_var + eps) formed in float64 (batchnorm_forward).
     """
-    # dx = (w/σ)(dy − Σdy/N − (x−μ)·Σ(x−μ)dy/(Nσ²));  dw = Σ(x−μ)dy/σ;  db = Σdy
+    # dx = (w/σ)(dy − Σdy/N − (x−μ)·Σ(x−μ)dy/(Nσ²));  dweight = Σ(x−μ)dy/σ;  dbias = Σdy
     x, weight, mean, invstd, training = cache
     if dout.shape != x.shape:
         raise ValueError(f"dout: expected shape {list(x.shape)}, got {list(dout.shape)}")
     n = x.shape[0]
     w = weight if weight is not None else torch.ones_like(invstd)
     xc = x - mean
-    sum_dy, dotp = _bn_sums(xc, dout)
+    sum_dy, dotp = kernel_order.bn_column_sums(xc, dout)         # Σₙ dy, Σₙ (x − μ)·dy
     dweight = dotp * invstd if weight is not None else None
     dbias = sum_dy if weight is not None else None
     if not training:
         return dout * invstd * w, dweight, dbias
     k = dotp * invstd * invstd / n
     grad_mean = sum_dy / n
-    fused = torch.addcmul(dout - grad_mean, xc, k, value=-1)   # one rounding: FMA
-    split = _bn_dx_fma_columns(x.shape[1], x.dtype, x.device)
-    if split < x.shape[1]:
-        plain = dout - grad_mean - xc * k                       # two roundings
-        fused = torch.cat([fused[:, :split], plain[:, split:]], 1)
-    dx = fused * invstd * w
+    dx = kernel_order.bn_dx_inner(dout, grad_mean, xc, k) * invstd * w   # (dy − Σdy/N − xc·k)
     return dx, dweight, dbias
+
+
+def batchnorm_backward_textbook(dout, cache):
+    """The same closed form as CS231n's ``batchnorm_backward_alt`` writes it, in a few plain ops:
+    correct to rounding, not bit-identical to autograd.  Same arguments and results as
+    batchnorm_backward."""
+    # dx = (1/(Nσ))·(N·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂)), dx̂ = dout·w;  dweight = Σ dout·x̂;  dbias = Σ dout
+    x, weight, mean, invstd, training = cache
+    w = weight if weight is not None else torch.ones_like(invstd)
+    n = x.shape[0]
+    xhat = (x - mean) * invstd
+    dxhat = dout * w
+    if training:
+        dx = invstd / n * (n * dxhat - dxhat.sum(0) - xhat * (dxhat * xhat).sum(0))
+    else:
+        dx = dxhat * invstd
+    if weight is None:
+        return dx, None, None
+    return dx, (dout * xhat).sum(0), dout.sum(0)
 
 
 # --- batch norm: the step-by-step graph --------------------------------------------------------
@@ -182,95 +167,48 @@ def layernorm_forward(x, weight, bias, eps=1e-5):
     Uses torch.native_layer_norm (nn.LayerNorm's forward kernel) for μᵢ and 1/σᵢ."""
     _check.norm_args(x, weight, bias, "layernorm")
     out, mean, rstd = torch.native_layer_norm(x, [x.shape[1]], weight, bias, eps)
-    return out, (x, weight, mean.view(-1), rstd.view(-1))
-
-
-def _ln_lanes(dtype, device):
-    """Lanes of the vectors layer_norm_backward_frame reduces in: 256-bit ones (8 float32, 4
-    float64), measured on an AVX-512 machine with torch 2.13; 0 where not measured (plain sums)."""
-    if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX2"):
-        return 0
-    return 256 // torch.finfo(dtype).bits
-
-
-def _ln_row_sum(factors, lanes):
-    """Σⱼ Πfactors per row, as vec::map{2,3}_reduce_all sums it (a, b: (N, D) -> (N, 1)).
-
-    D < lanes: left to right.  Otherwise a lanes-wide accumulator starts from the first chunk, adds
-    each further full chunk (acc + product, two roundings), adds the partial last chunk with one
-    FMA per lane (the compiler contracts that one), then folds the lanes: float32 by the shuffle
-    tree (lane i + lane i^4, then i^2, then i^1), float64 left to right.
-    """
-    def prod(sl):
-        out = factors[0][:, sl] * factors[1][:, sl]
-        return out * factors[2][:, sl] if len(factors) == 3 else out
-
-    n = factors[0].shape[1]
-    if not lanes or n < lanes:
-        if not lanes:
-            return prod(slice(0, n)).sum(1, keepdim=True)
-        terms = prod(slice(0, n))
-        total = terms[:, :1]
-        for j in range(1, n):
-            total = total + terms[:, j:j + 1]
-        return total
-    acc = prod(slice(0, lanes))
-    d = lanes
-    while d + lanes <= n:
-        acc = acc + prod(slice(d, d + lanes))
-        d += lanes
-    if d < n:
-        r = n - d
-        head = factors[0][:, d:] * factors[1][:, d:] if len(factors) == 3 else factors[0][:, d:]
-        last = factors[-1][:, d:]
-        acc = torch.cat([torch.addcmul(acc[:, :r], head, last), acc[:, r:]], 1)
-    if factors[0].dtype == torch.float32:
-        while acc.shape[1] > 1:
-            half = acc.shape[1] // 2
-            acc = acc[:, :half] + acc[:, half:]
-        return acc
-    total = acc[:, :1]
-    for j in range(1, lanes):
-        total = total + acc[:, j:j + 1]
-    return total
+    return out, LayerNormCache(x, weight, mean.view(-1), rstd.view(-1))
 
 
 def layernorm_backward(dout, cache):
-    """dout (N, D) -> (dx (N, D), dweight (D,), dbias (D,)), in the terms of layer_norm_kernel.cpp
-    (a = 1/σᵢ, scale = 1/D, per row: ds = Σⱼ dy·x·w, db = Σⱼ dy·w):
-        b = (db·μ − ds)·a³·scale,  c = −b·μ − db·a·scale,  dx = a·dy·w + b·x + c
-        dweight = Σᵢ dy·(a·x − a·μ),  dbias = Σᵢ dy   (sequential over rows per thread chunk)
-    with the compiler's contractions: db·μ − ds, −b·μ − (db·a·scale) and (a·dy·w) + b·x are each
-    one FMA, and the row sums ds, db in the kernel's lane order (``_ln_row_sum``).  Measured
-    bitwise on AVX-512 (torch 2.13) for every width tried (1–19, 37, 64, 100, 257; 1 and 2
-    threads); AVX2 takes the same 256-bit rule unmeasured; other capabilities fall back to
-    torch.sum (refnet/not_bitwise.py).  dweight and dbias are sequential over rows.
+    """dout (N, D) -> (dx (N, D), dweight (D,), dbias (D,)), as layer_norm_kernel.cpp evaluates
+    the closed form (rstd = 1/σᵢ, per row):
+        dx = rstd·w·dy + x_coef·x + const,
+        x_coef = (Σⱼdy·w·μ − Σⱼdy·w·x)·rstd³/D,   const = −x_coef·μ − Σⱼdy·w·rstd/D
+    with the compiler's contractions (each of the three lines below one FMA) and the row sums in
+    the kernel's lane order (kernel_order.ln_row_sums); dweight, dbias sequential over rows
+    (kernel_order.ln_param_grads).  Bitwise on AVX-512 and AVX2 (torch 2.13) for every width
+    tried; other capabilities fall back to torch.sum (refnet/not_bitwise.py).
     """
-    # dx = (1/σ)(w·dy − mean(w·dy) − x̂·mean(w·dy·x̂));  dw = Σᵢ dy·x̂;  db = Σᵢ dy
-    x, weight, mean, rstd = cache
+    # dx = (1/σ)(w·dy − mean(w·dy) − x̂·mean(w·dy·x̂));  dweight = Σᵢ dy·x̂;  dbias = Σᵢ dy
+    x, weight, mean, invstd = cache
     if dout.shape != x.shape:
         raise ValueError(f"dout: expected shape {list(x.shape)}, got {list(dout.shape)}")
     w = weight if weight is not None else torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
     scale = 1.0 / x.shape[1]
-    a = rstd.unsqueeze(1)
+    rstd = invstd.unsqueeze(1)
     mu = mean.unsqueeze(1)
-    wn = w.expand_as(x)
-    lanes = _ln_lanes(x.dtype, x.device)
-    ds = _ln_row_sum((dout, x, wn), lanes)                     # Σⱼ dy·x·w
-    db = _ln_row_sum((dout, wn), lanes)                        # Σⱼ dy·w
-    b = torch.addcmul(-ds, db, mu) * a * a * a * scale         # fma(db, μ, −ds)·a³·scale
-    c = torch.addcmul(-(db * a * scale), -b, mu)               # fma(−b, μ, −db·a·scale)
-    dx = torch.addcmul((a * dout) * w, b.expand_as(x), x) + c  # fma(b, x, a·dy·w) + c
-    dweight = dbias = None
-    if weight is not None:
-        zero = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
-        gw, gb = zero, zero  # the chunk partials are added in opmath (float for float32)
-        shift = -a * mu
-        for begin, end in _thread_chunks(x.shape[0]):
-            pw, pb = zero, zero
-            for i in range(begin, end):
-                pw = torch.addcmul(pw, dout[i], torch.addcmul(shift[i], a[i], x[i]))
-                pb = pb + dout[i]
-            gw, gb = gw + pw, gb + pb
-        dweight, dbias = gw, gb
+    sum_dyw_x, sum_dyw = kernel_order.ln_row_sums(dout, x, w)            # Σⱼ dy·w·x, Σⱼ dy·w
+    x_coef = torch.addcmul(-sum_dyw_x, sum_dyw, mu) * rstd * rstd * rstd * scale
+    const = torch.addcmul(-(sum_dyw * rstd * scale), -x_coef, mu)
+    dx = torch.addcmul((rstd * dout) * w, x_coef.expand_as(x), x) + const
+    if weight is None:
+        return dx, None, None
+    dweight, dbias = kernel_order.ln_param_grads(dout, x, mu, rstd)      # Σᵢ dy·x̂, Σᵢ dy
     return dx, dweight, dbias
+
+
+def layernorm_backward_textbook(dout, cache):
+    """The same closed form as llm.c's ``layernorm_backward`` (and CS231n) writes it, in a few
+    plain ops: correct to rounding, not bit-identical to autograd.  Same arguments and results
+    as layernorm_backward."""
+    # dx = (1/σ)·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) per row, dx̂ = dout·w
+    # dweight = Σ dout·x̂;  dbias = Σ dout
+    x, weight, mean, invstd = cache
+    rstd = invstd.unsqueeze(1)
+    xhat = (x - mean.unsqueeze(1)) * rstd
+    dxhat = dout * weight if weight is not None else dout
+    dx = rstd * (dxhat - dxhat.mean(1, keepdim=True) - xhat * (dxhat * xhat).mean(1, keepdim=True))
+    if weight is None:
+        return dx, None, None
+    return dx, (dout * xhat).sum(0), dout.sum(0)

@@ -37,13 +37,19 @@ class SGD:
             if self.weight_decay != 0:
                 g = g.add(p, alpha=self.weight_decay)
             if self.momentum != 0:
-                buf = self.buffers.get(name)
-                if buf is None:
-                    buf = self.buffers[name] = g.clone()
-                else:
-                    buf.mul_(self.momentum).add_(g, alpha=1 - self.dampening)
+                buf = self.momentum_buffer(name, g)
                 g = g.add(buf, alpha=self.momentum) if self.nesterov else buf
             p.add_(g, alpha=-self.lr)
+
+    def momentum_buffer(self, name, g):
+        """The momentum buffer of parameter ``name`` updated with gradient g, and returned:
+        b ← g (a copy) on its first step, else μ·b + (1 − τ)·g in place."""
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = self.buffers[name] = g.clone()
+        else:
+            buf.mul_(self.momentum).add_(g, alpha=1 - self.dampening)
+        return buf
 
     def state_dict(self):
         return {"buffers": {k: v.clone() for k, v in self.buffers.items()}}
@@ -80,13 +86,7 @@ class Adam:
         lr, wd, eps = self.lr, self.weight_decay, self.eps
         for name, p in params.items():
             g = grads[name]
-            if name not in self.steps:  # lazy state, as Adam._init_group
-                self.steps[name] = 0
-                self.exp_avg[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                self.exp_avg_sq[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if self.amsgrad:
-                    self.max_exp_avg_sq[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            self.steps[name] += 1
+            self.count_step(name, p)
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
             if wd != 0:
                 if self.decoupled_weight_decay:
@@ -107,6 +107,17 @@ class Adam:
             else:
                 denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
             p.addcdiv_(m, denom, value=-step_size)
+
+    def count_step(self, name, p):
+        """Count a step of parameter ``name`` (tensor p); on its first, create its state as
+        Adam._init_group does (lazily): step 0, moments (and amsgrad's max) zeros like p."""
+        if name not in self.steps:
+            self.steps[name] = 0
+            self.exp_avg[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self.exp_avg_sq[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.amsgrad:
+                self.max_exp_avg_sq[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.steps[name] += 1
 
     def state_dict(self):
         return {"steps": dict(self.steps),

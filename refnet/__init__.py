@@ -41,7 +41,8 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from refnet.api import DEFAULT_TIER, Report, Trace, assert_same, compare, describe, trace_compare
 from refnet.backward_check import check_backward
-from refnet.compare import TIERS, Verdict, compare_curves, compare_tensors, ulp_distance
+from refnet.compare import (TIERS, Verdict, compare_curves, compare_tensors, render, required_tier,
+                            ulp_distance)
 from refnet.data import load_data
 from refnet.harness import (Pair, build_pair, curve_checks, gradient_checks, spec_checks,
                             train_lockstep)
@@ -56,7 +57,7 @@ __all__ = [
     # checks for anyone's code
     "compare", "assert_same", "check_backward", "trace_compare", "check_training", "describe",
     "Verdict", "Report", "Trace", "TrainingCheck", "TIERS", "DEFAULT_TIER", "ulp_distance",
-    "compare_tensors", "compare_curves",
+    "compare_tensors", "compare_curves", "render", "required_tier",
     # refnet's own MLP
     "Spec", "Pair", "build_pair", "load_data", "gradient_checks", "curve_checks",
     "train_lockstep", "spec_checks", "run_training", "Twin", "grads_of", "params_of",

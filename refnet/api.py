@@ -8,22 +8,10 @@ tensor, the worst index, both values there, the distance in ulps, how many eleme
 what share, and the thresholds.  See docs/check-api.md.
 """
 from dataclasses import dataclass, field
-import math
 
-import torch
-
-from refnet.compare import TIERS, TOLERANCES, Verdict, compare_tensors
-
-GRADED = TIERS[:3]          # the tiers a check may require: bitwise, ulp, tolerance
-DEFAULT_TIER = "tolerance"
-
-
-def _required(tier, arg="tier"):
-    if tier is None:
-        return DEFAULT_TIER
-    if tier not in GRADED:
-        raise ValueError(f"{arg}: expected one of {', '.join(GRADED)}, got {tier!r}")
-    return tier
+# GRADED and required_tier are re-exported: the pytest plugin reads them from here
+from refnet.compare import (DEFAULT_TIER, GRADED, TIERS, compare_tensors, render,  # noqa: F401
+                            required_tier)
 
 
 def _name(name, default):
@@ -32,10 +20,6 @@ def _name(name, default):
     if not isinstance(name, str) or not name:
         raise TypeError(f"name: expected a non-empty string, got {name!r}")
     return name
-
-
-def _describe_tensor(t):
-    return f"{list(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
 
 
 # --- one pair of tensors ---------------------------------------------------------------------
@@ -55,67 +39,14 @@ def compare(actual, expected, *, name=None, tier=None, kind="grad"):
     >>> refnet.compare(torch.ones(64), torch.ones(1, 64)).passed
     False
     """
-    required = _required(tier)
-    name = _name(name, "tensor")
-    for arg, t in (("actual", actual), ("expected", expected)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{arg}: expected a torch.Tensor for {name!r}, got {type(t).__name__}"
-                            + (" (convert it with torch.as_tensor first)"
-                               if isinstance(t, (int, float, list, tuple)) or hasattr(t, "__array__")
-                               else ""))
-    base = dict(name=name, shape=list(expected.shape),
-                dtype=str(expected.dtype).replace("torch.", ""), device=str(expected.device))
-    what = []
-    if actual.shape != expected.shape:
-        what.append(f"shape {list(actual.shape)} vs {list(expected.shape)}")
-    if actual.dtype != expected.dtype:
-        what.append(f"dtype {actual.dtype} vs {expected.dtype}")
-    if actual.device != expected.device:
-        what.append(f"device {actual.device} vs {expected.device}")
-    if what:
-        return Verdict(tier="fail", passed=False, numel=expected.numel(), note=(
-            f"mismatch: {', '.join(what)} (actual vs expected); refnet never broadcasts, casts or "
-            f"moves: make both sides {_describe_tensor(expected)} explicitly if that is what you "
-            f"mean"), **base)
-    if expected.is_floating_point() and expected.dtype not in TOLERANCES:
-        raise TypeError(f"{name}: dtype {expected.dtype} is not graded; refnet grades float32, "
-                        f"float64, bfloat16 and float16 (integers and bool exactly); cast both "
-                        f"sides if you mean it")
-    if expected.is_complex():
-        raise TypeError(f"{name}: complex tensors are not graded; compare .real and .imag")
-    return compare_tensors(name, actual, expected, kind, required=required)
+    return compare_tensors(_name(name, "tensor"), actual, expected, kind, tier=tier)
 
 
 def describe(verdict, required=None):
-    """A multi-line report of a verdict for a failing assertion: tier against the required one,
-    how many elements differ and what share, the worst index with both values and their distance
-    in ulps, and the thresholds."""
-    v = verdict
-    head = f"refnet: {v.name} is {v.tier!r}"
-    if required is not None:
-        head += f", required {required!r} or better"
-    lines = [head, f"  expected: {v.shape} {v.dtype} on {v.device}"]
-    sampled = v.ulp_limit is None        # a finite-difference verdict: sampled coordinates
-    if v.numel and (v.mismatched or v.worst_index is not None):
-        share = 100.0 * v.mismatched / v.numel
-        what = "sampled coordinates miss the threshold" if sampled else "elements differ in their bits"
-        lines.append(f"  {v.mismatched} of {v.numel} {what} ({share:.3g}%)")
-    if v.worst_index is not None:
-        a, b = v.worst_values
-        ulp = "" if math.isnan(v.max_ulp) else \
-            ("inf ulp apart; " if v.max_ulp == math.inf else f"{v.max_ulp:.6g} ulp apart; ")
-        lines.append(f"  worst at index {v.worst_index}: actual {a!r} vs expected {b!r} "
-                     f"({ulp}max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g})")
-    if v.rtol is not None and sampled:
-        lines.append(f"  thresholds: rel_error |a - n| / (|a| + |n|) <= {v.rtol:g}, or "
-                     f"|a - n| <= {v.atol:g}")
-    elif v.rtol is not None:
-        ulp_part = f"ulp <= {v.ulp_limit}; " if v.ulp_limit is not None else ""
-        lines.append(f"  thresholds: {ulp_part}tolerance |actual - expected| <= {v.atol:g} + "
-                     f"{v.rtol:g}*|expected|")
-    if v.note:
-        lines.append(f"  note: {v.note}")
-    return "\n".join(lines)
+    """A multi-line report of a verdict for a failing assertion (refnet.compare.render): tier
+    against the required one, how many elements differ and what share, the worst index with both
+    values and their distance in ulps, and the thresholds."""
+    return render(verdict, required, block=True)
 
 
 def assert_same(actual, expected, *, tier=DEFAULT_TIER, name=None, kind="grad"):
@@ -130,7 +61,7 @@ def assert_same(actual, expected, *, tier=DEFAULT_TIER, name=None, kind="grad"):
     >>> refnet.assert_same(x * 2, x + x, tier="bitwise", name="double").tier
     'bitwise'
     """
-    required = _required(tier)
+    required = required_tier(tier)
     verdict = compare(actual, expected, name=name, tier=required, kind=kind)
     if not verdict.passed:
         raise AssertionError(describe(verdict, required))
@@ -181,7 +112,7 @@ class Report(list):
         for v in self:
             mark = "ok  " if v.passed else "FAIL"
             if v.numel and v.tier != "bitwise" and v.worst_index is not None:
-                detail = (f"max rel error {v.max_rel_diff:.3g}" if math.isnan(v.max_ulp) else
+                detail = (f"max rel error {v.max_rel_diff:.3g}" if v.ulp_limit is None else
                           f"max ulp {v.max_ulp:.6g}") + f", max abs diff {v.max_abs_diff:.3g}"
             else:
                 detail = v.note
@@ -255,7 +186,7 @@ def trace_compare(manual, reference, *, tier=DEFAULT_TIER):
     >>> refnet.trace_compare({"dy": dy, "dx": dx}, {"dy": torch.ones(5), "dx": x.grad}).passed
     True
     """
-    required = _required(tier)
+    required = required_tier(tier)
     for arg, d in (("manual", manual), ("reference", reference)):
         if not isinstance(d, dict):
             raise TypeError(f"{arg}: expected a dict of name -> tensor, got {type(d).__name__}")

@@ -5,13 +5,12 @@ it accepts (fn -> out with backward_fn(dout, *inputs); CS231n's (out, cache) wit
 backward_fn(dout, cache); a custom autograd.Function checked against a stock-ops reference).
 """
 import inspect
-import math
 
 import torch
 
-from refnet.api import DEFAULT_TIER, Report, _required, compare
-from refnet.compare import Verdict
-from refnet.oracles.fd import FDSettings, rel_error, sample_indices
+from refnet.api import Report, compare
+from refnet.compare import DEFAULT_TIER, Verdict, required_tier
+from refnet.oracles.fd import FDSettings, fd_verdict, probe, sample_indices
 
 
 def _arg_names(fn, n):
@@ -94,70 +93,17 @@ def check_backward(fn, inputs, backward_fn=None, *, tier=DEFAULT_TIER, reference
     >>> report.passed, [v.name for v in report]
     (True, ['dx'])
     """
-    required = _required(tier)
-    if not callable(fn):
-        raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
-    if backward_fn is not None and not callable(backward_fn):
-        raise TypeError(f"backward_fn: expected a callable or None, got {type(backward_fn).__name__}")
-    if backward_fn is None and reference is None:
-        raise ValueError("reference: with backward_fn=None (autograd through fn, e.g. a custom "
-                         "autograd.Function) a reference function of stock torch ops is required")
-    if reference is not None and not callable(reference):
-        raise TypeError(f"reference: expected a callable, got {type(reference).__name__}")
-    if not isinstance(inputs, (list, tuple)):
-        raise TypeError(f"inputs: expected a list of fn's arguments, got {type(inputs).__name__}")
-    floats = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if wrt is None:
-        wrt = floats
-    else:
-        wrt = list(wrt)
-        bad = [i for i in wrt if i not in floats]
-        if bad:
-            raise ValueError(f"wrt: inputs {bad} are not floating-point tensors; expected indices "
-                             f"among {floats}")
-    if not wrt:
-        raise ValueError("inputs: no floating-point tensor to differentiate")
+    required = required_tier(tier)
+    _check_callables(fn, backward_fn, reference, inputs, fd)
+    wrt = _wrt(inputs, wrt)
     fn_name = getattr(fn, "__name__", type(fn).__name__)
     arg_names = _arg_names(reference if backward_fn is None else fn, len(inputs))
     if names is None:
         names = [f"d{arg_names[i]}" for i in wrt]
     elif len(names) != len(wrt):
         raise ValueError(f"names: expected {len(wrt)} names (one per gradient), got {len(names)}")
-    ref_fn = reference or fn
-
-    # reference: autograd through `reference` (default fn)
-    ref_in = _fresh(inputs, wrt, True)
-    ref_out, _, _ = _split_out(ref_fn(*ref_in), getattr(ref_fn, "__name__", "reference"))
-    if not ref_out.is_floating_point():
-        raise TypeError(f"fn: output is {ref_out.dtype}; expected a floating-point tensor")
-    if dout is None:
-        gen = torch.Generator().manual_seed(seed)
-        dout = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64).to(
-            dtype=ref_out.dtype, device=ref_out.device)
-    elif not isinstance(dout, torch.Tensor):
-        raise TypeError(f"dout: expected a tensor shaped like fn's output, got {type(dout).__name__}")
-    elif dout.shape != ref_out.shape:
-        raise ValueError(f"dout: expected shape {list(ref_out.shape)} (fn's output), got "
-                         f"{list(dout.shape)}")
-    if not ref_out.requires_grad:
-        raise ValueError(f"reference: the output of {getattr(ref_fn, '__name__', 'reference')} "
-                         f"does not depend on the inputs through autograd (detached, computed "
-                         f"under no_grad, or via numpy); expected stock torch ops")
-    ref_grads = torch.autograd.grad(ref_out, [ref_in[i] for i in wrt], dout, allow_unused=True)
-    ref_grads = [torch.zeros_like(ref_in[i]) if g is None else g for g, i in zip(ref_grads, wrt)]
-
-    # under test: the user's backward (no autograd), or autograd through fn (custom Function)
-    if backward_fn is None:
-        test_in = _fresh(inputs, wrt, True)
-        out, _, _ = _split_out(fn(*test_in), fn_name)
-        grads = torch.autograd.grad(out, [test_in[i] for i in wrt], dout, allow_unused=True)
-        grads = [torch.zeros_like(test_in[i]) if g is None else g for g, i in zip(grads, wrt)]
-    else:
-        test_in = _fresh(inputs, wrt, False)
-        with torch.no_grad():
-            out, cache, has_cache = _split_out(fn(*test_in), fn_name)
-            result = backward_fn(dout, cache) if has_cache else backward_fn(dout, *test_in)
-        grads = _as_grads(result, len(wrt), names)
+    ref_out, dout, ref_grads = _reference_grads(reference or fn, inputs, wrt, dout, seed)
+    out, grads = _grads_under_test(fn, fn_name, inputs, wrt, backward_fn, dout, names)
 
     report = Report(required=required, title=f"refnet.check_backward({fn_name})")
     report.forward = compare(out.detach(), ref_out.detach(), name="out", tier=required,
@@ -170,9 +116,6 @@ def check_backward(fn, inputs, backward_fn=None, *, tier=DEFAULT_TIER, reference
         else:
             report.append(compare(g.detach(), r.detach(), name=nm, tier=required))
     if fd:
-        if backward_fn is None:
-            raise ValueError("fd: finite differences check a hand-written backward_fn; with "
-                             "backward_fn=None compare against `reference` instead")
         report.fd = Report(_fd_verdicts(fn, inputs, backward_fn, wrt, names, dout, fd_settings or
                                         FDSettings(), seed),
                            required="tolerance", title="finite differences (float64)")
@@ -183,72 +126,114 @@ def check_backward(fn, inputs, backward_fn=None, *, tier=DEFAULT_TIER, reference
     return report
 
 
+def _check_callables(fn, backward_fn, reference, inputs, fd):
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
+    if backward_fn is not None and not callable(backward_fn):
+        raise TypeError(f"backward_fn: expected a callable or None, got {type(backward_fn).__name__}")
+    if backward_fn is None and reference is None:
+        raise ValueError("reference: with backward_fn=None (autograd through fn, e.g. a custom "
+                         "autograd.Function) a reference function of stock torch ops is required")
+    if reference is not None and not callable(reference):
+        raise TypeError(f"reference: expected a callable, got {type(reference).__name__}")
+    if not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"inputs: expected a list of fn's arguments, got {type(inputs).__name__}")
+    if fd and backward_fn is None:
+        raise ValueError("fd: finite differences check a hand-written backward_fn; with "
+                         "backward_fn=None compare against `reference` instead")
+
+
+def _wrt(inputs, wrt):
+    """The indices of the inputs to differentiate: every floating tensor, or those of `wrt`."""
+    floats = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if wrt is None:
+        wrt = floats
+    else:
+        wrt = list(wrt)
+        bad = [i for i in wrt if i not in floats]
+        if bad:
+            raise ValueError(f"wrt: inputs {bad} are not floating-point tensors; expected indices "
+                             f"among {floats}")
+    if not wrt:
+        raise ValueError("inputs: no floating-point tensor to differentiate")
+    return wrt
+
+
+def _default_dout(dout, out, seed):
+    """The upstream gradient: `dout` checked against fn's output, or seeded standard normal."""
+    if dout is None:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(out.shape, generator=gen, dtype=torch.float64).to(
+            dtype=out.dtype, device=out.device)
+    if not isinstance(dout, torch.Tensor):
+        raise TypeError(f"dout: expected a tensor shaped like fn's output, got {type(dout).__name__}")
+    if dout.shape != out.shape:
+        raise ValueError(f"dout: expected shape {list(out.shape)} (fn's output), got "
+                         f"{list(dout.shape)}")
+    return dout
+
+
+def _reference_grads(ref_fn, inputs, wrt, dout, seed):
+    """(reference output, dout, autograd's gradients through ref_fn)."""
+    ref_name = getattr(ref_fn, "__name__", "reference")
+    ref_in = _fresh(inputs, wrt, True)
+    ref_out, _, _ = _split_out(ref_fn(*ref_in), ref_name)
+    if not ref_out.is_floating_point():
+        raise TypeError(f"fn: output is {ref_out.dtype}; expected a floating-point tensor")
+    dout = _default_dout(dout, ref_out, seed)
+    if not ref_out.requires_grad:
+        raise ValueError(f"reference: the output of {ref_name} does not depend on the inputs "
+                         f"through autograd (detached, computed under no_grad, or via numpy); "
+                         f"expected stock torch ops")
+    grads = torch.autograd.grad(ref_out, [ref_in[i] for i in wrt], dout, allow_unused=True)
+    return ref_out, dout, [torch.zeros_like(ref_in[i]) if g is None else g
+                           for g, i in zip(grads, wrt)]
+
+
+def _grads_under_test(fn, fn_name, inputs, wrt, backward_fn, dout, names):
+    """(fn's output, the gradients under test): the user's backward (no autograd), or autograd
+    through fn when backward_fn is None (a custom autograd.Function)."""
+    if backward_fn is None:
+        test_in = _fresh(inputs, wrt, True)
+        out, _, _ = _split_out(fn(*test_in), fn_name)
+        grads = torch.autograd.grad(out, [test_in[i] for i in wrt], dout, allow_unused=True)
+        return out, [torch.zeros_like(test_in[i]) if g is None else g for g, i in zip(grads, wrt)]
+    test_in = _fresh(inputs, wrt, False)
+    with torch.no_grad():
+        out, cache, has_cache = _split_out(fn(*test_in), fn_name)
+        result = backward_fn(dout, cache) if has_cache else backward_fn(dout, *test_in)
+    return out, _as_grads(result, len(wrt), names)
+
+
 def _fd_verdicts(fn, inputs, backward_fn, wrt, names, dout, st, seed):
-    """Hand-written backward in float64 vs central differences of sum(fn(inputs)·dout)."""
+    """Hand-written backward in float64 vs central differences of sum(fn(inputs)·dout), by the
+    one finite-difference rule (refnet.oracles.fd.probe; kinks by the one-sided differences)."""
     x64 = _fresh(inputs, wrt, False, dtype=torch.float64)
     dout64 = dout.detach().to(torch.float64)
 
-    def value():
+    def loss():
         out, _, _ = _split_out(fn(*x64), "fn")
-        return float((out.to(torch.float64) * dout64).sum())
+        return float((out.to(torch.float64) * dout64).sum()), None
 
     with torch.no_grad():
         out, cache, has_cache = _split_out(fn(*x64), "fn")
         analytic = _as_grads(backward_fn(dout64, cache) if has_cache else backward_fn(dout64, *x64),
                              len(wrt), names)
-        base = value()
-        atol = st.atol_scale * max(1.0, abs(base))
+        atol = st.atol_scale * max(1.0, abs(loss()[0]))
         gen = torch.Generator().manual_seed(seed)
         verdicts = []
         for i, nm, a_full in zip(wrt, names, analytic):
-            t = x64[i]
+            t, name = x64[i], f"{nm} (finite differences)"
             if a_full is None or a_full.shape != t.shape:
-                verdicts.append(Verdict(name=f"{nm} (finite differences)", tier="fail",
-                                        passed=False, shape=list(t.shape), dtype="float64",
-                                        device=str(t.device),
+                verdicts.append(Verdict(name=name, tier="fail", passed=False, shape=list(t.shape),
+                                        dtype="float64", device=str(t.device),
                                         note="the float64 backward returned no gradient or a "
                                              "wrong shape"))
                 continue
-            flat, a_flat = t.view(-1), a_full.detach().to(torch.float64).reshape(-1).cpu()
+            flat = t.view(-1)
             idx = sample_indices(flat.numel(), st.per_tensor, gen)
-            worst, worst_j, bad, kinks = -1.0, None, 0, 0
-            numeric = torch.empty(len(idx), dtype=torch.float64)
-            for j, k in enumerate(idx.tolist()):
-                old = flat[k].item()
-                flat[k] = old + st.eps
-                lp = value()
-                flat[k] = old - st.eps
-                lm = value()
-                flat[k] = old
-                central = (lp - lm) / (2 * st.eps)
-                fwd, bwd = (lp - base) / st.eps, (base - lm) / st.eps
-                a = float(a_flat[k])
-                numeric[j] = central
-                if abs(fwd - bwd) > max(atol, st.kink_rtol * (abs(fwd) + abs(bwd))):
-                    kinks += 1   # a kink: accept between the one-sided differences
-                    ok = min(fwd, bwd) - atol <= a <= max(fwd, bwd) + atol
-                else:
-                    ok = abs(a - central) <= atol or \
-                        abs(a - central) <= st.rtol * max(abs(a) + abs(central), 1e-300)
-                err = float(rel_error(torch.tensor(a), torch.tensor(central)))
-                score = err + (10.0 if not ok else 0.0)
-                bad += not ok
-                if score > worst:
-                    worst, worst_j = score, j
-            a_s = a_flat[idx]
-            diff = (a_s - numeric).abs()
-            v = Verdict(name=f"{nm} (finite differences)", tier="fail" if bad else "tolerance",
-                        passed=not bad, shape=list(t.shape), dtype="float64", device=str(t.device),
-                        numel=len(idx), mismatched=bad, max_abs_diff=float(diff.max()),
-                        max_rel_diff=float(rel_error(a_s, numeric).max()), rtol=st.rtol,
-                        atol=atol, note=f"{len(idx)}/{flat.numel()} coordinates, {kinks} at a kink "
-                                        f"(accepted between the one-sided differences); central "
-                                        f"differences in float64, h {st.eps:g}")
-            if worst_j is not None:
-                k = int(idx[worst_j])
-                v.worst_index = [int(c) for c in torch.unravel_index(torch.tensor(k), t.shape)] \
-                    if t.dim() else []
-                v.worst_values = [float(a_s[worst_j]), float(numeric[worst_j])]
-                v.max_ulp = math.nan
-            verdicts.append(v)
+            probed = probe(flat, idx, a_full.detach().to(torch.float64).reshape(-1).cpu(), loss,
+                           atol, st)
+            verdicts.append(fd_verdict(name, list(t.shape), str(t.device), probed, flat.numel(),
+                                       atol, st, f"central differences in float64, h {st.eps:g}"))
     return verdicts

@@ -12,6 +12,16 @@ import math
 import torch
 
 TIERS = ("bitwise", "ulp", "tolerance", "fail")
+GRADED = TIERS[:3]          # the tiers a check may require: bitwise, ulp, tolerance
+DEFAULT_TIER = "tolerance"
+
+# The oracles: which two things a Check compared (a row's "oracle" in the JSON report).
+ORACLE_AUTOGRAD = "manual vs autograd"
+ORACLE_CENTRAL_DIFFERENCES = "manual vs central differences (float64)"   # refnet.oracles.fd
+ORACLE_FINITE_DIFFERENCES = "manual vs finite differences (float64)"     # the examples' own
+ORACLE_GRADCHECK = "twin (autograd) vs torch.autograd.gradcheck (float64)"
+ORACLE_DOCUMENT = "manual vs the document's numbers"
+ORACLE_NUMPY_PROGRAM = "manual vs document's numpy program"
 
 # (rtol, atol) by dtype, for each kind of quantity compared.  bfloat16 / float16 (mixed precision:
 # tensors kept in the low dtype, e.g. a port's activations on a bf16 chip) are graded in their own
@@ -107,26 +117,45 @@ class Verdict:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v)
                 for k, v in asdict(self).items()}
 
-    def message(self):
-        """A failure report: what, where, how far, and both values at the worst point."""
-        parts = [f"{self.name}: tier {self.tier}", f"shape {self.shape} {self.dtype} on {self.device}"]
-        if self.numel:
-            parts.append(f"{self.mismatched}/{self.numel} elements differ")
-            parts.append(f"max abs diff {self.max_abs_diff:.3g}, max rel diff {self.max_rel_diff:.3g}, "
-                         f"max ulp {self.max_ulp:.6g}")
-        if self.worst_index is not None:
-            parts.append(f"worst at {self.worst_index}: {self.worst_values[0]!r} vs "
-                         f"{self.worst_values[1]!r}")
-        if self.steps is not None:
-            parts.append(f"{self.identical_steps}/{self.steps} steps identical")
-            if self.first_divergence is not None:
-                parts.append(f"first parted at step {self.first_divergence}: "
-                             f"{self.divergence_values[0]!r} vs {self.divergence_values[1]!r}")
-        if self.rtol is not None:
-            parts.append(f"rtol {self.rtol:g}, atol {self.atol:g}, ulp limit {self.ulp_limit}")
-        if self.note:
-            parts.append(self.note)
-        return "; ".join(parts)
+    def message(self, required=None, sides=("actual", "expected")):
+        """This verdict on one line (refnet.compare.render)."""
+        return render(self, required, sides=sides)
+
+
+def render(v, required=None, *, block=False, sides=("actual", "expected")):
+    """The one renderer of a Verdict: what, where, how far, both values at the worst point, the
+    thresholds and the note.  One line ("; "-joined, for tables and logs) or, with block=True,
+    a multi-line report for a failing assertion.  sides: the names of `a` and `b`."""
+    head = f"{v.name}: tier {v.tier}"
+    if block:
+        head = f"refnet: {v.name} is {v.tier!r}"
+    if required is not None:
+        head += f", required {required!r} or better"
+    facts = [f"shape {v.shape} {v.dtype} on {v.device}"]
+    sampled = v.ulp_limit is None and v.rtol is not None    # finite differences: sampled points
+    if v.numel and (v.mismatched or v.worst_index is not None):
+        what = "sampled coordinates miss the threshold" if sampled else "elements differ"
+        facts.append(f"{v.mismatched} of {v.numel} {what} ({100.0 * v.mismatched / v.numel:.3g}%)")
+        ulp = "" if math.isnan(v.max_ulp) or sampled else f", max ulp {v.max_ulp:.6g}"
+        facts.append(f"max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g}{ulp}")
+    if v.worst_index is not None:
+        a, b = v.worst_values
+        facts.append(f"worst at index {v.worst_index}: {sides[0]} {a!r} vs {sides[1]} {b!r}")
+    if v.steps is not None:
+        facts.append(f"{v.identical_steps}/{v.steps} steps identical")
+        if v.first_divergence is not None:
+            a, b = v.divergence_values
+            facts.append(f"first parted at step {v.first_divergence}: {sides[0]} {a!r} vs "
+                         f"{sides[1]} {b!r}")
+    if v.rtol is not None and sampled:
+        facts.append(f"thresholds: rel_error |a - n| / (|a| + |n|) <= {v.rtol:g}, or "
+                     f"|a - n| <= {v.atol:g}")
+    elif v.rtol is not None:
+        facts.append(f"thresholds: ulp <= {v.ulp_limit}; tolerance |{sides[0]} - {sides[1]}| <= "
+                     f"{v.atol:g} + {v.rtol:g}*|{sides[1]}|")
+    if v.note:
+        facts.append(f"note: {v.note}")
+    return "\n  ".join([head] + facts) if block else "; ".join([head] + facts)
 
 
 def unravel(flat_index, shape):
@@ -138,25 +167,77 @@ def unravel(flat_index, shape):
     return list(reversed(idx))
 
 
-def compare_tensors(name, a, b, kind="grad", *, strict_bits=False, ulp_limit=None, rtol=None,
-                    atol=None, required=None):
-    """Compare a against b and grade it.  Shapes and dtypes must match exactly.
+def required_tier(tier=None, *, strict_bits=False, arg="tier"):
+    """The one spelling of a required tier: `tier` (bitwise, ulp or tolerance; None: the
+    default, DEFAULT_TIER), or bitwise when `strict_bits` (the CLI's --strict-bits).  Raises
+    ValueError naming `arg` for anything else."""
+    if strict_bits:
+        return "bitwise"
+    if tier is None:
+        return DEFAULT_TIER
+    if tier not in GRADED:
+        raise ValueError(f"{arg}: expected one of {', '.join(GRADED)}, got {tier!r}")
+    return tier
 
-    passed: tier is at least `required` ("bitwise" when strict_bits, else "tolerance").
+
+def _describe_tensor(t):
+    return f"{list(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def _mismatch(name, a, b):
+    """A `fail` verdict when a and b differ in shape, dtype or device (never broadcast, cast or
+    moved), else None; TypeError for what is not graded at all."""
+    for arg, t in (("actual", a), ("expected", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg}: expected a torch.Tensor for {name!r}, got {type(t).__name__}"
+                            + (" (convert it with torch.as_tensor first)"
+                               if isinstance(t, (int, float, list, tuple)) or hasattr(t, "__array__")
+                               else ""))
+    what = []
+    if a.shape != b.shape:
+        what.append(f"shape {list(a.shape)} vs {list(b.shape)}")
+    if a.dtype != b.dtype:
+        what.append(f"dtype {a.dtype} vs {b.dtype}")
+    if a.device != b.device:
+        what.append(f"device {a.device} vs {b.device}")
+    if what:
+        return Verdict(name=name, tier="fail", passed=False, shape=list(b.shape),
+                       dtype=str(b.dtype).replace("torch.", ""), device=str(b.device),
+                       numel=b.numel(), note=(
+                           f"mismatch: {', '.join(what)} (actual vs expected); refnet never "
+                           f"broadcasts, casts or moves: make both sides {_describe_tensor(b)} "
+                           f"explicitly if that is what you mean"))
+    if b.is_complex():
+        raise TypeError(f"{name}: complex tensors are not graded; compare .real and .imag")
+    if b.is_floating_point() and b.dtype not in TOLERANCES:
+        raise TypeError(f"{name}: dtype {b.dtype} is not graded; refnet grades float32, "
+                        f"float64, bfloat16 and float16 (integers and bool exactly); cast both "
+                        f"sides if you mean it")
+    return None
+
+
+def compare_tensors(name, a, b, kind="grad", *, tier=None, ulp_limit=None, rtol=None, atol=None,
+                    strict_bits=False, required=None):
+    """The one comparator: grade `a` (actual, the manual side) against `b` (expected).
+
+    Strict: shapes, dtypes and devices must be equal (a mismatch is a `fail` that says so, never
+    a broadcast, cast or move).  Floating tensors (float32, float64) are graded bitwise / ulp /
+    tolerance / fail; integer and bool tensors are equal (bitwise) or fail.
+    passed: the tier is `tier` or better (refnet.compare.required_tier; default tolerance).
+    `strict_bits=True` and `required=` are older spellings of tier="bitwise" and tier=, kept
+    for the callers that still use them.
     """
-    required = required or ("bitwise" if strict_bits else "tolerance")
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        raise TypeError(f"{name}: expected two tensors, got {type(a).__name__} and {type(b).__name__}")
+    required = required_tier(tier if required is None else required, strict_bits=strict_bits)
+    mismatch = _mismatch(name, a, b)
+    if mismatch is not None:
+        return mismatch
     base = dict(name=name, shape=list(b.shape), dtype=str(b.dtype).replace("torch.", ""),
                 device=str(b.device))
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return Verdict(tier="fail", passed=False, note=(
-            f"shape/dtype mismatch: {list(a.shape)} {a.dtype} vs {list(b.shape)} {b.dtype} "
-            f"(never broadcast)"), **base)
-    if not a.is_floating_point():
+    if not b.is_floating_point():
         equal = torch.equal(a.cpu(), b.cpu())
-        return Verdict(tier="bitwise" if equal else "fail", passed=equal, numel=b.numel(),
-                       mismatched=int((a.cpu() != b.cpu()).sum()), **base)
+        return Verdict(tier="bitwise" if equal else "fail", passed=meets("bitwise" if equal else
+                                                                         "fail", required),
+                       numel=b.numel(), mismatched=int((a.cpu() != b.cpu()).sum()), **base)
     a_c, b_c = a.detach().cpu(), b.detach().cpu()
     rtol_d, atol_d = tolerance(b.dtype, kind)
     rtol = rtol_d if rtol is None else rtol
@@ -185,31 +266,36 @@ def compare_tensors(name, a, b, kind="grad", *, strict_bits=False, ulp_limit=Non
     verdict = Verdict(tier=tier, passed=meets(tier, required),
                       mismatched=mismatched, nan_positions=int(both_nan.sum()), **base)
     if b.numel():
-        verdict.max_abs_diff = float(abs_diff.max())
-        verdict.max_rel_diff = float(rel_diff.max())
-        verdict.max_ulp = float(ulps.max())
-        if mismatched:
-            # worst = largest ulp distance (ties: largest abs diff)
-            score = ulps.flatten() * 1e30 + abs_diff.flatten() if verdict.max_ulp < math.inf \
-                else torch.where(torch.isinf(ulps.flatten()), math.inf, abs_diff.flatten())
-            flat = int(torch.argmax(torch.nan_to_num(score, posinf=1e308)))
-            verdict.worst_index = unravel(flat, list(b.shape))
-            verdict.worst_values = [a_c.flatten()[flat].item(), b_c.flatten()[flat].item()]
+        _measure(verdict, a_c, b_c, ulps, abs_diff, rel_diff)
+    return verdict
+
+
+def _measure(verdict, a_c, b_c, ulps, abs_diff, rel_diff):
+    """Fill a verdict's distances, its worst point and its NaN notes."""
+    verdict.max_abs_diff = float(abs_diff.max())
+    verdict.max_rel_diff = float(rel_diff.max())
+    verdict.max_ulp = float(ulps.max())
+    both_nan = torch.isnan(a_c) & torch.isnan(b_c)
     notes = []
     if verdict.nan_positions:
         notes.append(f"{verdict.nan_positions} NaN at the same positions on both sides (counted as "
                      f"agreement)")
-    if mismatched:
+    if verdict.mismatched:
+        # worst = largest ulp distance (ties: largest abs diff)
+        score = ulps.flatten() * 1e30 + abs_diff.flatten() if verdict.max_ulp < math.inf \
+            else torch.where(torch.isinf(ulps.flatten()), math.inf, abs_diff.flatten())
+        flat = int(torch.argmax(torch.nan_to_num(score, posinf=1e308)))
+        verdict.worst_index = unravel(flat, verdict.shape)
+        verdict.worst_values = [a_c.flatten()[flat].item(), b_c.flatten()[flat].item()]
         only_a = int((torch.isnan(a_c) & ~both_nan).sum())
         only_b = int((torch.isnan(b_c) & ~both_nan).sum())
         if only_a or only_b:
             notes.insert(0, f"NaN on one side only: {only_a} in actual, {only_b} in expected")
     verdict.note = "; ".join(notes)
-    return verdict
 
 
-def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, atol=None,
-                   nan_propagation=False):
+def compare_curves(name, a, b, *, tier=None, rtol=None, atol=None, nan_propagation=False,
+                   strict_bits=False, required=None):
     """Compare two 1-D loss curves: tier over all steps, identical steps, first step they part.
 
     A NaN step is never identical, and a curve with NaN (a run that diverged) fails, unless
@@ -217,8 +303,8 @@ def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, a
     sides is agreement; its verdict then says so (`nan_positions` and the note)."""
     a = torch.as_tensor(a)
     b = torch.as_tensor(b)
-    verdict = compare_tensors(name, a, b, kind="curve", strict_bits=strict_bits, required=required,
-                              rtol=rtol, atol=atol)
+    verdict = compare_tensors(name, a, b, kind="curve", tier=tier, strict_bits=strict_bits,
+                              required=required, rtol=rtol, atol=atol)
     if a.shape == b.shape and a.dim() == 1 and a.dtype == b.dtype:
         a_c, b_c = a.cpu(), b.cpu()
         same = same_bits(a_c, b_c)
@@ -244,7 +330,7 @@ def compare_curves(name, a, b, *, strict_bits=False, required=None, rtol=None, a
 
 
 AUTO = "auto"
-CLAIM = "measured claim"
+CLAIM = "measured claim"                  # the oracle of a measured claim
 CLAIM_TIERS = ("holds", "does not hold")
 ALLOW_TIERS = ("ulp", "tolerance")
 
@@ -262,7 +348,7 @@ class Check:
     """
     name: str
     verdicts: list
-    oracle: str = "manual vs autograd"   # which two things were compared
+    oracle: str = ORACLE_AUTOGRAD       # which two things were compared (ORACLE_*)
     note: str = ""
     expected: str | None = AUTO
     figures: dict | None = None          # a measured claim's numbers
@@ -314,13 +400,13 @@ def enforce_expected(checks, device, allow_tier=None, strict_bits=False):
             c.expected = None
             continue
         if c.expected == AUTO:
-            if c.oracle != "manual vs autograd":
+            if c.oracle != ORACLE_AUTOGRAD:
                 c.expected = None
                 continue
             c.expected = default
         elif c.expected is not None:
             c.expected = max(c.expected, default, key=TIERS.index)
-        if c.oracle == "manual vs autograd" and strict_bits:
+        if c.oracle == ORACLE_AUTOGRAD and strict_bits:
             c.expected = "bitwise"
         elif c.expected is not None and allow_tier is not None:
             c.expected = max(c.expected, allow_tier, key=TIERS.index)

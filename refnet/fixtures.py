@@ -128,7 +128,7 @@ def _record_training(mlp, n_hidden):
     def recording_forward(x, target, trace=None):
         loss, cache = forward(x, target, trace)
         for i in range(n_hidden):
-            noise = cache[0][i][3]                    # the scaled mask mask/(1 − p), or None
+            noise = cache.layers[i].dropout           # the scaled mask mask/(1 − p), or None
             if noise is not None:
                 masks[i].append((noise != 0).to(noise.dtype))
         stats.append({n: b.clone() for n, b in mlp.buffers.items()})
@@ -169,7 +169,7 @@ def run_case(case):
     values.update({f"init.{n}": b for n, b in init_buffers.items()})
     values.update({f"forward.{n}": b.clone() for n, b in pair.mlp.buffers.items()})
     for i in range(n_hidden):
-        noise = cache[0][i][3]
+        noise = cache.layers[i].dropout
         if noise is not None:
             values[f"inputs.masks.layers.{i}"] = (noise != 0).to(noise.dtype)
     if minibatch:

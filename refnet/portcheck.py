@@ -109,7 +109,7 @@ def check_port(port_dir, fixture_dir):
                 continue
             v = compare_tensors(e["name"], t, ref[e["name"]], e["kind"], rtol=e["rtol"],
                                 atol=e["atol"], ulp_limit=e["ulp_limit"],
-                                required=e.get("required_tier", "tolerance"))
+                                tier=e.get("required_tier", "tolerance"))
             row = _row(case, e, v.tier, v.passed, v.max_abs_diff, v.max_ulp,
                        "" if v.passed else v.message())
             row["tolerance_used"] = _tolerance_used(t, ref[e["name"]], e["rtol"], e["atol"])

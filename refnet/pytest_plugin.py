@@ -1,7 +1,9 @@
 """refnet's pytest plugin: the `refnet_check` fixture, `--refnet-tier`, and a summary line.
 
-Loaded through the `pytest11` entry point when refnet is installed (and by the repository's own
-conftest.py when it is not).  In a test:
+This module is what the fixture does.  pytest loads the plugin itself from the top-level module
+`_refnet_pytestplugin` (the `pytest11` entry point when refnet is installed, the repository's own
+conftest.py when it is not), which imports this module, and with it refnet and torch, only when a
+test first asks for `refnet_check`.  In a test:
 
     def test_my_backward(refnet_check):
         refnet_check(dx, x_ref.grad, tier="ulp", name="dx")       # assert, graded and strict
@@ -17,31 +19,9 @@ Every verdict is counted, and the run ends with one line:
 the run (raise it to see which checks are not bitwise; lower it to let rounding differences pass).
 Under pytest-xdist each worker counts its own checks and the controller adds them up.
 """
-from collections import Counter
-
-import pytest
-
 from refnet import api
 from refnet.backward_check import check_backward
 from refnet.training_check import check_training
-from refnet.compare import TIERS
-
-_COUNTS = pytest.StashKey[Counter]()
-
-
-def pytest_addoption(parser):
-    group = parser.getgroup("refnet")
-    group.addoption("--refnet-tier", choices=api.GRADED, default=None,
-                    help="required tier for every refnet_check in this run (default: each "
-                         "call's own tier, else 'tolerance')")
-
-
-def pytest_configure(config):
-    config.stash[_COUNTS] = Counter()
-
-
-def _counts(config):
-    return config.stash.setdefault(_COUNTS, Counter())
 
 
 class RefnetCheck:
@@ -54,7 +34,7 @@ class RefnetCheck:
 
     def tier(self, tier):
         """The required tier of a call: --refnet-tier when given, else the call's, else default."""
-        return self.override or api._required(tier)
+        return self.override or api.required_tier(tier)
 
     def _record(self, verdicts):
         for v in verdicts:
@@ -107,33 +87,3 @@ class RefnetCheck:
         verdicts = list(verdicts)
         self._record(verdicts)
         return verdicts
-
-
-@pytest.fixture
-def refnet_check(request):
-    """Graded, strict tensor checks (refnet.assert_same and friends); counted for the summary."""
-    return RefnetCheck(request.config.getoption("refnet_tier"), _counts(request.config))
-
-
-def summary_line(counts):
-    total = sum(counts[t] for t in TIERS)
-    return f"refnet: {total} checks: " + ", ".join(f"{t} {counts[t]}" for t in TIERS)
-
-
-def pytest_sessionfinish(session):
-    # an xdist worker sends its counts to the controller
-    workeroutput = getattr(session.config, "workeroutput", None)
-    if workeroutput is not None:
-        workeroutput["refnet_counts"] = dict(_counts(session.config))
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node, error):
-    counts = getattr(node, "workeroutput", {}).get("refnet_counts", {})
-    _counts(node.config).update(counts)
-
-
-def pytest_terminal_summary(terminalreporter, config):
-    counts = _counts(config)
-    if sum(counts.values()) and getattr(config, "workeroutput", None) is None:
-        terminalreporter.write_line(summary_line(counts))

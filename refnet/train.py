@@ -209,12 +209,8 @@ def _run(spec, out_dir, check_every, tier, checkpoint, progress, example, data, 
 
 
 def _divergence(step, tensor, verdict, tier, spec):
-    where = f"worst at {verdict.worst_index}: " if verdict.worst_index else ""
-    values = verdict.worst_values or [None, None]
-    return (f"step {step}: {tensor} diverged beyond the {tier} tier on {spec.device}/{spec.dtype} "
-            f"(got {verdict.tier}): {where}manual {values[0]!r} vs twin {values[1]!r}, "
-            f"{verdict.mismatched}/{verdict.numel} elements differ, max ulp {verdict.max_ulp:.6g}, "
-            f"max abs diff {verdict.max_abs_diff:.3g}")
+    return (f"step {step}: {tensor} diverged beyond the {tier} tier on {spec.device}/{spec.dtype}: "
+            + verdict.message(tier, sides=("manual", "twin")))
 
 
 def _save(out_dir, pair, spec, example, step, hist_m, hist_t, state):

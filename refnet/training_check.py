@@ -10,8 +10,8 @@ import torch
 from refnet import data as datasets
 from refnet import harness
 from refnet import twin as twin_mod
-from refnet.api import DEFAULT_TIER, Report, _required, compare, describe
-from refnet.compare import TIERS, Verdict, compare_curves
+from refnet.api import Report, compare, describe
+from refnet.compare import DEFAULT_TIER, TIERS, Verdict, compare_curves, required_tier
 
 
 @dataclass
@@ -65,7 +65,7 @@ def check_training(spec, *, pair=None, data=None, steps=None, check_every=None,
     >>> refnet.check_training(spec).verdict
     'identical'
     """
-    required = _required(tier)
+    required = required_tier(tier)
     pair = pair or harness.build_pair(spec)
     x, target = data if data is not None else datasets.load_data(spec)
     steps = spec.steps if steps is None else steps

@@ -81,10 +81,10 @@ mutant("elu_alpha_dropped", "manual/activations.py",
 mutant("mse_factor_per_row", "manual/losses.py",
        "return ((2.0 / diff.numel()) * diff) * dloss", "return ((2.0 / diff.shape[0]) * diff) * dloss",
        "mse backward 2/N (rows) instead of 2/numel", LOSS)
-mutant("ce_backward_torch_exp", "manual/losses.py",
+mutant("ce_backward_torch_exp", "manual/kernel_order.py",
        "        return sleef_exp(logp)\n", "        return torch.exp(logp)\n",
        "cross-entropy backward with torch.exp instead of the kernel's Sleef exp", LOSS)
-mutant("nll_cascade_32", "manual/losses.py",
+mutant("nll_cascade_32", "manual/kernel_order.py",
        "if b & ((NLL_LEVEL_STEP - 1) << (NLL_LEVEL_POWER * j)):",
        "if b & ((2 * NLL_LEVEL_STEP - 1) << ((NLL_LEVEL_POWER + 1) * j)):",
        "nll summation cascade folding every 32 rows instead of 16", LOSS)
@@ -121,18 +121,18 @@ mutant("adam_eps_inside_sqrt", "manual/optim.py",
        "                denom = (v / bias_correction2).add_(eps).sqrt()\n",
        "Adam's eps added under the square root", OPT)
 # --- manual/: fast path and kernel exp ----------------------------------------------------------
-mutant("fast_sgd_product", "manual/fast.py",
+mutant("fast_sgd_product", "manual/fast_optim.py",
        "_each(ADD_, params, grads, alpha=-opt.lr)",
        "_each(ADD_, params, [g * -opt.lr for g in grads])",
        "fast path SGD step p + (−lr·g) (rounded product) instead of alpha", FAST)
-mutant("fast_tanh_unfused", "manual/fast.py",
-       "                tmp.fill_(1)\n                tmp.addcmul_(y, y, value=-1)\n",
-       "                torch.mul(y, y, out=tmp)\n                torch.sub(plan[\"one\"], tmp, out=tmp)\n",
+mutant("fast_tanh_unfused", "manual/fast_activations.py",
+       "    tmp.fill_(1)\n    tmp.addcmul_(y, y, value=-1)\n",
+       "    torch.mul(y, y, out=tmp)\n    torch.sub(layer.one, tmp, out=tmp)\n",
        "fast path tanh backward 1 − y·y unfused", FAST)
 mutant("fast_mse_factor", "manual/fast.py",
        "out.mul_(2.0 / out.numel())", "out.mul_(2.0 / out.shape[0])",
        "fast path mse factor 2/N instead of 2/numel", FAST)
-mutant("fast_dampening_dropped", "manual/fast.py",
+mutant("fast_dampening_dropped", "manual/fast_optim.py",
        "_each(ADD_, bufs, grads, alpha=1 - opt.dampening)", "_each(ADD_, bufs, grads)",
        "fast path momentum dampening ignored", FAST)
 mutant("kernel_exp_lane_count", "manual/kernel_exp.py",

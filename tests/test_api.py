@@ -38,7 +38,7 @@ def test_a_failed_message_names_index_values_ulps_share_and_thresholds():
         refnet.assert_same(act, exp, tier="ulp", name="dW1")
     text = str(info.value)
     for part in ("dW1 is 'fail'", "required 'ulp'", "1 of 32 elements differ", "(3.12%)",
-                 "worst at index [2, 5]", "actual 0.0010", "vs expected 0.0", "ulp apart",
+                 "worst at index [2, 5]", "actual 0.0010", "vs expected 0.0", "max ulp",
                  "ulp <= 8", "tolerance |actual - expected| <= 1e-06 + 0.0001*|expected|"):
         assert part in text, (part, text)
 
@@ -238,6 +238,48 @@ def test_finite_differences_accept_a_kink():
     report = refnet.check_backward(torch.relu, [x], lambda dout, x: torch.where(x > 0, dout, 0.0),
                                    fd=True, tier="bitwise")
     assert report.passed and "1 at a kink" in report.fd[0].note
+
+
+def test_finite_differences_reject_a_wrong_value_at_a_kink():
+    # relu at 0: the one-sided differences are 0 and dout; a backward that gives 5·dout there is
+    # no subgradient, and check_backward's kink branch (no frozen pieces: any fn) must say so
+    x = torch.tensor([-1.0, 0.0, 2.0], dtype=torch.float64)
+    report = refnet.check_backward(
+        torch.relu, [x], lambda dout, x: torch.where(x > 0, dout, 0.0) + 5 * dout * (x == 0),
+        fd=True, dout=torch.ones(3, dtype=torch.float64), reference=torch.relu)
+    fd = report.fd[0]
+    assert not fd.passed and fd.mismatched == 1 and fd.worst_index == [1], fd.note
+    assert "1 at a kink (0 accepted between" in fd.note and not report.passed
+
+
+def test_a_report_whose_only_failure_is_finite_differences_fails():
+    # x·x.detach(): autograd sees d/dx = x, and so does the hand-written backward (they agree,
+    # bitwise); the function's true derivative is 2x, which only finite differences measure
+    def square(x):
+        return x * x.detach()
+
+    x = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64)
+    report = refnet.check_backward(square, [x], lambda dout, x: dout * x, fd=True, tier="bitwise")
+    assert report.forward.passed and all(v.passed and v.tier == "bitwise" for v in report)
+    assert not report.fd.passed and report.fd[0].tier == "fail"
+    assert not report.passed and not report
+    with pytest.raises(AssertionError, match="dx \\(finite differences\\)"):
+        report.assert_ok()
+
+
+def test_assert_same_honours_a_stricter_tier_than_the_default():
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    up = torch.nextafter(x, x + 1)                 # 1 ulp: passes the default (tolerance)
+    assert refnet.assert_same(up, x).tier == "ulp"
+    assert refnet.assert_same(up, x, tier="ulp").tier == "ulp"
+    with pytest.raises(AssertionError, match="required 'bitwise' or better"):
+        refnet.assert_same(up, x, tier="bitwise")
+    far = x * (1 + 1e-12)                          # tolerance: fails a required ulp
+    assert refnet.assert_same(far, x).tier == "tolerance"
+    with pytest.raises(AssertionError, match="required 'ulp' or better"):
+        refnet.assert_same(far, x, tier="ulp")
+    with pytest.raises(ValueError, match="tier: expected one of bitwise, ulp, tolerance"):
+        refnet.assert_same(x, x, tier="exact")
 
 
 # --- trace_compare ----------------------------------------------------------------------------

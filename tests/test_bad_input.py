@@ -141,7 +141,7 @@ API_CASES = [
     ("labels beyond outputs", lambda t: data.make_targets(torch.tensor([0, 5]), "values", 3, F64), ValueError,
      "sizes: the last layer has 3 output(s)"),
     ("device name", lambda t: settings.resolve_devices("tpu"), ValueError, "--device: expected cpu, cuda"),
-    ("compare non-tensor", lambda t: compare_tensors("g", [1.0], torch.zeros(1)), TypeError, "g: expected two tensors"),
+    ("compare non-tensor", lambda t: compare_tensors("g", [1.0], torch.zeros(1)), TypeError, "actual: expected a torch.Tensor for 'g'"),
     ("twin activation", lambda t: twin.Twin([2, 3, 1], "swish"), ValueError, "activation: unknown name"),
     ("twin params names", lambda t: twin.load_params(twin.Twin([2, 3, 1]), {"layers.0.weight": z(3, 2)}),
      ValueError, "params: expected names"),

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from refnet.compare import ORACLE_AUTOGRAD
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,7 +31,7 @@ def test_verify_spec_writes_json(tmp_path):
                     "max_ulp", "steps", "identical_steps"):
             assert key in r
         # finite differences and gradcheck are graded by their thresholds, never bitwise
-        assert r["tier"] == ("bitwise" if r["oracle"] == "manual vs autograd" else "tolerance")
+        assert r["tier"] == ("bitwise" if r["oracle"] == ORACLE_AUTOGRAD else "tolerance")
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from refnet import cli
-from refnet.compare import TIERS
+from refnet.compare import ORACLE_AUTOGRAD, TIERS
 
 
 def run(capsys, *args):
@@ -41,7 +41,7 @@ def test_npz_data_mixed_activations_all_dtypes(tmp_path, capsys):
     assert {(r["dtype"], r["check"]) for r in rows} >= {
         ("float32", "finite_diff"), ("float64", "gradcheck"), ("float32", "loss_curve[6]")}
     for r in rows:
-        expected = "bitwise" if r["oracle"] == "manual vs autograd" else "tolerance"
+        expected = "bitwise" if r["oracle"] == ORACLE_AUTOGRAD else "tolerance"
         assert r["tier"] == expected, r
 
 

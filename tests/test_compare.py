@@ -108,7 +108,7 @@ def test_curve_first_divergence_and_message():
     assert (v.steps, v.identical_steps, v.first_divergence) == (4, 3, 2)
     assert v.divergence_values == [3.0, 3.5]
     msg = v.message()
-    for part in ("loss_curve", "step 2", "3.0 vs 3.5", "float64", "3/4 steps identical"):
+    for part in ("loss_curve", "step 2", "actual 3.0 vs expected 3.5", "float64", "3/4 steps identical"):
         assert part in msg
 
 

@@ -18,8 +18,8 @@ SPEC = {"sizes": [3, 6, 4, 2], "activation": "sigmoid", "data": "random", "n_sam
         "steps": 5, "optimizer": {"name": "sgd", "lr": 0.1}, "dtype": "float64"}
 FIELDS = [r"layers\.\d\.(weight|bias)\.grad: tier (ulp|tolerance|fail)",
           r"shape \[\d+(, \d+)?\] float64 on cpu", r"max abs diff \S+", r"max rel diff \S+",
-          r"max ulp \d+", r"worst at \[\d+(, \d+)?\]: -?\d\S* vs -?\d\S*"]
-CURVE = r"loss_curve: tier \w+; .*first parted at step \d+: \d\S* vs \d\S*"
+          r"max ulp \d+", r"worst at index \[\d+(, \d+)?\]: actual -?\d\S* vs expected -?\d\S*"]
+CURVE = r"loss_curve: tier \w+; .*first parted at step \d+: actual \d\S* vs expected \d\S*"
 
 
 def one_ulp_up(monkeypatch):

@@ -320,6 +320,14 @@ def test_graph_capture_refuses_adam(opt):
         CudaGraphStep(fast, x, t)
 
 
+def test_graph_capture_refuses_what_is_not_a_fast_step():
+    x, t = data(5, [3, 4, 2], torch.float32)
+    readable, _, _ = build([3, 4, 2], "tanh", True, "mse", {"name": "sgd", "lr": 0.1},
+                           torch.float32)
+    with pytest.raises(TypeError, match="fast: expected a manual.fast.FastMLP, got MLP"):
+        CudaGraphStep(readable, x, t)
+
+
 def test_graph_capture_refuses_the_readable_fallback():
     _, fast, _ = build([3, 4, 2], "elu", True, "mse", {"name": "sgd", "lr": 0.1}, torch.float32)
     x, t = data(5, [3, 4, 2], torch.float32)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import manual.activations as acts
+from refnet.compare import ORACLE_CENTRAL_DIFFERENCES
 from refnet.oracles.fd import FDSettings, _loss, fd_checks, numeric_gradient, rel_error
 from refnet.spec import Spec
 
@@ -27,7 +28,7 @@ def test_numeric_gradient_and_rel_error():
 def test_smooth_spec_passes_with_stated_thresholds():
     fd, gc = fd_checks(Spec(sizes=[3, 5, 4, 2], activation=["tanh", "sigmoid"], n_samples=6))
     assert fd.passed and gc.passed and fd.tier == "tolerance"
-    assert fd.oracle == "manual vs central differences (float64)"
+    assert fd.oracle == ORACLE_CENTRAL_DIFFERENCES
     total, kinks, _, _ = counts(fd)
     assert kinks == 0 and total == sum(v.numel for v in fd.verdicts)
     assert "rel_error <= 1e-06" in fd.note and "h 1e-06" in fd.note
@@ -76,7 +77,8 @@ def test_wrong_backward_fails_finite_differences_not_gradcheck(monkeypatch):
     assert bad.name == "layers.0.weight.grad" and bad.mismatched > 0
     msg = bad.message()
     for fragment in ("layers.0.weight.grad", "shape [5, 3] float64 on cpu", "tier fail",
-                     "max abs diff", "max rel diff", "max ulp", "worst at ["):
+                     "max abs diff", "max rel diff", "worst at index [",
+                     "sampled coordinates miss the threshold"):
         assert fragment in msg
     assert abs(bad.worst_values[0] / bad.worst_values[1] - 1.01) < 1e-6
 
@@ -92,3 +94,22 @@ def test_svm_hinge_pieces_match_multimarginloss():
     frozen, _ = _loss("svm", moved, target, mask)
     natural, _ = _loss("svm", moved, target, None)
     assert frozen < natural  # frozen pieces keep the hinge pattern they froze
+
+
+def test_a_wrong_value_at_a_kink_fails(monkeypatch):
+    # ReLU'(0) = 3: no subgradient.  On the XOR row (0, 0) without bias every pre-activation is
+    # exactly 0, so only that row's input coordinates see it, and every one of them is at a kink:
+    # neither the bracket of one-sided differences nor the frozen piece (ReLU'(0) = 0) accepts it.
+    def forward(x):
+        return torch.relu(x), x
+
+    def backward(dout, x):
+        return torch.where(x > 0, dout, torch.where(x == 0, 3 * dout, 0.0))
+
+    monkeypatch.setitem(acts.ACTIVATIONS, "relu", (forward, backward, ()))
+    fd, _ = fd_checks(Spec(sizes=[2, 8, 8, 3], activation="relu", bias=False, data="xor"))
+    _, kinks, bracket, frozen = counts(fd)
+    failed = [v for v in fd.verdicts if not v.passed]
+    assert [v.name for v in failed] == ["input.grad"] and not fd.passed
+    assert kinks > bracket + frozen and failed[0].mismatched == kinks - bracket - frozen
+    assert failed[0].worst_index[0] == 0   # the row (0, 0)

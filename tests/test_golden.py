@@ -2,6 +2,7 @@
 import ast
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -398,6 +399,45 @@ def test_an_error_in_the_last_element_of_a_tensor_is_caught(exported, tmp_path, 
     assert [(r["case"], r["name"]) for r in bad] == [("small.float64", name)], bad
     rc, out, _ = check(capsys, port_out, fixtures)
     assert rc == 1 and f"first fails at small.float64/{name}" in out
+
+
+def _plant_relative_error(port_out, fixtures, case, share):
+    """In the port's output of `case`, move the checked element with the largest |expected| off by
+    atol + share·rtol·|expected| (the case's manifest tolerances) -> (tensor name, error / atol,
+    error / (atol + rtol·|expected|)), measured on the value as written."""
+    manifest = json.loads((fixtures / "manifest.json").read_text())
+    entries = next(c for c in manifest["cases"] if c["name"] == case)["tensors"]
+    ref = tensorfile.decode_safetensors((fixtures / f"{case}.safetensors").read_bytes(), case)[0]
+    e = max((e for e in entries if e["kind"]), key=lambda e: (float(ref[e["name"]].abs().max()),
+                                                               e["name"]))
+    path = port_out / f"{case}.safetensors"
+    got, meta = tensorfile.decode_safetensors(path.read_bytes(), str(path))
+    expected = ref[e["name"]].reshape(-1)
+    i = int(expected.abs().argmax())
+    b = float(expected[i])
+    t = got[e["name"]].clone()
+    t.view(-1)[i] = b + math.copysign(e["atol"] + share * e["rtol"] * abs(b), b)
+    got[e["name"]] = t
+    path.write_bytes(tensorfile.encode_safetensors(got, meta))
+    err = abs(float(t.view(-1)[i]) - b)
+    return e["name"], err / e["atol"], err / (e["atol"] + e["rtol"] * abs(b))
+
+
+@pytest.mark.parametrize("case", ["small.float32", "small.float64"])
+def test_relative_tolerance_is_applied(exported, tmp_path, case):
+    """check-port's bound is atol + rtol·|expected|: an error past atol but inside the bound passes
+    (at the tolerance tier), one just past the bound fails; a check-port without rtol fails the
+    first."""
+    for share, passes in ((0.9, True), (1.01, False)):
+        fixtures, port_out = copies(tmp_path / f"s{share}", exported)
+        (port_out / "manifest.json").unlink()   # a port without a manifest: the values decide
+        name, over_atol, used = _plant_relative_error(port_out, fixtures, case, share)
+        # (the manifest's atol is about rtol·max|expected|: the error is nearly twice atol)
+        assert over_atol > 1.5 and (used < 0.99 if passes else 1.0 < used < 1.02), (over_atol, used)
+        row = next(r for r in portcheck.check_port(str(port_out), str(fixtures))
+                   if (r["case"], r["name"]) == (case, name))
+        assert row["passed"] is passes and row["tier"] == ("tolerance" if passes else "fail"), row
+        assert row["tolerance_used"] == pytest.approx(used)
 
 # --- issue 15: batch norm, layer norm, dropout, embedding ------------------------------------------
 LAYER_SPECS = {

@@ -7,7 +7,8 @@ import torch
 
 import manual.activations as acts
 from refnet import cli, report
-from refnet.compare import (CLAIM, Check, compare_curves, compare_tensors, enforce_expected)
+from refnet.compare import (CLAIM, ORACLE_AUTOGRAD, ORACLE_FINITE_DIFFERENCES, Check, compare_curves,
+                            compare_tensors, enforce_expected)
 from refnet.data import batches
 from refnet.examples._common import claim_check
 
@@ -49,7 +50,7 @@ def test_allow_tier_and_strict_bits_cli(capsys):
     assert cli.main(["verify", "--allow-tier", "bitwise"]) == 2
 
 
-def _ulp_check(oracle="manual vs autograd", expected="auto"):
+def _ulp_check(oracle=ORACLE_AUTOGRAD, expected="auto"):
     a = torch.tensor([1.0, 2.0])
     b = torch.nextafter(a, torch.tensor(math.inf, dtype=a.dtype))
     return Check("t", [compare_tensors("t", a, b)], oracle, expected=expected)
@@ -68,7 +69,7 @@ def test_enforce_expected_by_device_table_and_flags():
     assert relaxed.passed
     (strict,) = enforce_expected([_ulp_check(expected="tolerance")], "cpu", strict_bits=True)
     assert strict.expected == "bitwise" and not strict.passed
-    (other,) = enforce_expected([_ulp_check(oracle="manual vs finite differences")], "cpu")
+    (other,) = enforce_expected([_ulp_check(oracle=ORACLE_FINITE_DIFFERENCES)], "cpu")
     assert other.expected is None and other.passed   # its verdicts carry their own bound
     with pytest.raises(ValueError, match="allow_tier"):
         enforce_expected([], "cpu", allow_tier="bitwise")

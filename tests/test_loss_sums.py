@@ -1,8 +1,8 @@
 """The label losses' batch sums: O(1) tensor ops, the same bits as the CPU kernels.
 
-manual/losses.py evaluates nll_loss's 8-level cascade and multi_margin_loss's row and batch sums
+manual/losses.py evaluates nll_loss's 8-level cascade (manual/kernel_order.py) and multi_margin_loss's row and batch sums
 with one sequential-sum op per level (index_add_ on 1-D tensors).  Here they are checked bit for
-bit against the plain one-sample-at-a-time reference (``_nll_mean_reference``, the kernel's loop
+bit against the plain one-sample-at-a-time reference (``nll_mean_reference``, the kernel's loop
 written out) and against autograd's F.cross_entropy / F.multi_margin_loss, at batch sizes on both
 sides of the cascade's boundaries (16, 256, 4096).
 """
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from manual import losses
+from manual import kernel_order, losses
 
 BATCHES = (1, 2, 15, 16, 17, 255, 256, 257, 4097)
 DTYPES = (torch.float32, torch.float64)
@@ -37,8 +37,8 @@ def test_nll_cascade_is_bitwise_with_the_reference_loop_and_autograd(n, dtype):
     for seed in (0, 1):
         y, t = _logits(n, 5, dtype, seed)
         picked = torch.log_softmax(y, 1).gather(1, t.unsqueeze(1)).squeeze(1)
-        fast = losses._nll_mean(picked, n)
-        assert _same(fast, losses._nll_mean_reference(picked, n)), (n, dtype, seed)
+        fast = kernel_order.nll_mean(picked, n)
+        assert _same(fast, kernel_order.nll_mean_reference(picked, n)), (n, dtype, seed)
         assert _same(fast, F.cross_entropy(y, t)), (n, dtype, seed)
 
 
@@ -57,11 +57,11 @@ def test_nll_cascade_with_a_small_step_reaches_its_last_level(n, monkeypatch):
     """With a level step of 2 instead of 16 (both versions read the same constants), a few
     hundred samples reach level 7, which sums everything it receives: that branch is checked
     against the reference loop here."""
-    monkeypatch.setattr(losses, "NLL_LEVEL_POWER", 1)
-    monkeypatch.setattr(losses, "NLL_LEVEL_STEP", 2)
+    monkeypatch.setattr(kernel_order, "NLL_LEVEL_POWER", 1)
+    monkeypatch.setattr(kernel_order, "NLL_LEVEL_STEP", 2)
     y, t = _logits(n, 5, torch.float32, 0)
     picked = torch.log_softmax(y, 1).gather(1, t.unsqueeze(1)).squeeze(1)
-    assert _same(losses._nll_mean(picked, n), losses._nll_mean_reference(picked, n)), n
+    assert _same(kernel_order.nll_mean(picked, n), kernel_order.nll_mean_reference(picked, n)), n
 
 
 def test_nll_cascade_past_one_level_of_4096():
@@ -69,7 +69,7 @@ def test_nll_cascade_past_one_level_of_4096():
     loop would take a minute)."""
     y, t = _logits(65537, 3, torch.float32, 1)
     picked = torch.log_softmax(y, 1).gather(1, t.unsqueeze(1)).squeeze(1)
-    assert _same(losses._nll_mean(picked, 65537), F.cross_entropy(y, t))
+    assert _same(kernel_order.nll_mean(picked, 65537), F.cross_entropy(y, t))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -233,7 +233,8 @@ def test_every_mlp_runs_without_autograd(loss, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_norm_dropout_embedding_ops_run_without_autograd(device):
-    """Batch norm (fused and step-by-step, training and eval), layer norm, dropout, embedding."""
+    """Batch norm (fused, textbook and step-by-step, training and eval), layer norm (fused and
+    textbook), cross-entropy's textbook backward, dropout, embedding."""
     x, dout = _randn(6, 5, device=device, seed=1), _randn(6, 5, device=device, seed=2)
     w, b = _randn(5, device=device, seed=3), _randn(5, device=device, seed=4)
     idx = _labels(12, 7, device).view(4, 3)
@@ -244,11 +245,16 @@ def test_norm_dropout_embedding_ops_run_without_autograd(device):
         for training in (True, False):
             out, cache = norm.batchnorm_forward(x, w, b, rm, rv, training=training,
                                                 num_batches_tracked=torch.tensor(0, device=device))
-            results += [out, norm.batchnorm_backward(dout, cache), rm, rv]
+            results += [out, norm.batchnorm_backward(dout, cache), rm, rv,
+                        norm.batchnorm_backward_textbook(dout, cache)]
         out, cache = norm.batchnorm_forward_steps(x, w, b)
         results += [out, norm.batchnorm_backward_steps(dout, cache)]
         out, cache = norm.layernorm_forward(x, w, b)
-        results += [out, norm.layernorm_backward(dout, cache)]
+        results += [out, norm.layernorm_backward(dout, cache),
+                    norm.layernorm_backward_textbook(dout, cache)]
+        _, cache = losses.cross_entropy_forward(x, _labels(6, 5, device))
+        dloss = torch.ones((), dtype=x.dtype, device=device)
+        results.append(losses.cross_entropy_backward_textbook(dloss, cache))
         gen = torch.Generator(device=device).manual_seed(0)
         for p in (0.0, 0.3):
             out, cache = dropout.dropout_forward(x, p, generator=gen)

@@ -1,5 +1,6 @@
-"""The pytest plugin: refnet_check, the summary line, --refnet-tier, xdist, and one registration
-whether it comes from the pytest11 entry point (refnet installed) or the root conftest.py."""
+"""The pytest plugin: refnet_check, the summary line, --refnet-tier, xdist, one registration
+whether it comes from the pytest11 entry point (refnet installed) or the root conftest.py, and no
+torch and no CUBLAS_WORKSPACE_CONFIG in a run that never uses the fixture."""
 import os
 import pathlib
 import subprocess
@@ -8,7 +9,10 @@ import sys
 import pytest
 import torch
 
-import refnet.pytest_plugin as plugin
+import _refnet_pytestplugin as plugin
+import refnet.pytest_plugin as fixture_impl
+from refnet.api import GRADED
+from refnet.compare import TIERS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -42,7 +46,7 @@ def fake_install(tmp_path):
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: refnet-entry-point-probe\n"
                                    "Version: 0\n")
-    (info / "entry_points.txt").write_text("[pytest11]\nrefnet = refnet.pytest_plugin\n")
+    (info / "entry_points.txt").write_text("[pytest11]\nrefnet = _refnet_pytestplugin\n")
     return str(site)
 
 
@@ -127,15 +131,54 @@ def test_fixture_methods_assert_and_record(refnet_check):
     assert len(refnet_check.verdicts) == before + 4     # one, forward + dx, one
     # a deliberate failure, on a private counter so this run's summary keeps "fail 0"
     from collections import Counter
-    private = plugin.RefnetCheck(None, Counter())
+    private = fixture_impl.RefnetCheck(None, Counter())
     with pytest.raises(AssertionError, match="first departure at #1 of 1: 'a'"):
         private.trace_compare({"a": x + 1}, {"a": x})
     assert private.counts == Counter(fail=1)
     with pytest.raises(AssertionError, match="refnet: g is 'ulp', required 'bitwise'"):
-        plugin.RefnetCheck("bitwise", Counter())(torch.nextafter(x, x + 1), x, tier="ulp", name="g")
+        fixture_impl.RefnetCheck("bitwise", Counter())(torch.nextafter(x, x + 1), x, tier="ulp", name="g")
 
 
 def test_summary_line_format():
     from collections import Counter
     assert plugin.summary_line(Counter(bitwise=2, fail=1)) == \
         "refnet: 3 checks: bitwise 2, ulp 0, tolerance 0, fail 1"
+
+
+def test_tier_names_agree_with_refnets():
+    # the plugin names them itself so that loading it imports no refnet
+    assert plugin.TIERS == TIERS and plugin.GRADED == GRADED
+
+
+def test_entry_point_names_the_lazy_module():
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'refnet = "_refnet_pytestplugin"' in text
+    assert 'py-modules = ["_refnet_pytestplugin"]' in text
+
+
+UNUSED_TESTS = '''
+import os, sys
+
+def test_a_run_without_refnet_check_sees_no_torch():
+    assert "torch" not in sys.modules and "refnet" not in sys.modules, "imported at load"
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ, "set at load"
+
+def test_the_fixture_imports_refnet_when_used(refnet_check):
+    assert "torch" in sys.modules and "CUBLAS_WORKSPACE_CONFIG" in os.environ
+'''
+
+
+def test_loading_the_plugin_imports_no_torch_and_sets_nothing(tmp_path):
+    # an environment with refnet installed: its plugin loaded as the entry point loads it (-p, with
+    # autoload off so that an older install of refnet in this venv cannot import it first), in a
+    # folder without the repository's conftest.py; the first test runs before any fixture use
+    (tmp_path / "test_unused.py").write_text(UNUSED_TESTS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    for key in ("CUBLAS_WORKSPACE_CONFIG", "PYTEST_XDIST_WORKER", "PYTEST_ADDOPTS",
+                "PYTEST_PLUGINS"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "_refnet_pytestplugin", "-p",
+                           "no:cacheprovider", "-p", "no:randomly", "-q", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "2 passed" in out, out

@@ -1,5 +1,5 @@
 """Shared helper for verify/: run one example and index its checks by name."""
-from refnet.compare import enforce_expected, meets
+from refnet.compare import ORACLE_AUTOGRAD, enforce_expected, meets
 from refnet.examples import Context, get
 from refnet.settings import determinism
 
@@ -21,6 +21,6 @@ def assert_all(checks, device, refnet_check=None):
         if refnet_check is not None:
             refnet_check.record(c.verdicts)
         assert c.passed, f"{c.name}: " + "\n".join(c.failures())
-        if c.oracle == "manual vs autograd":
+        if c.oracle == ORACLE_AUTOGRAD:
             assert c.expected is not None and meets(c.tier, c.expected), \
                 f"{c.name}: tier {c.tier}, expected {c.expected}"

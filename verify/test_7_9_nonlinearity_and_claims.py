@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from refnet.compare import CLAIM
 from refnet.examples import claims as C
 
 from verify._examples import assert_all, run
@@ -12,7 +13,7 @@ from verify._examples import assert_all, run
 def test_claims(name, device, dtype, refnet_check):
     checks = run(name, device, dtype)
     assert_all(checks, device, refnet_check)
-    claims = [c for c in checks.values() if c.oracle == "measured claim"]
+    claims = [c for c in checks.values() if c.oracle == CLAIM]
     assert claims and all(c.passed for c in claims)
     for c in claims:   # their own verdict kind, with the figures measured
         assert c.kind == "claim" and c.tier == "holds" and c.figures, c.name

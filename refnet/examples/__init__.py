@@ -1,21 +1,28 @@
 """The example registry: every example of the source document, by name.
 
-An example is a function ``run(ctx) -> list[refnet.compare.Check]`` registered with
-``@register``.  Numbers from the document appear once, in the example's module, and `verify/` reads them from there.
-Modules of this package register their examples when imported (see _MODULES).
+An example is a function ``run(ctx) -> list[refnet.compare.Check]`` declared with ``@register``,
+which records an `Example`: the example's typed declaration (name, title, section, run, and the
+optional hooks below).  Numbers from the document appear once, in the example's module, and
+`verify/` reads them from there.  Modules of this package declare their examples when imported;
+_MODULES lists them in the order the main job reports them (tests/test_examples.py checks that it
+names every module of the package, so a new module cannot be left out).
 
-One name, one net: an example that trains one MLP registers it as ``spec(dtype, device) -> Spec``
+One name, one net: an example that trains one MLP declares it as ``spec(dtype, device) -> Spec``
 (with its own ``data`` and ``params`` where the document fixes them), and every verb builds that
 same spec: `verify` runs it (and reports it), `train --example` trains it, `export` cuts its run
 short.  Examples with ``section=None`` go beyond the document (training demos): `verify` runs
 them only when named.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
 import importlib
+from typing import Any
 
 import torch
 
+from refnet.compare import Check
 from refnet.data import load_data
+from refnet.spec import Spec
 
 
 @dataclass
@@ -29,19 +36,27 @@ class Context:
         return str(self.dtype).replace("torch.", "")
 
 
-@dataclass
+RunFn = Callable[[Context], list[Check]]              # run(ctx): the example's checks
+SpecFn = Callable[[str, str], Spec]                   # spec(dtype, device): its one net
+DataFn = Callable[[Spec], tuple[torch.Tensor, torch.Tensor]]   # data(spec): (x, target)
+ParamsFn = Callable[[Spec], dict[str, torch.Tensor]]  # params(spec): initial params by name
+CaseFn = Callable[..., dict[str, Any]]                # case(dtype, steps): fixtures.case_for_spec
+
+
+@dataclass(frozen=True)
 class Example:
+    """One example's declaration.  Only name, title, section and run are required."""
     name: str
     title: str
-    section: str
-    run: object
-    dtypes: tuple = ("float32", "float64")
-    devices: tuple = ("cpu", "cuda")
-    case: object = None     # optional case(dtype, steps) -> refnet.fixtures.case_for_spec(...)
-    spec: object = None     # optional (dtype="float64", device="cpu") -> Spec: the example's net
-    data: object = None     # optional (spec) -> (x, target): its data; None: refnet.data.load_data
-    params: object = None   # optional (spec) -> initial params; None: the spec's seeded init
-    export_default: bool = True  # case exported by a plain `refnet export` (False: --example only)
+    section: str | None               # the document's section; None: a demo beyond it
+    run: RunFn
+    dtypes: tuple[str, ...] = ("float32", "float64")
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    case: CaseFn | None = None        # the case `refnet export` writes
+    spec: SpecFn | None = None        # the example's net (None: it trains no single MLP)
+    data: DataFn | None = None        # its data set (None: refnet.data.load_data(spec))
+    params: ParamsFn | None = None    # its start (None: the spec's seeded init)
+    export_default: bool = True       # exported by a plain `refnet export` (False: --example only)
 
     def build_spec(self, dtype="float64", device="cpu"):
         """The example's one net on (dtype, device); ValueError when it trains no single MLP."""
@@ -59,20 +74,18 @@ class Example:
         return self.params(spec) if self.params is not None else None
 
 
-REGISTRY = {}
+REGISTRY: dict[str, Example] = {}
 _MODULES = ("seed", "scalar", "activations", "vectorized", "deep", "nonlinearity", "claims",
             "classifiers", "demos", "norm_layers")
 _loaded = False
 
 
-def register(name, title, section, dtypes=("float32", "float64"), devices=("cpu", "cuda"),
-             case=None, spec=None, data=None, params=None, export_default=True):
-    def deco(fn):
+def register(name: str, title: str, section: str | None, **options) -> Callable[[RunFn], RunFn]:
+    """Decorator: declare ``run`` as the example `name`; options are Example's optional fields."""
+    def deco(fn: RunFn) -> RunFn:
         if name in REGISTRY:
             raise RuntimeError(f"example {name!r} registered twice")
-        REGISTRY[name] = Example(name, title, section, fn, tuple(dtypes), tuple(devices), case=case,
-                                 spec=spec, data=data, params=params,
-                                 export_default=export_default)
+        REGISTRY[name] = Example(name, title, section, fn, **options)
         return fn
     return deco
 

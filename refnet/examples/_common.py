@@ -7,7 +7,8 @@
 """
 import torch
 
-from refnet.compare import AUTO, CLAIM, Check, Verdict, compare_tensors
+from refnet.compare import (AUTO, CLAIM, ORACLE_AUTOGRAD, ORACLE_DOCUMENT, ORACLE_FINITE_DIFFERENCES,
+                            Check, Verdict, compare_tensors)
 from refnet.oracles import fd
 
 # Central differences in float64 with refnet.oracles.fd's h and rel_error bound (h = 1e-6: truncation O(h²)
@@ -26,7 +27,7 @@ def twin_check(name, manual, twin, ctx, kind="grad", note="", expected=AUTO):
     device's, refnet.compare.enforce_expected; an op of refnet.not_bitwise's table states its own)."""
     verdicts = [compare_tensors(key, manual[key], twin[key], kind, strict_bits=ctx.strict_bits)
                 for key in manual]
-    return Check(name, verdicts, "manual vs autograd", note, expected=expected)
+    return Check(name, verdicts, ORACLE_AUTOGRAD, note, expected=expected)
 
 
 def doc_check(name, values, expected, note=""):
@@ -43,7 +44,7 @@ def doc_check(name, values, expected, note=""):
         verdicts.append(compare_tensors(key, got.detach().double().cpu().reshape(want.shape), want,
                                         "forward", rtol=0.0, atol=atol + slack, ulp_limit=0,
                                         required="tolerance"))
-    return Check(name, verdicts, "manual vs the document's numbers", note)
+    return Check(name, verdicts, ORACLE_DOCUMENT, note)
 
 
 def fd_check(name, f, inputs, analytic, indices=None, note=""):
@@ -60,7 +61,7 @@ def fd_check(name, f, inputs, analytic, indices=None, note=""):
             num, ana = num.reshape(-1)[flat], ana.reshape(-1)[flat]
         verdicts.append(compare_tensors(key, ana.cpu(), num.cpu(), "grad", rtol=FD_RTOL,
                                         atol=FD_ATOL, ulp_limit=0, required="tolerance"))
-    return Check(name, verdicts, "manual vs finite differences (float64)", note)
+    return Check(name, verdicts, ORACLE_FINITE_DIFFERENCES, note)
 
 
 def sample_indices(numel, k, seed=0):

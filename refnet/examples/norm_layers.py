@@ -1,14 +1,21 @@
 """Normalization, dropout and embeddings: makemore's backprop-ninja exercise and CS231n's
 FullyConnectedNet with batch norm, layer norm and dropout (issue 15).
 
-makemore_ninja: refnet normalizes with the biased batch variance, as nn.BatchNorm1d does in
-training; the exercise itself uses Bessel's correction 1/(N−1) in its chain.
+makemore_ninja: the chain normalizes with the biased batch variance 1/N·Σ(x − μ)², not the
+exercise's Bessel-corrected 1/(N−1).  Why: the chain stands for the batch-norm layer of the network
+refnet builds and trains (nn.BatchNorm1d), and PyTorch's training-mode batch norm normalizes with
+the biased variance (it uses 1/(N−1) only to update running_var).  With Bessel's correction the
+chain would be a different function from that layer (hpreact off by about 1.6 % at N = 32), and
+comparing it only with autograd over the same chain would not show it; so the example also ties
+the chain's forward to F.batch_norm in training mode (check chain.stock_batchnorm, at the tolerance
+tier: the chain's sum·(1/N), pow(−½) and multiply round differently from the kernel's fused
+pass, measured up to ~520 ulps in float32, ~370 in float64 on CPU).
 """
 import torch
 import torch.nn.functional as F
 
 from refnet import data as datasets
-from refnet.compare import Check, Verdict
+from refnet.compare import Check, Verdict, compare_tensors
 from refnet.examples import Context, register
 from refnet.examples._common import twin_check
 from refnet.oracles.fd import numeric_gradient
@@ -31,6 +38,7 @@ FC_VARIANTS = {"batchnorm": {"norm": "batchnorm"}, "layernorm": {"norm": "layern
                "dropout": {"dropout": 0.25}}
 BN_FD_BAND, DROPOUT_FD_BAND = 1e-8, 1e-10   # CS231n's published rel-error bands
 EXPORT_ROWS = 2 * BATCH            # the makemore_ninja export case: two batches of windows
+STOCK_BN_ORACLE = "ninja chain vs F.batch_norm (training mode)"
 
 
 def rel_error(a, b):
@@ -106,6 +114,16 @@ def run_makemore_ninja(ctx):
                              {f"d{k}": t for k, t in ref.items()}, ctx,
                              note="dlogprobs … dC, each vs retain_grad; batch variance biased "
                                   "(nn.BatchNorm1d), the exercise uses 1/(N-1)"))
+
+    # 1b. the chain's forward against the stock layer: F.batch_norm (what nn.BatchNorm1d runs)
+    # in training mode on the same hprebn, gain and bias (module docstring: the variance)
+    stock = F.batch_norm(v["hprebn"], None, None, params["bngain"].view(-1),
+                         params["bnbias"].view(-1), True, 0.1, 1e-5)
+    checks.append(Check("chain.stock_batchnorm",
+                        [compare_tensors("hpreact", v["hpreact"], stock, "forward")],
+                        STOCK_BN_ORACLE, note="biased batch variance, as nn.BatchNorm1d "
+                        "normalizes in training (the exercise's 1/(N-1) would fail here)",
+                        expected="tolerance"))
 
     # 2. fused cross-entropy backward: manual vs autograd of F.cross_entropy on the same logits
     logits = v["logits"]

@@ -20,25 +20,46 @@ difference of the loss with every piece frozen as at θ (the derivative of the b
 convention picks at the kink: ReLU'(0) = 0, the first maximal Maxout piece, ...).  Kink
 coordinates are counted in the report, with how each was accepted; gradcheck skips them.
 
+One engine, one rule: `probe` (perturb, central difference, kink, accept) and `fd_verdict` (its
+Verdict) serve fd_checks (verify), refnet.check_backward(fd=True) and, through `both_sides` and
+`numeric_gradient`, the examples.  A caller that cannot name the pieces (check_backward: any
+function) finds kinks by the one-sided differences alone and has no frozen-piece fallback.
+
 One module (~300 lines) because it is one oracle: the float64 forward with its kink pieces, the
 sampler, the comparison and gradcheck share the same coordinates and thresholds.
 """
 from dataclasses import dataclass
+import functools
 
 import torch
 import torch.nn.functional as F
 
 import manual
 from manual.mlp import MLP, init_params
-from refnet.compare import Check, Verdict, ulp_distance, unravel
+from refnet.compare import (ORACLE_CENTRAL_DIFFERENCES, ORACLE_GRADCHECK, Check, Verdict,
+                            ulp_distance, unravel)
 from refnet.data import load_data
 from refnet.spec import Spec
 from refnet.twin import Twin, activation_module, load_params, loss_module
 
 
+TINY = 1e-300   # rel_error's denominator floor: 0 vs 0 is no error
+
+
 def rel_error(analytic, numeric):
     a, n = analytic.double(), numeric.double()
-    return (a - n).abs() / (a.abs() + n.abs()).clamp_min(1e-300)
+    return (a - n).abs() / (a.abs() + n.abs()).clamp_min(TINY)
+
+
+def both_sides(f, flat, i, eps):
+    """(f() at flat[i] + eps, f() at flat[i] - eps); flat[i] is restored."""
+    old = flat[i].item()
+    flat[i] = old + eps
+    plus = f()
+    flat[i] = old - eps
+    minus = f()
+    flat[i] = old
+    return plus, minus
 
 
 def numeric_gradient(f, x, dout=None, eps=1e-6, indices=None):
@@ -46,25 +67,16 @@ def numeric_gradient(f, x, dout=None, eps=1e-6, indices=None):
 
     f: a function of no arguments that reads x and returns a tensor (or a scalar tensor).
     indices: flat indices of x to perturb (default: all).  Returns a tensor like x with the
-    estimates at those indices and NaN elsewhere.
+    central differences at those indices and NaN elsewhere (no kink rule: see `probe`).
     """
     if x.dtype != torch.float64:
         raise TypeError(f"x: finite differences run in float64, got {x.dtype}")
     flat = x.view(-1)
     grad = torch.full_like(flat, float("nan"))
-    todo = range(flat.numel()) if indices is None else indices
-    for i in todo:
-        i = int(i)
-        old = flat[i].item()
-        flat[i] = old + eps
-        plus = f()
-        flat[i] = old - eps
-        minus = f()
-        flat[i] = old
+    for i in range(flat.numel()) if indices is None else indices:
+        plus, minus = both_sides(f, flat, int(i), eps)
         diff = plus - minus
-        if dout is not None:
-            diff = diff * dout
-        grad[i] = diff.sum() / (2 * eps)
+        grad[int(i)] = (diff if dout is None else diff * dout).sum() / (2 * eps)
     return grad.view_as(x)
 
 
@@ -142,7 +154,8 @@ def forward_pieces(spec, params, x, target, pieces=None):
 
 
 def _same_pieces(a, b):
-    return all(p is None or torch.equal(p, q) for p, q in zip(a, b))
+    """True when every piece of a equals b's (None: pieces not known, or a smooth unit)."""
+    return a is None or all(p is None or torch.equal(p, q) for p, q in zip(a, b))
 
 
 def sample_indices(numel, per_tensor, gen):
@@ -150,6 +163,97 @@ def sample_indices(numel, per_tensor, gen):
     if numel <= per_tensor:
         return torch.arange(numel)
     return torch.randperm(numel, generator=gen)[:per_tensor].sort().values
+
+
+def within(a, n, atol, rtol):
+    """The pass rule of one coordinate: |a - n| <= atol, or rel_error(a, n) <= rtol."""
+    d = abs(a - n)
+    return d <= atol or d <= rtol * max(abs(a) + abs(n), TINY)
+
+
+@dataclass
+class Probed:
+    """What `probe` found on the sampled coordinates of one tensor (tensors indexed like idx)."""
+    idx: torch.Tensor
+    analytic: torch.Tensor     # the analytic values at idx
+    numeric: torch.Tensor      # the central difference (the frozen-piece one where it decided)
+    ok: torch.Tensor
+    bracketed: torch.Tensor    # accepted between the one-sided differences: no single numeric value
+    kinks: int
+    by_frozen: int
+    smooth: list               # (flat index, central difference) of every smooth coordinate
+
+
+def probe(flat, idx, analytic, loss, atol, st, freeze=False):
+    """The one finite-difference rule, on the flat indices `idx` of `flat` (a float64 view,
+    perturbed in place and restored); verify, the examples and check_backward all run it.
+
+    loss(): (L, pieces) at the current values.  pieces name the piece every piecewise unit uses
+        (None when the caller cannot tell); a change of piece between θ-h, θ and θ+h is a kink.
+        With freeze=True, loss(pieces) is L with every piece frozen as given.
+    analytic: the analytic gradient, flat, float64 on the CPU.
+
+    Smooth (the pieces hold and the one-sided differences agree to kink_rtol, or to atol): pass
+    by `within` against the central difference.  At a kink: pass when the analytic value lies
+    between the one-sided differences (widened by atol); else by `within` against the
+    frozen-piece central difference when freeze=True; else fail.
+    """
+    base, base_pieces = loss()
+    base = float(base)
+    n = len(idx)
+    numeric = torch.empty(n, dtype=torch.float64)
+    ok = torch.ones(n, dtype=torch.bool)
+    bracketed = torch.zeros(n, dtype=torch.bool)
+    kinks = by_frozen = 0
+    smooth = []
+    for j, i in enumerate(idx.tolist()):
+        (lp, pp), (lm, pm) = both_sides(loss, flat, i, st.eps)
+        lp, lm, a = float(lp), float(lm), float(analytic[i])
+        central = (lp - lm) / (2 * st.eps)
+        fwd, bwd = (lp - base) / st.eps, (base - lm) / st.eps
+        numeric[j] = central
+        apart = abs(fwd - bwd) > max(atol, st.kink_rtol * (abs(fwd) + abs(bwd)))
+        if not apart and _same_pieces(pp, base_pieces) and _same_pieces(pm, base_pieces):
+            ok[j] = within(a, central, atol, st.rtol)
+            smooth.append((i, central))
+            continue
+        kinks += 1
+        if min(fwd, bwd) - atol <= a <= max(fwd, bwd) + atol:
+            bracketed[j] = True
+        elif not freeze:
+            ok[j] = False
+        else:
+            (lpf, _), (lmf, _) = both_sides(functools.partial(loss, base_pieces), flat, i, st.eps)
+            numeric[j] = (float(lpf) - float(lmf)) / (2 * st.eps)
+            ok[j] = within(a, float(numeric[j]), atol, st.rtol)
+            by_frozen += bool(ok[j])
+    return Probed(idx, analytic[idx], numeric, ok, bracketed, kinks, by_frozen, smooth)
+
+
+def fd_verdict(name, shape, device, probed, numel, atol, st, note=""):
+    """The Verdict of one tensor's probed coordinates.  Coordinates accepted between the
+    one-sided differences have no single numeric value: they stay out of the max diffs."""
+    p = probed
+    passed = bool(p.ok.all())
+    v = Verdict(name=name, tier="tolerance" if passed else "fail", passed=passed, shape=shape,
+                dtype="float64", device=device, numel=len(p.idx), mismatched=int((~p.ok).sum()),
+                rtol=st.rtol, atol=atol, ulp_limit=None, note="; ".join(filter(None, [
+                    f"{len(p.idx)}/{numel} coordinates sampled, {p.kinks} at a kink "
+                    f"({int(p.bracketed.sum())} accepted between the one-sided differences, not "
+                    f"in the max diffs; {p.by_frozen} by the frozen-piece central difference)",
+                    note])))
+    measured = ~p.bracketed
+    if bool(measured.any()):
+        diff = (p.analytic - p.numeric).abs()
+        rel = rel_error(p.analytic, p.numeric)
+        v.max_abs_diff = float(diff[measured].max())
+        v.max_rel_diff = float(rel[measured].max())
+        v.max_ulp = float(ulp_distance(p.analytic[measured], p.numeric[measured]).max())
+        # the worst coordinate: a failing one if any, else the largest rel_error
+        j = int(torch.argmax(torch.where(p.ok, rel, rel + 10.0).masked_fill(p.bracketed, -1.0)))
+        v.worst_index = unravel(int(p.idx[j]), shape)
+        v.worst_values = [float(p.analytic[j]), float(p.numeric[j])]
+    return v
 
 
 def _float64_setup(spec, data):
@@ -193,89 +297,30 @@ def _fd_checks(spec, data, settings):
     st = settings or FDSettings()
     spec64, params, x, target, grads, dx, loss0 = _float64_setup(spec, data)
     atol = st.atol_scale * max(1.0, abs(loss0))
-    base_loss, base_pieces = forward_pieces(spec64, params, x, target)
     gen = torch.Generator().manual_seed(spec64.seed)
     tensors = [(name, params[name], grads[name]) for name in params]
     if x.is_floating_point():  # integer token inputs (embedding) have no gradient
         tensors.append(("input", x, dx))
+    loss = functools.partial(forward_pieces, spec64, params, x, target)
     verdicts, smooth_coords = [], []
     kinks = by_bracket = by_frozen = sampled = 0
     for name, t, analytic in tensors:
-        flat, a_flat = t.view(-1), analytic.reshape(-1)
+        flat = t.view(-1)
         idx = sample_indices(flat.numel(), st.per_tensor, gen)
-        numeric = torch.empty(len(idx), dtype=torch.float64)
-        ok = torch.ones(len(idx), dtype=torch.bool)
-        bracketed = torch.zeros(len(idx), dtype=torch.bool)
-        kink_here = 0
-        for j, i in enumerate(idx.tolist()):
-            old = flat[i].item()
-            flat[i] = old + st.eps
-            lp, pp = forward_pieces(spec64, params, x, target)
-            flat[i] = old - st.eps
-            lm, pm = forward_pieces(spec64, params, x, target)
-            flat[i] = old
-            lp, lm, l0 = float(lp), float(lm), float(base_loss)
-            central = (lp - lm) / (2 * st.eps)
-            fwd, bwd = (lp - l0) / st.eps, (l0 - lm) / st.eps
-            a = float(a_flat[i])
-            numeric[j] = central
-            one_sided_apart = abs(fwd - bwd) > max(atol, st.kink_rtol * (abs(fwd) + abs(bwd)))
-            if _same_pieces(pp, base_pieces) and _same_pieces(pm, base_pieces) and not one_sided_apart:
-                ok[j] = abs(a - central) <= atol or \
-                    abs(a - central) <= st.rtol * max(abs(a) + abs(central), 1e-300)
-                smooth_coords.append((name, i, central))
-                continue
-            kink_here += 1
-            if min(fwd, bwd) - atol <= a <= max(fwd, bwd) + atol:
-                by_bracket += 1
-                bracketed[j] = True  # no single numeric value to measure against: not in the max
-                continue
-            flat[i] = old + st.eps
-            lpf, _ = forward_pieces(spec64, params, x, target, base_pieces)
-            flat[i] = old - st.eps
-            lmf, _ = forward_pieces(spec64, params, x, target, base_pieces)
-            flat[i] = old
-            frozen = (float(lpf) - float(lmf)) / (2 * st.eps)
-            numeric[j] = frozen
-            ok[j] = abs(a - frozen) <= atol or abs(a - frozen) <= st.rtol * (abs(a) + abs(frozen))
-            by_frozen += bool(ok[j])
-        kinks += kink_here
-        sampled += len(idx)
-        a_s = a_flat[idx].cpu()
-        verdicts.append(_fd_verdict(f"{name}.grad", list(t.shape), str(t.device), a_s, numeric,
-                                    ok, bracketed, idx, atol, st,
-                                    f"{len(idx)}/{flat.numel()} coordinates sampled, "
-                                    f"{kink_here} at a kink ({int(bracketed.sum())} accepted "
-                                    f"between the one-sided differences, not in the max diffs)"))
+        p = probe(flat, idx, analytic.reshape(-1).cpu(), loss, atol, st, freeze=True)
+        smooth_coords += [(name, i, central) for i, central in p.smooth]
+        kinks, by_bracket = kinks + p.kinks, by_bracket + int(p.bracketed.sum())
+        by_frozen, sampled = by_frozen + p.by_frozen, sampled + len(idx)
+        verdicts.append(fd_verdict(f"{name}.grad", list(t.shape), str(t.device), p, flat.numel(),
+                                   atol, st))
     rebuilt = "" if spec.dtype == "float64" else f"spec is {spec.dtype}; rebuilt in float64 from the same seed. "
     note = (f"{rebuilt}{sampled} coordinates, {kinks} at a kink ({by_bracket} accepted between "
             f"the one-sided differences, {by_frozen} by the frozen-piece central difference); "
             f"{st.describe()}")
-    checks = [Check("finite_diff", verdicts, oracle="manual vs central differences (float64)",
-                    note=note)]
+    checks = [Check("finite_diff", verdicts, oracle=ORACLE_CENTRAL_DIFFERENCES, note=note)]
     if st.gradcheck:
         checks.append(_gradcheck(spec64, params, x, target, smooth_coords, atol, st, kinks, rebuilt))
     return checks
-
-
-def _fd_verdict(name, shape, device, analytic, numeric, ok, bracketed, idx, atol, st, note):
-    n = len(idx)
-    diff = (analytic - numeric).abs()
-    rel = rel_error(analytic, numeric)
-    v = Verdict(name=name, tier="tolerance" if bool(ok.all()) else "fail", passed=bool(ok.all()),
-                shape=shape, dtype="float64", device=device, numel=n,
-                mismatched=int((~ok).sum()), rtol=st.rtol, atol=atol, ulp_limit=None, note=note)
-    measured = ~bracketed
-    if bool(measured.any()):
-        v.max_abs_diff = float(diff[measured].max())
-        v.max_rel_diff = float(rel[measured].max())
-        v.max_ulp = float(ulp_distance(analytic[measured], numeric[measured]).max())
-        # the worst coordinate: a failing one if any, else the largest rel_error
-        score = torch.where(ok, rel, rel + 10.0).masked_fill(bracketed, -1.0)
-        j = int(torch.argmax(score))
-        v.worst_index = unravel(int(idx[j]), shape)
-        v.worst_values = [float(analytic[j]), float(numeric[j])]
-    return v
 
 
 def _gradcheck(spec64, params, x, target, coords, atol, st, kinks, rebuilt):
@@ -325,5 +370,4 @@ def _gradcheck(spec64, params, x, target, coords, atol, st, kinks, rebuilt):
         v.worst_index = [j]
         v.worst_values = [float(grad[j]), float(central[j])]
         v.mismatched = int((diff > atol + st.gradcheck_rtol * central.abs()).sum())
-    return Check("gradcheck", [v], oracle="twin (autograd) vs torch.autograd.gradcheck (float64)",
-                 note=note)
+    return Check("gradcheck", [v], oracle=ORACLE_GRADCHECK, note=note)

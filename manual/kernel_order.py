@@ -1,0 +1,290 @@
+"""The kernels' order of operations: the helpers that make a manual backward bit-identical.
+
+A formula fixes what is computed; a CPU kernel also fixes the order its sums run in and which
+``a·b + c`` the compiler contracts into one FMA, and those decide the last bits.  The forward and
+backward passes in losses.py and norm.py are written as the math and call one helper from here
+wherever that order decides the bits.  Each helper names the ATen kernel (file, function) and the
+order it reproduces, and what was measured (torch 2.13 CPU, AVX-512 and AVX2).  kernel_exp.py is
+the companion for eˣ (SLEEF's algorithm and which positions are vector lanes).
+
+FMA: ``torch.addcmul(c, a, b)`` is one fused multiply-add on x86 CPUs (see kernel_exp.py).
+"""
+import torch
+
+from manual.kernel_exp import VECTOR_BITS, sleef_exp
+
+
+# --- threads ------------------------------------------------------------------------------------
+def thread_chunks(n):
+    """Row ranges of at::parallel_for(0, n, grain 1) on OpenMP (aten/src/ATen/ParallelOpenMP.h):
+    ceil(n / threads) rows each, threads = min(torch threads, n)."""
+    threads = max(1, min(torch.get_num_threads(), n))
+    size = -(-n // threads)
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+# --- sequential sums ----------------------------------------------------------------------------
+def sequential_sum_into(acc, index, values, alpha=1):
+    """acc[index[i]] += alpha·values[i] for i = 0, 1, … in that order, each add rounded in the
+    tensor's dtype; returns acc.
+
+    On the CPU, ``index_add_`` of a 1-D tensor is exactly this serial loop
+    (aten/src/ATen/native/TensorAdvancedIndexing.cpp, index_add_cpu_out:
+    ``*self_ip += source[i] * alpha``; ·1 and ·(−1) are exact), one thread, so it sums many short
+    sequences in their written order in one op — unlike ``sum``, which vectorizes and blocks.
+    acc, index, values: 1-D.  Used for the nll cascade and multi_margin_loss's row sums.
+    """
+    return acc.index_add_(0, index, values, alpha=alpha)
+
+
+# --- nll_loss: the summation cascade ------------------------------------------------------------
+NLL_LEVELS = 8        # nll_loss_out_frame's cascade_sum_num_levels
+NLL_LEVEL_POWER = 4   # its level_power: max(4, CeilLog2(N) / 8), i.e. 4 for N ≤ 2^39
+NLL_LEVEL_STEP = 1 << NLL_LEVEL_POWER
+
+
+def nll_mean_reference(picked, n):
+    """−(1/N) Σ picked, one sample at a time exactly as nll_loss_out_frame
+    (aten/src/ATen/native/LossNLL.cpp) loops.
+
+    The plain reference for ``nll_mean`` (O(N) tensor ops; tests compare the two bit for bit).
+    The kernel keeps 8 partial sums; each sample is subtracted from partial 0, and whenever the
+    sample index b has its low 4·(j+1) bits zero, partial j is folded into partial j+1.  At the
+    end partials 0..7 are added in order, and the sum is divided by (scalar_t)N.
+    """
+    zero = torch.zeros((), dtype=picked.dtype, device=picked.device)
+    partial = [zero] * NLL_LEVELS
+    for b in range(n):
+        partial[0] = partial[0] - picked[b]
+        for j in range(NLL_LEVELS - 1):
+            if b & ((NLL_LEVEL_STEP - 1) << (NLL_LEVEL_POWER * j)):
+                break
+            partial[j + 1] = partial[j + 1] + partial[j]
+            partial[j] = zero
+    total = zero
+    for p in partial:
+        total = total + p
+    return total / float(n)
+
+
+class NllCascade:
+    """nll_loss_out_frame's cascade (LossNLL.cpp) for N samples, as a fixed plan of sequential sums.
+
+    The kernel's cascade (``nll_mean_reference`` follows it one sample at a time) is a fixed
+    blocked summation.  Level j starts at 0, takes its inputs one by one (level 0: the samples,
+    subtracted) and, after input m with m % 16 == 0 (m = 0 included), hands its sum to level
+    j+1 and restarts at 0.  So its hand-offs are the sums of the groups {v₀}, {v₁..v₁₆},
+    {v₁₇..v₃₂}, … — input m is in group (m + 15) // 16 — and what it holds at the end is the sum
+    of the incomplete last group (0 if there is none).  Level 7 never hands off: everything it
+    receives is one group.  A level that receives a single value hands it up unchanged
+    (0 + v = v: a sum started at +0 is never −0), so the levels stop there and that value is
+    what partial 7 ends with.  Partials that are 0 are left out of the final sum (s + 0 = s for
+    the same reason); the others are added in level order, starting from 0, and divided by N.
+
+    All levels' group sums live in one flat buffer of ``size`` entries: level j's in
+    ``[offset_j, offset_j + groups_j)``.  ``levels``: (offset, groups, alpha, group index
+    (inputs,) int64, where its inputs start: None for the samples (level 0), else the offset of
+    the level below, whose first sums they are); ``kept``: (P,) int64 positions of the partials
+    to add at the end.
+    """
+
+    def __init__(self, n, device="cpu"):
+        self.n, self.levels, kept = n, [], []
+        offset, length, level, last = 0, n, 0, None
+        while level < NLL_LEVELS and (length > 1 or level == 0):
+            if level == NLL_LEVELS - 1:
+                group = torch.zeros(length, dtype=torch.int64, device=device)
+                groups = 1
+            else:
+                group = torch.arange(NLL_LEVEL_STEP - 1, length + NLL_LEVEL_STEP - 1,
+                                     device=device) // NLL_LEVEL_STEP
+                groups = (length - 1 + NLL_LEVEL_STEP - 1) // NLL_LEVEL_STEP + 1
+            self.levels.append((offset, groups, -1 if level == 0 else 1, group, last))
+            if level == NLL_LEVELS - 1:
+                kept.append(offset)                       # partial 7 sums all it receives
+            elif (length - 1) % NLL_LEVEL_STEP:           # an incomplete last group: kept
+                kept.append(offset + groups - 1)
+                length = groups - 1
+            else:
+                length = groups
+            last, offset, level = offset, offset + groups, level + 1
+        if level < NLL_LEVELS:                            # stopped at a single hand-off:
+            kept.append(last)                             # the value rising to partial 7
+        self.size = offset
+        self.kept = torch.tensor(kept, dtype=torch.int64, device=device)
+        self.kept_into = torch.zeros(len(kept), dtype=torch.int64, device=device)
+
+    def mean(self, picked, sums, kept_values, total):
+        """−(1/N) Σ picked with the kernel's bits, in 3 + (levels) ops, into the given buffers:
+        sums (size,), kept_values (P,), total (1,), all of picked's dtype.  Returns a new 0-d
+        tensor."""
+        sums.zero_()
+        for offset, groups, alpha, group, below in self.levels:
+            inputs = picked if below is None else sums[below:below + group.shape[0]]
+            sequential_sum_into(sums[offset:offset + groups], group, inputs, alpha)
+        torch.index_select(sums, 0, self.kept, out=kept_values)
+        sequential_sum_into(total.zero_(), self.kept_into, kept_values)
+        return total[0] / float(self.n)
+
+
+def nll_mean(picked, n):
+    """−(1/N) Σ picked with the bits of nll_loss_out_frame (LossNLL.cpp), in O(1) tensor ops
+    (see NllCascade; ``nll_mean_reference`` is the plain one-sample-at-a-time version)."""
+    plan = NllCascade(n, picked.device)
+    new = lambda size: picked.new_empty(size)  # noqa: E731
+    return plan.mean(picked, new(plan.size), new(plan.kept.shape[0]), new(1))
+
+
+# --- log_softmax backward: its exp --------------------------------------------------------------
+def log_softmax_backward_exp(logp):
+    """exp as the CPU log_softmax backward kernel evaluates it (aten/src/ATen/native/cpu/
+    SoftMaxKernel.cpp, _vec_host_softmax_backward_lastdim, log variant: vec::map2 of
+    ``x - y.exp() * Vec(sum)``): every element, partial last vector included, goes through
+    Sleef's exp on AVX2/AVX512 builds (no scalar tail, unlike elu_backward), so
+    manual.kernel_exp.sleef_exp applies at every position.  GCC contracts ``x − e·s`` into one FMA:
+    the caller forms it with addcmul.
+
+    Elsewhere (CUDA, or a CPU run with ATEN_CPU_CAPABILITY=default) it is torch.exp: not verified
+    bitwise there; expect the `ulp` tier at worst.
+    """
+    if logp.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") \
+            and logp.dtype in (torch.float32, torch.float64):
+        return sleef_exp(logp)
+    return torch.exp(logp)
+
+
+# --- batch norm: batch_norm_cpu_backward_channels_last_impl -------------------------------------
+def bn_column_sums(xc, dout):
+    """(Σₙ dout, Σₙ xc·dout) per feature (xc = x − μ) in the order of
+    aten/src/ATen/native/cpu/batch_norm_kernel.cpp, batch_norm_cpu_backward_channels_last_impl
+    (an (N, D) input is "NC11", channels last): sequential over the rows of each thread chunk in
+    x's dtype (vec::map2 ``sum + dy``; vec::map4 ``dotp + (x − mean)·dy``, one FMA per step), then
+    the chunk partials added in float64 starting from +0 (acc_type<float, false> is double) and
+    rounded back.  Measured bitwise on AVX-512 and AVX2, 1 and 2 threads."""
+    zero = torch.zeros(xc.shape[1], dtype=xc.dtype, device=xc.device)
+    total_sum = torch.zeros(xc.shape[1], dtype=torch.float64, device=xc.device)
+    total_dotp = torch.zeros_like(total_sum)
+    for begin, end in thread_chunks(xc.shape[0]):
+        chunk_sum, chunk_dotp = zero, zero
+        for i in range(begin, end):
+            chunk_sum = chunk_sum + dout[i]
+            chunk_dotp = torch.addcmul(chunk_dotp, xc[i], dout[i])   # dotp + (x − μ)·dy, one FMA
+        total_sum = total_sum + chunk_sum.double()
+        total_dotp = total_dotp + chunk_dotp.double()
+    return total_sum.to(xc.dtype), total_dotp.to(xc.dtype)
+
+
+# Width in bits of the trailing columns whose dx the kernel does not contract into an FMA,
+# measured per CPU capability (torch 2.13, GCC build): AVX-512 the last D mod 256 bits (half its
+# 512-bit vector); AVX2 the whole masked tail, D mod Vec::size() (its vector is 256 bits: 8
+# float32, 4 float64), 1200 shapes x train/eval x 1-2 threads bitwise on an AMD EPYC.
+_BN_PLAIN_TAIL_BITS = {"AVX512": 256, "AVX2": 256}
+
+
+def bn_dx_fma_columns(n_features, dtype, device):
+    """How many leading columns batch_norm_cpu_backward_channels_last_impl evaluates with the
+    contracted (FMA) dx formula.
+
+    The kernel's loop takes Vec::size() columns at a time and then a masked tail of
+    D mod Vec::size() columns.  Measured (``_BN_PLAIN_TAIL_BITS``): on AVX-512 all but the last
+    D mod 8 float32 / D mod 4 float64 columns are contracted; on AVX2 all but the masked tail,
+    which is the same D mod 8 / D mod 4.  Other capabilities are not measured: 128-bit halves
+    of a 256-bit vector are assumed.
+    """
+    if device.type != "cpu":
+        return n_features
+    capability = torch.backends.cpu.get_cpu_capability()
+    bits = _BN_PLAIN_TAIL_BITS.get(capability, VECTOR_BITS.get(capability, 256) // 2)
+    lanes = bits // torch.finfo(dtype).bits
+    return n_features - n_features % lanes
+
+
+def bn_dx_inner(dout, grad_mean, xc, k):
+    """(dy − grad_mean) − xc·k per element, as batch_norm_cpu_backward_channels_last_impl's
+    ``dy - grad_mean - dx`` (dx = (x − mean)·k): GCC contracts it into one FMA (one rounding)
+    in all but the last columns (``bn_dx_fma_columns``), which take two roundings."""
+    fused = torch.addcmul(dout - grad_mean, xc, k, value=-1)   # one rounding: FMA
+    split = bn_dx_fma_columns(xc.shape[1], xc.dtype, xc.device)
+    if split < xc.shape[1]:
+        plain = dout - grad_mean - xc * k                       # two roundings
+        fused = torch.cat([fused[:, :split], plain[:, split:]], 1)
+    return fused
+
+
+# --- layer norm: layer_norm_backward_frame ------------------------------------------------------
+def ln_lanes(dtype, device):
+    """Lanes of the vectors layer_norm_backward_frame (aten/src/ATen/native/cpu/
+    layer_norm_kernel.cpp) reduces in: 256-bit ones (8 float32, 4 float64), measured on AVX-512
+    and on AVX2 (AMD EPYC) with torch 2.13; 0 where not measured (plain sums)."""
+    if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX2"):
+        return 0
+    return 256 // torch.finfo(dtype).bits
+
+
+def ln_row_sum(factors, lanes):
+    """Σⱼ Πfactors per row, as layer_norm_backward_frame's vec::map{2,3}_reduce_all sums it
+    (factors: 2 or 3 tensors (N, D) -> (N, 1)).
+
+    D < lanes: left to right.  Otherwise a lanes-wide accumulator starts from the first chunk, adds
+    each further full chunk (acc + product, two roundings), adds the partial last chunk with one
+    FMA per lane (the compiler contracts that one), then folds the lanes: float32 by the shuffle
+    tree (lane i + lane i^4, then i^2, then i^1), float64 left to right.  lanes 0: torch.sum.
+    """
+    def prod(sl):
+        out = factors[0][:, sl] * factors[1][:, sl]
+        return out * factors[2][:, sl] if len(factors) == 3 else out
+
+    n = factors[0].shape[1]
+    if not lanes or n < lanes:
+        if not lanes:
+            return prod(slice(0, n)).sum(1, keepdim=True)
+        terms = prod(slice(0, n))
+        total = terms[:, :1]
+        for j in range(1, n):
+            total = total + terms[:, j:j + 1]
+        return total
+    acc = prod(slice(0, lanes))
+    d = lanes
+    while d + lanes <= n:
+        acc = acc + prod(slice(d, d + lanes))
+        d += lanes
+    if d < n:
+        r = n - d
+        head = factors[0][:, d:] * factors[1][:, d:] if len(factors) == 3 else factors[0][:, d:]
+        last = factors[-1][:, d:]
+        acc = torch.cat([torch.addcmul(acc[:, :r], head, last), acc[:, r:]], 1)
+    if factors[0].dtype == torch.float32:
+        while acc.shape[1] > 1:
+            half = acc.shape[1] // 2
+            acc = acc[:, :half] + acc[:, half:]
+        return acc
+    total = acc[:, :1]
+    for j in range(1, lanes):
+        total = total + acc[:, j:j + 1]
+    return total
+
+
+def ln_row_sums(dout, x, weight):
+    """(Σⱼ dy·x·w, Σⱼ dy·w) per row (N, 1) each, in layer_norm_backward_frame's lane order
+    (``ln_row_sum``; the kernel's ds and db)."""
+    lanes = ln_lanes(x.dtype, x.device)
+    w = weight.expand_as(x)
+    return ln_row_sum((dout, x, w), lanes), ln_row_sum((dout, w), lanes)
+
+
+def ln_param_grads(dout, x, mean, rstd):
+    """(Σᵢ dy·x̂, Σᵢ dy) per feature, as LayerNormBackwardKernelImplInternal
+    (layer_norm_kernel.cpp) forms dweight and dbias: x̂ = fma(rstd, x, −rstd·μ); sequential over
+    the rows of each thread chunk, dweight one FMA per step; the chunk partials added in opmath
+    (float for float32).  mean, rstd: (N, 1)."""
+    zero = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+    dweight, dbias = zero, zero
+    shift = -rstd * mean
+    for begin, end in thread_chunks(x.shape[0]):
+        chunk_dweight, chunk_dbias = zero, zero
+        for i in range(begin, end):
+            xhat = torch.addcmul(shift[i], rstd[i], x[i])
+            chunk_dweight = torch.addcmul(chunk_dweight, dout[i], xhat)
+            chunk_dbias = chunk_dbias + dout[i]
+        dweight, dbias = dweight + chunk_dweight, dbias + chunk_dbias
+    return dweight, dbias
