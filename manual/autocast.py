@@ -137,7 +137,8 @@ REFUSED = {
 
 def check_autocast_mlp(net, dtype):
     """One-line ValueError for a manual MLP that autocast cannot run here: float64 (or other
-    non-float32) parameters, a norm layer, a device other than the CPU with float16."""
+    non-float32) parameters, a norm layer, an activation without an AUTOCAST_BACKWARD rule.
+    Returns the torch dtype."""
     dtype = autocast_dtype(dtype)
     first = net.params["layers.0.weight"]
     if first.dtype != torch.float32:
@@ -165,6 +166,10 @@ class AutocastMLP:
         self.dtype = check_autocast_mlp(net, dtype)
         self.net = net
 
+    def _weights(self):
+        """The float32 weights, layer by layer (what L2 regularizes)."""
+        return [self.net.params[f"layers.{i}.weight"] for i in range(self.net.n_layers)]
+
     def _linear(self, i, h):
         p = self.net.params
         return autocast_linear_forward(h, p[f"layers.{i}.weight"], p.get(f"layers.{i}.bias"),
@@ -184,7 +189,8 @@ class AutocastMLP:
             act_cache = drop_cache = None
             if i < net.n_layers - 1:
                 act = net.activations[i]
-                h, act_cache = activation_forward(act, h, **net._act_options(act))   # in L
+                options = {key: net.options[key] for key in ACTIVATIONS[act][2]}
+                h, act_cache = activation_forward(act, h, **options)               # in L
                 h, drop_cache = dropout_forward(h, net.dropout, training=net.training,
                                                 generator=net.generator)        # mask in L
             caches.append((lin_cache, act_cache, drop_cache))
@@ -196,7 +202,7 @@ class AutocastMLP:
         out, out_dtype = cast_forward(out_low, torch.float32)   # the loss runs in float32
         loss, loss_cache = loss_forward(self.net.loss, out, target)
         if self.net.reg:
-            loss = loss + l2_forward(self.net._weights(), self.net.reg)   # on the float32 W
+            loss = loss + l2_forward(self._weights(), self.net.reg)   # on the float32 W
         return loss, (caches, loss_cache, out_dtype)
 
     def backward(self, cache, dloss=None):
@@ -218,10 +224,10 @@ class AutocastMLP:
             if dbias is not None:
                 grads[f"layers.{i}.bias"] = dbias
         if emb_cache is not None:       # dh came back up to float32 through the first cast
-            idx = emb_cache[0]
+            idx = emb_cache.idx
             grads["embed.weight"] = embedding_backward(dh.view(*idx.shape, -1), emb_cache)
         if net.reg:   # W's second use, in float32: added to the cast-up data gradient
-            for i, dweight_reg in enumerate(l2_backward(dloss, net._weights(), net.reg)):
+            for i, dweight_reg in enumerate(l2_backward(dloss, self._weights(), net.reg)):
                 grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dweight_reg
         return {name: grads[name] for name in net.params}
 
