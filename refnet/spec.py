@@ -8,10 +8,13 @@ from dataclasses import asdict, dataclass, field, fields
 import json
 import math
 import os
+import warnings
 
 import torch
 
 import manual
+from manual.autocast import AUTOCAST_DTYPES, REFUSED as AUTOCAST_REFUSED
+from manual.grad_scaler import check_scaler_settings
 from manual.mlp import INIT_SCHEMES, activation_list
 from manual.blocks import block_settings
 from manual.clip import clip_settings
@@ -20,6 +23,21 @@ from refnet.data import DATASETS, TOKEN_DATASETS
 from refnet.twin import CUDA_DROPOUT
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SCALER_KEYS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval")
+SCALER_DEFAULTS = {"init_scale": 2.0 ** 16, "growth_factor": 2.0, "backoff_factor": 0.5,
+                   "growth_interval": 2000}     # torch.amp.GradScaler's
+
+
+def autocast_supported(device, dtype_name):
+    """False when torch.autocast(device, dtype) would disable itself (a dtype the device lacks,
+    e.g. bfloat16 on a CUDA GPU without it).  A CUDA spec on a machine without CUDA is not judged
+    here: the device check reports that when the spec runs."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # torch warns, then switches autocast off
+        with torch.autocast(device, dtype=AUTOCAST_DTYPES[dtype_name]):
+            return torch.is_autocast_enabled(device)
 
 
 def check_finite(key, value, minimum=None):
@@ -69,6 +87,8 @@ class Spec:
     accumulate: int = 1                  # micro-batches of batch_size rows per optimizer step
     lr_schedule: dict | None = None      # {"name": warmup_cosine | cosine | step, ...} over `steps`
     blocks: dict | None = None           # {"n", "width", "hidden", "norm", "activation"}: FFN blocks
+    autocast: str | None = None          # null | bfloat16 | float16: mixed precision, float32 params
+    grad_scaler: object = None           # null/false | true (torch's defaults) | {init_scale, …}
     name: str = "spec"
 
     def __post_init__(self):
@@ -148,6 +168,7 @@ class Spec:
             raise ValueError("batch_size: batch norm in training needs at least 2 rows in every "
                              "batch; got batch_size 1")
         self._validate_step_keys()
+        self._validate_mixed_precision()
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
 
@@ -180,6 +201,47 @@ class Spec:
         if on:
             raise ValueError(f"{on[0]}: {where} does not carry this key yet; remove it, or run the "
                              f"spec without {where}")
+
+    def _validate_mixed_precision(self):
+        """autocast and grad_scaler (docs/spec.md): one-line errors naming the key."""
+        if self.autocast is None:
+            if self.grad_scaler not in (None, False):
+                raise ValueError("grad_scaler: needs autocast (bfloat16 or float16); got autocast "
+                                 "null")
+            return
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast: unknown dtype {self.autocast!r}; expected one of "
+                             f"{', '.join(AUTOCAST_DTYPES)} or null")
+        if self.dtype != "float32":
+            raise ValueError(f"autocast: needs dtype float32 (the master weights), got dtype "
+                             f"{self.dtype}; autocast casts only float32 tensors")
+        if self.norm is not None:
+            raise ValueError(AUTOCAST_REFUSED["norm"].format(norm=self.norm))
+        if not autocast_supported(self.device, self.autocast):
+            raise ValueError(f"autocast: {self.autocast} is not supported on device "
+                             f"{self.device} (torch.autocast would switch itself off)")
+        if self.grad_scaler is not None and not isinstance(self.grad_scaler, (bool, dict)):
+            raise ValueError(f"grad_scaler: expected true, false, null or an object with "
+                             f"{', '.join(SCALER_KEYS)}, got {self.grad_scaler!r}")
+        if isinstance(self.grad_scaler, dict):
+            unknown = sorted(set(self.grad_scaler) - set(SCALER_KEYS))
+            if unknown:
+                raise ValueError(f"grad_scaler: unknown key(s) {unknown}; expected keys among "
+                                 f"{list(SCALER_KEYS)}")
+            check_scaler_settings(**{**SCALER_DEFAULTS, **self.grad_scaler})
+
+    @property
+    def scaler_settings(self):
+        """GradScaler's four settings (torch's defaults filled in), or None without a scaler."""
+        if self.grad_scaler in (None, False):
+            return None
+        given = self.grad_scaler if isinstance(self.grad_scaler, dict) else {}
+        return {**SCALER_DEFAULTS, **given}
+
+    @property
+    def autocast_dtype(self):
+        """torch.bfloat16 / torch.float16, or None when autocast is off."""
+        return None if self.autocast is None else AUTOCAST_DTYPES[self.autocast]
 
     @property
     def torch_dtype(self):

@@ -252,3 +252,38 @@ def clip_grads(twin, config):
     (its defaults otherwise: foreach on CPU and CUDA, error_if_nonfinite False); -> the total norm."""
     c = manual.clip.clip_settings(config)
     return torch.nn.utils.clip_grad_norm_(twin.parameters(), c["max_norm"], norm_type=c["norm_type"])
+
+
+def autocast_step(twin, loss_fn, optimizer, x, target, dtype, scaler=None):
+    """One training step as a mixed-precision script writes it (the twin's side of
+    manual.autocast.AutocastMLP.train_step):
+
+        optimizer.zero_grad()
+        with torch.autocast(device, dtype):      # entered once per step: fresh weight casts
+            loss = loss_fn(twin(x), target)      # forward and loss under autocast
+        scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
+        (without a scaler: loss.backward(); optimizer.step())
+
+    dtype: torch.bfloat16 / torch.float16; scaler: a torch.amp.GradScaler or None.
+    Returns (the float32 loss, detached; whether the optimizer stepped).  Whether GradScaler
+    skipped is read from its per-optimizer record of the inf check (a private field; the public
+    API does not say).
+    """
+    optimizer.zero_grad()
+    with torch.autocast(x.device.type, dtype=dtype):
+        loss = loss_fn(twin(x), target)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), True
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    found_inf = sum(float(v) for v in scaler._found_inf_per_device(optimizer).values())
+    scaler.update()
+    return loss.detach(), not found_inf
+
+
+def make_grad_scaler(settings, device="cpu"):
+    """torch.amp.GradScaler(device, **settings), or None for settings None (a spec's
+    ``scaler_settings``: the four GradScaler settings, torch's defaults filled in)."""
+    return None if settings is None else torch.amp.GradScaler(str(device).split(":")[0], **settings)

@@ -355,6 +355,7 @@ def test_port_implements_reg_cross_entropy_and_svm(loss_fixtures, tmp_path, caps
     ("dropout", 1.5, "dropout 1.5 is not supported by the NumPy port"),
     ("norm", "groupnorm", "norm 'groupnorm' is not supported by the NumPy port"),
     ("embedding", {"vocab": 27, "dim": 2}, "embedding {'vocab': 27, 'dim': 2} is not supported"),
+    ("autocast", "bfloat16", "autocast 'bfloat16' is not supported by the NumPy port"),
 ])
 def test_port_refuses_unsupported_specs_before_computing(loss_fixtures, tmp_path, capsys,
                                                          key, value, says):
