@@ -3,7 +3,7 @@
 A checkpoint file is a header line `REFNET-CHECKPOINT <format> <sha256 of the body>` followed by
 torch.save's bytes of a dict holding both sides' parameters, both optimizers' state, the losses
 so far, the step reached, the spec, the example name, batch norm's running statistics, both
-sides' dropout streams (data parallel: every rank's), both sides' LR schedule state, the per-step
+sides' dropout streams (data parallel: every rank's), both sides' LR schedule and GradScaler state, the per-step
 learning rates and clip norms so far, and the number of processes.  The batch
 schedule is not stored: it is regenerated from the spec's seed, so on CPU a resumed run's curve
 is bitwise the uninterrupted one.  Written atomically (refnet.atomic); a flipped or truncated file fails the checksum.
@@ -71,7 +71,7 @@ def load_checkpoint(path, map_location="cpu"):
 STATE_KEYS = ("manual_params", "twin_params", "manual_buffers", "twin_buffers", "manual_optimizer",
               "twin_optimizer", "manual_rng", "twin_rng", "rank_streams", "losses_manual",
               "losses_twin", "step", "world_size", "manual_schedule", "twin_schedule",
-              "step_columns")
+              "manual_scaler", "twin_scaler", "step_columns")
 
 
 def state_differences(a, b):
@@ -171,7 +171,7 @@ def save_run(path, pair, spec, example, state, world_size=1, rank_streams=None):
         "manual_optimizer": cpu_copy(pair.mlp.optimizer.state_dict()),
         "twin_optimizer": cpu_copy(pair.twin_opt.state_dict()),
         "losses_manual": losses_m.cpu(), "losses_twin": losses_t.cpu(),
-        **_schedules(pair), "step_columns": state.step_columns(),
+        **_schedules(pair), **_scalers(pair), "step_columns": state.step_columns(),
         "worst_tier": state.worst, "torch": str(torch.__version__),
     })
 
@@ -183,6 +183,13 @@ def _schedules(pair):
         return {"manual_schedule": None, "twin_schedule": None}
     return {"manual_schedule": pair.schedule.state_dict(),
             "twin_schedule": pair.twin_sched.state_dict()}
+
+
+def _scalers(pair):
+    """Both sides' GradScaler state (scale, growth tracker, settings), or None without one."""
+    if pair.scaler is None:
+        return {"manual_scaler": None, "twin_scaler": None}
+    return {"manual_scaler": pair.scaler.state_dict(), "twin_scaler": pair.twin_scaler.state_dict()}
 
 
 def _streams(pair):
@@ -210,6 +217,11 @@ def restore_run(pair, ck, device, rank=0):
     if pair.schedule is not None:   # after the optimizer: its param_groups hold lr, initial_lr
         pair.schedule.load_state_dict(ck["manual_schedule"])
         pair.twin_sched.load_state_dict(ck["twin_schedule"])
+    if (ck.get("manual_scaler") is None) != (pair.scaler is None):
+        raise ValueError("--resume: the checkpoint and the spec disagree on grad_scaler")
+    if pair.scaler is not None:
+        pair.scaler.load_state_dict(ck["manual_scaler"])
+        pair.twin_scaler.load_state_dict(ck["twin_scaler"])
     # batch norm's running statistics and the dropout streams (absent in older checkpoints,
     # whose specs have neither)
     buffers = ck.get("manual_buffers", {})

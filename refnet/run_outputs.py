@@ -102,7 +102,17 @@ def _step_fields(spec, state):
                            "clipped_steps": sum(c < 1 for c in state.clip_coefs),
                            "steps": len(state.clip_coefs),
                            "max_total_norm": max(state.clip_norms)}
+    if state.scales:
+        skipped = [step for step, k in enumerate(state.skipped) if k]
+        out["grad_scaler"] = {"skipped_steps": skipped, "scale_history": _changes(state.scales),
+                              "final_scale": state.scales[-1],
+                              "same_skips_both_sides": state.status != "diverged"}
     return out
+
+
+def _changes(values):
+    """[[step, value], …] at step 0 and wherever the value changes (a scale history)."""
+    return [[i, v] for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
 
 
 def _first_nonfinite(losses):
@@ -125,7 +135,8 @@ def _nonfinite_note(k_m, k_t, losses_m, losses_t):
 
 # -- outputs --
 
-CSV_COLUMNS = {"lrs": "lr", "clip_norms": "clip_total_norm", "clip_coefs": "clip_coef"}
+CSV_COLUMNS = {"lrs": "lr", "clip_norms": "clip_total_norm", "clip_coefs": "clip_coef",
+               "scales": "loss_scale", "skipped": "skipped"}
 
 
 def write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target, columns=None):

@@ -50,8 +50,10 @@ def check_finite(key, value, minimum=None):
     return value
 
 
-# the training-step keys and their off values (the NumPy port keeps the same table)
-STEP_KEYS_OFF = {"clip_grad_norm": None, "accumulate": 1, "lr_schedule": None, "blocks": None}
+# the training-step keys and their off values (the NumPy port keeps the same table); autocast
+# stands for grad_scaler too, which needs it
+STEP_KEYS_OFF = {"clip_grad_norm": None, "accumulate": 1, "lr_schedule": None, "blocks": None,
+                 "autocast": None}
 
 
 def _default_optimizer():

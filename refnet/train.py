@@ -47,6 +47,8 @@ def default_tier(spec):
 
 # -- what a run is asked to do, and where it stands --
 
+STEP_COLUMNS = ("lrs", "clip_norms", "clip_coefs", "scales", "skipped")   # RunState's per-step lists
+
 @dataclass(frozen=True)
 class RunConfig:
     """What a run was asked to do; fixed for the run."""
@@ -83,6 +85,8 @@ class RunState:
     lrs: list = field(default_factory=list)         # each step's learning rate (lr_schedule)
     clip_norms: list = field(default_factory=list)  # each step's total gradient norm and clip
     clip_coefs: list = field(default_factory=list)  # coefficient (clip_grad_norm; manual's)
+    scales: list = field(default_factory=list)      # each step's loss scale (grad_scaler) and
+    skipped: list = field(default_factory=list)     # 1 where the scaler skipped the step, else 0
 
     @classmethod
     def resumed(cls, ck, device):
@@ -90,8 +94,7 @@ class RunState:
         steps = ck.get("step_columns") or {}
         return cls(start=step, step=step, hist_m=[ck["losses_manual"].to(device)],
                    hist_t=[ck["losses_twin"].to(device)], worst=ck.get("worst_tier", "bitwise"),
-                   lrs=list(steps.get("lrs", [])), clip_norms=list(steps.get("clip_norms", [])),
-                   clip_coefs=list(steps.get("clip_coefs", [])))
+                   **{k: list(steps.get(k, [])) for k in STEP_COLUMNS})
 
     def record(self, out):
         """A step's learning rate and clip norm / coefficient (when the spec has them)."""
@@ -100,12 +103,15 @@ class RunState:
         if out.norm_m is not None:
             self.clip_norms.append(float(out.norm_m))
             self.clip_coefs.append(float(out.coef))
+        if out.scale_m is not None:
+            self.scales.append(out.scale_m)
+            self.skipped.append(int(not out.stepped_m))
 
     def step_columns(self):
-        """The per-step columns beyond the losses: {"lrs": [...], "clip_norms": [...],
-        "clip_coefs": [...]} for those the run records (checkpointed and in losses.csv)."""
-        cols = {"lrs": self.lrs, "clip_norms": self.clip_norms, "clip_coefs": self.clip_coefs}
-        return {k: list(v) for k, v in cols.items() if v}
+        """The per-step columns beyond the losses (STEP_COLUMNS: learning rate, clip norm and
+        coefficient, loss scale, skipped) for those the run records, {name: [...]}
+        (checkpointed and in losses.csv)."""
+        return {k: list(getattr(self, k)) for k in STEP_COLUMNS if getattr(self, k)}
 
     def grade(self, verdict):
         self.checks += 1
@@ -266,8 +272,9 @@ def _grade(cfg, pair, state, out, at_check, dp):
 
 
 def _grade_step(cfg, state, step, out):
-    """The step's learning rate (the same Python float on both sides: bitwise on every device)
-    and clip total norm (the run's tier), when the spec schedules or clips."""
+    """The step's learning rate (the same Python float on both sides: bitwise on every device),
+    clip total norm (the run's tier), and the GradScaler's scale and skip (bitwise), when the spec
+    has them."""
     failures = []
     if out.lr_m is not None:
         lrs = (torch.tensor(lr, dtype=torch.float64) for lr in (out.lr_m, out.lr_t))
@@ -276,6 +283,13 @@ def _grade_step(cfg, state, step, out):
     if out.norm_m is not None:
         failures += _graded(cfg, state, step, "clip.total_norm", compare_tensors(
             "clip.total_norm", out.norm_m, out.norm_t, tier=cfg.tier))
+    if out.scale_m is not None:   # the scaler's scale and skip: the same on both sides, always
+        scales = (torch.tensor(v, dtype=torch.float64) for v in (out.scale_m, out.scale_t))
+        failures += _graded(cfg, state, step, "grad_scaler.scale", compare_tensors(
+            "grad_scaler.scale", *scales, "curve", tier="bitwise"), "bitwise")
+        skipped = (torch.tensor(not v) for v in (out.stepped_m, out.stepped_t))
+        failures += _graded(cfg, state, step, "grad_scaler.skipped", compare_tensors(
+            "grad_scaler.skipped", *skipped, "curve", tier="bitwise"), "bitwise")
     return failures
 
 
