@@ -1,4 +1,5 @@
-"""Activation functions of the document's figure, each a forward/backward pair.
+"""Activation functions of the document's figure, and today's GELU (erf and tanh forms) and SiLU,
+each a forward/backward pair.
 
 Shapes: any; dout and dx have the shape of y and x.  Maxout takes z (N, H·K) and returns (N, H): unit h is the
 max over the K consecutive pieces z[:, h·K:(h+1)·K] (each piece has its own weights and bias in
@@ -7,11 +8,19 @@ the preceding linear layer).
 Conventions at kinks, matching PyTorch: ReLU'(0) = 0, LeakyReLU'(0) = slope, ELU'(0) = alpha
 (x = 0 takes the negative branch), Maxout ties route the whole gradient to the first maximal piece
 (as ``max(dim)`` does).
+
+ELU, GELU and SiLU evaluate their exp / erf / tanh as the CPU kernel autograd runs does, position by
+position (vector lanes and scalar tail): manual/kernel_exp.py, kernel_erf.py, kernel_tanh.py.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
+from manual import double_word as dw, kernel_erf
 from manual.kernel_exp import kernel_exp
+from manual.kernel_tanh import kernel_tanh
+from manual.libm_tail import patch_tail
 
 
 # --- sigmoid ---------------------------------------------------------------------------------
@@ -91,6 +100,74 @@ def elu_backward(dout, cache):
 # float32.
 
 
+# --- GELU (erf) -----------------------------------------------------------------------------
+def gelu_forward(x):
+    y = F.gelu(x)
+    return y, x
+
+
+def gelu_backward(dout, x):
+    """dout, x: same shape -> dx.  Bits: manual/kernel_erf.py (which kernel, and its erf/exp)."""
+    # gelu'(x) = Φ(x) + x·φ(x) = 0.5·(1 + erf(x/√2)) + x·e^(−x²/2)/√(2π):  dx = dout·gelu'(x)
+    if kernel_erf.uses_onednn(x):
+        return kernel_erf.onednn_gelu_grad(x) * dout
+    e, lanes = kernel_exp(x * x * -0.5)
+    xa = x * kernel_erf.ALPHA
+    erf = torch.erf(xa)
+    if lanes is not None:
+        vec_erf = kernel_erf.sleef_erf if x.dtype == torch.float64 else kernel_erf.vec_erf_f32
+        erf = patch_tail(torch.where(lanes, vec_erf(xa), erf), xa, lanes, "erf")
+    cdf = 0.5 * (1 + erf)
+    pdf = kernel_erf.BETA * e
+    grad = cdf + x * pdf                                  # the scalar tail: two roundings
+    if lanes is not None:                                 # vector lanes: contracted into one FMA
+        grad = torch.where(lanes, dw.fma(x, pdf, cdf), grad)
+    return dout * grad
+
+
+# --- GELU (tanh approximation) ---------------------------------------------------------------
+_GELU_TANH_BETA = math.sqrt(2) * (2 / math.sqrt(math.pi)) * 0.5   # √(2/π)
+_GELU_TANH_KAPPA = 0.044715
+
+
+def gelu_tanh_forward(x):
+    y = F.gelu(x, approximate="tanh")
+    return y, x
+
+
+def gelu_tanh_backward(dout, x):
+    """dout, x: same shape -> dx.  Bits: see the note below the function."""
+    # u = β(x + κx³), t = tanh u:  gelu' = 0.5·(1 + t) + 0.5x·(1 − t²)·β(1 + 3κx²)
+    beta = torch.tensor(_GELU_TANH_BETA, dtype=x.dtype, device=x.device)
+    kappa = torch.tensor(_GELU_TANH_KAPPA, dtype=x.dtype, device=x.device)
+    inner = beta * dw.fma(kappa, x * x * x, x)
+    t, _ = kernel_tanh(inner)
+    left_derivative = 0.5 * (1 + t)
+    tanh_derivative = dw.fnma(t, t, torch.ones_like(t))
+    inner_derivative = beta * dw.fma(3 * kappa, x * x, torch.ones_like(x))
+    return dout * (left_derivative + 0.5 * x * tanh_derivative * inner_derivative)
+# Bits: the order of GeluBackwardKernelImpl (tanh branch); GCC contracts x + κ·x³, 1 − t·t and
+# 1 + 3κ·x² into FMAs (measured: the other candidates are not contracted); its tanh is SLEEF's in
+# vector lanes and glibc's in the scalar tail (manual/kernel_tanh.py).
+
+
+# --- SiLU ------------------------------------------------------------------------------------
+def silu_forward(x):
+    y = F.silu(x)
+    return y, x
+
+
+def silu_backward(dout, x):
+    """dout, x: same shape -> dx.  Bits: see the note below the function."""
+    # σ = 1/(1 + e^−x), silu'(x) = σ·(1 + x·(1 − σ)):  dx = (dout·σ)·(1 + x·(1 − σ))
+    e, _ = kernel_exp(-x)
+    sigmoid = 1 / (1 + e)
+    return dout * sigmoid * dw.fma(x, 1 - sigmoid, torch.ones_like(x))
+# Bits: silu_backward's kernel (run by autograd with grad mode off) evaluates e^−x with SLEEF in
+# vector lanes and std::exp in the scalar tail (manual/kernel_exp.py mirrors both); GCC contracts
+# 1 + x·(1 − σ) into one FMA.
+
+
 # --- identity --------------------------------------------------------------------------------
 def identity_forward(x):
     return x, None
@@ -129,6 +206,9 @@ ACTIVATIONS = {
     "elu": (elu_forward, elu_backward, ("alpha",)),
     "maxout": (maxout_forward, maxout_backward, ("k",)),
     "identity": (identity_forward, identity_backward, ()),
+    "gelu": (gelu_forward, gelu_backward, ()),
+    "gelu_tanh": (gelu_tanh_forward, gelu_tanh_backward, ()),
+    "silu": (silu_forward, silu_backward, ()),
 }
 
 

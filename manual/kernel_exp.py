@@ -14,15 +14,17 @@ FMA: ``torch.addcmul(c, a, b)`` is one fused multiply-add on x86 CPUs (its kerne
 Which positions are vector lanes (cpu_kernel_vec, ATen/native/cpu/Loops.h): elements are split
 into at::parallel_for chunks (one chunk below GRAIN_SIZE = 32768 elements or with one thread,
 else ceil(n / threads) each); inside a chunk the loop takes 2·Vec::size() elements at a time and
-the remainder (< 2·Vec::size()) goes to the scalar lambda with ``std::exp``.  glibc's exp is not
-reachable by plain ops; at those tail positions we use the nearest thing (float32: eˣ in float64
-rounded once; float64: torch.exp), which differs from glibc by ≤ 1 ulp on ~0.07% (float32) /
-~0.5% (float64) of values — measured on torch 2.13, glibc x86-64.  Shapes whose element count is
+the remainder (< 2·Vec::size()) goes to the scalar lambda with ``std::exp``: glibc's exp, which
+float64 reaches through Python's ``math.exp`` (manual/libm_tail.py: bitwise).  float32's expf is
+not reachable by plain ops; at those tail positions we use eˣ in float64 rounded once, which
+differs from glibc by ≤ 1 ulp on ~0.07% of values — measured on torch 2.13, glibc x86-64.  Shapes whose element count is
 a multiple of 2·Vec::size() per chunk (32 floats / 16 doubles on AVX-512) have no tail at all.
 """
 import math
 
 import torch
+
+from manual.libm_tail import patch_tail
 
 GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE
 VECTOR_BITS = {"AVX512": 512, "AVX2": 256}   # ATen vector width by CPU capability
@@ -146,4 +148,4 @@ def kernel_exp(x):
     if lanes is None:
         return tail, None
     lanes = lanes.view(x.shape)
-    return torch.where(lanes, sleef_exp(x), tail), lanes
+    return patch_tail(torch.where(lanes, sleef_exp(x), tail), x, lanes, "exp"), lanes

@@ -27,7 +27,8 @@ class Maxout(nn.Module):
 def activation_module(name, slope=0.1, alpha=1.0, k=2):
     makers = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU,
               "leaky_relu": lambda: nn.LeakyReLU(slope), "elu": lambda: nn.ELU(alpha),
-              "maxout": lambda: Maxout(k), "identity": nn.Identity}
+              "maxout": lambda: Maxout(k), "identity": nn.Identity,
+              "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
     if name not in makers:
         raise ValueError(f"activation: unknown name {name!r}; expected one of {', '.join(makers)}")
     return makers[name]()

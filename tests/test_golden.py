@@ -345,9 +345,31 @@ def test_port_implements_reg_cross_entropy_and_svm(loss_fixtures, tmp_path, caps
         assert tiers[case, "forward.loss"] == "bitwise"
 
 
+ACT_SPECS = {
+    "smooth": {"sizes": [3, 7, 6, 5, 2], "activation": ["gelu", "gelu_tanh", "silu"],
+               "loss": "mse", "n_samples": 24, "steps": 4, "optimizer": {"name": "sgd", "lr": 0.1}},
+}
+
+
+def test_port_implements_gelu_gelu_tanh_and_silu(tmp_path, capsys):
+    """The NumPy port's GELU (erf), GELU (tanh) and SiLU pass check-port in both dtypes; with
+    --isolate each activation's forward and backward is within its tolerance on its own."""
+    fixtures = tmp_path / "fixtures"
+    fixtures_mod.export(str(fixtures), _spec_cases(tmp_path, ACT_SPECS))
+    port = load_port()
+    for flags, out in (([], "port"), (["--isolate"], "iso")):
+        assert port.main(flags + [str(fixtures), str(tmp_path / out)]) == 0
+        capsys.readouterr()
+        rows = portcheck.check_port(str(tmp_path / out), str(fixtures))
+        assert len({r["case"] for r in rows}) == 2
+        assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
+        assert {f"backward.layers.{i}.grad_pre_activation" for i in range(3)} <= \
+            {r["name"] for r in rows}
+
+
 @pytest.mark.parametrize("key, value, says", [
     ("loss", "huber", "loss 'huber' is not supported by the NumPy port"),
-    ("activation", ["relu", "gelu"], "activation 'gelu' is not supported by the NumPy port"),
+    ("activation", ["relu", "mish"], "activation 'mish' is not supported by the NumPy port"),
     ("optimizer", {"name": "adam", "lr": 0.01}, "optimizer 'adam' is not supported by the NumPy port"),
     ("optimizer", {"name": "sgd", "lr": 0.1, "maximize": True}, "optimizer settings ['maximize']"),
     ("dtype", "float16", "dtype 'float16' is not supported by the NumPy port"),

@@ -21,6 +21,9 @@ SPECS = {
                              "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 0.01}},
     "elu_random": {"sizes": [20, 15, 4], "activation": "elu", "data": "random", "n_samples": 16,
                    "steps": 10, "optimizer": {"name": "sgd", "lr": 0.01}},
+    "gelu_silu_spiral": {"sizes": [2, 13, 11, 9, 3], "activation": ["gelu", "gelu_tanh", "silu"],
+                         "data": "spiral", "n_samples": 45, "batch_size": 15, "steps": 20,
+                         "loss": "cross_entropy", "optimizer": {"name": "adamw", "lr": 0.02}},
 }
 
 

@@ -19,6 +19,7 @@ weight (H, D), bias (H,).
 """
 import hashlib
 import json
+import math
 import os
 import struct
 import sys
@@ -189,6 +190,50 @@ def maxout_backward(dy, cache):
     return dz.reshape(n, width)
 
 
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def gelu_forward(z):
+    cdf = (0.5 * (1.0 + _erf(z.astype(np.float64) / math.sqrt(2.0)))).astype(z.dtype)
+    return z * cdf, z
+
+
+def gelu_backward(dy, z):
+    # gelu' = Φ(z) + z·φ(z), Φ(z) = (1 + erf(z/√2))/2, φ(z) = e^(−z²/2)/√(2π)
+    z64 = z.astype(np.float64)
+    d = 0.5 * (1.0 + _erf(z64 / math.sqrt(2.0))) + z64 * np.exp(-0.5 * z64 * z64) / math.sqrt(2 * math.pi)
+    return dy * d.astype(dy.dtype)
+
+
+_GELU_TANH_BETA, _GELU_TANH_KAPPA = math.sqrt(2.0 / math.pi), 0.044715
+
+
+def gelu_tanh_forward(z):
+    t = np.tanh(z.dtype.type(_GELU_TANH_BETA) * (z + z.dtype.type(_GELU_TANH_KAPPA) * z * z * z))
+    return z.dtype.type(0.5) * z * (1 + t), z
+
+
+def gelu_tanh_backward(dy, z):
+    # u = β(z + κz³), t = tanh u: gelu' = (1 + t)/2 + (z/2)·(1 − t²)·β(1 + 3κz²)
+    b, k = z.dtype.type(_GELU_TANH_BETA), z.dtype.type(_GELU_TANH_KAPPA)
+    t = np.tanh(b * (z + k * z * z * z))
+    half = z.dtype.type(0.5)
+    return dy * (half * (1 + t) + half * z * (1 - t * t) * b * (1 + 3 * k * z * z))
+
+
+def silu_forward(z):
+    with np.errstate(over="ignore"):
+        s = 1 / (1 + np.exp(-z))
+    return z * s, z
+
+
+def silu_backward(dy, z):
+    # σ = 1/(1 + e⁻ᶻ), silu' = σ·(1 + z·(1 − σ))
+    with np.errstate(over="ignore"):
+        s = 1 / (1 + np.exp(-z))
+    return dy * s * (1 + z * (1 - s))
+
+
 def identity_forward(z):
     return z, None
 
@@ -203,7 +248,10 @@ ACTIVATIONS = {"sigmoid": (sigmoid_forward, sigmoid_backward, None),
                "leaky_relu": (leaky_relu_forward, leaky_relu_backward, "slope"),
                "elu": (elu_forward, elu_backward, "alpha"),
                "maxout": (maxout_forward, maxout_backward, "k"),
-               "identity": (identity_forward, identity_backward, None)}
+               "identity": (identity_forward, identity_backward, None),
+               "gelu": (gelu_forward, gelu_backward, None),
+               "gelu_tanh": (gelu_tanh_forward, gelu_tanh_backward, None),
+               "silu": (silu_forward, silu_backward, None)}
 
 
 # --- losses: forward(out, target) -> (loss, cache); backward(cache) -> dL/dout (dL = 1) --------

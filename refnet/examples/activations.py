@@ -1,6 +1,8 @@
 """Section 4: the six activations of the figure — sigmoid, tanh, ReLU, Leaky ReLU (0.1), Maxout,
-ELU — forward and backward by hand, against the stock nn modules, on a grid with the kinks,
-saturation, overflow (|x| up to 1e4), NaN and ±Inf; then inside an MLP; then finite differences."""
+ELU — and today's GELU (erf and tanh forms) and SiLU, forward and backward by hand, against the
+stock nn modules, on a grid with the kinks, saturation, overflow (|x| up to 1e4), NaN and ±Inf
+(and a 27-element grid whose elements mostly fall in the CPU kernels' scalar tail); then inside
+an MLP; then finite differences."""
 import math
 
 import torch
@@ -14,7 +16,7 @@ from refnet.harness import build_pair, gradient_checks
 from refnet.spec import Spec
 from refnet.twin import activation_module
 
-ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "maxout", "elu")
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "maxout", "elu", "gelu", "gelu_tanh", "silu")
 SLOPE, ALPHA, K = 0.1, 1.0, 3
 OPTIONS = {"leaky_relu": {"slope": SLOPE}, "elu": {"alpha": ALPHA}, "maxout": {"k": K}}
 # the document's (and PyTorch's) derivatives at the kink x = 0, for an upstream gradient of 1
@@ -31,7 +33,15 @@ NOTES = {
     "elu": "ELU's eˣ mirrors the kernel's (SLEEF in vector lanes, std::exp in the scalar tail; "
            "manual/kernel_exp.py)",
     "tanh": "tanh: (1 − y²) as one fused addcmul, as the kernel's contracted FMA",
+    "gelu": "GELU (erf): float32 mirrors oneDNN's gelu_erf backward, float64 ATen's kernel with "
+            "SLEEF's erf and exp in vector lanes and glibc's in the scalar tail "
+            "(manual/kernel_erf.py)",
+    "gelu_tanh": "GELU (tanh): SLEEF's tanh in vector lanes, glibc's tanh/tanhf in the scalar tail "
+                 "(manual/kernel_tanh.py, manual/glibc_float.py)",
+    "silu": "SiLU: e^−x as the kernel's (SLEEF in vector lanes, glibc in the scalar tail); "
+            "1 + x·(1 − σ) as one FMA",
 }
+TAIL_SHAPE = (3, 9)            # 27 elements: 11 of 27 float32 / 3 of 27 float64 in the AVX2 tail
 
 
 def grid(dtype, device, seed=0):
@@ -76,22 +86,16 @@ def _mlp_spec(name, ctx):
                 alpha=ALPHA, k=2, name=f"mlp_{name}")
 
 
-@register("activations", "sigmoid, tanh, ReLU, Leaky ReLU, Maxout, ELU: grid, MLP, FD", "4")
+@register("activations", "sigmoid, tanh, ReLU, Leaky ReLU, Maxout, ELU, GELU, GELU (tanh), SiLU: "
+                        "grid, MLP, FD", "4")
 def run(ctx):
     checks = []
     for name in ACTIVATIONS:
-        x = grid(ctx.dtype, ctx.device)
-        if name == "maxout":
-            x = _maxout_input(x)
-        out_shape = (x.shape[0], x.shape[1] // K) if name == "maxout" else x.shape
-        dy = upstream(out_shape, ctx.dtype, ctx.device)
-        ym, dxm = manual_pair(name, x, dy)
-        yt, dxt = twin_pair(name, x, dy)
         # the expected tier: bitwise unless refnet.not_bitwise's table lists the op (ELU: its bound)
         keys = {f"activation:{name}"}
-        checks.append(twin_check(f"{name}.grid", {"forward": ym, "backward": dxm},
-                                 {"forward": yt, "backward": dxt}, ctx, note=NOTES.get(name, ""),
-                                 expected=not_bitwise.expected_for(keys, ctx.device, "op")))
+        full = grid(ctx.dtype, ctx.device)
+        for label, x in (("grid", full), ("tail", full.reshape(-1)[:27].reshape(TAIL_SHAPE))):
+            checks.append(_grid_check(name, label, x, ctx, keys))
         # the same activation inside a [7, 13, 11, 3] MLP with biases
         spec = _mlp_spec(name, ctx)
         xs, ys = datasets.random(n=MLP_N, d_in=MLP_SIZES[0], d_out=MLP_SIZES[-1], seed=4,
@@ -107,6 +111,19 @@ def run(ctx):
         if ctx.dtype == torch.float64:
             checks.append(_fd(name, ctx))
     return checks
+
+
+def _grid_check(name, label, x, ctx, keys):
+    """Manual vs the nn module on grid x: forward and backward, bit for bit (or the table's tier)."""
+    if name == "maxout":
+        x = _maxout_input(x)
+    out_shape = (x.shape[0], x.shape[1] // K) if name == "maxout" else x.shape
+    dy = upstream(out_shape, ctx.dtype, ctx.device)
+    ym, dxm = manual_pair(name, x, dy)
+    yt, dxt = twin_pair(name, x, dy)
+    return twin_check(f"{name}.{label}", {"forward": ym, "backward": dxm},
+                      {"forward": yt, "backward": dxt}, ctx, note=NOTES.get(name, ""),
+                      expected=not_bitwise.expected_for(keys, ctx.device, "op"))
 
 
 def _fd(name, ctx):

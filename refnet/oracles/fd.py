@@ -111,7 +111,7 @@ def _activation(name, z, spec, piece):
         zz = z.view(z.shape[0], z.shape[1] // spec.k, spec.k)
         idx = zz.max(2).indices if piece is None else piece   # ties: the first maximal piece
         return zz.gather(2, idx.unsqueeze(2)).squeeze(2), idx
-    # smooth: sigmoid, tanh, identity, ...
+    # smooth: sigmoid, tanh, identity, gelu, gelu_tanh, silu (the twin's nn modules, in float64)
     return activation_module(name, spec.slope, spec.alpha, spec.k)(z), None
 
 
