@@ -47,8 +47,15 @@ def refnet_check(request):
 
 
 def summary_line(counts):
+    """refnet: N checks: P passed, F failed (required T); tiers: ...  A failure is a check that
+    missed its required tier (counted under "failed@<tier>"), whatever tier it reached."""
     total = sum(counts[t] for t in TIERS)
-    return f"refnet: {total} checks: " + ", ".join(f"{t} {counts[t]}" for t in TIERS)
+    failed = {t: counts[f"failed@{t}"] for t in GRADED if counts[f"failed@{t}"]}
+    required = ", ".join(f"{t} {n}" for t, n in failed.items()) if len(failed) > 1 else \
+        next(iter(failed), "")
+    return (f"refnet: {total} checks: {total - sum(failed.values())} passed, "
+            f"{sum(failed.values())} failed" + (f" (required {required})" if failed else "")
+            + "; tiers: " + ", ".join(f"{t} {counts[t]}" for t in TIERS))
 
 
 def pytest_sessionfinish(session):

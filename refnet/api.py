@@ -10,8 +10,8 @@ what share, and the thresholds.  See docs/check-api.md.
 from dataclasses import dataclass, field
 
 # GRADED and required_tier are re-exported: the pytest plugin reads them from here
-from refnet.compare import (DEFAULT_TIER, GRADED, TIERS, compare_tensors, render,  # noqa: F401
-                            required_tier)
+from refnet.compare import (DEFAULT_TIER, GRADED, TIERS, compare_tensors, is_mismatch,  # noqa: F401
+                            render, required_tier)
 
 
 def _name(name, default):
@@ -23,7 +23,7 @@ def _name(name, default):
 
 
 # --- one pair of tensors ---------------------------------------------------------------------
-def compare(actual, expected, *, name=None, tier=None, kind="grad"):
+def compare(actual, expected, *, name=None, tier=None, kind="grad", scale=None):
     """Grade `actual` against `expected`; return a Verdict (never raises on a mismatch).
 
     Strict: the shapes, dtypes and devices must be equal; a [64] tensor against a [1, 64] one is a
@@ -31,6 +31,11 @@ def compare(actual, expected, *, name=None, tier=None, kind="grad"):
     bitwise / ulp / tolerance / fail; integer and bool tensors are equal (bitwise) or fail.
     tier: the required tier (default "tolerance"); `verdict.passed` says whether it was met.
     kind: "grad" or "forward" picks the rtol/atol row of refnet.compare.TOLERANCES.
+    The tolerance tier allows |actual - expected| <= atol + rtol*|expected| with
+    atol = min(table atol, rtol * max|expected|): relative to the reference's own size, so an
+    all-zeros or off-by-a-factor answer never passes.  scale (a number or tensor): the size of
+    what `expected` is computed from, for a reference that is mathematically zero (rounding noise
+    of larger terms); then max|scale| replaces max|expected|.
 
     >>> import torch, refnet
     >>> one = torch.tensor([1.0, 2.0])
@@ -39,7 +44,7 @@ def compare(actual, expected, *, name=None, tier=None, kind="grad"):
     >>> refnet.compare(torch.ones(64), torch.ones(1, 64)).passed
     False
     """
-    return compare_tensors(_name(name, "tensor"), actual, expected, kind, tier=tier)
+    return compare_tensors(_name(name, "tensor"), actual, expected, kind, tier=tier, scale=scale)
 
 
 def describe(verdict, required=None):
@@ -49,7 +54,7 @@ def describe(verdict, required=None):
     return render(verdict, required, block=True)
 
 
-def assert_same(actual, expected, *, tier=DEFAULT_TIER, name=None, kind="grad"):
+def assert_same(actual, expected, *, tier=DEFAULT_TIER, name=None, kind="grad", scale=None):
     """Assert that `actual` matches `expected` at `tier` or better; return the Verdict.
 
     Raises AssertionError with refnet's report (see `describe`) otherwise.  Like
@@ -61,8 +66,9 @@ def assert_same(actual, expected, *, tier=DEFAULT_TIER, name=None, kind="grad"):
     >>> refnet.assert_same(x * 2, x + x, tier="bitwise", name="double").tier
     'bitwise'
     """
+    __tracebackhide__ = True
     required = required_tier(tier)
-    verdict = compare(actual, expected, name=name, tier=required, kind=kind)
+    verdict = compare(actual, expected, name=name, tier=required, kind=kind, scale=scale)
     if not verdict.passed:
         raise AssertionError(describe(verdict, required))
     return verdict
@@ -102,9 +108,18 @@ class Report(list):
         return super().__getitem__(key)
 
     def failures(self):
+        """The Verdicts that missed the required tier (forward, gradients, then finite
+        differences); `describe(v, report.required)` renders one."""
+        return self._own_failures() + (self.fd.failures() if self.fd is not None else [])
+
+    def _own_failures(self):
         every = ([self.forward] if self.forward is not None else []) + list(self)
-        return [describe(v, self.required) for v in every if not v.passed] + \
-            (self.fd.failures() if self.fd is not None else [])
+        return [v for v in every if not v.passed]
+
+    def messages(self):
+        """The multi-line report of every failed verdict, each against its report's tier."""
+        return [describe(v, self.required) for v in self._own_failures()] + \
+            (self.fd.messages() if self.fd is not None else [])
 
     def table(self):
         width = max((len(v.name) for v in self), default=4)
@@ -128,8 +143,9 @@ class Report(list):
 
     def assert_ok(self):
         """Raise AssertionError with every failing verdict's report; return self when all pass."""
+        __tracebackhide__ = True
         if not self.passed:
-            raise AssertionError(str(self) + "\n" + "\n".join(self.failures()))
+            raise AssertionError(str(self) + "\n" + "\n".join(self.messages()))
         return self
 
 
@@ -140,6 +156,7 @@ class Trace:
     verdicts: Report
     first_departure: str | None = None
     after: list = field(default_factory=list)
+    first_value_departure: str | None = None   # the first that departs in value, not in shape/dtype
 
     @property
     def passed(self):
@@ -162,23 +179,33 @@ class Trace:
                     f"({self.verdicts[self.first_departure].tier}, required "
                     f"{self.verdicts.required!r}); the ones after it: "
                     + (", ".join(f"{v.name} {v.tier}" for v in self.after) or "none"))
+        value = self.first_value_departure
+        if value is not None and value != self.first_departure:
+            head += (f"\nfirst value departure: {value!r} ({self.verdicts[value].tier}); the one "
+                     f"above departs in shape, dtype or device only")
         lines = [head, self.verdicts.table()]
-        if self.first_departure is not None:
-            lines.append(describe(self.verdicts[self.first_departure], self.verdicts.required))
+        for name in dict.fromkeys(filter(None, [self.first_departure, value])):
+            lines.append(describe(self.verdicts[name], self.verdicts.required))
         return "\n".join(lines)
 
     def assert_ok(self):
+        __tracebackhide__ = True
         if not self.passed:
             raise AssertionError(str(self))
         return self
 
 
-def trace_compare(manual, reference, *, tier=DEFAULT_TIER):
+def trace_compare(manual, reference, *, tier=DEFAULT_TIER, scale=None):
     """Compare a chain of intermediates (manual[name] against reference[name]) in the order of
     `manual`, and report the FIRST that departs from the required tier, and the ones after it.
 
     manual: dict name -> tensor, in the order of the computation (a backward pass: dlogprobs
         first ... dC last).  reference: dict with at least the same names (extra names ignored).
+    scale: dict name -> number or tensor, the size a mathematically-zero intermediate is rounding
+        noise of (refnet.compare's `scale`), e.g. {"db1": manual["dhprebn"]} for a bias before
+        batch norm.
+    The Trace names the first departure and, when that one departs only in shape, dtype or
+    device (a keepdim difference), the first departure in value too.
 
     >>> import torch, refnet
     >>> x = torch.randn(5, requires_grad=True); y = x.exp(); z = y.sum(); z.backward()
@@ -196,9 +223,20 @@ def trace_compare(manual, reference, *, tier=DEFAULT_TIER):
     if missing:
         raise ValueError(f"reference: no tensor for {missing}; expected every name of manual "
                          f"({', '.join(manual)})")
-    verdicts = Report([compare(manual[k], reference[k], name=k, tier=required) for k in manual],
-                      required=required, title="refnet trace")
+    scale = _scales(scale, manual)
+    verdicts = Report([compare(manual[k], reference[k], name=k, tier=required, scale=scale.get(k))
+                       for k in manual], required=required, title="refnet trace")
     first = next((i for i, v in enumerate(verdicts) if not v.passed), None)
     if first is None:
         return Trace(verdicts)
-    return Trace(verdicts, verdicts[first].name, list(verdicts[first + 1:]))
+    value = next((v.name for v in verdicts if not v.passed and not is_mismatch(v)), None)
+    return Trace(verdicts, verdicts[first].name, list(verdicts[first + 1:]), value)
+
+
+def _scales(scale, manual):
+    if scale is None:
+        return {}
+    if not isinstance(scale, dict) or any(k not in manual for k in scale):
+        raise ValueError(f"scale: expected a dict whose names are among manual's "
+                         f"({', '.join(manual)}), got {scale!r:.80}")
+    return scale

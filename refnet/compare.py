@@ -24,10 +24,13 @@ ORACLE_DOCUMENT = "manual vs the document's numbers"
 ORACLE_NUMPY_PROGRAM = "manual vs document's numpy program"
 ORACLE_STOCK_BATCHNORM = "ninja chain vs F.batch_norm (training mode)"
 
-# (rtol, atol) by dtype, for each kind of quantity compared.  bfloat16 / float16 (mixed precision:
-# tensors kept in the low dtype, e.g. a port's activations on a bf16 chip) are graded in their own
-# format: forward at torch.testing's defaults for the dtype (about 4 and 1 units of eps: 2⁻⁷ and
-# 2⁻¹⁰), gradients and curves at twice that.
+# (rtol, atol) by dtype, for each kind of quantity compared.  atol is a cap, not a floor: the
+# absolute term a comparison uses is min(atol, rtol * max|expected|) (`scaled_atol`), so a tensor
+# whose values are all far below atol (a gradient near convergence) is still graded relative to
+# its own scale, and an all-zeros or off-by-a-factor answer cannot pass (docs/check-api.md).
+# bfloat16 / float16 (mixed precision: tensors kept in the low dtype, e.g. a port's activations
+# on a bf16 chip) are graded in their own format: forward at torch.testing's defaults for the
+# dtype (about 4 and 1 units of eps: 2⁻⁷ and 2⁻¹⁰), gradients and curves at twice that.
 TOLERANCES = {
     torch.float32: {"forward": (1e-5, 1e-6), "grad": (1e-4, 1e-6), "curve": (1e-4, 1e-6)},
     torch.float64: {"forward": (1e-10, 1e-12), "grad": (1e-9, 1e-12), "curve": (1e-9, 1e-12)},
@@ -48,6 +51,23 @@ def tolerance(dtype, kind="grad"):
         names = ", ".join(str(d).replace("torch.", "") for d in TOLERANCES)
         raise ValueError(f"dtype: no tolerance for {dtype} / {kind!r}; expected one of {names} "
                          f"and one of {sorted(TOLERANCES[torch.float64])}") from None
+
+
+def magnitude(t):
+    """max |t| over the finite values of a tensor (0 when none); a number as its absolute value."""
+    if not isinstance(t, torch.Tensor):
+        return abs(float(t))
+    t = t.detach()
+    finite = t[torch.isfinite(t)]
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
+def scaled_atol(expected, rtol, atol, scale=None):
+    """The absolute term of the tolerance rule: min(atol, rtol * max|expected|) over the finite
+    values of `expected` (0 for an all-zero or all-NaN reference: then only equal values pass).
+    scale (a number or a tensor) replaces max|expected| when the reference's own size is not the
+    size of what it was computed from (a gradient that is mathematically zero: rounding noise)."""
+    return min(atol, rtol * magnitude(expected if scale is None else scale))
 
 
 def _ordered(t):
@@ -94,7 +114,8 @@ class Verdict:
     dtype: str = ""
     device: str = ""
     numel: int = 0
-    mismatched: int = 0
+    mismatched: int = 0             # elements whose bits differ
+    beyond_tolerance: int | None = None   # elements outside |a - b| <= atol + rtol*|b| (graded)
     max_abs_diff: float = 0.0
     max_rel_diff: float = 0.0
     max_ulp: float = 0.0
@@ -136,7 +157,10 @@ def render(v, required=None, *, block=False, sides=("actual", "expected")):
     sampled = v.ulp_limit is None and v.rtol is not None    # finite differences: sampled points
     if v.numel and (v.mismatched or v.worst_index is not None):
         what = "sampled coordinates miss the threshold" if sampled else "elements differ"
-        facts.append(f"{v.mismatched} of {v.numel} {what} ({100.0 * v.mismatched / v.numel:.3g}%)")
+        beyond = "" if v.beyond_tolerance is None or sampled else \
+            f", {v.beyond_tolerance} beyond tolerance"
+        facts.append(f"{v.mismatched} of {v.numel} {what} ({100.0 * v.mismatched / v.numel:.3g}%)"
+                     f"{beyond}")
         ulp = "" if math.isnan(v.max_ulp) or sampled else f", max ulp {v.max_ulp:.6g}"
         facts.append(f"max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g}{ulp}")
     if v.worst_index is not None:
@@ -185,6 +209,14 @@ def _describe_tensor(t):
     return f"{list(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
 
 
+MISMATCH = "mismatch: "    # the note of a verdict that failed on shape, dtype or device
+
+
+def is_mismatch(v):
+    """True when a verdict failed on shape, dtype or device, not on values."""
+    return v.tier == "fail" and v.note.startswith(MISMATCH)
+
+
 def _mismatch(name, a, b):
     """A `fail` verdict when a and b differ in shape, dtype or device (never broadcast, cast or
     moved), else None; TypeError for what is not graded at all."""
@@ -205,7 +237,7 @@ def _mismatch(name, a, b):
         return Verdict(name=name, tier="fail", passed=False, shape=list(b.shape),
                        dtype=str(b.dtype).replace("torch.", ""), device=str(b.device),
                        numel=b.numel(), note=(
-                           f"mismatch: {', '.join(what)} (actual vs expected); refnet never "
+                           f"{MISMATCH}{', '.join(what)} (actual vs expected); refnet never "
                            f"broadcasts, casts or moves: make both sides {_describe_tensor(b)} "
                            f"explicitly if that is what you mean"))
     if b.is_complex():
@@ -218,13 +250,15 @@ def _mismatch(name, a, b):
 
 
 def compare_tensors(name, a, b, kind="grad", *, tier=None, ulp_limit=None, rtol=None, atol=None,
-                    strict_bits=False, required=None):
+                    strict_bits=False, required=None, scale=None):
     """The one comparator: grade `a` (actual, the manual side) against `b` (expected).
 
     Strict: shapes, dtypes and devices must be equal (a mismatch is a `fail` that says so, never
     a broadcast, cast or move).  Floating tensors (float32, float64) are graded bitwise / ulp /
     tolerance / fail; integer and bool tensors are equal (bitwise) or fail.
     passed: the tier is `tier` or better (refnet.compare.required_tier; default tolerance).
+    The tolerance tier's absolute term is `scaled_atol` (atol given: used as is; scale given: the
+    size of what b is computed from, instead of max|b|).
     `strict_bits=True` and `required=` are older spellings of tier="bitwise" and tier=, kept
     for the callers that still use them.
     """
@@ -242,7 +276,7 @@ def compare_tensors(name, a, b, kind="grad", *, tier=None, ulp_limit=None, rtol=
     a_c, b_c = a.detach().cpu(), b.detach().cpu()
     rtol_d, atol_d = tolerance(b.dtype, kind)
     rtol = rtol_d if rtol is None else rtol
-    atol = atol_d if atol is None else atol
+    atol = scaled_atol(b_c, rtol, atol_d, scale) if atol is None else atol
     ulp_limit = ULP_LIMIT[b.dtype] if ulp_limit is None else ulp_limit
     base.update(rtol=rtol, atol=atol, ulp_limit=ulp_limit, numel=b.numel())
 
@@ -265,7 +299,8 @@ def compare_tensors(name, a, b, kind="grad", *, tier=None, ulp_limit=None, rtol=
     else:
         tier = "fail"
     verdict = Verdict(tier=tier, passed=meets(tier, required),
-                      mismatched=mismatched, nan_positions=int(both_nan.sum()), **base)
+                      mismatched=mismatched, beyond_tolerance=int((~within_tol).sum()),
+                      nan_positions=int(both_nan.sum()), **base)
     if b.numel():
         _measure(verdict, a_c, b_c, ulps, abs_diff, rel_diff)
     return verdict

@@ -20,7 +20,7 @@ from manual.step import accumulate_grads, micro_batch_seed
 from refnet import data as datasets
 from refnet import not_bitwise
 from refnet import twin as twin_mod
-from refnet.compare import Check, compare_curves, compare_tensors
+from refnet.compare import Check, compare_curves, compare_tensors, magnitude
 from refnet.data import load_data
 from refnet.oracles import fd
 from refnet.spec import Spec
@@ -116,12 +116,17 @@ def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
     verdicts = [compare_tensors(prefix + "loss", loss_m, loss_t, "forward", strict_bits=strict_bits),
                 compare_tensors(prefix + "output", out_m, out_t, "forward", strict_bits=strict_bits)]
     grads_t = twin_mod.grads_of(pair.twin)
+    # One scale for the tolerance's absolute term: the largest gradient of this backward.  A
+    # gradient that is mathematically zero (a bias in front of batch norm) is rounding noise
+    # of that size, not of its own (refnet.compare.scaled_atol; matters where graded at tolerance).
+    scale = max([magnitude(g) for g in grads_t.values()]
+                + [magnitude(dx_t) if dx_t is not None else 0.0])
     for name, g in grads_m.items():
         verdicts.append(compare_tensors(f"{prefix}{name}.grad", g, grads_t[name], "grad",
-                                        strict_bits=strict_bits))
+                                        strict_bits=strict_bits, scale=scale))
     if dx_t is not None:
         verdicts.append(compare_tensors(prefix + "input.grad", dx_m, dx_t, "grad",
-                                        strict_bits=strict_bits))
+                                        strict_bits=strict_bits, scale=scale))
     return verdicts
 
 
@@ -246,7 +251,7 @@ def _manual_grads(mlp, micro):
     for x, target in micro:
         loss_i, cache = mlp.forward(x, target)
         seed = micro_batch_seed(len(micro), loss_i)
-        grads = accumulate_grads(grads, mlp.backward(cache, dloss=seed)[0])
+        grads = accumulate_grads(grads, mlp.backward(cache, seed)[0])
         loss_i = loss_i / len(micro)
         loss = loss_i if loss is None else loss + loss_i
     return grads, loss

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*.py"))
-EXPECTED = {"cs231n_layers", "backprop_ninja", "custom_function"}
+EXPECTED = {"cs231n_layers", "cs231n_numpy", "backprop_ninja", "custom_function"}
 
 
 def _load(path):
@@ -28,7 +28,7 @@ for _path in EXAMPLES:
             globals()[f"test_{_path.stem}__{_name[5:]}"] = _fn
 
 
-def test_the_three_worked_examples_are_there():
+def test_the_worked_examples_are_there():
     assert EXPECTED <= {p.stem for p in EXAMPLES}
 
 

@@ -112,16 +112,23 @@ def test_minibatch_training_reads_the_labels_once_per_data_set():
     x, target = load_data(spec)
     pair = harness.build_pair(spec)
     manual_reads, steps = [], []
-    real_step = pair.mlp.train_step
 
-    def recorded(xb, tb):
-        steps.append(1)
-        with HostReads() as reads:
-            out = real_step(xb, tb)
-        manual_reads.extend(reads.calls)
-        return out
+    def recorded(method, count=False):
+        real = getattr(pair.mlp, method)
 
-    pair.mlp.train_step = recorded
+        def run(*args):
+            if count:
+                steps.append(1)
+            with HostReads() as reads:
+                out = real(*args)
+            manual_reads.extend(reads.calls)
+            return out
+        setattr(pair.mlp, method, run)
+
+    # the manual side of harness.lockstep_step: forward, backward, update
+    recorded("forward", count=True)
+    recorded("backward")
+    recorded("step")
     harness.train_lockstep(pair, x, target, spec.steps, spec.batch_size, spec.seed)
     assert len(steps) == spec.steps            # every step went through the recorder
     assert manual_reads == [], manual_reads

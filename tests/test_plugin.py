@@ -73,7 +73,8 @@ def test_summary_line_counts_tiers_and_failure_is_refnets_report(tmp_path, insta
     # loaded by the pytest11 entry point, or (not installed) by the conftest.py line: once
     code, out = run_pytest(tmp_path, installed=installed)
     assert code == 1 and "already registered" not in out, out
-    assert "refnet: 4 checks: bitwise 1, ulp 1, tolerance 1, fail 1" in out, out
+    assert ("refnet: 4 checks: 3 passed, 1 failed (required tolerance); tiers: bitwise 1, ulp 1, "
+            "tolerance 1, fail 1") in out, out
     assert "3 passed, 1 failed" in out or "1 failed, 3 passed" in out, out
     assert "refnet: dbias is 'fail', required 'tolerance' or better" in out
     assert "shape [64] vs [1, 64]" in out and "never broadcasts" in out
@@ -82,6 +83,9 @@ def test_summary_line_counts_tiers_and_failure_is_refnets_report(tmp_path, insta
 def test_refnet_tier_raises_and_lowers_the_required_tier(tmp_path):
     code, out = run_pytest(tmp_path, "--refnet-tier=bitwise", "-k", "ulp or bitwise")
     assert code == 1 and "refnet: next is 'ulp', required 'bitwise' or better" in out, out
+    # the summary counts the check that missed bitwise as a failure, not only by its tier
+    assert ("refnet: 2 checks: 1 passed, 1 failed (required bitwise); tiers: bitwise 1, ulp 1, "
+            "tolerance 0, fail 0") in out, out
     code, out = run_pytest(tmp_path, "--refnet-tier=tolerance", "-k", "ulp or bitwise")
     assert code == 0, out
 
@@ -89,7 +93,8 @@ def test_refnet_tier_raises_and_lowers_the_required_tier(tmp_path):
 @pytest.mark.slow
 def test_summary_line_adds_up_xdist_workers(tmp_path):
     code, out = run_pytest(tmp_path, "-n", "2")
-    assert code == 1 and "refnet: 4 checks: bitwise 1, ulp 1, tolerance 1, fail 1" in out, out
+    assert code == 1 and ("refnet: 4 checks: 3 passed, 1 failed (required tolerance); tiers: "
+                          "bitwise 1, ulp 1, tolerance 1, fail 1") in out, out
 
 
 def test_repository_run_registers_the_plugin_once(request):
@@ -102,7 +107,8 @@ def test_loaded_by_conftest_when_entry_points_are_off(tmp_path):
     code, out = run_pytest(tmp_path, "-k", "not fails", installed=True,
                            env_extra={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert code == 0 and "already registered" not in out, out
-    assert "refnet: 3 checks: bitwise 1, ulp 1, tolerance 1, fail 0" in out, out
+    assert ("refnet: 3 checks: 3 passed, 0 failed; tiers: bitwise 1, ulp 1, tolerance 1, "
+            "fail 0") in out, out
 
 
 def test_refnet_tier_choices():
@@ -134,15 +140,22 @@ def test_fixture_methods_assert_and_record(refnet_check):
     private = fixture_impl.RefnetCheck(None, Counter())
     with pytest.raises(AssertionError, match="first departure at #1 of 1: 'a'"):
         private.trace_compare({"a": x + 1}, {"a": x})
-    assert private.counts == Counter(fail=1)
+    assert private.counts == Counter({"fail": 1, "failed@tolerance": 1})
     with pytest.raises(AssertionError, match="refnet: g is 'ulp', required 'bitwise'"):
         fixture_impl.RefnetCheck("bitwise", Counter())(torch.nextafter(x, x + 1), x, tier="ulp", name="g")
 
 
 def test_summary_line_format():
     from collections import Counter
-    assert plugin.summary_line(Counter(bitwise=2, fail=1)) == \
-        "refnet: 3 checks: bitwise 2, ulp 0, tolerance 0, fail 1"
+    assert plugin.summary_line(Counter({"bitwise": 2, "fail": 1, "failed@tolerance": 1})) == \
+        "refnet: 3 checks: 2 passed, 1 failed (required tolerance); tiers: bitwise 2, ulp 0, " \
+        "tolerance 0, fail 1"
+    # --refnet-tier=bitwise: 8 checks short of bitwise are 8 failures, though only 2 are `fail`
+    counts = Counter({"bitwise": 1, "ulp": 4, "tolerance": 2, "fail": 2, "failed@bitwise": 8})
+    assert plugin.summary_line(counts).startswith("refnet: 9 checks: 1 passed, 8 failed (required "
+                                                  "bitwise)")
+    mixed = Counter({"ulp": 2, "failed@bitwise": 1, "failed@tolerance": 1, "fail": 0})
+    assert "0 passed, 2 failed (required bitwise 1, tolerance 1)" in plugin.summary_line(mixed)
 
 
 def test_tier_names_agree_with_refnets():

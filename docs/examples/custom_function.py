@@ -59,5 +59,5 @@ def test_swish_in_float64_is_within_a_few_ulp():
 def test_a_wrong_backward_fails_with_the_worst_element():
     report = refnet.check_backward(SwishWrong.apply, inputs(), reference=swish_reference)
     assert not report.passed and report["dx"].tier == "fail"
-    text = "\n".join(report.failures())
+    text = "\n".join(refnet.describe(v) for v in report.failures())
     assert "worst at index" in text and "max ulp" in text and "elements differ" in text

@@ -8,7 +8,7 @@
 import torch
 
 from refnet.compare import (AUTO, CLAIM, ORACLE_AUTOGRAD, ORACLE_DOCUMENT, ORACLE_FINITE_DIFFERENCES,
-                            Check, Verdict, compare_tensors)
+                            Check, Verdict, compare_tensors, magnitude)
 from refnet.oracles import fd
 
 # Central differences in float64 with refnet.oracles.fd's h and rel_error bound (h = 1e-6: truncation O(h²)
@@ -25,7 +25,11 @@ def as_tensor(v, ctx):
 def twin_check(name, manual, twin, ctx, kind="grad", note="", expected=AUTO):
     """manual, twin: dicts name -> tensor (same keys).  expected: the tier promised (default: the
     device's, refnet.compare.enforce_expected; an op of refnet.not_bitwise's table states its own)."""
-    verdicts = [compare_tensors(key, manual[key], twin[key], kind, strict_bits=ctx.strict_bits)
+    # gradients: one scale for the tolerance's absolute term, the largest of the group (a
+    # mathematically zero gradient is rounding noise of that size; refnet.compare.scaled_atol)
+    scale = max(magnitude(t) for t in twin.values()) if kind == "grad" else None
+    verdicts = [compare_tensors(key, manual[key], twin[key], kind, strict_bits=ctx.strict_bits,
+                                scale=scale)
                 for key in manual]
     return Check(name, verdicts, ORACLE_AUTOGRAD, note, expected=expected)
 
