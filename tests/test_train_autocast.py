@@ -74,3 +74,11 @@ def test_nproc_and_export_refuse_autocast(tmp_path, capsys, verb):
     verb = [str(tmp_path / "out") if a == "OUT" else a for a in verb]
     code, err = run(capsys, verb[0], "--spec", path, *verb[1:])
     assert code != 0 and err.strip().count("\n") == 0 and "autocast: " in err, err
+
+
+def test_train_cli_says_how_many_steps_the_scaler_skipped(tmp_path, capsys):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(fp16(steps=6).to_dict()))
+    code = cli.main(["train", "--spec", str(path), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and ", scaler skipped 6 steps (both sides alike), final scale 3.35544e+07" in out

@@ -123,3 +123,11 @@ def test_check_training_refuses_micro_batches_but_takes_clipping_and_schedules()
     with pytest.raises(ValueError, match="^accumulate: check_training"):
         refnet.check_training(combined())
     assert refnet.check_training(combined(accumulate=1), tier="bitwise").verdict == "identical"
+
+
+def test_train_cli_says_on_how_many_steps_clipping_was_active(tmp_path, capsys):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(combined().to_dict()))
+    code, out, _ = run(capsys, "train", "--spec", path, "--quiet")
+    summary = train_mod.train(combined(), None)
+    assert code == 0 and f", clipping active on {summary['clipping']['clipped_steps']} of 12 steps" in out
