@@ -3,7 +3,8 @@
 A checkpoint file is a header line `REFNET-CHECKPOINT <format> <sha256 of the body>` followed by
 torch.save's bytes of a dict holding both sides' parameters, both optimizers' state, the losses
 so far, the step reached, the spec, the example name, batch norm's running statistics, both
-sides' dropout streams (data parallel: every rank's) and the number of processes.  The batch
+sides' dropout streams (data parallel: every rank's), both sides' LR schedule and GradScaler state, the per-step
+learning rates and clip norms so far, and the number of processes.  The batch
 schedule is not stored: it is regenerated from the spec's seed, so on CPU a resumed run's curve
 is bitwise the uninterrupted one.  Written atomically (refnet.atomic); a flipped or truncated file fails the checksum.
 """
@@ -69,7 +70,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 STATE_KEYS = ("manual_params", "twin_params", "manual_buffers", "twin_buffers", "manual_optimizer",
               "twin_optimizer", "manual_rng", "twin_rng", "rank_streams", "losses_manual",
-              "losses_twin", "step", "world_size")
+              "losses_twin", "step", "world_size", "manual_schedule", "twin_schedule",
+              "manual_scaler", "twin_scaler", "step_columns")
 
 
 def state_differences(a, b):
@@ -118,8 +120,12 @@ def to_device(obj, device):
 
 
 def check_resume_spec(spec, saved):
-    """Only steps (to extend a run) and device may differ from the checkpoint's spec."""
+    """Only steps (to extend a run; not with an lr_schedule, which spans the run) and device may
+    differ from the checkpoint's spec."""
     now = spec.to_dict()
+    if saved.get("lr_schedule") is not None and now["steps"] != saved["steps"]:
+        raise ValueError(f"--steps: the lr_schedule spans the run's {saved['steps']} steps; a "
+                         f"scheduled run resumes with the same steps, not {now['steps']}")
     for key, value in saved.items():
         if key in ("steps", "device"):
             continue
@@ -165,8 +171,25 @@ def save_run(path, pair, spec, example, state, world_size=1, rank_streams=None):
         "manual_optimizer": cpu_copy(pair.mlp.optimizer.state_dict()),
         "twin_optimizer": cpu_copy(pair.twin_opt.state_dict()),
         "losses_manual": losses_m.cpu(), "losses_twin": losses_t.cpu(),
+        **_schedules(pair), **_scalers(pair), "step_columns": state.step_columns(),
         "worst_tier": state.worst, "torch": str(torch.__version__),
     })
+
+
+def _schedules(pair):
+    """Both sides' LR schedule state (manual.schedules' state_dict, the torch scheduler's), or
+    None without a schedule."""
+    if pair.schedule is None:
+        return {"manual_schedule": None, "twin_schedule": None}
+    return {"manual_schedule": pair.schedule.state_dict(),
+            "twin_schedule": pair.twin_sched.state_dict()}
+
+
+def _scalers(pair):
+    """Both sides' GradScaler state (scale, growth tracker, settings), or None without one."""
+    if pair.scaler is None:
+        return {"manual_scaler": None, "twin_scaler": None}
+    return {"manual_scaler": pair.scaler.state_dict(), "twin_scaler": pair.twin_scaler.state_dict()}
 
 
 def _streams(pair):
@@ -177,8 +200,8 @@ def _streams(pair):
 
 
 def restore_run(pair, ck, device, rank=0):
-    """Both sides' parameters, both optimizers' state, batch norm's running statistics and the
-    dropout streams (rank's own, when the checkpoint keeps every rank's) from a checkpoint."""
+    """Both sides' parameters, both optimizers' state, the LR schedules, batch norm's running
+    statistics and the dropout streams (rank's own, when the checkpoint keeps every rank's) from a checkpoint."""
     names = set(pair.mlp.params)
     for side in ("manual_params", "twin_params"):
         if set(ck[side]) != names:
@@ -189,6 +212,16 @@ def restore_run(pair, ck, device, rank=0):
     twin_mod.load_params(pair.twin, ck["twin_params"])
     pair.mlp.optimizer.load_state_dict(to_device(ck["manual_optimizer"], device))
     pair.twin_opt.load_state_dict(ck["twin_optimizer"])
+    if (ck.get("manual_schedule") is None) != (pair.schedule is None):
+        raise ValueError("--resume: the checkpoint and the spec disagree on lr_schedule")
+    if pair.schedule is not None:   # after the optimizer: its param_groups hold lr, initial_lr
+        pair.schedule.load_state_dict(ck["manual_schedule"])
+        pair.twin_sched.load_state_dict(ck["twin_schedule"])
+    if (ck.get("manual_scaler") is None) != (pair.scaler is None):
+        raise ValueError("--resume: the checkpoint and the spec disagree on grad_scaler")
+    if pair.scaler is not None:
+        pair.scaler.load_state_dict(ck["manual_scaler"])
+        pair.twin_scaler.load_state_dict(ck["twin_scaler"])
     # batch norm's running statistics and the dropout streams (absent in older checkpoints,
     # whose specs have neither)
     buffers = ck.get("manual_buffers", {})

@@ -28,11 +28,17 @@ ORACLE_STOCK_BATCHNORM = "ninja chain vs F.batch_norm (training mode)"
 # absolute term a comparison uses is min(atol, rtol * max|expected|) (`scaled_atol`), so a tensor
 # whose values are all far below atol (a gradient near convergence) is still graded relative to
 # its own scale, and an all-zeros or off-by-a-factor answer cannot pass (docs/check-api.md).
+# bfloat16 / float16 (mixed precision: tensors kept in the low dtype, e.g. a port's activations
+# on a bf16 chip) are graded in their own format: forward at torch.testing's defaults for the
+# dtype (about 4 and 1 units of eps: 2⁻⁷ and 2⁻¹⁰), gradients and curves at twice that.
 TOLERANCES = {
     torch.float32: {"forward": (1e-5, 1e-6), "grad": (1e-4, 1e-6), "curve": (1e-4, 1e-6)},
     torch.float64: {"forward": (1e-10, 1e-12), "grad": (1e-9, 1e-12), "curve": (1e-9, 1e-12)},
+    torch.bfloat16: {"forward": (1.6e-2, 1e-5), "grad": (3.2e-2, 1e-5), "curve": (3.2e-2, 1e-5)},
+    torch.float16: {"forward": (1e-3, 1e-5), "grad": (2e-3, 1e-5), "curve": (2e-3, 1e-5)},
 }
-ULP_LIMIT = {torch.float32: 8, torch.float64: 8}
+# ulps in the tensor's own format: a bfloat16 ulp is 2⁻⁷ relative, so fewer of them are allowed.
+ULP_LIMIT = {torch.float32: 8, torch.float64: 8, torch.bfloat16: 2, torch.float16: 4}
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64,
              torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -42,7 +48,8 @@ def tolerance(dtype, kind="grad"):
     try:
         return TOLERANCES[dtype][kind]
     except KeyError:
-        raise ValueError(f"dtype: no tolerance for {dtype} / {kind!r}; expected float32 or float64 "
+        names = ", ".join(str(d).replace("torch.", "") for d in TOLERANCES)
+        raise ValueError(f"dtype: no tolerance for {dtype} / {kind!r}; expected one of {names} "
                          f"and one of {sorted(TOLERANCES[torch.float64])}") from None
 
 
@@ -236,8 +243,9 @@ def _mismatch(name, a, b):
     if b.is_complex():
         raise TypeError(f"{name}: complex tensors are not graded; compare .real and .imag")
     if b.is_floating_point() and b.dtype not in TOLERANCES:
-        raise TypeError(f"{name}: dtype {b.dtype} is not graded; refnet grades float32 and "
-                        f"float64 (integers and bool exactly); cast both sides if you mean it")
+        raise TypeError(f"{name}: dtype {b.dtype} is not graded; refnet grades float32, "
+                        f"float64, bfloat16 and float16 (integers and bool exactly); cast both "
+                        f"sides if you mean it")
     return None
 
 

@@ -53,6 +53,7 @@ class DPPair:
 
     def __init__(self, spec, rank, world_size, params=None):
         self.spec, self.rank, self.world_size = spec, rank, world_size
+        spec.refuse_step_keys("--nproc")
         self.pair = harness.build_pair(spec, params)
         ids = [torch.cuda.current_device()] if spec.device == "cuda" else None
         # DDP's defaults: no comm hook, bucket_cap_mb 25, gradient_as_bucket_view False.

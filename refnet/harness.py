@@ -11,7 +11,12 @@ import torch
 
 import manual
 from manual.losses import check_labels, labels_checked
+from manual.autocast import AutocastMLP
+from manual.clip import clip_grad_norm
+from manual.grad_scaler import GradScaler
 from manual.mlp import MLP, init_params
+from manual.schedules import make_schedule
+from manual.step import accumulate_grads, micro_batch_seed
 from refnet import data as datasets
 from refnet import not_bitwise
 from refnet import twin as twin_mod
@@ -29,10 +34,23 @@ class Pair:
     twin: twin_mod.Twin
     twin_loss: torch.nn.Module
     twin_opt: torch.optim.Optimizer
+    schedule: object = None          # spec.lr_schedule: manual.schedules' schedule (None: off)
+    twin_sched: object = None        # and the stock torch.optim.lr_scheduler object
+    amp: object = None               # spec.autocast: manual.autocast.AutocastMLP over mlp
+    scaler: object = None            # spec.grad_scaler: manual.grad_scaler.GradScaler
+    twin_scaler: object = None       # and torch.amp.GradScaler
+
+
+BLOCKS_REFUSED = ("blocks: not wired into the training loop yet (manual.MLP and the twin have no "
+                  "place for FFN blocks; manual/blocks.py and twin.FFNBlock are checked on their "
+                  "own in tests/test_blocks.py and tests/test_step_combined.py); remove the key")
 
 
 def build_pair(spec, params=None):
-    """Build both sides.  params: dict in nn.Linear layout; default: seeded init of the spec."""
+    """Build both sides.  params: dict in nn.Linear layout; default: seeded init of the spec.
+    With spec.lr_schedule each side also gets its schedule (manual.schedules / torch's)."""
+    if spec.blocks is not None:
+        raise ValueError(BLOCKS_REFUSED)
     dtype, device = spec.torch_dtype, spec.device
     if params is None:
         params = init_params(spec.sizes, spec.activation, spec.bias, scheme=spec.init,
@@ -49,7 +67,28 @@ def build_pair(spec, params=None):
                          **spec.options, **spec.layer_options, seed=spec.seed)
     twin_mod.load_params(twin, params)
     twin_opt = twin_mod.make_optimizer(twin, opt_name, **opt_settings)
-    return Pair(spec, mlp, twin, twin_mod.loss_module(spec.loss, spec.reg, twin), twin_opt)
+    schedule = make_schedule(spec.lr_schedule, mlp.optimizer.lr, spec.steps)
+    twin_sched = twin_mod.make_scheduler(twin_opt, spec.lr_schedule, spec.steps)
+    pair = Pair(spec, mlp, twin, twin_mod.loss_module(spec.loss, spec.reg, twin), twin_opt,
+                schedule, twin_sched)
+    if spec.autocast is not None:
+        check_autocast_combination(spec)
+        pair.amp = AutocastMLP(mlp, spec.autocast)
+        settings = spec.scaler_settings
+        if settings is not None:
+            pair.scaler = GradScaler(**settings)
+            pair.twin_scaler = twin_mod.make_grad_scaler(settings, device)
+    return pair
+
+
+def check_autocast_combination(spec):
+    """The training-step keys autocast is not wired with yet, refused by name in one line."""
+    for key, on in (("accumulate", spec.accumulate > 1),
+                    ("clip_grad_norm", spec.clip_grad_norm is not None)):
+        if on:
+            raise ValueError(f"{key}: not wired together with autocast yet (the GradScaler's "
+                             f"unscale_ before clipping, the scaled seed divided by k); use one "
+                             f"or the other")
 
 
 def twin_forward_backward(pair, x, target, input_grad=True):
@@ -63,7 +102,11 @@ def twin_forward_backward(pair, x, target, input_grad=True):
 
 
 def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
-    """Loss, output, every parameter gradient and the input gradient: manual vs twin."""
+    """Loss, output, every parameter gradient and the input gradient: manual vs twin.
+    Under spec.autocast: the loss and the parameter gradients of one autocast step
+    (autocast_gradient_checks)."""
+    if pair.amp is not None:
+        return autocast_gradient_checks(pair, x, target, strict_bits, prefix)
     trace = {}
     loss_m, cache = pair.mlp.forward(x, target, trace=trace)
     grads_m, dx_m = pair.mlp.backward(cache)
@@ -87,85 +130,225 @@ def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
     return verdicts
 
 
+def autocast_gradient_checks(pair, x, target, strict_bits=False, prefix=""):
+    """Under autocast: the float32 loss and the float32 parameter gradients (cast up at the
+    leaves) of manual.autocast.AutocastMLP vs the twin's forward and loss inside torch.autocast."""
+    loss_m, cache = pair.amp.forward(x, target)
+    grads_m = pair.amp.backward(cache)
+    pair.twin_opt.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=pair.spec.autocast_dtype):
+        loss_t = pair.twin_loss(pair.twin(x), target)
+    loss_t.backward()
+    grads_t = twin_mod.grads_of(pair.twin)
+    return [compare_tensors(prefix + "loss", loss_m, loss_t.detach(), "forward",
+                            strict_bits=strict_bits)] + [
+        compare_tensors(f"{prefix}{name}.grad", g, grads_t[name], "grad", strict_bits=strict_bits)
+        for name, g in grads_m.items()]
+
+
 @dataclass
 class StepOut:
-    """One lockstep step: each side's loss before the update (detached) and, when asked
-    (data-parallel grading), the gradients each side applied (manual: after the reduction)."""
-    loss_m: torch.Tensor
-    loss_t: torch.Tensor
+    """One lockstep step: each side's loss before the update (detached; accumulated: the sum of
+    the micro-batches' loss / k, in order) and, when asked (data-parallel grading), the gradients
+    each side applied (manual: after the reduction).  lr_m / lr_t: the rate each side's
+    optimizer stepped with (Python floats; None without a schedule); norm_m / norm_t: the total
+    gradient norm each side's clipping measured and coef the manual clip coefficient (0-d
+    tensors; None without clipping)."""
+    loss_m: torch.Tensor | None
+    loss_t: torch.Tensor | None
     grads_m: dict | None = None
     grads_t: dict | None = None
+    lr_m: float | None = None
+    lr_t: float | None = None
+    norm_m: torch.Tensor | None = None
+    norm_t: torch.Tensor | None = None
+    coef: torch.Tensor | None = None
+    scale_m: float | None = None          # grad_scaler: the loss scale of the step, each side
+    scale_t: float | None = None
+    stepped_m: bool = True                # grad_scaler: False where the side skipped the step
+    stepped_t: bool = True
+
+    @property
+    def clipped(self):
+        """True when clipping scaled the gradients down this step (coefficient < 1)."""
+        return self.coef is not None and bool(self.coef < 1)
 
 
 def lockstep_step(pair, xb, tb, dp=None, keep_grads=False):
     """One training step of both sides on the same batch; a StepOut.
 
+    xb, tb: one batch, or (spec.accumulate > 1) lists of the k micro-batches of the step.
     dp: the data-parallel hook (refnet.dp_pair.DPPair): rank 0's buffers broadcast before the
     forward, the manual gradients averaged over the ranks, the twin run through DDP.
-    The step is three phases, which is where the next features go: gradients (gradient
-    accumulation: k micro-batches summed here, DDP's no_sync on all but the last; autocast
-    around the forwards and the GradScaler's scaled backward), the data-parallel reduction, and
-    the update (clipping and the scaler's unscale/step before the optimizer's step, the LR
-    schedule's step after it).
+    The step is three phases: gradients (k micro-batches, each loss divided by k, summed in
+    AccumulateGrad's order: manual/step.py), the data-parallel reduction, and the update
+    (clipping: manual/clip.py vs clip_grad_norm_; the optimizer's step at the schedule's rate,
+    then the schedule's step).  Autocast and the GradScaler go in the first and last phases.
     """
-    mlp = pair.mlp
+    if pair.amp is not None:
+        return _autocast_step(pair, xb, tb)
     if dp is not None:
         dp.sync_buffers()
+    micro = list(zip(xb, tb)) if isinstance(xb, (list, tuple)) else [(xb, tb)]
     # gradients
-    loss_m, cache = mlp.forward(xb, tb)
-    grads_m, _ = mlp.backward(cache)
-    pair.twin_opt.zero_grad(set_to_none=True)
-    loss_t = pair.twin_loss((pair.twin if dp is None else dp.ddp)(xb), tb)
-    loss_t.backward()   # under DDP: the all-reduce of the twin's gradients happens here
+    grads_m, loss_m = _manual_grads(pair.mlp, micro)
+    loss_t = _twin_grads(pair, micro, pair.twin if dp is None else dp.ddp)
     # reduction
     if dp is not None:
         grads_m = dp.reducer.reduce(grads_m)
     grads_t = ({n: g.detach().clone() for n, g in twin_mod.grads_of(pair.twin).items()}
                if keep_grads else None)
     # update
-    mlp.step(grads_m)
+    out = StepOut(loss_m.detach(), loss_t.detach(), grads_m if keep_grads else None, grads_t)
+    grads_m = _clip(pair, grads_m, out)
+    _set_rates(pair, out)
+    pair.mlp.step(grads_m)
     pair.twin_opt.step()
-    return StepOut(loss_m.detach(), loss_t.detach(), grads_m if keep_grads else None, grads_t)
+    _step_schedules(pair)
+    return out
+
+
+def _set_rates(pair, out):
+    """The schedule's rate of this step onto the manual optimizer; both sides' rates into out."""
+    if pair.schedule is not None:
+        out.lr_m = pair.mlp.optimizer.lr = pair.schedule.lr
+        out.lr_t = pair.twin_opt.param_groups[0]["lr"]
+
+
+def _step_schedules(pair):
+    """After the optimizers' step, as ``opt.step(); sched.step()``."""
+    if pair.schedule is not None:
+        pair.schedule.step()
+        pair.twin_sched.step()
+
+
+def _autocast_step(pair, xb, tb):
+    """One step under autocast (spec.autocast), each side whole: manual.autocast.AutocastMLP's
+    train_step (its casts written out; with spec.grad_scaler manual/grad_scaler.py's scale,
+    unscale, inf check, skip and update) vs refnet.twin.autocast_step, the stock script
+    (``with torch.autocast``, ``scaler.scale(loss).backward()``, ``scaler.step``,
+    ``scaler.update``).  out.scale_m / scale_t: the loss scale the step used; out.stepped_m /
+    stepped_t: whether each side's optimizer stepped (a GradScaler skips on overflow)."""
+    out = StepOut(None, None)
+    _set_rates(pair, out)
+    if pair.scaler is not None:
+        # the twin's scale tensor is made at its first use: get_scale() is init_scale until then
+        # (a double); the step multiplies by the float32 tensor, so that is the value recorded
+        twin_scale = torch.tensor(pair.twin_scaler.get_scale(), dtype=torch.float32)
+        out.scale_m, out.scale_t = float(pair.scaler.scale), float(twin_scale)
+    loss_m, out.stepped_m = pair.amp.train_step(xb, tb, pair.scaler)
+    loss_t, out.stepped_t = twin_mod.autocast_step(pair.twin, pair.twin_loss, pair.twin_opt, xb,
+                                                   tb, pair.spec.autocast_dtype, pair.twin_scaler)
+    out.loss_m, out.loss_t = loss_m.detach(), loss_t
+    _step_schedules(pair)
+    return out
+
+
+def _manual_grads(mlp, micro):
+    """The manual gradients of one step over its micro-batches (each backward seeded with 1/k)
+    and the step's loss, Σ loss_i / k in micro-batch order."""
+    grads = loss = None
+    for x, target in micro:
+        loss_i, cache = mlp.forward(x, target)
+        seed = micro_batch_seed(len(micro), loss_i)
+        grads = accumulate_grads(grads, mlp.backward(cache, seed)[0])
+        loss_i = loss_i / len(micro)
+        loss = loss_i if loss is None else loss + loss_i
+    return grads, loss
+
+
+def _twin_grads(pair, micro, model):
+    """The stock script: zero_grad, then (criterion(model(x), y) / k).backward() per micro-batch
+    (under DDP the all-reduce of the twin's gradients happens in the last backward).  The loss."""
+    pair.twin_opt.zero_grad(set_to_none=True)
+    loss = None
+    for x, target in micro:
+        loss_i = pair.twin_loss(model(x), target) / len(micro)
+        loss_i.backward()
+        loss = loss_i.detach() if loss is None else loss + loss_i.detach()
+    return loss
+
+
+def _clip(pair, grads_m, out):
+    """spec.clip_grad_norm on both sides (after the reduction, as DDP scripts clip): the manual
+    gradients clipped in the twin's parameters() order, the twin's by clip_grad_norm_; the norms
+    and the coefficient into out.  Without clipping: grads_m unchanged."""
+    config = pair.spec.clip_grad_norm
+    if config is None:
+        return grads_m
+    order = [name for name, _ in pair.twin.named_parameters()]
+    grads_m, out.norm_m, out.coef = clip_grad_norm({n: grads_m[n] for n in order},
+                                                   config["max_norm"], config["norm_type"])
+    out.norm_t = twin_mod.clip_grads(pair.twin, config).detach()
+    return grads_m
 
 
 def lockstep_batches(pair, x, target, steps, batch_size=None, seed=0, start=0, shard=None):
     """(step, x_batch, target_batch) for steps start … start + steps - 1 of the seeded schedule
     (refnet.data.batches), so a resumed run sees exactly the batches an uninterrupted one would.
+    With spec.accumulate k > 1 each step takes the next k batches of that schedule, and
+    x_batch / target_batch are lists of the k micro-batches.
     shard(idx, n): this rank's rows of a global batch (data parallel; refnet.dp_pair)."""
+    k = getattr(pair.spec, "accumulate", 1)
     if getattr(pair.spec, "norm", None) == "batchnorm":
         datasets.check_batch_rows(x.shape[0], batch_size)   # the real row count, not a guess
-    index_list = datasets.batches(x.shape[0], batch_size, start + steps, seed)[start:]
+    if k > 1:
+        check_micro_batches(x.shape[0], batch_size, k)
+    index_list = datasets.batches(x.shape[0], batch_size, (start + steps) * k, seed)[start * k:]
     labels, n_classes = target.dtype == torch.int64, pair.spec.sizes[-1]
     if labels:  # class labels: range-checked once for the data set, not per batch (a CUDA sync)
         check_labels(target, n_classes)
-    for step, idx in enumerate(index_list, start):
-        if shard is not None:
-            idx = shard(idx, x.shape[0])
-        if idx is None:
-            yield step, x, target
-            continue
-        idx = idx.to(x.device)
-        xb, tb = x[idx], target[idx]
-        if labels:
-            labels_checked(tb, n_classes)
-        yield step, xb, tb
+    for step in range(start, start + steps):
+        micro = [_rows(x, target, idx, shard, labels, n_classes)
+                 for idx in index_list[(step - start) * k:(step - start + 1) * k]]
+        if k == 1:
+            yield (step,) + micro[0]
+        else:
+            yield step, [xb for xb, _ in micro], [tb for _, tb in micro]
+
+
+def _rows(x, target, idx, shard, labels, n_classes):
+    """One batch's rows (idx None: the whole data set)."""
+    if shard is not None:
+        idx = shard(idx, x.shape[0])
+    if idx is None:
+        return x, target
+    idx = idx.to(x.device)
+    xb, tb = x[idx], target[idx]
+    if labels:
+        labels_checked(tb, n_classes)
+    return xb, tb
+
+
+def check_micro_batches(n_rows, batch_size, k):
+    """accumulate k needs k distinct micro-batches of batch_size rows: batch_size set and the data
+    set at least k·batch_size rows; else one line saying so."""
+    if batch_size is None:
+        raise ValueError(f"accumulate: {k} micro-batches per step need a batch_size; the spec "
+                         f"has none (full batch)")
+    if n_rows < k * batch_size:
+        raise ValueError(f"accumulate: {k} micro-batches of {batch_size} rows need at least "
+                         f"{k * batch_size} rows; the data set has {n_rows}")
 
 
 def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None, start=0,
-                   before_step=None):
+                   before_step=None, record=None):
     """Train both sides for `steps` steps on the same mini-batches, unchecked (the checks that
     grade a whole run afterwards use it; refnet.train is the checked run).
 
     Returns (manual losses, twin losses) as 1-D tensors (the loss of each step before its update).
     on_step(step, loss_manual, loss_twin) is called after every step when given;
     before_step(step, x_batch, target_batch) before every step's update (refnet.check_training).
-    start: the step to begin at (lockstep_batches).
+    start: the step to begin at (lockstep_batches).  record: a list to append each step's
+    StepOut to (the learning rates and clip norms: step_curves).
     """
     losses_m, losses_t = [], []
     for step, xb, tb in lockstep_batches(pair, x, target, steps, batch_size, seed, start):
         if before_step is not None:
             before_step(step, xb, tb)
         out = lockstep_step(pair, xb, tb)
+        if record is not None:
+            record.append(out)
         losses_m.append(out.loss_m)
         losses_t.append(out.loss_t)
         if on_step is not None:
@@ -173,10 +356,14 @@ def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None
     return torch.stack(losses_m), torch.stack(losses_t)
 
 
-def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=False):
-    """Train in lockstep; compare the loss curves and the final parameters."""
-    losses_m, losses_t = train_lockstep(pair, x, target, steps, batch_size, seed)
+def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=False, record=None):
+    """Train in lockstep; compare the loss curves (and, with a schedule or clipping, the
+    learning rates and total norms of every step: step_curves) and the final parameters
+    (named final.*).  record: a list to append each step's StepOut to."""
+    outs = [] if record is None else record
+    losses_m, losses_t = train_lockstep(pair, x, target, steps, batch_size, seed, record=outs)
     verdicts = [compare_curves("loss_curve", losses_m, losses_t, strict_bits=strict_bits)]
+    verdicts += step_curves(outs, strict_bits)
     final_t = twin_mod.params_of(pair.twin)
     for name, p in pair.mlp.params.items():
         verdicts.append(compare_tensors(f"final.{name}", p, final_t[name], "curve",
@@ -184,21 +371,46 @@ def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=Fa
     return verdicts, (losses_m, losses_t)
 
 
-def twin_checks(spec, x, target, strict_bits=False, prefix=""):
+def step_curves(outs, strict_bits=False):
+    """The per-step learning rates (float64, the Python floats each side's optimizer used), clip
+    total norms, GradScaler scales and skipped steps of a run's StepOuts, manual vs twin; [] for
+    a run with none of them."""
+    verdicts = []
+    if outs and outs[0].lr_m is not None:
+        lrs = [torch.tensor([getattr(o, side) for o in outs], dtype=torch.float64)
+               for side in ("lr_m", "lr_t")]
+        verdicts.append(compare_curves("lr_curve", *lrs, strict_bits=strict_bits))
+    if outs and outs[0].norm_m is not None:
+        verdicts.append(compare_curves("clip_norm_curve", torch.stack([o.norm_m for o in outs]),
+                                       torch.stack([o.norm_t for o in outs]),
+                                       strict_bits=strict_bits))
+    if outs and outs[0].scale_m is not None:
+        scales = [torch.tensor([getattr(o, side) for o in outs], dtype=torch.float64)
+                  for side in ("scale_m", "scale_t")]
+        verdicts.append(compare_curves("scale_curve", *scales, strict_bits=strict_bits))
+        skipped = [torch.tensor([not getattr(o, side) for o in outs])
+                   for side in ("stepped_m", "stepped_t")]
+        verdicts.append(compare_tensors("skipped_steps", *skipped, "curve",
+                                        strict_bits=strict_bits))
+    return verdicts
+
+
+def twin_checks(spec, x, target, strict_bits=False, prefix="", record=None):
     """Manual vs autograd for one spec: gradients at init, the loss curve over spec.steps (its
     batch schedule) and the final parameters, each with its expected tier (refnet.not_bitwise:
     bitwise on CPU, tolerance on CUDA; an op of the table states its own, None = no bound through
-    training) and the table's note."""
+    training) and the table's note.  record: a list for the training run's StepOuts."""
     note = not_bitwise.note(spec)
     grad_tier = not_bitwise.expected_tier(spec, spec.device, "grad")
     train_tier = not_bitwise.expected_tier(spec, spec.device, "training")
     checks = [Check(f"{prefix}grad@init", gradient_checks(build_pair(spec), x, target, strict_bits),
                     note=note, expected=grad_tier)]
     verdicts, _ = curve_checks(build_pair(spec), x, target, spec.steps, spec.batch_size, spec.seed,
-                               strict_bits)
-    checks.append(Check(f"{prefix}loss_curve[{spec.steps}]", verdicts[:1], note=note,
-                        expected=train_tier))
-    checks.append(Check(f"{prefix}final_params", verdicts[1:], note=note, expected=train_tier))
+                               strict_bits, record)
+    final = [v for v in verdicts if v.name.startswith("final.")]
+    checks.append(Check(f"{prefix}loss_curve[{spec.steps}]", verdicts[:len(verdicts) - len(final)],
+                        note=note, expected=train_tier))
+    checks.append(Check(f"{prefix}final_params", final, note=note, expected=train_tier))
     return checks
 
 

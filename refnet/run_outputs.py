@@ -74,6 +74,7 @@ def run_summary(spec, example, tier, state, losses_m, losses_t, pair, x, target,
     }
     if status == "diverged":
         summary["divergence"] = message
+    summary.update(_step_fields(spec, state))
     # NaN/inf on both sides at the same step is agreement, not divergence, but worth saying.
     k_m, k_t = _first_nonfinite(losses_m), _first_nonfinite(losses_t)
     summary["first_nonfinite_step"] = k_m if k_t is None else k_t if k_m is None else min(k_m, k_t)
@@ -87,6 +88,31 @@ def run_summary(spec, example, tier, state, losses_m, losses_t, pair, x, target,
             summary["accuracy_manual"] = _accuracy(pair.mlp.predict(x)[0], labels)
             summary["accuracy_twin"] = _accuracy(pair.twin(x), labels)
     return summary
+
+
+def _step_fields(spec, state):
+    """The schedule's first and last rate, and how many steps clipping was active on (its
+    coefficient < 1) with the largest total norm, when the spec has them."""
+    out = {}
+    if state.lrs:
+        out["lr_first"], out["lr_last"] = state.lrs[0], state.lrs[-1]
+    if state.clip_coefs:
+        out["clipping"] = {"max_norm": spec.clip_grad_norm["max_norm"],
+                           "norm_type": spec.clip_grad_norm["norm_type"],
+                           "clipped_steps": sum(c < 1 for c in state.clip_coefs),
+                           "steps": len(state.clip_coefs),
+                           "max_total_norm": max(state.clip_norms)}
+    if state.scales:
+        skipped = [step for step, k in enumerate(state.skipped) if k]
+        out["grad_scaler"] = {"skipped_steps": skipped, "scale_history": _changes(state.scales),
+                              "final_scale": state.scales[-1],
+                              "same_skips_both_sides": state.status != "diverged"}
+    return out
+
+
+def _changes(values):
+    """[[step, value], …] at step 0 and wherever the value changes (a scale history)."""
+    return [[i, v] for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
 
 
 def _first_nonfinite(losses):
@@ -109,13 +135,21 @@ def _nonfinite_note(k_m, k_t, losses_m, losses_t):
 
 # -- outputs --
 
-def write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target):
+CSV_COLUMNS = {"lrs": "lr", "clip_norms": "clip_total_norm", "clip_coefs": "clip_coef",
+               "scales": "loss_scale", "skipped": "skipped"}
+
+
+def write_outputs(out_dir, spec, summary, losses_m, losses_t, pair, x, target, columns=None):
     """losses.csv, summary.json and the plots in out_dir, atomically; the names written (also
-    summary["files"])."""
+    summary["files"]).  columns: the per-step columns beyond the losses (RunState.step_columns:
+    the learning rate, the clip total norm and coefficient), appended when the run has them."""
     files = ["losses.csv", "summary.json"]
-    lines = ["step,manual_loss,twin_loss,abs_diff"]
+    columns = columns or {}
+    lines = [",".join(["step", "manual_loss", "twin_loss", "abs_diff"]
+                      + [CSV_COLUMNS[k] for k in columns])]
     for step, (a, b) in enumerate(zip(losses_m.tolist(), losses_t.tolist())):
-        lines.append(f"{step},{a!r},{b!r},{abs(a - b)!r}")  # repr: the exact float, round-trips
+        extra = "".join(f",{v[step]!r}" for v in columns.values())
+        lines.append(f"{step},{a!r},{b!r},{abs(a - b)!r}{extra}")  # repr: exact, round-trips
     text = "\n".join(lines) + "\n"
     write_atomic(os.path.join(out_dir, "losses.csv"), lambda f: f.write(text.encode()))
     if summary["last_checkpoint"] is not None:

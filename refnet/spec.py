@@ -8,15 +8,36 @@ from dataclasses import asdict, dataclass, field, fields
 import json
 import math
 import os
+import warnings
 
 import torch
 
 import manual
+from manual.autocast import AUTOCAST_DTYPES, REFUSED as AUTOCAST_REFUSED
+from manual.grad_scaler import check_scaler_settings
 from manual.mlp import INIT_SCHEMES, activation_list
+from manual.blocks import block_settings
+from manual.clip import clip_settings
+from manual.schedules import schedule_settings
 from refnet.data import DATASETS, TOKEN_DATASETS
 from refnet.twin import CUDA_DROPOUT
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SCALER_KEYS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval")
+SCALER_DEFAULTS = {"init_scale": 2.0 ** 16, "growth_factor": 2.0, "backoff_factor": 0.5,
+                   "growth_interval": 2000}     # torch.amp.GradScaler's
+
+
+def autocast_supported(device, dtype_name):
+    """False when torch.autocast(device, dtype) would disable itself (a dtype the device lacks,
+    e.g. bfloat16 on a CUDA GPU without it).  A CUDA spec on a machine without CUDA is not judged
+    here: the device check reports that when the spec runs."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # torch warns, then switches autocast off
+        with torch.autocast(device, dtype=AUTOCAST_DTYPES[dtype_name]):
+            return torch.is_autocast_enabled(device)
 
 
 def check_finite(key, value, minimum=None):
@@ -27,6 +48,12 @@ def check_finite(key, value, minimum=None):
         bound = "" if minimum is None else f" >= {minimum:g}"
         raise ValueError(f"{key}: expected a finite number{bound}, got {value!r}")
     return value
+
+
+# the training-step keys and their off values (the NumPy port keeps the same table); autocast
+# stands for grad_scaler too, which needs it
+STEP_KEYS_OFF = {"clip_grad_norm": None, "accumulate": 1, "lr_schedule": None, "blocks": None,
+                 "autocast": None}
 
 
 def _default_optimizer():
@@ -58,6 +85,12 @@ class Spec:
     momentum: float = 0.1                # batch norm's running-statistics momentum
     eps: float = 1e-5                    # the norms' eps
     embedding: dict | None = None        # {"vocab": V, "dim": E, "context": T}: integer inputs (N, T)
+    clip_grad_norm: dict | None = None   # {"max_norm": M, "norm_type": 2 | "inf"}: clip_grad_norm_
+    accumulate: int = 1                  # micro-batches of batch_size rows per optimizer step
+    lr_schedule: dict | None = None      # {"name": warmup_cosine | cosine | step, ...} over `steps`
+    blocks: dict | None = None           # {"n", "width", "hidden", "norm", "activation"}: FFN blocks
+    autocast: str | None = None          # null | bfloat16 | float16: mixed precision, float32 params
+    grad_scaler: object = None           # null/false | true (torch's defaults) | {init_scale, …}
     name: str = "spec"
 
     def __post_init__(self):
@@ -136,8 +169,81 @@ class Spec:
         if self.norm == "batchnorm" and self.batch_size == 1:
             raise ValueError("batch_size: batch norm in training needs at least 2 rows in every "
                              "batch; got batch_size 1")
+        self._validate_step_keys()
+        self._validate_mixed_precision()
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
+
+    def _validate_step_keys(self):
+        """clip_grad_norm, accumulate, lr_schedule, blocks (normalized in place).  The check that
+        the data holds k micro-batches needs the data: the training loop makes it."""
+        if self.clip_grad_norm is not None:
+            self.clip_grad_norm = clip_settings(self.clip_grad_norm)
+        if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) \
+                or self.accumulate < 1:
+            raise ValueError(f"accumulate: expected an integer >= 1, got {self.accumulate!r}")
+        if self.lr_schedule is not None:
+            schedule_settings(self.lr_schedule, self.steps)    # validates, warm-up vs the run
+            self.lr_schedule = dict(self.lr_schedule)
+        if self.blocks is not None:
+            self.blocks = block_settings(self.blocks)
+            if len(self.sizes) < 3 or self.sizes[-2] != self.blocks["width"]:
+                raise ValueError(f"blocks.width: {self.blocks['width']} must equal the width the "
+                                 f"blocks sit in, sizes[-2] (the last hidden width, the head's "
+                                 f"input), got sizes {self.sizes}")
+
+    def step_keys_on(self):
+        """The training-step keys (STEP_KEYS_OFF) this spec sets to other than their off value,
+        for the paths that do not carry them yet to refuse by name."""
+        return [key for key, off in STEP_KEYS_OFF.items() if getattr(self, key) != off]
+
+    def refuse_step_keys(self, where):
+        """A ValueError naming the first step key set, for a path (`where`) that lacks it."""
+        on = self.step_keys_on()
+        if on:
+            raise ValueError(f"{on[0]}: {where} does not carry this key yet; remove it, or run the "
+                             f"spec without {where}")
+
+    def _validate_mixed_precision(self):
+        """autocast and grad_scaler (docs/spec.md): one-line errors naming the key."""
+        if self.autocast is None:
+            if self.grad_scaler not in (None, False):
+                raise ValueError("grad_scaler: needs autocast (bfloat16 or float16); got autocast "
+                                 "null")
+            return
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast: unknown dtype {self.autocast!r}; expected one of "
+                             f"{', '.join(AUTOCAST_DTYPES)} or null")
+        if self.dtype != "float32":
+            raise ValueError(f"autocast: needs dtype float32 (the master weights), got dtype "
+                             f"{self.dtype}; autocast casts only float32 tensors")
+        if self.norm is not None:
+            raise ValueError(AUTOCAST_REFUSED["norm"].format(norm=self.norm))
+        if not autocast_supported(self.device, self.autocast):
+            raise ValueError(f"autocast: {self.autocast} is not supported on device "
+                             f"{self.device} (torch.autocast would switch itself off)")
+        if self.grad_scaler is not None and not isinstance(self.grad_scaler, (bool, dict)):
+            raise ValueError(f"grad_scaler: expected true, false, null or an object with "
+                             f"{', '.join(SCALER_KEYS)}, got {self.grad_scaler!r}")
+        if isinstance(self.grad_scaler, dict):
+            unknown = sorted(set(self.grad_scaler) - set(SCALER_KEYS))
+            if unknown:
+                raise ValueError(f"grad_scaler: unknown key(s) {unknown}; expected keys among "
+                                 f"{list(SCALER_KEYS)}")
+            check_scaler_settings(**{**SCALER_DEFAULTS, **self.grad_scaler})
+
+    @property
+    def scaler_settings(self):
+        """GradScaler's four settings (torch's defaults filled in), or None without a scaler."""
+        if self.grad_scaler in (None, False):
+            return None
+        given = self.grad_scaler if isinstance(self.grad_scaler, dict) else {}
+        return {**SCALER_DEFAULTS, **given}
+
+    @property
+    def autocast_dtype(self):
+        """torch.bfloat16 / torch.float16, or None when autocast is off."""
+        return None if self.autocast is None else AUTOCAST_DTYPES[self.autocast]
 
     @property
     def torch_dtype(self):

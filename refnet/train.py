@@ -47,6 +47,8 @@ def default_tier(spec):
 
 # -- what a run is asked to do, and where it stands --
 
+STEP_COLUMNS = ("lrs", "clip_norms", "clip_coefs", "scales", "skipped")   # RunState's per-step lists
+
 @dataclass(frozen=True)
 class RunConfig:
     """What a run was asked to do; fixed for the run."""
@@ -80,12 +82,36 @@ class RunState:
     interrupted: bool = False                       # Ctrl-C seen: stop at the step boundary
     status: str = "completed"                       # completed | diverged | interrupted
     message: str = ""
+    lrs: list = field(default_factory=list)         # each step's learning rate (lr_schedule)
+    clip_norms: list = field(default_factory=list)  # each step's total gradient norm and clip
+    clip_coefs: list = field(default_factory=list)  # coefficient (clip_grad_norm; manual's)
+    scales: list = field(default_factory=list)      # each step's loss scale (grad_scaler) and
+    skipped: list = field(default_factory=list)     # 1 where the scaler skipped the step, else 0
 
     @classmethod
     def resumed(cls, ck, device):
         step = int(ck["step"])
+        steps = ck.get("step_columns") or {}
         return cls(start=step, step=step, hist_m=[ck["losses_manual"].to(device)],
-                   hist_t=[ck["losses_twin"].to(device)], worst=ck.get("worst_tier", "bitwise"))
+                   hist_t=[ck["losses_twin"].to(device)], worst=ck.get("worst_tier", "bitwise"),
+                   **{k: list(steps.get(k, [])) for k in STEP_COLUMNS})
+
+    def record(self, out):
+        """A step's learning rate and clip norm / coefficient (when the spec has them)."""
+        if out.lr_m is not None:
+            self.lrs.append(out.lr_m)
+        if out.norm_m is not None:
+            self.clip_norms.append(float(out.norm_m))
+            self.clip_coefs.append(float(out.coef))
+        if out.scale_m is not None:
+            self.scales.append(out.scale_m)
+            self.skipped.append(int(not out.stepped_m))
+
+    def step_columns(self):
+        """The per-step columns beyond the losses (STEP_COLUMNS: learning rate, clip norm and
+        coefficient, loss scale, skipped) for those the run records, {name: [...]}
+        (checkpointed and in losses.csv)."""
+        return {k: list(getattr(self, k)) for k in STEP_COLUMNS if getattr(self, k)}
 
     def grade(self, verdict):
         self.checks += 1
@@ -202,6 +228,7 @@ def _train_step(cfg, pair, state, step, xb, tb, dp, bar):
         loss_m, loss_t = dp.mean_loss(loss_m, loss_t)
     state.hist_m.append(loss_m.reshape(1))
     state.hist_t.append(loss_t.reshape(1))
+    state.record(out)
     if cfg.on_step is not None:
         cfg.on_step(step, out.loss_m, out.loss_t)
     state.step = step + 1
@@ -229,6 +256,7 @@ def _grade(cfg, pair, state, out, at_check, dp):
     the parameters (data parallel: and that every rank holds rank 0's)."""
     step = state.step - 1
     failures = _grade_loss(cfg, state, out.loss_m, out.loss_t, flush=at_check)
+    failures += _grade_step(cfg, state, step, out)
     for name, g in (out.grads_m or {}).items():
         failures += _graded(cfg, state, step, f"{name}.grad", compare_tensors(
             f"{name}.grad", g, out.grads_t[name], tier=cfg.tier))
@@ -240,6 +268,28 @@ def _grade(cfg, pair, state, out, at_check, dp):
         if dp is not None:
             failures += _graded(cfg, state, step, "params vs rank 0", dp.same_params_verdict(),
                                 "bitwise")
+    return failures
+
+
+def _grade_step(cfg, state, step, out):
+    """The step's learning rate (the same Python float on both sides: bitwise on every device),
+    clip total norm (the run's tier), and the GradScaler's scale and skip (bitwise), when the spec
+    has them."""
+    failures = []
+    if out.lr_m is not None:
+        lrs = (torch.tensor(lr, dtype=torch.float64) for lr in (out.lr_m, out.lr_t))
+        failures += _graded(cfg, state, step, "lr", compare_tensors("lr", *lrs, "curve",
+                                                                    tier="bitwise"), "bitwise")
+    if out.norm_m is not None:
+        failures += _graded(cfg, state, step, "clip.total_norm", compare_tensors(
+            "clip.total_norm", out.norm_m, out.norm_t, tier=cfg.tier))
+    if out.scale_m is not None:   # the scaler's scale and skip: the same on both sides, always
+        scales = (torch.tensor(v, dtype=torch.float64) for v in (out.scale_m, out.scale_t))
+        failures += _graded(cfg, state, step, "grad_scaler.scale", compare_tensors(
+            "grad_scaler.scale", *scales, "curve", tier="bitwise"), "bitwise")
+        skipped = (torch.tensor(not v) for v in (out.stepped_m, out.stepped_t))
+        failures += _graded(cfg, state, step, "grad_scaler.skipped", compare_tensors(
+            "grad_scaler.skipped", *skipped, "curve", tier="bitwise"), "bitwise")
     return failures
 
 
@@ -322,7 +372,8 @@ def _finish(cfg, pair, x, target, state, dp, seconds):
     if dp is not None:
         summary.update(dp.summary_fields())
     if cfg.out_dir is not None:
-        write_outputs(cfg.out_dir, cfg.spec, summary, losses_m, losses_t, pair, x, target)
+        write_outputs(cfg.out_dir, cfg.spec, summary, losses_m, losses_t, pair, x, target,
+                      state.step_columns())
     return summary
 
 

@@ -77,6 +77,9 @@ def check_training(spec, *, pair=None, data=None, steps=None, check_every=None,
     if getattr(spec, "dropout", 0):
         raise ValueError("spec: check_training does not support dropout (its gradient check at a "
                          "step runs an extra forward, which would draw other masks)")
+    if getattr(spec, "accumulate", 1) > 1:
+        raise ValueError("accumulate: check_training checks the gradients of one batch per step; "
+                         "it does not support micro-batches (use refnet.train or verify --spec)")
     scratch = harness.build_pair(spec)     # its twin: the reference gradients at checked steps
     grad_checks = []
 

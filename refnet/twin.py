@@ -4,7 +4,10 @@ import torch
 from torch import nn
 
 import manual
+import manual.blocks
+import manual.clip
 import manual.mlp
+import manual.schedules
 
 
 class Maxout(nn.Module):
@@ -67,6 +70,30 @@ class L2Regularized(nn.Module):
             s = layer.weight.pow(2).sum()
             total = s if total is None else total + s
         return self.base(out, target) + total * self.reg
+
+
+class FFNBlock(nn.Module):
+    """The transformer's MLP block as plain modules: h + fc2(act(fc1(norm(h)))), the residual
+    add in forward; norm is nn.LayerNorm(width) or absent.  manual/blocks.py is its manual side."""
+
+    def __init__(self, width, hidden, activation="relu", norm="layer", *, eps=1e-5, slope=0.1,
+                 alpha=1.0, dtype=torch.float64, device="cpu"):
+        super().__init__()
+        manual.blocks.check_block_settings(activation, norm)
+        if norm == "layer":
+            self.norm = nn.LayerNorm(width, eps=eps, dtype=dtype, device=device)
+        self.fc1 = torch.nn.utils.skip_init(nn.Linear, width, hidden, dtype=dtype, device=device)
+        self.act = activation_module(activation, slope, alpha)
+        self.fc2 = torch.nn.utils.skip_init(nn.Linear, hidden, width, dtype=dtype, device=device)
+
+    def forward(self, h):
+        u = self.norm(h) if hasattr(self, "norm") else h
+        return h + self.fc2(self.act(self.fc1(u)))
+
+
+def ffn_blocks(n, width, hidden, activation="relu", norm="layer", **options):
+    """n FFNBlocks in an nn.ModuleList (state_dict names blocks.{i}.… under a `blocks` attribute)."""
+    return nn.ModuleList(FFNBlock(width, hidden, activation, norm, **options) for _ in range(n))
 
 
 CUDA_DROPOUT = ("dropout: not supported on device cuda (CUDA's fused native_dropout kernel draws its "
@@ -202,3 +229,62 @@ def make_optimizer(twin, name, **settings):
     if name not in makers:
         raise ValueError(f"optimizer.name: unknown name {name!r}; expected one of {', '.join(makers)}")
     return makers[name](twin.parameters(), **settings, foreach=False)
+
+
+def make_scheduler(optimizer, config, steps):
+    """The stock torch.optim.lr_scheduler for a spec's ``lr_schedule`` over ``steps`` optimizer
+    steps (None: no schedule); arguments from manual.schedules.schedule_settings, so both sides
+    read one set of defaults.  warmup_cosine is LinearLR then CosineAnnealingLR via SequentialLR."""
+    if config is None:
+        return None
+    s = manual.schedules.schedule_settings(config, steps)
+    lr_sched = torch.optim.lr_scheduler
+    if s["name"] == "step":
+        return lr_sched.StepLR(optimizer, s["step_size"], s["gamma"])
+    if s["name"] == "cosine":
+        return lr_sched.CosineAnnealingLR(optimizer, s["T_max"], s["eta_min"])
+    warmup = lr_sched.LinearLR(optimizer, s["start_factor"], 1.0, s["warmup_steps"])
+    cosine = lr_sched.CosineAnnealingLR(optimizer, s["T_max"], s["eta_min"])
+    return lr_sched.SequentialLR(optimizer, [warmup, cosine], [s["warmup_steps"]])
+
+
+def clip_grads(twin, config):
+    """torch.nn.utils.clip_grad_norm_ over the twin's parameters with a spec's ``clip_grad_norm``
+    (its defaults otherwise: foreach on CPU and CUDA, error_if_nonfinite False); -> the total norm."""
+    c = manual.clip.clip_settings(config)
+    return torch.nn.utils.clip_grad_norm_(twin.parameters(), c["max_norm"], norm_type=c["norm_type"])
+
+
+def autocast_step(twin, loss_fn, optimizer, x, target, dtype, scaler=None):
+    """One training step as a mixed-precision script writes it (the twin's side of
+    manual.autocast.AutocastMLP.train_step):
+
+        optimizer.zero_grad()
+        with torch.autocast(device, dtype):      # entered once per step: fresh weight casts
+            loss = loss_fn(twin(x), target)      # forward and loss under autocast
+        scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
+        (without a scaler: loss.backward(); optimizer.step())
+
+    dtype: torch.bfloat16 / torch.float16; scaler: a torch.amp.GradScaler or None.
+    Returns (the float32 loss, detached; whether the optimizer stepped).  Whether GradScaler
+    skipped is read from its per-optimizer record of the inf check (a private field; the public
+    API does not say).
+    """
+    optimizer.zero_grad()
+    with torch.autocast(x.device.type, dtype=dtype):
+        loss = loss_fn(twin(x), target)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), True
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    found_inf = sum(float(v) for v in scaler._found_inf_per_device(optimizer).values())
+    scaler.update()
+    return loss.detach(), not found_inf
+
+
+def make_grad_scaler(settings, device="cpu"):
+    """torch.amp.GradScaler(device, **settings), or None for settings None (a spec's
+    ``scaler_settings``: the four GradScaler settings, torch's defaults filled in)."""
+    return None if settings is None else torch.amp.GradScaler(str(device).split(":")[0], **settings)

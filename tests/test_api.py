@@ -6,6 +6,7 @@ import torch
 import manual.activations as acts
 import refnet
 from refnet import examples
+from refnet.compare import TOLERANCES, ULP_LIMIT
 
 
 def test_all_is_exported_and_documented():
@@ -92,8 +93,27 @@ def test_nan_on_one_side_only_fails_and_says_so():
 def test_bad_tier_and_half_precision():
     with pytest.raises(ValueError, match="tier: expected one of bitwise, ulp, tolerance, got 'fail'"):
         refnet.assert_same(torch.ones(2), torch.ones(2), tier="fail")
-    with pytest.raises(TypeError, match="float16 is not graded"):
-        refnet.compare(torch.ones(2, dtype=torch.float16), torch.ones(2, dtype=torch.float16))
+    with pytest.raises(TypeError, match="float8_e4m3fn is not graded"):
+        refnet.compare(torch.ones(2, dtype=torch.float8_e4m3fn),
+                       torch.ones(2, dtype=torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_graded_in_its_own_ulps(dtype):
+    """bfloat16 / float16 are graded natively: one step of the 16-bit pattern is 1 ulp, the
+    ulp limit and tolerances are the dtype's own (refnet.compare.ULP_LIMIT / TOLERANCES)."""
+    base = torch.tensor([1.0, -2.5, 3e-3, 0.0], dtype=dtype)
+    assert refnet.compare(base.clone(), base).tier == "bitwise"
+    near = base.clone()
+    near[1] = (base.view(torch.int16)[1] + ULP_LIMIT[dtype]).view(dtype)   # k ulps further out
+    v = refnet.compare(near, base)
+    assert (v.tier, v.max_ulp, v.worst_index, v.dtype) == ("ulp", ULP_LIMIT[dtype], [1], str(dtype)[6:])
+    tiny = torch.tensor([1], dtype=torch.int16).view(dtype)         # the smallest subnormal
+    assert refnet.compare(-tiny, tiny).max_ulp == 2                # across zero: both sides
+    rtol, _ = TOLERANCES[dtype]["grad"]
+    far = base.clone()
+    far[0] = 1.0 + 4 * rtol                                       # 4 rtol away: a failure
+    assert refnet.compare(far, base).tier == "fail"
 
 
 def test_integers_are_exact():

@@ -377,6 +377,7 @@ def test_port_implements_gelu_gelu_tanh_and_silu(tmp_path, capsys):
     ("dropout", 1.5, "dropout 1.5 is not supported by the NumPy port"),
     ("norm", "groupnorm", "norm 'groupnorm' is not supported by the NumPy port"),
     ("embedding", {"vocab": 27, "dim": 2}, "embedding {'vocab': 27, 'dim': 2} is not supported"),
+    ("autocast", "bfloat16", "autocast 'bfloat16' is not supported by the NumPy port"),
 ])
 def test_port_refuses_unsupported_specs_before_computing(loss_fixtures, tmp_path, capsys,
                                                          key, value, says):

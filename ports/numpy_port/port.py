@@ -574,8 +574,12 @@ def record(trace, feed, name, value):
 
 # --- what this port supports: checked for every case before anything is computed ----------------
 SPEC_KEYS_READ = {"sizes", "activation", "bias", "loss", "reg", "optimizer", "steps", "batch_size",
-                  "dtype", "slope", "alpha", "k", "norm", "dropout", "momentum", "eps", "embedding"}
+                  "dtype", "slope", "alpha", "k", "norm", "dropout", "momentum", "eps", "embedding",
+                  "autocast", "grad_scaler"}
 SPEC_KEYS_IGNORED = {"name", "data", "n_samples", "seed", "init", "device"}  # inputs come from the file
+# the training step's keys (clipping, accumulation, schedules, FFN blocks): not implemented here,
+# accepted only at their "off" value
+SPEC_KEYS_OFF = {"clip_grad_norm": None, "accumulate": 1, "lr_schedule": None, "blocks": None}
 SGD_SETTINGS = {"lr", "momentum", "dampening", "nesterov", "weight_decay"}
 EMBEDDING_KEYS = {"vocab", "dim", "context"}
 
@@ -587,9 +591,15 @@ def _number(v):
 def check_supported(spec):
     """Raise ValueError (one line ending 'not supported by the NumPy port') for anything the port
     does not implement, so that it refuses a case before computing or writing anything."""
-    unknown = sorted(set(spec) - SPEC_KEYS_READ - SPEC_KEYS_IGNORED)
+    unknown = sorted(set(spec) - SPEC_KEYS_READ - SPEC_KEYS_IGNORED - set(SPEC_KEYS_OFF))
     if unknown:
         raise ValueError(f"spec key(s) {unknown} are not supported by the NumPy port")
+    for key, off in SPEC_KEYS_OFF.items():
+        if spec.get(key, off) != off:
+            raise ValueError(f"{key} {spec[key]!r} is not supported by the NumPy port (only {off!r})")
+    for key in ("autocast", "grad_scaler"):      # mixed precision: not in this port
+        if spec.get(key) not in (None, False):
+            raise ValueError(f"{key} {spec[key]!r} is not supported by the NumPy port (null)")
     norm = spec.get("norm")
     if norm is not None and norm not in NORMS:
         raise ValueError(f"norm {norm!r} is not supported by the NumPy port ({', '.join(NORMS)})")

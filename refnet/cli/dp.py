@@ -59,6 +59,8 @@ def _verify_verb(args):
                  for dt in (dtype_names or [base.dtype])]
     else:
         specs = [s for dt in dtype_names for s in dp_specs(dt, device)]
+    for spec in specs:
+        spec.refuse_step_keys("--nproc")
     if args.json:
         report.check_writable(args.json)
     started = time.time()
@@ -86,6 +88,7 @@ def _verify_verb(args):
 
 def _train_verb(args):
     spec, example = build_spec(args)
+    spec.refuse_step_keys("--nproc")
     out = out_folder(args)
     if args.resume:  # refuse another N before starting any process
         check_world_size(load_checkpoint(args.resume),

@@ -153,9 +153,23 @@ def run(args):
           f", loss manual {summary['final_loss_manual']:.6g} twin {summary['final_loss_twin']:.6g}"
           f", tier {summary['tier']} (allowed {summary['allowed_tier']})"
           + (f", accuracy {100 * acc:.1f} %" if acc is not None else "")
+          + _step_notes(summary)
           + (f"; {summary['status']}: {nonfinite}" if nonfinite else "")
           + (f"; wrote {', '.join(summary['files'])} in {out}" if out else ""))
     return EXIT_OK
+
+
+def _step_notes(summary):
+    """", clipping active on K of N steps" / ", scaler skipped K steps" when the run has them."""
+    notes = ""
+    clip = summary.get("clipping")
+    if clip:
+        notes += f", clipping active on {clip['clipped_steps']} of {clip['steps']} steps"
+    scaler = summary.get("grad_scaler")
+    if scaler:
+        notes += (f", scaler skipped {len(scaler['skipped_steps'])} steps (both sides alike), "
+                  f"final scale {scaler['final_scale']:g}")
+    return notes
 
 
 def resumes_into(resume, out):

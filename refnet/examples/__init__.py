@@ -76,7 +76,8 @@ class Example:
 
 REGISTRY: dict[str, Example] = {}
 _MODULES = ("seed", "scalar", "activations", "vectorized", "deep", "nonlinearity", "claims",
-            "classifiers", "demos", "norm_layers")
+            "classifiers", "demos", "norm_layers", "train_step",
+            "mixed_precision")
 _loaded = False
 
 

@@ -1,0 +1,246 @@
+"""Mixed precision: an MLP step as ``torch.autocast("cpu", dtype)`` runs it, every cast written out.
+
+The parameters stay float32 ("master weights"); autocast runs the GEMMs in a low dtype L
+(bfloat16 or float16) and the losses in float32.  On the CPU (aten/src/ATen/autocast_mode.cpp,
+the AutocastCPU lists):
+    lower precision  linear / addmm / mm / matmul: float32 inputs are cast to L first
+    float32          mse_loss, cross_entropy_loss, nll_loss, multi_margin_loss: cast up first
+    untouched        everything else (the activations, dropout, embedding, pow, sum, the norms):
+                     it runs in whatever dtype it receives, so a hidden activation runs in L
+A cast's backward is the cast back, so every parameter gradient is computed in L and cast up to
+float32 at its leaf; the optimizers then run in float32, unchanged (manual/optim.py).
+
+One layer, forward and backward (· marks where the dtype changes):
+    h (L, or float32 for x / the embedding) ·→ L ─┐
+    W (float32) ·→ L,  b (float32) ·→ L ─────────┴→ z = addmm(b, h, Wᵀ) in L → activation in L
+    dz (L) → dh = dz·W, dW = dzᵀ·h, db = Σₙ dz  all in L;  dW ·→ float32,  db ·→ float32
+The last layer's output is cast up (·→ float32) for the loss; the loss's gradient is cast down
+(·→ L) at the same place.  What decided the bits, op by op: docs/bit-exactness.md (mixed
+precision); each rule below says it where it applies.
+
+Traps mirrored here (torch's behaviour, measured):
+  - autocast casts each float32 weight once per region and caches the copy: a training script
+    enters autocast once per step, so ``AutocastMLP`` casts the weights afresh every forward.
+  - L2 regularization's ``W.pow(2)`` runs on the float32 weight (pow is in no list): float32.
+"""
+import torch
+
+from manual.activations import ACTIVATIONS, activation_forward
+from manual.dropout import dropout_backward, dropout_forward
+from manual.embedding import embedding_backward, embedding_forward
+from manual.layers import linear_backward, linear_forward
+from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_dtype(dtype):
+    """A name of AUTOCAST_DTYPES or the torch dtype itself -> the torch dtype; else ValueError."""
+    for name, t in AUTOCAST_DTYPES.items():
+        if dtype in (name, t):
+            return t
+    raise ValueError(f"autocast: unknown dtype {dtype!r}; expected one of "
+                     f"{', '.join(AUTOCAST_DTYPES)}")
+
+
+# --- the cast --------------------------------------------------------------------------------
+def cast_forward(x, dtype):
+    """x -> x in dtype (round to nearest even, as _to_copy), cache: x's own dtype."""
+    return x.to(dtype), x.dtype
+
+
+def cast_backward(dout, from_dtype):
+    # out = cast(x)  ⇒  dx = cast back(dout): one rounding (none when going up)
+    return dout.to(from_dtype)
+
+
+# --- linear under autocast ------------------------------------------------------------------
+def autocast_linear_forward(h, weight, bias, dtype):
+    """h (N, D) any float dtype, weight (H, D) / bias (H,) float32 -> out (N, H) in dtype, cache.
+
+    Bits: autocast casts the three inputs to L and calls the same addmm (bias inside the GEMM);
+    the GEMM is L's own kernel (measured: emulating it in float32 is not the same), so it is
+    called, not re-expressed.  An h already in L is not cast (no copy, no cast in the backward).
+    """
+    h_low, h_dtype = cast_forward(h, dtype)
+    weight_low, weight_dtype = cast_forward(weight, dtype)
+    bias_low = None if bias is None else cast_forward(bias, dtype)[0]
+    out, cache = linear_forward(h_low, weight_low, bias_low)
+    return out, (cache, h_dtype, weight_dtype)
+
+
+def autocast_linear_backward(dout, cache):
+    """dout (N, H) in L -> dh (N, D) in h's dtype, dweight (H, D) and dbias (H,) float32.
+
+    Bits: the product and the bias sum run in L (linear_backward on the L copies), then each
+    gradient is cast up once at its leaf.  Summing the bias gradient in float32 instead differs.
+    """
+    # out = h·Wᵀ + b in L  ⇒  dh, dW, db as linear_backward, in L;  each cast's backward casts back
+    lin_cache, h_dtype, weight_dtype = cache
+    dh_low, dweight_low, dbias_low = linear_backward(dout, lin_cache)
+    dbias = None if dbias_low is None else cast_backward(dbias_low, weight_dtype)
+    return cast_backward(dh_low, h_dtype), cast_backward(dweight_low, weight_dtype), dbias
+
+
+# --- activations in the low dtype -------------------------------------------------------------
+def _in_float32(name):
+    """The activation's float32 backward on cast-up inputs, rounded to L once at the end."""
+    backward = ACTIVATIONS[name][1]
+
+    def low_precision(dout, cache):
+        up = tuple(c.float() if isinstance(c, torch.Tensor) else c for c in cache) \
+            if isinstance(cache, tuple) else cache.float()
+        return backward(dout.float(), up).to(dout.dtype)
+    return low_precision
+
+
+def _in_low(name):
+    """The activation's backward as written, every op in L."""
+    return ACTIVATIONS[name][1]
+
+
+# name -> {L: backward}.  How the CPU kernel evaluates each backward on L tensors (measured on
+# 100 003 random elements against autograd: 0 differ with this rule, the other rule differs in
+# 13–55% of them):
+#   relu, maxout, identity   a select / scatter: no arithmetic, any dtype gives the same bits
+#   leaky_relu               dout·slope: one product, rounded once to L either way
+#   tanh, elu                the kernel converts to float32, computes, rounds once to L
+#   sigmoid                  bfloat16: float32 inside, one rounding; float16: the generic
+#                            kernel, rounded to float16 after every op (dout·(1 − y)·y in L)
+AUTOCAST_BACKWARD = {
+    "relu": {torch.bfloat16: _in_low("relu"), torch.float16: _in_low("relu")},
+    "maxout": {torch.bfloat16: _in_low("maxout"), torch.float16: _in_low("maxout")},
+    "identity": {torch.bfloat16: _in_low("identity"), torch.float16: _in_low("identity")},
+    "leaky_relu": {torch.bfloat16: _in_low("leaky_relu"), torch.float16: _in_low("leaky_relu")},
+    "tanh": {torch.bfloat16: _in_float32("tanh"), torch.float16: _in_float32("tanh")},
+    "elu": {torch.bfloat16: _in_float32("elu"), torch.float16: _in_float32("elu")},
+    "sigmoid": {torch.bfloat16: _in_float32("sigmoid"), torch.float16: _in_low("sigmoid")},
+}
+
+
+def autocast_activation_backward(name, dout, cache):
+    """dout in L -> dx in L, as autograd's kernel for that activation computes it on L tensors."""
+    try:
+        return AUTOCAST_BACKWARD[name][dout.dtype](dout, cache)
+    except KeyError:
+        raise ValueError(f"autocast: activation {name!r} with dtype {dout.dtype} is not "
+                         f"mirrored") from None
+
+
+# --- what is mirrored and what is refused ---------------------------------------------------
+REFUSED = {
+    "norm": ("{norm} under autocast: not mirrored (autocast runs the norm in the low dtype "
+             "with float32 weight and bias, a mixed-dtype CPU kernel manual/norm.py does not "
+             "reproduce); use autocast null or norm null"),
+}
+
+
+def check_autocast_mlp(net, dtype):
+    """One-line ValueError for a manual MLP that autocast cannot run here: float64 (or other
+    non-float32) parameters, a norm layer, an activation without an AUTOCAST_BACKWARD rule.
+    Returns the torch dtype."""
+    dtype = autocast_dtype(dtype)
+    first = net.params["layers.0.weight"]
+    if first.dtype != torch.float32:
+        raise ValueError(f"autocast: needs float32 parameters (the master weights), got "
+                         f"{str(first.dtype).replace('torch.', '')}; autocast casts only float32 "
+                         f"tensors, so a {str(first.dtype).replace('torch.', '')} net would run "
+                         f"unchanged")
+    if net.norm is not None:
+        raise ValueError(REFUSED["norm"].format(norm=net.norm))
+    for name in net.activations:
+        if name not in AUTOCAST_BACKWARD:
+            raise ValueError(f"autocast: activation {name!r} is not mirrored under autocast")
+    return dtype
+
+
+class AutocastMLP:
+    """A manual MLP's training step under autocast: the net's float32 parameters, activations,
+    loss, reg, dropout, embedding and optimizer, with the casts autocast inserts.
+
+    net: a manual.mlp.MLP with float32 parameters; dtype: "bfloat16" / "float16" (or the torch
+    dtype).  The net's own forward/backward are untouched; this class runs the same ops in L.
+    """
+
+    def __init__(self, net, dtype):
+        self.dtype = check_autocast_mlp(net, dtype)
+        self.net = net
+
+    def _weights(self):
+        """The float32 weights, layer by layer (what L2 regularizes)."""
+        return [self.net.params[f"layers.{i}.weight"] for i in range(self.net.n_layers)]
+
+    def _linear(self, i, h):
+        p = self.net.params
+        return autocast_linear_forward(h, p[f"layers.{i}.weight"], p.get(f"layers.{i}.bias"),
+                                       self.dtype)
+
+    def predict(self, x):
+        """x (N, D) float32 (or (N, T) tokens) -> output (N, C) in L, caches."""
+        net = self.net
+        net.check_input(x)
+        h, emb_cache = x, None
+        if net.embedding is not None:       # nn.Embedding is in no autocast list: float32
+            emb, emb_cache = embedding_forward(x, net.params["embed.weight"])
+            h = emb.view(emb.shape[0], -1)
+        caches = []
+        for i in range(net.n_layers):
+            h, lin_cache = self._linear(i, h)
+            act_cache = drop_cache = None
+            if i < net.n_layers - 1:
+                act = net.activations[i]
+                options = {key: net.options[key] for key in ACTIVATIONS[act][2]}
+                h, act_cache = activation_forward(act, h, **options)               # in L
+                h, drop_cache = dropout_forward(h, net.dropout, training=net.training,
+                                                generator=net.generator)        # mask in L
+            caches.append((lin_cache, act_cache, drop_cache))
+        return h, (caches, emb_cache)
+
+    def forward(self, x, target):
+        """-> float32 scalar loss (data loss on the output cast up, + float32 L2), cache."""
+        out_low, caches = self.predict(x)
+        out, out_dtype = cast_forward(out_low, torch.float32)   # the loss runs in float32
+        loss, loss_cache = loss_forward(self.net.loss, out, target)
+        if self.net.reg:
+            loss = loss + l2_forward(self._weights(), self.net.reg)   # on the float32 W
+        return loss, (caches, loss_cache, out_dtype)
+
+    def backward(self, cache, dloss=None):
+        """cache from forward, dloss (float32 scalar; default 1, a GradScaler's seed S) ->
+        float32 grads by parameter name (the net's order)."""
+        (layer_caches, emb_cache), loss_cache, out_dtype = cache
+        net = self.net
+        if dloss is None:
+            dloss = torch.ones((), dtype=torch.float32, device=net.params["layers.0.weight"].device)
+        dout = loss_backward(net.loss, dloss, loss_cache)            # float32
+        dh = cast_backward(dout, out_dtype)                          # ·→ L
+        grads = {}
+        for i in reversed(range(net.n_layers)):
+            lin_cache, act_cache, drop_cache = layer_caches[i]
+            if i < net.n_layers - 1:
+                dh = dropout_backward(dh, drop_cache)
+                dh = autocast_activation_backward(net.activations[i], dh, act_cache)
+            dh, grads[f"layers.{i}.weight"], dbias = autocast_linear_backward(dh, lin_cache)
+            if dbias is not None:
+                grads[f"layers.{i}.bias"] = dbias
+        if emb_cache is not None:       # dh came back up to float32 through the first cast
+            idx = emb_cache.idx
+            grads["embed.weight"] = embedding_backward(dh.view(*idx.shape, -1), emb_cache)
+        if net.reg:   # W's second use, in float32: added to the cast-up data gradient
+            for i, dweight_reg in enumerate(l2_backward(dloss, self._weights(), net.reg)):
+                grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dweight_reg
+        return {name: grads[name] for name in net.params}
+
+    def train_step(self, x, target, scaler=None):
+        """forward, backward, optimizer step (through scaler when given, which may skip it).
+        Returns (float32 loss before the update, whether the optimizer stepped)."""
+        loss, cache = self.forward(x, target)
+        if scaler is None:
+            grads = self.backward(cache)
+            self.net.step(grads)
+            return loss, True
+        grads = self.backward(cache, scaler.scale_seed(loss.device))
+        stepped = scaler.step(self.net.optimizer, self.net.params, grads)
+        scaler.update()
+        return loss, stepped
+

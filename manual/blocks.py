@@ -1,0 +1,127 @@
+"""Residual feed-forward blocks, the transformer's MLP block, each a forward/backward pair.
+
+    block i:   u = LN(h)           (optional: norm "layer"; else u = h)
+               z = u·W₁ᵀ + b₁      fc1 (H, D)
+               a = act(z)          any name of manual.ACTIVATIONS except maxout
+               v = a·W₂ᵀ + b₂      fc2 (D, H)
+               h ← h + v           the residual add
+
+Parameters, named as the twin's state_dict (refnet/twin.py FFNBlock): ``blocks.{i}.norm.weight``
+/ ``.bias`` (D,), ``blocks.{i}.fc1.weight`` (H, D) / ``.bias`` (H,), ``blocks.{i}.fc2.weight``
+(D, H) / ``.bias`` (D,).
+
+Shapes: h (N, D) in and out; N batch, D the blocks' width, H their hidden width.
+
+Bits: every op is an existing manual pair (linear: addmm forward, autograd's operand order
+backward; layer norm: the kernel's lane order; the activations), so a block is bitwise wherever
+those are.  The residual is the one new thing: h feeds two paths (the add and the branch), and
+autograd sums the two gradients in the producer's input buffer with one add — ``dout + dh_branch``,
+commutative, so exact whichever arrives first.
+"""
+import math
+
+import torch
+
+from manual.activations import activation_backward, activation_forward, activation_list
+from manual.layers import linear_backward, linear_forward
+from manual.norm import layernorm_backward, layernorm_forward
+
+BLOCK_NORMS = ("layer", None)
+
+
+def check_block_settings(activation, norm):
+    """The block's activation (a manual.ACTIVATIONS name other than maxout) and norm."""
+    if activation == "maxout":
+        raise ValueError("blocks.activation: maxout changes the width; expected an elementwise "
+                         "activation")
+    activation_list(activation, 1)                        # validates the name
+    if norm not in BLOCK_NORMS:
+        raise ValueError(f"blocks.norm: expected 'layer' or null, got {norm!r}")
+
+
+def block_settings(config):
+    """A spec's ``blocks`` object -> {"n", "width", "hidden", "norm", "activation"}, validated;
+    norm defaults to "layer", activation to "relu" (nn.TransformerEncoderLayer's default)."""
+    keys = ("n", "width", "hidden", "norm", "activation")
+    if not isinstance(config, dict):
+        raise ValueError(f"blocks: expected an object with n, width, hidden, got {config!r}")
+    unknown = sorted(set(config) - set(keys))
+    if unknown:
+        raise ValueError(f"blocks.{unknown[0]}: unknown setting; expected among {', '.join(keys)}")
+    out = {"norm": config.get("norm", "layer"), "activation": config.get("activation", "relu")}
+    for key in ("n", "width", "hidden"):
+        v = config.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"blocks.{key}: expected an integer >= 1, got {v!r}")
+        out[key] = v
+    check_block_settings(out["activation"], out["norm"])
+    return {key: out[key] for key in keys}
+
+
+def init_block_params(n, width, hidden, norm="layer", *, generator, dtype=torch.float64,
+                      device="cpu", prefix="blocks"):
+    """n blocks' parameters: fc1, fc2 with nn.Linear's U(−1/√fan_in, 1/√fan_in) drawn in float64
+    from ``generator`` (fc1 weight, fc1 bias, fc2 weight, fc2 bias, block by block), layer norm
+    weight 1 and bias 0 (nn.LayerNorm)."""
+    params = {}
+    for i in range(n):
+        if norm == "layer":
+            params[f"{prefix}.{i}.norm.weight"] = torch.ones(width, dtype=dtype, device=device)
+            params[f"{prefix}.{i}.norm.bias"] = torch.zeros(width, dtype=dtype, device=device)
+        for name, (out_f, in_f) in (("fc1", (hidden, width)), ("fc2", (width, hidden))):
+            bound = 1.0 / math.sqrt(in_f)
+            for kind, shape in (("weight", (out_f, in_f)), ("bias", (out_f,))):
+                t = torch.rand(shape, generator=generator, dtype=torch.float64)
+                params[f"{prefix}.{i}.{name}.{kind}"] = t.mul_(2 * bound).sub_(bound).to(
+                    dtype=dtype, device=device)
+    return params
+
+
+def block_forward(h, params, prefix, activation="relu", norm="layer", eps=1e-5, **act_options):
+    """h (N, D) -> (h + fc2(act(fc1(LN(h)))) (N, D), cache).  prefix: e.g. "blocks.0"."""
+    u, norm_cache = h, None
+    if norm == "layer":
+        u, norm_cache = layernorm_forward(h, params[f"{prefix}.norm.weight"],
+                                          params[f"{prefix}.norm.bias"], eps)
+    z, fc1_cache = linear_forward(u, params[f"{prefix}.fc1.weight"], params[f"{prefix}.fc1.bias"])
+    a, act_cache = activation_forward(activation, z, **act_options)
+    v, fc2_cache = linear_forward(a, params[f"{prefix}.fc2.weight"], params[f"{prefix}.fc2.bias"])
+    out = h + v
+    return out, (prefix, activation, norm_cache, fc1_cache, act_cache, fc2_cache)
+
+
+def block_backward(dout, cache):
+    """dout (N, D) -> dh (N, D), grads {name: tensor} of the block's parameters."""
+    # out = h + f(h)  ⇒  dh = dout (the identity path) + ∂f/∂hᵀ·dout (the branch)
+    prefix, activation, norm_cache, fc1_cache, act_cache, fc2_cache = cache
+    grads = {}
+    da, grads[f"{prefix}.fc2.weight"], grads[f"{prefix}.fc2.bias"] = linear_backward(dout, fc2_cache)
+    dz = activation_backward(activation, da, act_cache)
+    du, grads[f"{prefix}.fc1.weight"], grads[f"{prefix}.fc1.bias"] = linear_backward(dz, fc1_cache)
+    dh_branch = du
+    if norm_cache is not None:
+        dh_branch, grads[f"{prefix}.norm.weight"], grads[f"{prefix}.norm.bias"] = \
+            layernorm_backward(du, norm_cache)
+    # The residual's split and sum: the add passed dout unchanged to both h and v; the two
+    # gradients reaching h are summed here, once.
+    dh = dout + dh_branch
+    return dh, grads
+
+
+def blocks_forward(h, params, n, activation="relu", norm="layer", eps=1e-5, prefix="blocks",
+                   **act_options):
+    """n blocks in sequence.  h (N, D) -> (h (N, D), caches)."""
+    caches = []
+    for i in range(n):
+        h, cache = block_forward(h, params, f"{prefix}.{i}", activation, norm, eps, **act_options)
+        caches.append(cache)
+    return h, caches
+
+
+def blocks_backward(dout, caches):
+    """dout (N, D) -> dh (N, D), grads of every block (last block first, as the forward reversed)."""
+    grads = {}
+    for cache in reversed(caches):
+        dout, block_grads = block_backward(dout, cache)
+        grads.update(block_grads)
+    return dout, grads

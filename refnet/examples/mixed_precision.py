@@ -1,0 +1,56 @@
+"""Mixed precision as people train (issue 23), through the training loop: float32 master weights,
+the GEMMs and activations in bfloat16 / float16 under ``torch.autocast("cpu", dtype)``, the loss
+in float32 (manual/autocast.py), and for float16 a GradScaler (manual/grad_scaler.py vs
+torch.amp.GradScaler).  Checked bitwise on CPU: the gradients of one autocast step at init, the
+loss curve (with, under the scaler, every step's loss scale and whether it was skipped) and the
+final parameters.  Autocast examples run in float32 only (autocast casts float32 tensors) and on
+the CPU (CUDA's autocast lists differ; not graded here).
+"""
+from refnet.data import load_data
+from refnet.examples import register
+from refnet.examples._common import claim_check
+from refnet.harness import twin_checks
+from refnet.spec import Spec
+
+STEPS = 40
+SCALER = {"init_scale": 2.0 ** 30, "growth_interval": 4}   # the first scale overflows float16
+
+
+def spiral_bf16_spec(dtype="float32", device="cpu"):
+    return Spec(sizes=[2, 100, 3], activation="relu", loss="cross_entropy", reg=1e-3,
+                data="spiral", n_samples=150, batch_size=50, dtype=dtype, device=device,
+                autocast="bfloat16", optimizer={"name": "adamw", "lr": 1e-2}, steps=STEPS,
+                name="spiral_bf16")
+
+
+def circles_fp16_spec(dtype="float32", device="cpu"):
+    return Spec(sizes=[2, 16, 16, 2], activation="tanh", loss="cross_entropy", data="circles",
+                n_samples=100, batch_size=50, dtype=dtype, device=device, autocast="float16",
+                grad_scaler=SCALER, optimizer={"name": "adam", "lr": 1e-2}, steps=STEPS,
+                name="circles_fp16_scaler")
+
+
+@register("spiral_bf16", "the spiral classifier under bf16 autocast, AdamW", "issue 23",
+          spec=spiral_bf16_spec, dtypes=("float32",), devices=("cpu",))
+def run_spiral_bf16(ctx):
+    spec = spiral_bf16_spec(ctx.dtype_name, ctx.device)
+    x, target = load_data(spec)
+    return twin_checks(spec, x, target, ctx.strict_bits)
+
+
+@register("circles_fp16_scaler", "circles under fp16 autocast with a GradScaler whose first scale "
+          "overflows", "issue 23", spec=circles_fp16_spec, dtypes=("float32",), devices=("cpu",))
+def run_circles_fp16_scaler(ctx):
+    spec = circles_fp16_spec(ctx.dtype_name, ctx.device)
+    x, target = load_data(spec)
+    outs = []
+    checks = twin_checks(spec, x, target, ctx.strict_bits, record=outs)
+    skipped_m = [s for s, o in enumerate(outs) if not o.stepped_m]
+    skipped_t = [s for s, o in enumerate(outs) if not o.stepped_t]
+    history = [(s, o.scale_m) for s, o in enumerate(outs) if s == 0 or o.scale_m != outs[s - 1].scale_m]
+    checks.append(claim_check(
+        "scaler_skips", bool(skipped_m) and skipped_m[0] == 0 and skipped_m == skipped_t,
+        f"skipped steps manual {skipped_m}, twin {skipped_t} (the same); scale history "
+        + ", ".join(f"step {s}: {v:g}" for s, v in history),
+        {"skipped_steps": len(skipped_m), "steps": len(outs), "final_scale": outs[-1].scale_m}))
+    return checks

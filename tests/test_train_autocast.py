@@ -1,0 +1,84 @@
+"""Autocast and the GradScaler in the training loop (issue 23): `train` and `verify --spec` run
+manual.autocast / manual.grad_scaler against the stock script in lockstep; the scaler's state is
+in the checkpoint, so an interrupted fp16 run resumes bitwise, skipped steps included."""
+import json
+import signal
+
+import pytest
+
+from refnet import cli, harness, train as train_mod
+from refnet.checkpoint import load_checkpoint, state_differences
+from refnet.data import load_data
+from refnet.examples.mixed_precision import circles_fp16_spec, spiral_bf16_spec
+from refnet.spec import Spec
+
+
+def fp16(**over):
+    return Spec(**{**circles_fp16_spec().to_dict(), "steps": 14, **over})
+
+
+def test_fp16_scaler_run_resumed_is_bitwise_skips_included(tmp_path):
+    straight = train_mod.train(fp16(), tmp_path / "straight", check_every=3)
+    assert straight["status"] == "completed" and straight["tier"] == "bitwise"
+    scaler = straight["grad_scaler"]
+    assert scaler["skipped_steps"][:3] == [0, 1, 2] and scaler["same_skips_both_sides"]
+    assert scaler["scale_history"][0] == [0, 2.0 ** 30] and scaler["scale_history"][1] == [1, 2.0 ** 29]
+
+    def cut_at_4(step, loss_m, loss_t):
+        if step == 4:
+            signal.raise_signal(signal.SIGINT)
+
+    cut = train_mod.train(fp16(), tmp_path / "cut", check_every=3, on_step=cut_at_4)
+    assert cut["status"] == "interrupted" and cut["last_checkpoint"] == 5   # mid-overflow streak
+    resumed = train_mod.train(None, tmp_path / "cut", check_every=3, resume=tmp_path / "cut")
+    assert resumed["status"] == "completed" and resumed["grad_scaler"] == scaler
+    assert (tmp_path / "cut" / "losses.csv").read_text() == \
+        (tmp_path / "straight" / "losses.csv").read_text()
+    assert state_differences(load_checkpoint(tmp_path / "straight"),
+                             load_checkpoint(tmp_path / "cut")) == []
+
+
+def test_verify_spec_bf16_grades_the_autocast_step():
+    spec = Spec(**{**spiral_bf16_spec().to_dict(), "steps": 8})
+    x, target = load_data(spec)
+    checks = harness.twin_checks(spec, x, target, strict_bits=True)
+    assert all(c.passed and c.tier == "bitwise" for c in checks)
+    # the gradients at init are autocast's: not the float32 step's
+    pair = harness.build_pair(spec)
+    amp = harness.gradient_checks(pair, x, target)
+    plain = harness.build_pair(Spec(**{**spec.to_dict(), "autocast": None}))
+    loss_plain, _ = plain.mlp.forward(x, target)
+    assert amp[0].name == "loss" and float(pair.amp.forward(x, target)[0]) != float(loss_plain)
+
+
+def run(capsys, *args):
+    code = cli.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(accumulate=2), "accumulate: not wired together with autocast yet"),
+    (dict(clip_grad_norm={"max_norm": 1.0}), "clip_grad_norm: not wired together with autocast"),
+])
+def test_autocast_with_unwired_step_keys_is_refused(tmp_path, capsys, over, message):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(fp16(**over).to_dict()))
+    code, err = run(capsys, "train", "--spec", path)
+    assert code != 0 and err.strip().count("\n") == 0 and message in err, err
+
+
+@pytest.mark.parametrize("verb", [["train", "--nproc", "2"], ["export", "--out", "OUT"]])
+def test_nproc_and_export_refuse_autocast(tmp_path, capsys, verb):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(fp16().to_dict()))
+    verb = [str(tmp_path / "out") if a == "OUT" else a for a in verb]
+    code, err = run(capsys, verb[0], "--spec", path, *verb[1:])
+    assert code != 0 and err.strip().count("\n") == 0 and "autocast: " in err, err
+
+
+def test_train_cli_says_how_many_steps_the_scaler_skipped(tmp_path, capsys):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(fp16(steps=6).to_dict()))
+    code = cli.main(["train", "--spec", str(path), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and ", scaler skipped 6 steps (both sides alike), final scale 3.35544e+07" in out
