@@ -250,7 +250,7 @@ def _mismatch(name, a, b):
 
 
 def compare_tensors(name, a, b, kind="grad", *, tier=None, ulp_limit=None, rtol=None, atol=None,
-                    strict_bits=False, required=None, scale=None):
+                    scale=None):
     """The one comparator: grade `a` (actual, the manual side) against `b` (expected).
 
     Strict: shapes, dtypes and devices must be equal (a mismatch is a `fail` that says so, never
@@ -259,10 +259,8 @@ def compare_tensors(name, a, b, kind="grad", *, tier=None, ulp_limit=None, rtol=
     passed: the tier is `tier` or better (refnet.compare.required_tier; default tolerance).
     The tolerance tier's absolute term is `scaled_atol` (atol given: used as is; scale given: the
     size of what b is computed from, instead of max|b|).
-    `strict_bits=True` and `required=` are older spellings of tier="bitwise" and tier=, kept
-    for the callers that still use them.
     """
-    required = required_tier(tier if required is None else required, strict_bits=strict_bits)
+    required = required_tier(tier)
     mismatch = _mismatch(name, a, b)
     if mismatch is not None:
         return mismatch
@@ -330,8 +328,7 @@ def _measure(verdict, a_c, b_c, ulps, abs_diff, rel_diff):
     verdict.note = "; ".join(notes)
 
 
-def compare_curves(name, a, b, *, tier=None, rtol=None, atol=None, nan_propagation=False,
-                   strict_bits=False, required=None):
+def compare_curves(name, a, b, *, tier=None, rtol=None, atol=None, nan_propagation=False):
     """Compare two 1-D loss curves: tier over all steps, identical steps, first step they part.
 
     A NaN step is never identical, and a curve with NaN (a run that diverged) fails, unless
@@ -339,8 +336,7 @@ def compare_curves(name, a, b, *, tier=None, rtol=None, atol=None, nan_propagati
     sides is agreement; its verdict then says so (`nan_positions` and the note)."""
     a = torch.as_tensor(a)
     b = torch.as_tensor(b)
-    verdict = compare_tensors(name, a, b, kind="curve", tier=tier, strict_bits=strict_bits,
-                              required=required, rtol=rtol, atol=atol)
+    verdict = compare_tensors(name, a, b, kind="curve", tier=tier, rtol=rtol, atol=atol)
     if a.shape == b.shape and a.dim() == 1 and a.dtype == b.dtype:
         a_c, b_c = a.cpu(), b.cpu()
         same = same_bits(a_c, b_c)

@@ -20,7 +20,7 @@ from manual.step import accumulate_grads, micro_batch_seed
 from refnet import data as datasets
 from refnet import not_bitwise
 from refnet import twin as twin_mod
-from refnet.compare import Check, compare_curves, compare_tensors, magnitude
+from refnet.compare import Check, compare_curves, compare_tensors, magnitude, required_tier
 from refnet.data import load_data
 from refnet.oracles import fd
 from refnet.spec import Spec
@@ -105,6 +105,7 @@ def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
     """Loss, output, every parameter gradient and the input gradient: manual vs twin.
     Under spec.autocast: the loss and the parameter gradients of one autocast step
     (autocast_gradient_checks)."""
+    tier = required_tier(strict_bits=strict_bits)
     if pair.amp is not None:
         return autocast_gradient_checks(pair, x, target, strict_bits, prefix)
     trace = {}
@@ -113,8 +114,8 @@ def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
     out_m = trace["output"]
     # integer token inputs (embedding) have no gradient; embed.weight.grad stands for it
     loss_t, out_t, dx_t = twin_forward_backward(pair, x, target, x.is_floating_point())
-    verdicts = [compare_tensors(prefix + "loss", loss_m, loss_t, "forward", strict_bits=strict_bits),
-                compare_tensors(prefix + "output", out_m, out_t, "forward", strict_bits=strict_bits)]
+    verdicts = [compare_tensors(prefix + "loss", loss_m, loss_t, "forward", tier=tier),
+                compare_tensors(prefix + "output", out_m, out_t, "forward", tier=tier)]
     grads_t = twin_mod.grads_of(pair.twin)
     # One scale for the tolerance's absolute term: the largest gradient of this backward.  A
     # gradient that is mathematically zero (a bias in front of batch norm) is rounding noise
@@ -123,16 +124,17 @@ def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
                 + [magnitude(dx_t) if dx_t is not None else 0.0])
     for name, g in grads_m.items():
         verdicts.append(compare_tensors(f"{prefix}{name}.grad", g, grads_t[name], "grad",
-                                        strict_bits=strict_bits, scale=scale))
+                                        tier=tier, scale=scale))
     if dx_t is not None:
         verdicts.append(compare_tensors(prefix + "input.grad", dx_m, dx_t, "grad",
-                                        strict_bits=strict_bits, scale=scale))
+                                        tier=tier, scale=scale))
     return verdicts
 
 
 def autocast_gradient_checks(pair, x, target, strict_bits=False, prefix=""):
     """Under autocast: the float32 loss and the float32 parameter gradients (cast up at the
     leaves) of manual.autocast.AutocastMLP vs the twin's forward and loss inside torch.autocast."""
+    tier = required_tier(strict_bits=strict_bits)
     loss_m, cache = pair.amp.forward(x, target)
     grads_m = pair.amp.backward(cache)
     pair.twin_opt.zero_grad(set_to_none=True)
@@ -140,9 +142,8 @@ def autocast_gradient_checks(pair, x, target, strict_bits=False, prefix=""):
         loss_t = pair.twin_loss(pair.twin(x), target)
     loss_t.backward()
     grads_t = twin_mod.grads_of(pair.twin)
-    return [compare_tensors(prefix + "loss", loss_m, loss_t.detach(), "forward",
-                            strict_bits=strict_bits)] + [
-        compare_tensors(f"{prefix}{name}.grad", g, grads_t[name], "grad", strict_bits=strict_bits)
+    return [compare_tensors(prefix + "loss", loss_m, loss_t.detach(), "forward", tier=tier)] + [
+        compare_tensors(f"{prefix}{name}.grad", g, grads_t[name], "grad", tier=tier)
         for name, g in grads_m.items()]
 
 
@@ -360,14 +361,14 @@ def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=Fa
     """Train in lockstep; compare the loss curves (and, with a schedule or clipping, the
     learning rates and total norms of every step: step_curves) and the final parameters
     (named final.*).  record: a list to append each step's StepOut to."""
+    tier = required_tier(strict_bits=strict_bits)
     outs = [] if record is None else record
     losses_m, losses_t = train_lockstep(pair, x, target, steps, batch_size, seed, record=outs)
-    verdicts = [compare_curves("loss_curve", losses_m, losses_t, strict_bits=strict_bits)]
+    verdicts = [compare_curves("loss_curve", losses_m, losses_t, tier=tier)]
     verdicts += step_curves(outs, strict_bits)
     final_t = twin_mod.params_of(pair.twin)
     for name, p in pair.mlp.params.items():
-        verdicts.append(compare_tensors(f"final.{name}", p, final_t[name], "curve",
-                                        strict_bits=strict_bits))
+        verdicts.append(compare_tensors(f"final.{name}", p, final_t[name], "curve", tier=tier))
     return verdicts, (losses_m, losses_t)
 
 
@@ -375,23 +376,24 @@ def step_curves(outs, strict_bits=False):
     """The per-step learning rates (float64, the Python floats each side's optimizer used), clip
     total norms, GradScaler scales and skipped steps of a run's StepOuts, manual vs twin; [] for
     a run with none of them."""
+    tier = required_tier(strict_bits=strict_bits)
     verdicts = []
     if outs and outs[0].lr_m is not None:
         lrs = [torch.tensor([getattr(o, side) for o in outs], dtype=torch.float64)
                for side in ("lr_m", "lr_t")]
-        verdicts.append(compare_curves("lr_curve", *lrs, strict_bits=strict_bits))
+        verdicts.append(compare_curves("lr_curve", *lrs, tier=tier))
     if outs and outs[0].norm_m is not None:
         verdicts.append(compare_curves("clip_norm_curve", torch.stack([o.norm_m for o in outs]),
                                        torch.stack([o.norm_t for o in outs]),
-                                       strict_bits=strict_bits))
+                                       tier=tier))
     if outs and outs[0].scale_m is not None:
         scales = [torch.tensor([getattr(o, side) for o in outs], dtype=torch.float64)
                   for side in ("scale_m", "scale_t")]
-        verdicts.append(compare_curves("scale_curve", *scales, strict_bits=strict_bits))
+        verdicts.append(compare_curves("scale_curve", *scales, tier=tier))
         skipped = [torch.tensor([not getattr(o, side) for o in outs])
                    for side in ("stepped_m", "stepped_t")]
         verdicts.append(compare_tensors("skipped_steps", *skipped, "curve",
-                                        strict_bits=strict_bits))
+                                        tier=tier))
     return verdicts
 
 

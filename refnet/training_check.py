@@ -96,7 +96,7 @@ def check_training(spec, *, pair=None, data=None, steps=None, check_every=None,
     for step, _ in grad_checks:
         growth.append((step, float(diff[begin:step + 1].max()), float(rel[begin:step + 1].max())))
         begin = step + 1
-    curve = compare_curves("loss_curve", lm, lt, required=required)
+    curve = compare_curves("loss_curve", lm, lt, tier=required)
     worst = max((r.tier for _, r in grad_checks), key=TIERS.index)
     tiers = ", ".join(f"{s}: {r.tier}" for s, r in grad_checks)
     wrong = next(((s, r) for s, r in grad_checks if not r.passed), None)

@@ -316,10 +316,10 @@ def test_spec_runs_bitwise(name):
         curve_m.append(loss_m)
         curve_t.append(loss_t)
         skipped += [] if stepped_m else [step]
-    curve = compare_curves("loss_curve", torch.stack(curve_m), torch.stack(curve_t), strict_bits=True)
+    curve = compare_curves("loss_curve", torch.stack(curve_m), torch.stack(curve_t), tier="bitwise")
     assert curve.passed, curve.message()
     for k, p in pair.twin.named_parameters():
-        v = compare_tensors(k, pair.mlp.params[k], p.detach(), strict_bits=True)
+        v = compare_tensors(k, pair.mlp.params[k], p.detach(), tier="bitwise")
         assert v.passed, v.message()
     if settings is not None:
         assert skipped and skipped[0] == 0, skipped           # the first scale overflows

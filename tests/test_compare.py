@@ -98,7 +98,7 @@ def test_strict_bits_and_required():
     a = torch.tensor([1.0])
     b = torch.tensor([nextafter(1.0, 2.0, F32)])
     assert compare_tensors("t", a, b).passed
-    assert not compare_tensors("t", a, b, strict_bits=True).passed
+    assert not compare_tensors("t", a, b, tier="bitwise").passed
 
 
 def test_curve_first_divergence_and_message():

@@ -8,7 +8,7 @@
 import torch
 
 from refnet.compare import (AUTO, CLAIM, ORACLE_AUTOGRAD, ORACLE_DOCUMENT, ORACLE_FINITE_DIFFERENCES,
-                            Check, Verdict, compare_tensors, magnitude)
+                            Check, Verdict, compare_tensors, magnitude, required_tier)
 from refnet.oracles import fd
 
 # Central differences in float64 with refnet.oracles.fd's h and rel_error bound (h = 1e-6: truncation O(h²)
@@ -28,7 +28,8 @@ def twin_check(name, manual, twin, ctx, kind="grad", note="", expected=AUTO):
     # gradients: one scale for the tolerance's absolute term, the largest of the group (a
     # mathematically zero gradient is rounding noise of that size; refnet.compare.scaled_atol)
     scale = max(magnitude(t) for t in twin.values()) if kind == "grad" else None
-    verdicts = [compare_tensors(key, manual[key], twin[key], kind, strict_bits=ctx.strict_bits,
+    tier = required_tier(strict_bits=ctx.strict_bits)
+    verdicts = [compare_tensors(key, manual[key], twin[key], kind, tier=tier,
                                 scale=scale)
                 for key in manual]
     return Check(name, verdicts, ORACLE_AUTOGRAD, note, expected=expected)
@@ -47,7 +48,7 @@ def doc_check(name, values, expected, note=""):
         slack = 1e-6 * max(1.0, float(want.abs().max())) if got.dtype == torch.float32 else 1e-12
         verdicts.append(compare_tensors(key, got.detach().double().cpu().reshape(want.shape), want,
                                         "forward", rtol=0.0, atol=atol + slack, ulp_limit=0,
-                                        required="tolerance"))
+                                        tier="tolerance"))
     return Check(name, verdicts, ORACLE_DOCUMENT, note)
 
 
@@ -64,7 +65,7 @@ def fd_check(name, f, inputs, analytic, indices=None, note=""):
             flat = torch.as_tensor(list(idx), dtype=torch.long, device=ana.device)
             num, ana = num.reshape(-1)[flat], ana.reshape(-1)[flat]
         verdicts.append(compare_tensors(key, ana.cpu(), num.cpu(), "grad", rtol=FD_RTOL,
-                                        atol=FD_ATOL, ulp_limit=0, required="tolerance"))
+                                        atol=FD_ATOL, ulp_limit=0, tier="tolerance"))
     return Check(name, verdicts, ORACLE_FINITE_DIFFERENCES, note)
 
 

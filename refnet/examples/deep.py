@@ -86,7 +86,7 @@ def run_linear_collapse(ctx):
     W, b = collapse(pair.mlp.params)
     one_map = torch.addmm(b, x, W.t())
     # the products associate differently, so the two agree to rounding, not to the bit
-    v = compare_tensors("stacked vs one map", stacked, one_map, "forward", required="tolerance")
+    v = compare_tensors("stacked vs one map", stacked, one_map, "forward", tier="tolerance")
     # the rank with a tolerance fit for W's dtype (a float32 product has float32 rounding: its
     # "zero" singular value is ~1e-9, not ~1e-18): singular values below max(shape)·eps(dtype)·σ₁
     rtol = max(W.shape) * torch.finfo(W.dtype).eps
