@@ -60,7 +60,7 @@ from manual.fast_activations import (FAST_ACTIVATION_TABLE, IN_PLACE_ACTIVATIONS
                                      relu_backward_over)
 from manual.fast_layers import FastBatchNorm, FastDropout, FastEmbedding, FastLayerNorm
 from manual.fast_optim import update
-from manual.layers import _column_major
+from manual.layers import column_major
 from manual.losses import (NllCascade, l2_backward, l2_forward, log_softmax_backward_exp,
                            loss_backward, loss_forward, target_kind)
 from manual.norm import check_batch_rows
@@ -68,7 +68,6 @@ from manual.norm import check_batch_rows
 FAST_ACTIVATIONS = tuple(FAST_ACTIVATION_TABLE)
 FAST_LOSSES = ("sum_squared", "mse", "cross_entropy", "svm")
 FAST_NORMS = {"batchnorm": FastBatchNorm, "layernorm": FastLayerNorm}
-_graph_state = graph_state   # the name tests/test_fast.py imports
 
 
 class _Record:
@@ -256,7 +255,7 @@ class FastMLP:
             w = weights[i]
             gw = grads[f"layers.{i}.weight"]
             # linear_backward's dW branch (the layout of W is fixed for the plan)
-            layer = BackwardLayer(w=w, gw=gw if _column_major(w.t()) else None, gw_t=gw.t(),
+            layer = BackwardLayer(w=w, gw=gw if column_major(w.t()) else None, gw_t=gw.t(),
                                   gb=grads.get(f"layers.{i}.bias"), one=one)
             free = 1 if dz_in == 0 else 0          # not where d pre-activation (the mm's input) is
             if i == 0 and mlp.embedding is not None:
@@ -355,7 +354,7 @@ class FastMLP:
             if i == 0 and plan.embed is None:
                 break
             dy = layer.dy                                # d x_i: layer i−1's output or embedding
-            if _column_major(x_i):                       # d x_i = dout·W, autograd's branch
+            if column_major(x_i):                       # d x_i = dout·W, autograd's branch
                 torch.mm(layer.w.t(), dz.t(), out=dy.t())
             else:
                 torch.mm(dz, layer.w, out=dy)

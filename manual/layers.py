@@ -32,8 +32,8 @@ def linear_backward(dout, cache):
     # out = x·Wᵀ + b  ⇒  dx = dout·W,  dW = doutᵀ·x,  db = Σₙ dout
     x, weight, has_bias = cache
     _check.linear_dout(dout, x, weight)
-    dx = weight.t().mm(dout.t()).t() if _column_major(x) else dout.mm(weight)
-    if _column_major(weight.t()):
+    dx = weight.t().mm(dout.t()).t() if column_major(x) else dout.mm(weight)
+    if column_major(weight.t()):
         dweight = dout.t().mm(x)
     else:  # weight stored transposed: the general branch, x.t()·dout, then TBackward
         dweight = x.t().mm(dout).t()
@@ -41,6 +41,6 @@ def linear_backward(dout, cache):
     return dx, dweight, dbias
 
 
-def _column_major(t):
+def column_major(t):
     # The stride test of FunctionsManual.cpp mm_mat{1,2}_backward.
     return t.stride(0) == 1 and t.stride(1) == t.size(0)

@@ -105,9 +105,9 @@ def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
     """Loss, output, every parameter gradient and the input gradient: manual vs twin.
     Under spec.autocast: the loss and the parameter gradients of one autocast step
     (autocast_gradient_checks)."""
-    tier = required_tier(strict_bits=strict_bits)
     if pair.amp is not None:
         return autocast_gradient_checks(pair, x, target, strict_bits, prefix)
+    tier = required_tier(strict_bits=strict_bits)
     trace = {}
     loss_m, cache = pair.mlp.forward(x, target, trace=trace)
     grads_m, dx_m = pair.mlp.backward(cache)

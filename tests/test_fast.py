@@ -343,23 +343,23 @@ def test_graph_capture_refuses_the_readable_fallback():
 
 
 def test_graph_state_sees_what_makes_a_graph_stale():
-    from manual.fast import _graph_state
+    from manual.cuda_graph import graph_state
     _, fast, _ = build([3, 4, 2], "tanh", True, "mse",
                        {"name": "sgd", "lr": 0.1, "momentum": 0.9}, torch.float32)
     x, t = data(5, [3, 4, 2], torch.float32)
     fast.train_step(x, t)
-    state = _graph_state(fast)
+    state = graph_state(fast)
     fast.train_step(x, t)                                   # an ordinary step: in place, not stale
-    assert _graph_state(fast) == state
+    assert graph_state(fast) == state
     opt = fast.mlp.optimizer
     opt.load_state_dict(opt.state_dict())                   # new buffer tensors
-    assert _graph_state(fast) != state
-    state = _graph_state(fast)
+    assert graph_state(fast) != state
+    state = graph_state(fast)
     fast.mlp.params["layers.0.weight"] = fast.mlp.params["layers.0.weight"].clone()
-    assert _graph_state(fast) != state
-    state = _graph_state(fast)
+    assert graph_state(fast) != state
+    state = graph_state(fast)
     opt.lr = 0.01
-    assert _graph_state(fast) != state
+    assert graph_state(fast) != state
 
 
 @pytest.mark.cuda

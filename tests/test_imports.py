@@ -249,11 +249,6 @@ def test_a_function_level_import_needs_a_reason(tmp_path):
     assert unexplained == [("pkg.a", 5, "import json"), ("pkg.a", 18, "from pkg import b")]
 
 
-# Private names taken across modules, still to go: the training-loop rewrite (issue 21, part 3)
-# splits refnet/distributed.py, and the rework of manual/fast.py (part 1) moves the other.
-PRIVATE_PENDING = {("refnet.dp_train", "refnet.distributed"), ("manual.fast", "manual.layers")}
-
-
 def private_imports(root, packages):
     """(module, source module, name) for every `_name` a module takes from another module of the
     packages: `from m import _name`, or `m._name` on a module imported as `import m` /
@@ -292,7 +287,7 @@ def _targets_base(node, module, is_package):
 
 
 def test_no_private_name_is_imported_across_modules():
-    found = [f for f in private_imports(ROOT, PACKAGES) if f[:2] not in PRIVATE_PENDING]
+    found = private_imports(ROOT, PACKAGES)
     assert not found, "private names taken across modules:\n" + "\n".join(
         f"{m} takes {name} from {src}" for m, src, name in found)
 
