@@ -43,6 +43,12 @@ def autocast_dtype(dtype):
                      f"{', '.join(AUTOCAST_DTYPES)}")
 
 
+def _record(trace, name, t):
+    """Keep t under name when the caller asked for a trace (a dict)."""
+    if trace is not None:
+        trace[name] = t
+
+
 # --- the cast --------------------------------------------------------------------------------
 def cast_forward(x, dtype):
     """x -> x in dtype (round to nearest even, as _to_copy), cache: x's own dtype."""
@@ -69,15 +75,18 @@ def autocast_linear_forward(h, weight, bias, dtype):
     return out, (cache, h_dtype, weight_dtype)
 
 
-def autocast_linear_backward(dout, cache):
+def autocast_linear_backward(dout, cache, low=None):
     """dout (N, H) in L -> dh (N, D) in h's dtype, dweight (H, D) and dbias (H,) float32.
 
     Bits: the product and the bias sum run in L (linear_backward on the L copies), then each
     gradient is cast up once at its leaf.  Summing the bias gradient in float32 instead differs.
+    low: a dict to keep the three L gradients in (input, weight, bias) before their casts, or None.
     """
     # out = h·Wᵀ + b in L  ⇒  dh, dW, db as linear_backward, in L;  each cast's backward casts back
     lin_cache, h_dtype, weight_dtype = cache
     dh_low, dweight_low, dbias_low = linear_backward(dout, lin_cache)
+    if low is not None:
+        low.update(input=dh_low, weight=dweight_low, bias=dbias_low)
     dbias = None if dbias_low is None else cast_backward(dbias_low, weight_dtype)
     return cast_backward(dh_low, h_dtype), cast_backward(dweight_low, weight_dtype), dbias
 
@@ -170,13 +179,27 @@ class AutocastMLP:
         """The float32 weights, layer by layer (what L2 regularizes)."""
         return [self.net.params[f"layers.{i}.weight"] for i in range(self.net.n_layers)]
 
-    def _linear(self, i, h):
+    def _linear(self, i, h, trace=None):
         p = self.net.params
-        return autocast_linear_forward(h, p[f"layers.{i}.weight"], p.get(f"layers.{i}.bias"),
-                                       self.dtype)
+        out, cache = autocast_linear_forward(h, p[f"layers.{i}.weight"], p.get(f"layers.{i}.bias"),
+                                             self.dtype)
+        if trace is not None:         # the L copies the GEMM read (an h already in L: no cast)
+            (h_low, weight_low, _), h_dtype, _ = cache
+            if h_dtype != self.dtype:
+                trace[f"casts.layers.{i}.input"] = h_low
+            trace[f"casts.layers.{i}.weight"] = weight_low
+            if f"layers.{i}.bias" in p:
+                trace[f"casts.layers.{i}.bias"] = cast_forward(p[f"layers.{i}.bias"], self.dtype)[0]
+        return out, cache
 
-    def predict(self, x):
-        """x (N, D) float32 (or (N, T) tokens) -> output (N, C) in L, caches."""
+    def predict(self, x, trace=None):
+        """x (N, D) float32 (or (N, T) tokens) -> output (N, C) in L, caches.
+
+        trace: a dict to record in, or None: casts.layers.{i}.input / .weight / .bias (the L
+        copies each GEMM reads), layers.{i}.pre_activation and layers.{i}.activation (in L);
+        forward adds output (L) and loss (float32), backward grad_output (float32),
+        grad_output_low, layers.{i}.grad_activation / grad_pre_activation, casts.layers.{i}.grad_input
+        / grad_weight / grad_bias (L, before their casts up) and grad_input (x's dtype)."""
         net = self.net
         net.check_input(x)
         h, emb_cache = x, None
@@ -185,27 +208,31 @@ class AutocastMLP:
             h = emb.view(emb.shape[0], -1)
         caches = []
         for i in range(net.n_layers):
-            h, lin_cache = self._linear(i, h)
+            h, lin_cache = self._linear(i, h, trace)
+            _record(trace, f"layers.{i}.pre_activation", h)
             act_cache = drop_cache = None
             if i < net.n_layers - 1:
                 act = net.activations[i]
                 options = {key: net.options[key] for key in ACTIVATIONS[act][2]}
                 h, act_cache = activation_forward(act, h, **options)               # in L
+                _record(trace, f"layers.{i}.activation", h)
                 h, drop_cache = dropout_forward(h, net.dropout, training=net.training,
                                                 generator=net.generator)        # mask in L
             caches.append((lin_cache, act_cache, drop_cache))
         return h, (caches, emb_cache)
 
-    def forward(self, x, target):
+    def forward(self, x, target, trace=None):
         """-> float32 scalar loss (data loss on the output cast up, + float32 L2), cache."""
-        out_low, caches = self.predict(x)
+        out_low, caches = self.predict(x, trace)
         out, out_dtype = cast_forward(out_low, torch.float32)   # the loss runs in float32
         loss, loss_cache = loss_forward(self.net.loss, out, target)
         if self.net.reg:
             loss = loss + l2_forward(self._weights(), self.net.reg)   # on the float32 W
+        _record(trace, "output", out_low)
+        _record(trace, "loss", loss)
         return loss, (caches, loss_cache, out_dtype)
 
-    def backward(self, cache, dloss=None):
+    def backward(self, cache, dloss=None, trace=None):
         """cache from forward, dloss (float32 scalar; default 1, a GradScaler's seed S) ->
         float32 grads by parameter name (the net's order)."""
         (layer_caches, emb_cache), loss_cache, out_dtype = cache
@@ -213,22 +240,33 @@ class AutocastMLP:
         if dloss is None:
             dloss = torch.ones((), dtype=torch.float32, device=net.params["layers.0.weight"].device)
         dout = loss_backward(net.loss, dloss, loss_cache)            # float32
+        _record(trace, "grad_output", dout)
         dh = cast_backward(dout, out_dtype)                          # ·→ L
+        _record(trace, "grad_output_low", dh)
         grads = {}
         for i in reversed(range(net.n_layers)):
             lin_cache, act_cache, drop_cache = layer_caches[i]
             if i < net.n_layers - 1:
+                if net.dropout:
+                    _record(trace, f"layers.{i}.grad_dropout", dh)
                 dh = dropout_backward(dh, drop_cache)
+                _record(trace, f"layers.{i}.grad_activation", dh)
                 dh = autocast_activation_backward(net.activations[i], dh, act_cache)
-            dh, grads[f"layers.{i}.weight"], dbias = autocast_linear_backward(dh, lin_cache)
+            _record(trace, f"layers.{i}.grad_pre_activation", dh)
+            low = None if trace is None else {}
+            dh, grads[f"layers.{i}.weight"], dbias = autocast_linear_backward(dh, lin_cache, low)
             if dbias is not None:
                 grads[f"layers.{i}.bias"] = dbias
+            for part, t in (low or {}).items():
+                if t is not None and (part != "input" or t is not dh):
+                    trace[f"casts.layers.{i}.grad_{part}"] = t
         if emb_cache is not None:       # dh came back up to float32 through the first cast
             idx = emb_cache.idx
             grads["embed.weight"] = embedding_backward(dh.view(*idx.shape, -1), emb_cache)
         if net.reg:   # W's second use, in float32: added to the cast-up data gradient
             for i, dweight_reg in enumerate(l2_backward(dloss, self._weights(), net.reg)):
                 grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dweight_reg
+        _record(trace, "grad_input", dh)
         return {name: grads[name] for name in net.params}
 
     def train_step(self, x, target, scaler=None):

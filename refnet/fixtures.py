@@ -52,11 +52,12 @@ EXPORT_STEPS = 8          # default length of a fixture's training run (kept sho
 
 # --- what a case contains ----------------------------------------------------------------------
 def tensor_order(n_layers, bias=True, minibatch=False, *, norm=None, dropout=False,
-                 embedding=False):
+                 embedding=False, steps=None):
     """[(name, role, kind)] in canonical order; role input|forward|backward|train, kind is the
     TOLERANCES kind a port's value is checked with (None for inputs, which a port only reads).
     The optional layers (norm "batchnorm"/"layernorm", dropout, embedding) add their tensors;
-    without them the order is the one of schema_version 1's first cases, unchanged."""
+    without them the order is the one of schema_version 1's first cases, unchanged.  steps: the
+    keyword arguments of step_tensor_order (the per-step records after train.losses)."""
     hidden = range(n_layers - 1)
     batchnorm = norm == "batchnorm"
     stats = ("running_mean", "running_var", "num_batches_tracked")
@@ -106,6 +107,7 @@ def tensor_order(n_layers, bias=True, minibatch=False, *, norm=None, dropout=Fal
     if embedding:
         rows.append(("grads.embed.weight", "backward", "grad"))
     rows.append(("train.losses", "train", "curve"))
+    rows += step_tensor_order(params, **(steps or {}))
     if batchnorm:  # (steps, H): the running statistics after each training step
         rows += [(f"train.norms.{i}.{b}", "train", "curve") for i in hidden for b in stats[:2]]
     rows += [(f"final.{p}", "train", "curve") for p in params]
@@ -114,11 +116,66 @@ def tensor_order(n_layers, bias=True, minibatch=False, *, norm=None, dropout=Fal
     return rows
 
 
+def step_tensor_order(params, *, schedule=False, clip=False, step_grads=False, scaler=False):
+    """The per-step records of the training run, after train.losses: [(name, role, kind)].
+    Each is stacked over the steps (first axis = step)."""
+    rows = [("train.lr", "train", "curve")] if schedule else []
+    if step_grads:   # the step's summed micro-batch gradients, before clipping (steps, *shape)
+        rows += [(f"train.grads.{p}", "train", "curve") for p in params]
+    if clip:
+        rows += [("train.clip.total_norm", "train", "curve"), ("train.clip.coef", "train", "curve")]
+    if scaler:
+        rows += [("train.scaler.scale", "train", "curve"), ("train.scaler.found_inf", "train", "curve"),
+                 ("train.skipped", "train", "curve")]
+    return rows
+
+
+def autocast_tensor_order(n_layers, bias=True, minibatch=False, **steps):
+    """[(name, role, kind)] of an autocast case (manual/autocast.py): the L copies each GEMM reads
+    (casts.*), every value in the dtype it has there, the float32 loss and gradients; steps: the
+    keyword arguments of step_tensor_order (scaler adds final.scaler.*)."""
+    kinds = ("weight", "bias") if bias else ("weight",)
+    params = [f"layers.{i}.{k}" for i in range(n_layers) for k in kinds]
+    rows = [("inputs.x", "input", None), ("inputs.target", "input", None)]
+    rows += [(f"init.{p}", "input", None) for p in params]
+    if minibatch:
+        rows += [("train.batch_sizes", "input", None), ("train.batch_indices", "input", None)]
+    for i in range(n_layers):
+        if i == 0:
+            rows.append(("forward.casts.layers.0.input", "forward", "forward"))
+        rows += [(f"forward.casts.layers.{i}.{k}", "forward", "forward") for k in kinds]
+        rows.append((f"forward.layers.{i}.pre_activation", "forward", "forward"))
+        if i < n_layers - 1:
+            rows.append((f"forward.layers.{i}.activation", "forward", "forward"))
+    rows += [("forward.output", "forward", "forward"), ("forward.loss", "forward", "forward"),
+             ("backward.grad_output", "backward", "grad"),
+             ("backward.grad_output_low", "backward", "grad")]
+    for i in reversed(range(n_layers)):
+        if i < n_layers - 1:
+            rows.append((f"backward.layers.{i}.grad_activation", "backward", "grad"))
+        rows.append((f"backward.layers.{i}.grad_pre_activation", "backward", "grad"))
+        rows += [(f"backward.casts.layers.{i}.grad_{k}", "backward", "grad") for k in kinds]
+        rows += [(f"grads.layers.{i}.{k}", "backward", "grad") for k in kinds]
+    rows += [("backward.casts.layers.0.grad_input", "backward", "grad"),
+             ("backward.grad_input", "backward", "grad"), ("train.losses", "train", "curve")]
+    rows += step_tensor_order(params, **steps)
+    rows += [(f"final.{p}", "train", "curve") for p in params]
+    if steps.get("scaler"):
+        rows += [("final.scaler.scale", "train", "curve"),
+                 ("final.scaler.growth_tracker", "train", "curve")]
+    return rows
+
+
 def case_for_spec(spec, params=None, data=None, note=""):
     """A case to export: {"spec", "params" (or None: seeded init), "data" (x, target) or None}.
-    The training-step keys (clipping, accumulation, schedules, blocks) are refused by name: the
-    fixture format does not carry their learning rates and clip coefficients yet."""
-    spec.refuse_step_keys("export")
+    Refused by name: blocks (not in the training loop yet), and autocast together with dropout
+    or an embedding (the fixture does not carry their low-precision masks/lookup yet)."""
+    if spec.blocks is not None:
+        raise ValueError("blocks: export does not carry this key yet (FFN blocks are not wired "
+                         "into the training loop); remove it, or run the spec without export")
+    if spec.autocast is not None and (spec.dropout or spec.embedding is not None):
+        raise ValueError(f"autocast: export does not carry autocast with "
+                         f"{'dropout' if spec.dropout else 'an embedding'} yet; remove one of them")
     return {"spec": spec, "params": params, "data": data, "note": note}
 
 
@@ -141,63 +198,144 @@ def _record_training(mlp, n_hidden):
 
 
 def run_case(case):
-    """Run the manual MLP on a case (CPU) -> (ordered {name: tensor}, reference tiers vs autograd).
+    """Run the manual MLP on a case (CPU) -> (spec, ordered {name: tensor}, order, reference tiers
+    vs autograd).
 
-    The values are the manual MLP's; the same run is repeated on the autograd twin and the tier of
-    each tensor autograd exposes is recorded (bitwise on CPU for every shipped example).
-    The single forward/backward and the training run each start from `init.*` (and the initial
-    running statistics), on a fresh pair: the dropout masks each draws are recorded as inputs.
+    The values are the manual MLP's (under autocast: manual.autocast.AutocastMLP's); the same run
+    is repeated on the autograd twin and the tier of each tensor autograd exposes is recorded
+    (bitwise on CPU for every shipped example).  The single forward/backward and the training run
+    each start from `init.*` (and the initial running statistics), on a fresh pair: the dropout
+    masks each draws are recorded as inputs.
     """
     spec = Spec.from_dict({**case["spec"].to_dict(), "device": "cpu"})
-    dtype = spec.torch_dtype
+    x, target = _case_data(case, spec)
+    pair = build_pair(spec, case["params"])
+    init = {name: p.clone() for name, p in pair.mlp.params.items()}
+    values = {"inputs.x": x, "inputs.target": target}
+    values.update({f"init.{n}": p for n, p in init.items()})
+    values.update({f"init.{n}": b.clone() for n, b in pair.mlp.buffers.items()})
+    # accumulate k: step s takes the next k batches of the seeded schedule (harness.lockstep_batches)
+    index_list = datasets.batches(x.shape[0], spec.batch_size, spec.steps * spec.accumulate,
+                                  spec.seed)
+    minibatch = index_list[0] is not None
+    if minibatch:
+        # batch b uses rows batch_indices[sum(batch_sizes[:b]) : sum(batch_sizes[:b+1])]
+        values["train.batch_sizes"] = torch.tensor([len(i) for i in index_list], dtype=torch.int64)
+        values["train.batch_indices"] = torch.cat([i.to(torch.int64) for i in index_list])
+    single = _autocast_pass if spec.autocast is not None else _plain_pass
+    reference = single(pair, x, target, values)
+    reference.update(_training(build_pair(spec, init), x, target, values))
+    steps = {"schedule": spec.lr_schedule is not None, "clip": spec.clip_grad_norm is not None,
+             "step_grads": _keeps_step_grads(spec), "scaler": spec.scaler_settings is not None}
+    if spec.autocast is not None:
+        order = autocast_tensor_order(pair.mlp.n_layers, spec.bias, minibatch, **steps)
+    else:
+        order = tensor_order(pair.mlp.n_layers, spec.bias, minibatch, norm=spec.norm,
+                             dropout=bool(spec.dropout), embedding=spec.embedding is not None,
+                             steps=steps)
+    missing = [n for n, _, _ in order if n not in values]
+    if missing or len(values) != len(order):
+        raise RuntimeError(f"export: traced names {sorted(values)} do not match the canonical "
+                           f"order (missing {missing})")
+    return spec, {n: values[n].detach().cpu().contiguous() for n, _, _ in order}, order, reference
+
+
+def _case_data(case, spec):
+    """The case's (x, target) on the CPU: x in the spec's dtype (token indices stay int64),
+    a float target too, class labels int64."""
     x, target = case["data"] if case["data"] is not None else datasets.load_data(spec)
     x = x.detach().to(device="cpu")
     if spec.embedding is None or x.is_floating_point():
-        x = x.to(dtype=dtype)        # token indices stay int64
+        x = x.to(dtype=spec.torch_dtype)
     target = target.detach().cpu()
     if target.is_floating_point():
-        target = target.to(dtype)
-    pair = build_pair(spec, case["params"])
-    init = {name: p.clone() for name, p in pair.mlp.params.items()}
-    init_buffers = {name: b.clone() for name, b in pair.mlp.buffers.items()}
-    index_list = datasets.batches(x.shape[0], spec.batch_size, spec.steps, spec.seed)
-    minibatch = index_list[0] is not None
-    n_hidden = pair.mlp.n_layers - 1
+        target = target.to(spec.torch_dtype)
+    return x, target
 
-    trace = {}
-    _, cache = pair.mlp.forward(x, target, trace=trace)  # the loss is traced as forward.loss
-    grads, dx = pair.mlp.backward(cache, trace=trace)
-    values = {"inputs.x": x, "inputs.target": target}
-    values.update({f"init.{n}": p for n, p in init.items()})
-    values.update({f"init.{n}": b for n, b in init_buffers.items()})
-    values.update({f"forward.{n}": b.clone() for n, b in pair.mlp.buffers.items()})
-    for i in range(n_hidden):
-        noise = cache.layers[i].dropout
-        if noise is not None:
-            values[f"inputs.masks.layers.{i}"] = (noise != 0).to(noise.dtype)
-    if minibatch:
-        # step s uses rows batch_indices[sum(batch_sizes[:s]) : sum(batch_sizes[:s+1])]
-        values["train.batch_sizes"] = torch.tensor([len(i) for i in index_list], dtype=torch.int64)
-        values["train.batch_indices"] = torch.cat([i.to(torch.int64) for i in index_list])
+
+def _keeps_step_grads(spec):
+    """Whether the fixture records each step's summed gradients (clipping or accumulation)."""
+    return spec.clip_grad_norm is not None or spec.accumulate > 1
+
+
+def _add_trace(values, trace):
     for name, t in trace.items():
         stage = "backward" if name.startswith("grad") or ".grad_" in name else "forward"
         values[f"{stage}.{name}"] = t
+
+
+def _reference_tiers(verdicts):
+    """gradient_checks' verdicts -> {fixture tensor name: tier}."""
+    return {{"loss": "forward.loss", "output": "forward.output",
+             "input.grad": "backward.grad_input"}.get(v.name, f"grads.{v.name[:-5]}"): v.tier
+            for v in verdicts}
+
+
+def _fresh_pair(pair, values):
+    """A new pair from the case's init.* parameters (the reference run of the twin)."""
+    return build_pair(pair.spec, {n: values[f"init.{n}"] for n in pair.mlp.params})
+
+
+def _plain_pass(pair, x, target, values):
+    """The single forward/backward of the manual MLP into values (the loss is traced as
+    forward.loss; the running statistics after it as forward.norms.*) -> reference tiers."""
+    trace = {}
+    _, cache = pair.mlp.forward(x, target, trace=trace)
+    grads, dx = pair.mlp.backward(cache, trace=trace)
+    values.update({f"forward.{n}": b.clone() for n, b in pair.mlp.buffers.items()})
+    for i in range(pair.mlp.n_layers - 1):
+        noise = cache.layers[i].dropout
+        if noise is not None:
+            values[f"inputs.masks.layers.{i}"] = (noise != 0).to(noise.dtype)
+    _add_trace(values, trace)
     values.update({f"grads.{n}": g for n, g in grads.items()})
     values["backward.grad_input"] = dx
+    return _reference_tiers(gradient_checks(_fresh_pair(pair, values), x, target))
 
-    reference = {}
-    for v in gradient_checks(build_pair(spec, init), x, target):
-        key = {"loss": "forward.loss", "output": "forward.output",
-               "input.grad": "backward.grad_input"}.get(v.name, f"grads.{v.name[:-5]}")
-        reference[key] = v.tier
-    pair = build_pair(spec, init)          # the training run starts afresh (masks, statistics)
+
+def _autocast_pass(pair, x, target, values):
+    """One forward/backward under autocast (dloss = 1, unscaled), every cast and low-precision
+    value traced -> reference tiers (the float32 loss and gradients vs torch.autocast)."""
+    trace = {}
+    _, cache = pair.amp.forward(x, target, trace)
+    grads = pair.amp.backward(cache, trace=trace)
+    _add_trace(values, trace)
+    values.update({f"grads.{n}": g for n, g in grads.items()})
+    return _reference_tiers(gradient_checks(_fresh_pair(pair, values), x, target))
+
+
+def _record_found_inf(scaler):
+    """Wrap scaler.unscale_ so that each step's found_inf is kept -> the list it is appended to."""
+    found = []
+    if scaler is not None:
+        unscale = scaler.unscale_
+
+        def recording_unscale(grads):
+            found.append(unscale(grads))
+            return found[-1]
+        scaler.unscale_ = recording_unscale
+    return found
+
+
+def _training(pair, x, target, values):
+    """The short training run (harness.curve_checks, lockstep with the twin) into values: the
+    losses, the per-step records (step_tensor_order), the final parameters, buffers, running
+    statistics and dropout masks -> reference tiers."""
+    spec, n_hidden = pair.spec, pair.mlp.n_layers - 1
     masks, stats = _record_training(pair.mlp, n_hidden)
-    verdicts, (losses, _) = curve_checks(pair, x, target, spec.steps, spec.batch_size, spec.seed)
-    reference["train.losses"] = verdicts[0].tier
-    for v in verdicts[1:]:
-        reference[v.name] = v.tier
+    found, outs = _record_found_inf(pair.scaler), []
+    verdicts, (losses, _) = curve_checks(pair, x, target, spec.steps, spec.batch_size, spec.seed,
+                                         record=outs, keep_grads=_keeps_step_grads(spec))
+    names = {"loss_curve": "train.losses", "lr_curve": "train.lr", "scale_curve":
+             "train.scaler.scale", "clip_norm_curve": "train.clip.total_norm",
+             "skipped_steps": "train.skipped"}
+    reference = {names.get(v.name, v.name): v.tier for v in verdicts}
     values["train.losses"] = losses
+    values.update(_step_records(outs, found, reference))
     values.update({f"final.{n}": p for n, p in pair.mlp.params.items()})
+    if pair.scaler is not None:
+        values["final.scaler.scale"] = pair.scaler.scale.clone()
+        values["final.scaler.growth_tracker"] = torch.tensor(pair.scaler.growth_tracker)
     twin_buffers = dict(pair.twin.named_buffers())
     for n, b in pair.mlp.buffers.items():
         values[f"final.{n}"] = b
@@ -207,14 +345,29 @@ def run_case(case):
     for i, per_step in masks.items():
         if per_step:
             values[f"train.masks.layers.{i}"] = torch.cat(per_step)
+    return reference
 
-    order = tensor_order(pair.mlp.n_layers, spec.bias, minibatch, norm=spec.norm,
-                         dropout=bool(spec.dropout), embedding=spec.embedding is not None)
-    missing = [n for n, _, _ in order if n not in values]
-    if missing or len(values) != len(order):
-        raise RuntimeError(f"export: traced names {sorted(values)} do not match the canonical "
-                           f"order (missing {missing})")
-    return spec, {n: values[n].detach().cpu().contiguous() for n, _, _ in order}, order, reference
+
+def _step_records(outs, found, reference):
+    """The StepOuts of a training run -> {name: tensor stacked over the steps}: the learning rate
+    (float64, the Python float the optimizer used), the summed gradients before clipping, the
+    clip total norm and coefficient, the loss scale (float32), found_inf and skipped (bool)."""
+    first, rec = outs[0], {}
+    if first.lr_m is not None:
+        rec["train.lr"] = torch.tensor([o.lr_m for o in outs], dtype=torch.float64)
+    for name in first.grads_m or {}:
+        rec[f"train.grads.{name}"] = torch.stack([o.grads_m[name] for o in outs])
+        reference[f"train.grads.{name}"] = compare_tensors(
+            name, rec[f"train.grads.{name}"], torch.stack([o.grads_t[name] for o in outs]),
+            "curve").tier
+    if first.norm_m is not None:
+        rec["train.clip.total_norm"] = torch.stack([o.norm_m for o in outs])
+        rec["train.clip.coef"] = torch.stack([o.coef for o in outs])
+    if first.scale_m is not None:
+        rec["train.scaler.scale"] = torch.tensor([o.scale_m for o in outs], dtype=torch.float32)
+        rec["train.scaler.found_inf"] = torch.tensor(found, dtype=torch.bool)
+        rec["train.skipped"] = torch.tensor([not o.stepped_m for o in outs], dtype=torch.bool)
+    return rec
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -264,9 +417,12 @@ def export(out, cases, force=False):
                 entry = {"name": name, "role": role, "dtype": ST_DTYPES[t.dtype],
                          "shape": list(t.shape), "kind": kind}
                 if kind is not None:
-                    rtol, atol = TOLERANCES[spec.torch_dtype][kind]
+                    # graded in its own format: a bf16/fp16 (or a float64 learning rate in a
+                    # float32 case) by its own dtype's rtol and ulps; integers and bool exactly
+                    graded = t.dtype if t.dtype in TOLERANCES else spec.torch_dtype
+                    rtol, atol = TOLERANCES[graded][kind]
                     entry.update(rtol=rtol, atol=max(atol, rtol * _scale(t)),
-                                 ulp_limit=ULP_LIMIT[spec.torch_dtype], required_tier="tolerance")
+                                 ulp_limit=ULP_LIMIT[graded], required_tier="tolerance")
                 if name in reference:
                     entry["autograd_tier"] = reference[name]
                 tensors.append(entry)
@@ -287,6 +443,8 @@ def _scale(t):
     """The tensor's largest finite magnitude.  A port's GEMM and reductions sum in another order,
     and an element that is small because its terms cancelled carries an error on the scale of the
     terms, not of itself; so atol is rtol·(largest magnitude), never less than the table's atol."""
+    if t.dtype == torch.bool:
+        return 0.0
     finite = t[torch.isfinite(t)] if t.numel() else t
     return float(finite.abs().max()) if finite.numel() else 0.0
 

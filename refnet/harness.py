@@ -333,7 +333,7 @@ def check_micro_batches(n_rows, batch_size, k):
 
 
 def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None, start=0,
-                   before_step=None, record=None):
+                   before_step=None, record=None, keep_grads=False):
     """Train both sides for `steps` steps on the same mini-batches, unchecked (the checks that
     grade a whole run afterwards use it; refnet.train is the checked run).
 
@@ -341,13 +341,14 @@ def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None
     on_step(step, loss_manual, loss_twin) is called after every step when given;
     before_step(step, x_batch, target_batch) before every step's update (refnet.check_training).
     start: the step to begin at (lockstep_batches).  record: a list to append each step's
-    StepOut to (the learning rates and clip norms: step_curves).
+    StepOut to (the learning rates and clip norms: step_curves); keep_grads: each StepOut also
+    keeps the step's summed gradients, before clipping (lockstep_step; the fixtures record them).
     """
     losses_m, losses_t = [], []
     for step, xb, tb in lockstep_batches(pair, x, target, steps, batch_size, seed, start):
         if before_step is not None:
             before_step(step, xb, tb)
-        out = lockstep_step(pair, xb, tb)
+        out = lockstep_step(pair, xb, tb, keep_grads=keep_grads)
         if record is not None:
             record.append(out)
         losses_m.append(out.loss_m)
@@ -357,13 +358,16 @@ def train_lockstep(pair, x, target, steps, batch_size=None, seed=0, on_step=None
     return torch.stack(losses_m), torch.stack(losses_t)
 
 
-def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=False, record=None):
+def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=False, record=None,
+                 keep_grads=False):
     """Train in lockstep; compare the loss curves (and, with a schedule or clipping, the
     learning rates and total norms of every step: step_curves) and the final parameters
-    (named final.*).  record: a list to append each step's StepOut to."""
+    (named final.*).  record: a list to append each step's StepOut to (keep_grads: with the
+    step's gradients, train_lockstep)."""
     tier = required_tier(strict_bits=strict_bits)
     outs = [] if record is None else record
-    losses_m, losses_t = train_lockstep(pair, x, target, steps, batch_size, seed, record=outs)
+    losses_m, losses_t = train_lockstep(pair, x, target, steps, batch_size, seed, record=outs,
+                                        keep_grads=keep_grads)
     verdicts = [compare_curves("loss_curve", losses_m, losses_t, tier=tier)]
     verdicts += step_curves(outs, strict_bits)
     final_t = twin_mod.params_of(pair.twin)

@@ -1,9 +1,13 @@
 """Tensor files: safetensors, written and read with the standard library.
 
 A safetensors file is an unsigned 64-bit little-endian header length n, n bytes of JSON
-``{name: {"dtype": "F32"|"F64"|"I64", "shape": [...], "data_offsets": [begin, end]}, ...}``, then
-the raw little-endian, C-order data; offsets count from the first byte after the header.  The
-tests check this codec against the `safetensors` package both ways.
+``{name: {"dtype": "F32"|"F64"|"BF16"|"F16"|"I64"|"BOOL", "shape": [...], "data_offsets": [begin,
+end]}, ...}``, then the raw little-endian, C-order data; offsets count from the first byte after
+the header.  The tests check this codec against the `safetensors` package both ways.
+
+bfloat16 and float16 travel as their 16 raw bits (NumPy has no bfloat16: the bytes are moved
+through an int16 view), so a round trip is exact, NaN payloads and -0 included.  BOOL is one
+byte per element, 0 or 1.
 """
 import json
 import math
@@ -11,22 +15,25 @@ import struct
 
 import torch
 
-ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16",
+             torch.float16: "F16", torch.int64: "I64", torch.bool: "BOOL"}
 _ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
-_ST_SIZE = {"F32": 4, "F64": 8, "I64": 8}
+_ST_SIZE = {"F32": 4, "F64": 8, "BF16": 2, "F16": 2, "I64": 8, "BOOL": 1}
+_RAW_16 = (torch.bfloat16, torch.float16)     # moved as their int16 bits (NumPy lacks bfloat16)
 _MAX_HEADER = 100 * 1024 * 1024
 
 
 def encode_safetensors(tensors, metadata=None):
-    """tensors: ordered {name: tensor} (F32/F64/I64, any device) -> the file's bytes."""
+    """tensors: ordered {name: tensor} (a dtype of ST_DTYPES, any device) -> the file's bytes."""
     header, chunks, offset = {}, [], 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.dtype not in ST_DTYPES:
-            raise TypeError(f"tensors[{name!r}]: expected a float32, float64 or int64 tensor, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)}")
-        a = t.detach().cpu().contiguous().numpy()
+            raise TypeError(f"tensors[{name!r}]: expected a float32, float64, bfloat16, float16, "
+                            f"int64 or bool tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        t = t.detach().cpu().contiguous()
+        a = (t.view(torch.int16) if t.dtype in _RAW_16 else t).numpy()
         raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
         header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(raw)]}
@@ -74,5 +81,7 @@ def decode_safetensors(blob, where="file"):
         end = begin + math.prod(shape) * _ST_SIZE[dt]
         t = torch.frombuffer(bytearray(data[begin:end]), dtype=_ST_TORCH[dt]) if end > begin \
             else torch.empty(0, dtype=_ST_TORCH[dt])
+        if dt == "BOOL" and not bool(((t.view(torch.uint8) == 0) | (t.view(torch.uint8) == 1)).all()):
+            raise ValueError(f"{where}: tensor {name!r}: BOOL data holds a byte other than 0 or 1")
         tensors[name] = t.reshape(shape)
     return tensors, metadata

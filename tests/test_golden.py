@@ -377,7 +377,12 @@ def test_port_implements_gelu_gelu_tanh_and_silu(tmp_path, capsys):
     ("dropout", 1.5, "dropout 1.5 is not supported by the NumPy port"),
     ("norm", "groupnorm", "norm 'groupnorm' is not supported by the NumPy port"),
     ("embedding", {"vocab": 27, "dim": 2}, "embedding {'vocab': 27, 'dim': 2} is not supported"),
-    ("autocast", "bfloat16", "autocast 'bfloat16' is not supported by the NumPy port"),
+    ("autocast", "bfloat16", "autocast 'bfloat16' with dtype 'float64' is not supported"),
+    ("grad_scaler", True, "grad_scaler without autocast is not supported by the NumPy port"),
+    ("blocks", {"n": 1, "width": 4, "hidden": 8}, "blocks {'n': 1, 'width': 4, 'hidden': 8} is not"),
+    ("lr_schedule", {"name": "onecycle"}, "lr_schedule {'name': 'onecycle'} is not supported"),
+    ("accumulate", 0, "accumulate 0 is not supported by the NumPy port"),
+    ("clip_grad_norm", {"max_norm": 1.0, "norm_type": 1}, "clip_grad_norm {'max_norm': 1.0, 'norm"),
 ])
 def test_port_refuses_unsupported_specs_before_computing(loss_fixtures, tmp_path, capsys,
                                                          key, value, says):

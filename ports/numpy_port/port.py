@@ -28,13 +28,32 @@ import tempfile
 import numpy as np
 
 SCHEMA_VERSION = 1
-DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8")}
-NAMES = {v: k for k, v in DTYPES.items()}
+# BF16 has no NumPy dtype: its 16 bits are read as uint16 and held as float32 (the bfloat16 value
+# exactly: bfloat16 is the top half of a float32), see bf16_from_bits / bf16_to_bits
+DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"),
+          "BF16": np.dtype("<u2"), "I64": np.dtype("<i8"), "BOOL": np.dtype("?")}
+NAMES = {v: k for k, v in DTYPES.items() if k != "BF16"}
 
 
 # --- file format ----------------------------------------------------------------------------
+def bf16_from_bits(bits):
+    """uint16 bfloat16 bits -> float32 arrays holding the same values (the bits as the top half)."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def bf16_to_bits(a, name):
+    """float32 holding bfloat16 values -> their uint16 bits; a value that is not a bfloat16
+    (low 16 bits set: the port forgot to round) is refused."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    if np.any(u & np.uint32(0xFFFF)):
+        raise ValueError(f"tensor {name!r}: expected bfloat16 values (float32 with the low 16 bits "
+                         f"zero), got unrounded float32")
+    return (u >> np.uint32(16)).astype(np.uint16)
+
+
 def read_safetensors(path):
-    """-> {name: array}.  u64 LE header length n, n bytes of JSON, then raw LE C-order data."""
+    """-> {name: array}.  u64 LE header length n, n bytes of JSON, then raw LE C-order data.
+    BF16 tensors come back as float32 arrays of bfloat16 values (bf16_from_bits)."""
     with open(path, "rb") as f:
         blob = f.read()
     if len(blob) < 8:
@@ -52,19 +71,28 @@ def read_safetensors(path):
         shape = tuple(info["shape"])
         if end - begin != dt.itemsize * int(np.prod(shape, dtype=np.int64)) or end > len(data):
             raise ValueError(f"{path}: tensor {name!r} does not fit its data_offsets (truncated?)")
-        out[name] = np.frombuffer(data[begin:end], dtype=dt).reshape(shape).astype(dt.newbyteorder("="))
+        a = np.frombuffer(data[begin:end], dtype=dt).reshape(shape).astype(dt.newbyteorder("="))
+        out[name] = bf16_from_bits(a) if info["dtype"] == "BF16" else a
     return out
 
 
-def write_safetensors(path, tensors):
-    """Write {name: array} in the given order (atomically: temp file + rename)."""
+def write_safetensors(path, tensors, dtypes=None):
+    """Write {name: array} in the given order (atomically: temp file + rename).  dtypes: {name:
+    the file dtype the fixture's manifest lists}; an array of another dtype is refused (a port bug),
+    and a BF16 one is a float32 array of bfloat16 values (bf16_to_bits).  Without dtypes each
+    array is written in its own dtype (no BF16)."""
     header, chunks, offset = {}, [], 0
     for name, a in tensors.items():
         a = np.asarray(a)
         if not a.flags.c_contiguous:
             a = a.copy(order="C")   # (np.ascontiguousarray would turn a scalar's shape [] into [1])
+        want = dtypes[name] if dtypes else NAMES[a.dtype.newbyteorder("<")]
+        if want == "BF16" and a.dtype == np.float32:
+            a = bf16_to_bits(a, name).reshape(a.shape)
+        elif NAMES.get(a.dtype.newbyteorder("<")) != want:
+            raise ValueError(f"tensor {name!r}: the port computed {a.dtype}, the fixture lists {want}")
         raw = a.astype(a.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": NAMES[a.dtype.newbyteorder("<")], "shape": list(a.shape),
+        header[name] = {"dtype": want, "shape": list(a.shape),
                         "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
         offset += len(raw)
@@ -254,15 +282,17 @@ ACTIVATIONS = {"sigmoid": (sigmoid_forward, sigmoid_backward, None),
                "silu": (silu_forward, silu_backward, None)}
 
 
-# --- losses: forward(out, target) -> (loss, cache); backward(cache) -> dL/dout (dL = 1) --------
+# --- losses: forward(out, target) -> (loss, cache); backward(cache, dloss) -> dL/dout ------------
+# dloss: the seed of the backward in the loss's dtype: 1, 1/k for one of k accumulated
+# micro-batches, or a GradScaler's scale S.  Each backward multiplies by it where torch's does.
 def sum_squared_forward(out, target):
     diff = out - target
     sq = diff * diff
     return sq.sum(dtype=sq.dtype), diff           # L = Σ (out − target)²
 
 
-def sum_squared_backward(diff):
-    return 2.0 * diff * diff.dtype.type(1)        # dL/dout = 2·diff
+def sum_squared_backward(diff, dloss):
+    return (2.0 * diff) * dloss                   # dL/dout = 2·diff·dloss
 
 
 def mse_forward(out, target):
@@ -271,8 +301,8 @@ def mse_forward(out, target):
     return sq.mean(dtype=sq.dtype), diff          # L = mean (out − target)²
 
 
-def mse_backward(diff):
-    return diff.dtype.type(2.0 / diff.size) * diff  # dL/dout = (2/numel)·diff, 2/numel in double
+def mse_backward(diff, dloss):
+    return (diff.dtype.type(2.0 / diff.size) * diff) * dloss  # (2/numel)·diff·dloss, 2/numel in double
 
 
 def cross_entropy_forward(out, labels):
@@ -296,11 +326,11 @@ def cross_entropy_forward(out, labels):
     return total / out.dtype.type(out.shape[0]), (logp, labels)
 
 
-def cross_entropy_backward(cache):
+def cross_entropy_backward(cache, dloss):
     logp, labels = cache
     n = logp.shape[0]
     dlogp = np.zeros_like(logp)
-    dlogp[np.arange(n), labels] = -(logp.dtype.type(1) / logp.dtype.type(n))  # nll: −1/N at tᵢ
+    dlogp[np.arange(n), labels] = -(dloss / logp.dtype.type(n))  # nll: −dloss/N at tᵢ
     row_sum = dlogp.sum(axis=1, keepdims=True)
     return fma(-np.exp(logp), np.broadcast_to(row_sum, logp.shape), dlogp)  # G − e^logp·ΣG, fused
 
@@ -321,7 +351,7 @@ def svm_forward(out, labels):
     return t(total / n), (active, labels, out.dtype)
 
 
-def svm_backward(cache):
+def svm_backward(cache, dloss):
     active, labels, dt = cache
     n, c = active.shape
     dy = np.where(active, dt.type(1.0 / (n * c)), dt.type(0))       # 1/(N·C) per active j ≠ tᵢ
@@ -329,7 +359,7 @@ def svm_backward(cache):
     for j in range(c):                                             # −Σ_j, class by class
         dy_target = dy_target - dy[:, j]
     dy[np.arange(n), labels] = dy_target
-    return dy
+    return dy * dloss
 
 
 LOSSES = {"sum_squared": (sum_squared_forward, sum_squared_backward),
@@ -348,9 +378,9 @@ def l2_forward(weights, reg):
     return total * total.dtype.type(reg)
 
 
-def l2_backward(weights, reg):
-    g = weights[0].dtype.type(reg)                # dloss·reg with dloss = 1
-    return [g * (2.0 * w) for w in weights]       # ∂R/∂W = (g·reg)·(2W)
+def l2_backward(weights, reg, dloss):
+    g = dloss * weights[0].dtype.type(reg)        # dloss·reg in the weights' dtype
+    return [g * (2.0 * w) for w in weights]       # ∂R/∂W = (dloss·reg)·(2W)
 
 
 # --- the optional layers: batch norm, layer norm, dropout, embedding -----------------------------
@@ -531,9 +561,12 @@ class MLP:
         trace["forward.loss"] = np.asarray(loss, dtype=h.dtype)
         return loss, (caches, loss_cache, x)
 
-    def backward(self, cache, trace, feed=None):
+    def backward(self, cache, trace, feed=None, dloss=None):
+        """dloss: the backward's seed (default 1 in the dtype; 1/k for one of k micro-batches)."""
         caches, loss_cache, x = cache
-        dh = record(trace, feed, "backward.grad_output", LOSSES[self.loss][1](loss_cache))
+        dtype = self.params["layers.0.weight"].dtype
+        dloss = dtype.type(1) if dloss is None else dloss
+        dh = record(trace, feed, "backward.grad_output", LOSSES[self.loss][1](loss_cache, dloss))
         grads = {}
         for i in reversed(range(self.n_layers)):
             x_in, norm_cache, act_cache, noise = caches[i]
@@ -556,7 +589,7 @@ class MLP:
                 grads[f"layers.{i}.bias"] = db
                 trace[f"grads.layers.{i}.bias"] = db
         if self.reg:  # the second use of each W: its gradient is added to the data gradient (one add)
-            for i, dw_reg in enumerate(l2_backward(self.weights(), self.reg)):
+            for i, dw_reg in enumerate(l2_backward(self.weights(), self.reg, dloss)):
                 dw = grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dw_reg
                 trace[f"grads.layers.{i}.weight"] = dw
         dh = record(trace, feed, "backward.grad_input", dh)
@@ -575,11 +608,13 @@ def record(trace, feed, name, value):
 # --- what this port supports: checked for every case before anything is computed ----------------
 SPEC_KEYS_READ = {"sizes", "activation", "bias", "loss", "reg", "optimizer", "steps", "batch_size",
                   "dtype", "slope", "alpha", "k", "norm", "dropout", "momentum", "eps", "embedding",
-                  "autocast", "grad_scaler"}
+                  "autocast", "grad_scaler", "clip_grad_norm", "accumulate", "lr_schedule"}
 SPEC_KEYS_IGNORED = {"name", "data", "n_samples", "seed", "init", "device"}  # inputs come from the file
-# the training step's keys (clipping, accumulation, schedules, FFN blocks): not implemented here,
-# accepted only at their "off" value
-SPEC_KEYS_OFF = {"clip_grad_norm": None, "accumulate": 1, "lr_schedule": None, "blocks": None}
+# FFN blocks: not implemented here, accepted only at their "off" value
+SPEC_KEYS_OFF = {"blocks": None}
+SCHEDULES = {"warmup_cosine": {"name", "warmup_steps", "min_lr", "start_factor"},
+             "cosine": {"name", "min_lr"}, "step": {"name", "step_size", "gamma"}}
+AUTOCAST_ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "elu", "maxout", "identity")
 SGD_SETTINGS = {"lr", "momentum", "dampening", "nesterov", "weight_decay"}
 EMBEDDING_KEYS = {"vocab", "dim", "context"}
 
@@ -597,9 +632,8 @@ def check_supported(spec):
     for key, off in SPEC_KEYS_OFF.items():
         if spec.get(key, off) != off:
             raise ValueError(f"{key} {spec[key]!r} is not supported by the NumPy port (only {off!r})")
-    for key in ("autocast", "grad_scaler"):      # mixed precision: not in this port
-        if spec.get(key) not in (None, False):
-            raise ValueError(f"{key} {spec[key]!r} is not supported by the NumPy port (null)")
+    check_step_keys(spec)
+    check_autocast(spec)
     norm = spec.get("norm")
     if norm is not None and norm not in NORMS:
         raise ValueError(f"norm {norm!r} is not supported by the NumPy port ({', '.join(NORMS)})")
@@ -637,6 +671,50 @@ def check_supported(spec):
         raise ValueError(f"reg {reg!r} is not supported by the NumPy port (a finite number >= 0)")
 
 
+def check_step_keys(spec):
+    """clip_grad_norm, accumulate, lr_schedule: the shapes refnet's spec normalizes them to."""
+    clip = spec.get("clip_grad_norm")
+    if clip is not None and (not isinstance(clip, dict) or not _number(clip.get("max_norm"))
+                             or clip.get("norm_type", 2) not in (2, "inf")):
+        raise ValueError(f"clip_grad_norm {clip!r} is not supported by the NumPy port "
+                         f"(max_norm, norm_type 2 or 'inf')")
+    k = spec.get("accumulate", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"accumulate {k!r} is not supported by the NumPy port (an integer >= 1)")
+    sched = spec.get("lr_schedule")
+    if sched is not None and (not isinstance(sched, dict) or sched.get("name") not in SCHEDULES
+                              or not set(sched) <= SCHEDULES[sched["name"]]):
+        raise ValueError(f"lr_schedule {sched!r} is not supported by the NumPy port "
+                         f"({', '.join(SCHEDULES)})")
+
+
+def check_autocast(spec):
+    """autocast bfloat16 / float16 over float32 parameters, the activations it mirrors, no norm,
+    dropout or embedding, no clipping or accumulation (refnet does not combine them either)."""
+    amp = spec.get("autocast")
+    if amp is None:
+        if spec.get("grad_scaler") not in (None, False):
+            raise ValueError("grad_scaler without autocast is not supported by the NumPy port")
+        return
+    if amp not in ("bfloat16", "float16") or spec.get("dtype") != "float32":
+        raise ValueError(f"autocast {amp!r} with dtype {spec.get('dtype')!r} is not supported by "
+                         f"the NumPy port (bfloat16 or float16 over float32)")
+    for key, off in (("norm", None), ("dropout", 0.0), ("embedding", None),
+                     ("clip_grad_norm", None), ("accumulate", 1)):
+        if spec.get(key, off) != off:
+            raise ValueError(f"autocast with {key} {spec[key]!r} is not supported by the NumPy port")
+    act = spec.get("activation")
+    for a in [act] if isinstance(act, str) else list(act or []):
+        if a not in AUTOCAST_ACTIVATIONS:
+            raise ValueError(f"autocast with activation {a!r} is not supported by the NumPy port "
+                             f"({', '.join(AUTOCAST_ACTIVATIONS)})")
+    scaler = spec.get("grad_scaler")
+    if scaler not in (None, False, True) and (not isinstance(scaler, dict)
+                                              or not set(scaler) <= set(SCALER_DEFAULTS)):
+        raise ValueError(f"grad_scaler {scaler!r} is not supported by the NumPy port "
+                         f"(true or an object of {', '.join(SCALER_DEFAULTS)})")
+
+
 class SGD:
     """torch.optim.SGD: g += wd·p; b = g | μ·b + (1 − τ)·g; g = g + μ·b (Nesterov) | b; p −= lr·g."""
 
@@ -663,58 +741,371 @@ class SGD:
             params[name] = fma(g, np.full_like(g, t(-self.lr)), p)   # p.add_(g, alpha=−lr): fused
 
 
+# --- the training step's keys: schedules, clipping, accumulation (docs/porting.md) ---------------
+def learning_rates(config, lr, steps):
+    """The rate of each of `steps` optimizer steps, as torch.optim.lr_scheduler computes them: each
+    step derives the new rate from the previous one (recursively, in Python floats), not from a
+    closed form, so the last bits follow these exact expressions.  config: the spec's
+    lr_schedule (None: a constant rate)."""
+    if config is None:
+        return [lr] * steps
+    name, eta, base = config["name"], config.get("min_lr", 0.0), lr
+    rates = [lr]
+    if name == "step":                                   # StepLR: lr·gamma at multiples of step_size
+        for epoch in range(1, steps):
+            if epoch % config["step_size"] == 0:
+                lr = lr * config.get("gamma", 0.1)
+            rates.append(lr)
+        return rates
+    if name == "cosine":                                 # CosineAnnealingLR(T_max = steps)
+        return _cosine(lr, base, eta, steps, steps, rates)
+    warm = config["warmup_steps"]                        # LinearLR(s → 1 over warm), then cosine
+    s = config.get("start_factor", 1.0 / warm)
+    rates[0] = lr = lr * s
+    for epoch in range(1, warm):
+        lr = lr * (1.0 + (1.0 - s) / (warm * s + (epoch - 1) * (1.0 - s)))
+        rates.append(lr)
+    t_max = steps - warm
+    # at the milestone SequentialLR restarts the cosine from its closed form at epoch 0
+    lr = eta + (base - eta) * (1 + math.cos(math.pi * 0 / t_max)) / 2
+    rates.append(lr)
+    return _cosine(lr, base, eta, t_max, t_max, rates)
+
+
+def _cosine(lr, base, eta, t_max, epochs, rates):
+    """CosineAnnealingLR's recursive steps for epochs 1 … epochs − 1, appended to rates:
+    ηₜ = η_min + (ηₜ₋₁ − η_min)·(1 + cos(πt/T)) / (1 + cos(π(t − 1)/T))."""
+    for t in range(1, epochs):
+        if (t - 1 - t_max) % (2 * t_max) == 0:
+            lr = lr + (base - eta) * (1 - math.cos(math.pi / t_max)) / 2
+        else:
+            lr = (1 + math.cos(math.pi * t / t_max)) / (1 + math.cos(math.pi * (t - 1) / t_max)) \
+                * (lr - eta) + eta
+        rates.append(lr)
+    return rates
+
+
+def tensor_norm(g, norm_type):
+    """‖g‖ over all elements in g's dtype: max |g| (inf), or √Σg² (2; the sum in float64, so a
+    float32 norm is the correctly rounded one, not torch's lane order: tolerance tier)."""
+    if norm_type == "inf":
+        return np.abs(g).max() if g.size else g.dtype.type(0)
+    return g.dtype.type(math.sqrt(float(np.sum(g.astype(np.float64) ** 2))))
+
+
+def clip_grad_norm(grads, max_norm, norm_type):
+    """torch.nn.utils.clip_grad_norm_: N = ‖(‖g₁‖, …, ‖g_P‖)‖ (a norm of norms, in parameter
+    order), c = min((1/(N + 1e-6))·max_norm, 1) (torch's float / Tensor is a reciprocal, then a
+    product), every g ← g·c.  -> (clipped grads, N, c)."""
+    t = next(iter(grads.values())).dtype.type
+    norms = np.array([tensor_norm(g, norm_type) for g in grads.values()], dtype=t)
+    total = tensor_norm(norms, norm_type)
+    coef = min((t(1) / (total + t(1e-6))) * t(max_norm), t(1))
+    return {n: g * coef for n, g in grads.items()}, total, coef
+
+
+# --- mixed precision: autocast and the GradScaler (manual/autocast.py, manual/grad_scaler.py) -----
+def round_bf16(a):
+    """float32 -> the nearest bfloat16, ties to even, held as float32 (its low 16 bits zero).
+
+    bfloat16 is the top half of a float32, so the rounding is integer arithmetic on the bits:
+    add 0x7FFF plus the lowest kept bit (that makes a tie round to even), then clear the low 16
+    bits.  A carry runs into the exponent as it should (the largest values round up to inf); a
+    NaN is kept a quiet NaN (its quiet bit set before the low bits are cleared)."""
+    u = np.asarray(a, dtype=np.float32).view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    nan = (u | np.uint32(0x00400000)) & np.uint32(0xFFFF0000)
+    return np.where(np.isnan(np.asarray(a, dtype=np.float32)), nan, rounded).view(np.float32)
+
+
+class LowPrecision:
+    """The autocast dtype L: "bfloat16" (float32 arrays of bfloat16 values, rounded by round_bf16
+    after every operation) or "float16" (NumPy's float16: each operation computed in float32 and
+    rounded to float16).  Values go up to float32 exactly (up).  Overflow to inf (a GradScaler's
+    large scale in float16) is expected: the scaler finds it, so NumPy's warnings are off."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def cast(self, a):
+        """float32 -> L, round to nearest even (torch's .to(L))."""
+        a = np.asarray(a, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return round_bf16(a) if self.name == "bfloat16" else a.astype(np.float16)
+
+    @staticmethod
+    def up(a):
+        return np.asarray(a).astype(np.float32)
+
+    def addmm(self, h, w, b):
+        """The low-precision GEMM h·wᵀ + b: products accumulated in float32 (as the CPU kernels
+        do, oneDNN for bf16, ATen's fallback for fp16), the bias added, rounded once to L.  The
+        accumulation order is BLAS's, not the kernel's: an element may differ by an ulp of L."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = self.up(h) @ self.up(w).T
+            return self.cast(z if b is None else z + self.up(b))
+
+    def mm(self, a, b):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self.cast(self.up(a) @ self.up(b))
+
+    def sum0(self, a):
+        with np.errstate(over="ignore", invalid="ignore"):       # summed in float32, rounded once
+            return self.cast(self.up(a).sum(axis=0))
+
+
+def autocast_activation_forward(low, name, z, option):
+    """The activation on an L tensor: computed in float32, rounded once to L.  -> y, cache in
+    float32 (the rounded y where the backward uses y)."""
+    fwd = ACTIVATIONS[name][0]
+    y32, cache = fwd(low.up(z), option) if option is not None else fwd(low.up(z))
+    y = low.cast(y32)
+    return y, (low.up(y) if cache is y32 else cache)
+
+
+def autocast_activation_backward(low, name, dy, cache):
+    """dy in L -> dz in L, as torch's kernel on L tensors: float32 inside, one rounding at the end
+    (tanh, elu, bf16 sigmoid; relu, leaky_relu, maxout, identity are a select or one product,
+    the same either way), except float16's sigmoid: the generic kernel, rounded to float16 after
+    every operation (dy·(1 − y)·y in float16)."""
+    if name == "sigmoid" and low.name == "float16":
+        y = cache.astype(np.float16)
+        return dy * (np.float16(1) - y) * y
+    return low.cast(ACTIVATIONS[name][1](low.up(dy), cache))
+
+
+class AutocastMLP:
+    """An MLP step under torch.autocast("cpu", L): float32 parameters cast to L for every GEMM,
+    activations in L, the loss in float32 on the output cast up, gradients in L cast up to
+    float32 at the parameters (and at x).  Records every value under the fixture's names."""
+
+    def __init__(self, spec, params):
+        self.mlp = MLP(spec, params)           # the parameters, activations, loss, reg
+        self.low = LowPrecision(spec["autocast"])
+
+    @property
+    def params(self):
+        return self.mlp.params
+
+    def forward(self, x, target, trace):
+        m, low, caches = self.mlp, self.low, []
+        h = trace["forward.casts.layers.0.input"] = low.cast(x)
+        for i in range(m.n_layers):
+            wl = trace[f"forward.casts.layers.{i}.weight"] = low.cast(m.params[f"layers.{i}.weight"])
+            bl = None
+            if m.bias:
+                bl = trace[f"forward.casts.layers.{i}.bias"] = low.cast(m.params[f"layers.{i}.bias"])
+            z = trace[f"forward.layers.{i}.pre_activation"] = low.addmm(h, wl, bl)
+            cache = None
+            if i < m.n_layers - 1:
+                act = m.acts[i]
+                opt = ACTIVATIONS[act][2]
+                z, cache = autocast_activation_forward(low, act, z, m.options[opt] if opt else None)
+                trace[f"forward.layers.{i}.activation"] = z
+            caches.append((h, wl, cache))
+            h = z
+        trace["forward.output"] = h
+        loss, loss_cache = LOSSES[m.loss][0](low.up(h), target)       # the loss in float32
+        if m.reg:
+            loss = loss + l2_forward(m.weights(), m.reg)              # on the float32 weights
+        trace["forward.loss"] = np.asarray(loss, dtype=np.float32)
+        return loss, (caches, loss_cache)
+
+    def backward(self, cache, trace, dloss):
+        m, low = self.mlp, self.low
+        caches, loss_cache = cache
+        dout = trace["backward.grad_output"] = LOSSES[m.loss][1](loss_cache, dloss)   # float32
+        dh = trace["backward.grad_output_low"] = low.cast(dout)
+        grads = {}
+        for i in reversed(range(m.n_layers)):
+            h, wl, act_cache = caches[i]
+            if i < m.n_layers - 1:
+                trace[f"backward.layers.{i}.grad_activation"] = dh
+                dh = autocast_activation_backward(low, m.acts[i], dh, act_cache)
+            trace[f"backward.layers.{i}.grad_pre_activation"] = dh
+            dw = trace[f"backward.casts.layers.{i}.grad_weight"] = low.mm(dh.T, h)
+            grads[f"layers.{i}.weight"] = low.up(dw)                  # cast up at the leaf
+            if m.bias:
+                db = trace[f"backward.casts.layers.{i}.grad_bias"] = low.sum0(dh)
+                grads[f"layers.{i}.bias"] = low.up(db)
+            dh = low.mm(dh, wl)
+        trace["backward.casts.layers.0.grad_input"] = dh
+        trace["backward.grad_input"] = low.up(dh)
+        if m.reg:   # the float32 weights' second use: added to the cast-up data gradient
+            for i, dw_reg in enumerate(l2_backward(m.weights(), m.reg, dloss)):
+                grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dw_reg
+        for name, g in grads.items():
+            trace[f"grads.{name}"] = g
+        return {name: grads[name] for name in m.params}
+
+
+SCALER_DEFAULTS = {"init_scale": 2.0 ** 16, "growth_factor": 2.0, "backoff_factor": 0.5,
+                   "growth_interval": 2000}
+
+
+class GradScaler:
+    """torch.amp.GradScaler: the backward starts from dloss = S (float32); unscale multiplies each
+    gradient by float32(1 / float64(S)) (not a division) and notes any non-finite element; a
+    step with one is skipped; then S ← float32(float64(S)·backoff) after an overflow, or
+    ·growth (kept only if finite) after growth_interval clean steps."""
+
+    def __init__(self, settings):
+        s = {**SCALER_DEFAULTS, **(settings if isinstance(settings, dict) else {})}
+        self.scale, self.tracker = np.float32(s["init_scale"]), 0
+        self.growth, self.backoff, self.interval = (s["growth_factor"], s["backoff_factor"],
+                                                    s["growth_interval"])
+
+    def unscale(self, grads):
+        """-> (unscaled grads, found_inf)."""
+        inv = np.float32(1.0 / float(self.scale))
+        found = any(not np.isfinite(g).all() for g in grads.values())
+        if inv != 1:
+            grads = {n: g * inv for n, g in grads.items()}
+        return grads, found
+
+    def update(self, found_inf):
+        with np.errstate(over="ignore"):
+            if found_inf:
+                self.scale, self.tracker = np.float32(float(self.scale) * self.backoff), 0
+            elif self.tracker + 1 == self.interval:
+                grown = np.float32(float(self.scale) * self.growth)
+                self.scale = grown if np.isfinite(grown) else self.scale
+                self.tracker = 0
+            else:
+                self.tracker += 1
+
+
 # --- a case: read, run, write ----------------------------------------------------------------
 def run_case(case, tensors, isolate=False):
     spec = case["spec"]
     check_supported(spec)
-    opt = dict(spec["optimizer"])
-    opt.pop("name")
     x, target = tensors["inputs.x"], tensors["inputs.target"]
     params = {k[len("init."):]: v.copy() for k, v in tensors.items()
               if k.startswith("init.") and not k.endswith(BUFFERS)}
     buffers = {k[len("init."):]: v.copy() for k, v in tensors.items()
                if k.startswith("init.") and k.endswith(BUFFERS)}
-    dtype = params["layers.0.weight"].dtype
     n_hidden = len(spec["sizes"]) - 2
-    dropout = spec.get("dropout", 0.0)
     out = {}
-    mlp = MLP(spec, params, dict(buffers))
-    feed = tensors if isolate else None
-    masks = {i: tensors[f"inputs.masks.layers.{i}"] for i in range(n_hidden)} if dropout else None
-    _, cache = mlp.forward(x, target, out, feed, masks)
-    mlp.backward(cache, out, feed)
+    if spec.get("autocast") is not None:       # one step's forward/backward, unscaled (dloss = 1)
+        if isolate:
+            raise ValueError("--isolate is not supported by the NumPy port for autocast cases")
+        amp = AutocastMLP(spec, {k: v.copy() for k, v in params.items()})
+        _, cache = amp.forward(x, target, out)
+        amp.backward(cache, out, np.float32(1))
+    else:
+        mlp = MLP(spec, {k: v.copy() for k, v in params.items()}, dict(buffers))
+        feed = tensors if isolate else None
+        masks = {i: tensors[f"inputs.masks.layers.{i}"]
+                 for i in range(n_hidden)} if spec.get("dropout", 0.0) else None
+        _, cache = mlp.forward(x, target, out, feed, masks)
+        mlp.backward(cache, out, feed)
+    out.update(train(spec, tensors, params, buffers))
+    return out
 
-    # training: `steps` full-batch (or given mini-batch) steps, the loss of each before its update;
-    # step s applies the next rows of train.masks.* (as many as the step has samples)
-    mlp = MLP(spec, {k: v.copy() for k, v in params.items()}, dict(buffers))
-    sgd, losses = SGD(**opt), []
-    stats = {name: [] for name in buffers if not name.endswith("num_batches_tracked")}
-    sizes = tensors.get("train.batch_sizes")
-    start = 0
-    for step in range(spec["steps"]):
+
+def micro_batches(spec, tensors):
+    """(x, target, rows) of every micro-batch of the run in order: the full batch each time, or
+    the rows of train.batch_indices batch after batch; rows: where its dropout masks are in
+    train.masks.* (the next rows, as many as the batch has samples)."""
+    x, target = tensors["inputs.x"], tensors["inputs.target"]
+    sizes, start = tensors.get("train.batch_sizes"), 0
+    for b in range(spec["steps"] * spec.get("accumulate", 1)):
         if sizes is None:
             xb, tb = x, target
         else:
-            idx = tensors["train.batch_indices"][start:start + sizes[step]]
+            idx = tensors["train.batch_indices"][start:start + sizes[b]]
             xb, tb = x[idx], target[idx]
-        rows = slice(start, start + xb.shape[0])
+        yield xb, tb, slice(start, start + xb.shape[0])
         start += xb.shape[0]
-        step_masks = {i: tensors[f"train.masks.layers.{i}"][rows]
-                      for i in range(n_hidden)} if dropout else None
-        loss, cache = mlp.forward(xb, tb, {}, masks=step_masks)
-        grads = mlp.backward(cache, {})
-        sgd.step(mlp.params, grads)
-        losses.append(loss)
+
+
+def accumulated_step(mlp, micro, tensors, stats):
+    """One optimizer step's gradients over its k micro-batches: each backward seeded with 1/k
+    (the backward of loss / k), the gradients summed in micro-batch order ((g₁ + g₂) + g₃, as
+    AccumulateGrad), the loss Σ (loss_i / k).  stats: batch norm's running statistics after each
+    forward are appended.  -> (grads, loss)."""
+    t = mlp.params["layers.0.weight"].dtype.type
+    k, grads, loss = len(micro), None, None
+    n_hidden = mlp.n_layers - 1
+    for xb, tb, rows in micro:
+        masks = {i: tensors[f"train.masks.layers.{i}"][rows]
+                 for i in range(n_hidden)} if mlp.dropout else None
+        loss_i, cache = mlp.forward(xb, tb, {}, masks=masks)
         for name in stats:
             stats[name].append(mlp.buffers[name])
-    out["train.losses"] = np.array(losses, dtype=dtype)
-    for name, per_step in stats.items():
-        out[f"train.{name}"] = np.stack(per_step)
-    for name, p in mlp.params.items():
-        out[f"final.{name}"] = p
-    for name, b in mlp.buffers.items():
-        out[f"final.{name}"] = b
+        g = mlp.backward(cache, {}, dloss=t(1) / t(k))
+        grads = g if grads is None else {n: grads[n] + g[n] for n in grads}
+        loss = loss_i / t(k) if loss is None else loss + loss_i / t(k)
+    return grads, loss
+
+
+def train(spec, tensors, params, buffers):
+    """`steps` optimizer steps from init.* (each over `accumulate` micro-batches; clipping, the
+    schedule's rate, autocast and a GradScaler as the spec says) -> the train.* and final.*
+    tensors: the loss of each step before its update and the per-step records."""
+    opt = dict(spec["optimizer"])
+    opt.pop("name")
+    sgd = SGD(**opt)
+    rates = learning_rates(spec.get("lr_schedule"), sgd.lr, spec["steps"])
+    amp = spec.get("autocast") is not None
+    model = (AutocastMLP if amp else MLP)(spec, {k: v.copy() for k, v in params.items()},
+                                          *(() if amp else (dict(buffers),)))
+    mlp = model.mlp if amp else model
+    scaler = GradScaler(spec["grad_scaler"]) if spec.get("grad_scaler") not in (None, False) else None
+    clip = spec.get("clip_grad_norm")
+    stats = {name: [] for name in buffers if not name.endswith("num_batches_tracked")}
+    rec = {name: [] for name in ("train.losses", "train.clip.total_norm", "train.clip.coef",
+                                 "train.scaler.scale", "train.scaler.found_inf", "train.skipped")}
+    step_grads = {name: [] for name in mlp.params}
+    batches, k = micro_batches(spec, tensors), spec.get("accumulate", 1)
+    for step in range(spec["steps"]):
+        sgd.lr = rates[step]
+        micro = [next(batches) for _ in range(k)]
+        if amp:
+            grads, loss, stepped = autocast_step(model, micro[0], scaler, rec)
+        else:
+            grads, loss = accumulated_step(mlp, micro, tensors, stats)
+            stepped = True
+            for name, g in grads.items():
+                step_grads[name].append(g)
+        if clip is not None:
+            grads, total, coef = clip_grad_norm(grads, clip["max_norm"], clip.get("norm_type", 2))
+            rec["train.clip.total_norm"].append(total)
+            rec["train.clip.coef"].append(coef)
+        if stepped:
+            sgd.step(mlp.params, grads)
+        rec["train.losses"].append(loss)
+    dtype = params["layers.0.weight"].dtype
+    out = {"train.lr": np.array(rates, dtype=np.float64)}
+    for name, values in rec.items():
+        if values:
+            out[name] = np.array(values, dtype=np.bool_ if isinstance(values[0], bool) else
+                                 (np.float32 if name.startswith("train.scaler") else dtype))
+    out.update({f"train.grads.{n}": np.stack(g) for n, g in step_grads.items() if g})
+    out.update({f"train.{name}": np.stack(per_step) for name, per_step in stats.items()})
+    out.update({f"final.{name}": p for name, p in mlp.params.items()})
+    out.update({f"final.{name}": b for name, b in mlp.buffers.items()})
+    if scaler is not None:
+        out["final.scaler.scale"] = np.asarray(scaler.scale, dtype=np.float32)
+        out["final.scaler.growth_tracker"] = np.asarray(scaler.tracker, dtype=np.int64)
     return out
+
+
+def autocast_step(model, batch, scaler, rec):
+    """One autocast step's float32 gradients and loss; with a scaler the backward starts from S,
+    the gradients are unscaled, and a step with a non-finite gradient is skipped (its scale,
+    found_inf and skip into rec; the scale updated).  -> (grads, loss, whether to step)."""
+    xb, tb, _ = batch
+    loss, cache = model.forward(xb, tb, {})
+    grads = model.backward(cache, {}, np.float32(1) if scaler is None else scaler.scale)
+    if scaler is None:
+        return grads, loss, True
+    rec["train.scaler.scale"].append(scaler.scale)
+    grads, found = scaler.unscale(grads)
+    rec["train.scaler.found_inf"].append(found)
+    rec["train.skipped"].append(found)
+    scaler.update(found)
+    return grads, loss, not found
 
 
 def main(argv):
@@ -742,7 +1133,8 @@ def main(argv):
             out = run_case(case, tensors, isolate)
             order = [e["name"] for e in case["tensors"] if e["kind"] is not None]
             path = os.path.join(out_dir, case["file"])
-            write_safetensors(path, {name: out[name] for name in order})
+            dtypes = {e["name"]: e["dtype"] for e in case["tensors"]}
+            write_safetensors(path, {name: out[name] for name in order}, dtypes)
             with open(path, "rb") as f:
                 written.append({"name": case["name"], "file": case["file"],
                                 "sha256": hashlib.sha256(f.read()).hexdigest()})
