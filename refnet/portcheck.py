@@ -104,8 +104,9 @@ def check_port(port_dir, fixture_dir):
                 rows.append(_row(case, e, "fail", note=f"tensor missing from {path}"))
                 continue
             if ST_DTYPES[t.dtype] != e["dtype"] or list(t.shape) != e["shape"]:
-                rows.append(_row(case, e, "fail", note=f"{path}: is {ST_DTYPES[t.dtype]} "
-                                 f"{list(t.shape)}, expected {e['dtype']} {e['shape']}"))
+                rows.append(_row(case, e, "fail", note=f"{path}: tensor {e['name']!r} is "
+                                 f"{ST_DTYPES[t.dtype]} {list(t.shape)}, expected {e['dtype']} "
+                                 f"{e['shape']}"))
                 continue
             v = compare_tensors(e["name"], t, ref[e["name"]], e["kind"], rtol=e["rtol"],
                                 atol=e["atol"], ulp_limit=e["ulp_limit"],

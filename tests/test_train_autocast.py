@@ -67,8 +67,8 @@ def test_autocast_with_unwired_step_keys_is_refused(tmp_path, capsys, over, mess
     assert code != 0 and err.strip().count("\n") == 0 and message in err, err
 
 
-@pytest.mark.parametrize("verb", [["train", "--nproc", "2"], ["export", "--out", "OUT"]])
-def test_nproc_and_export_refuse_autocast(tmp_path, capsys, verb):
+@pytest.mark.parametrize("verb", [["train", "--nproc", "2"]])
+def test_nproc_refuses_autocast(tmp_path, capsys, verb):     # export carries it: test_golden_steps
     path = tmp_path / "s.json"
     path.write_text(json.dumps(fp16().to_dict()))
     verb = [str(tmp_path / "out") if a == "OUT" else a for a in verb]

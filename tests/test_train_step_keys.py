@@ -107,8 +107,8 @@ def test_train_and_verify_refuse_in_one_line(tmp_path, capsys, over, message):
 
 
 @pytest.mark.parametrize("verb", [["train", "--nproc", "2", "--out", "OUT"],
-                                  ["verify", "--nproc", "2"], ["export", "--out", "OUT"]])
-def test_nproc_and_export_refuse_the_step_keys_by_name(tmp_path, capsys, verb):
+                                  ["verify", "--nproc", "2"]])
+def test_nproc_refuses_the_step_keys_by_name(tmp_path, capsys, verb):  # export: test_golden_steps
     path = tmp_path / "s.json"
     path.write_text(json.dumps(combined(accumulate=1, clip_grad_norm=None).to_dict()))
     verb = [str(tmp_path / "out") if a == "OUT" else a for a in verb]
