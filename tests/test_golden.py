@@ -38,6 +38,12 @@ def exported(tmp_path_factory):
     spec_path = base / "small.json"
     spec_path.write_text(json.dumps(SMALL_SPEC))
     cases = cases_for(None, str(spec_path), "all") + cases_for(["two_layer_seed"], None, "float64", 3)
+    return export_and_port(base, cases)
+
+
+def export_and_port(base, cases):
+    """Export cases to BASE/fixtures and run the NumPy port on them (the documented command) into
+    BASE/port -> (fixtures, port_out)."""
     fixtures, port_out = base / "fixtures", base / "port"
     fixtures_mod.export(str(fixtures), cases)
     res = subprocess.run([sys.executable, PORT, str(fixtures), str(port_out)], capture_output=True,

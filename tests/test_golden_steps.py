@@ -4,17 +4,14 @@ graded by check-port (docs/porting.md)."""
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from refnet import cli, portcheck, tensorfile
-from refnet import fixtures as fixtures_mod
 from refnet.cli.export import cases_for
-from tests.test_golden import PORT, check, load_port
+from tests.test_golden import check, export_and_port, load_port
 
 BF16 = {"name": "bf16", "sizes": [2, 16, 8, 3], "activation": ["tanh", "sigmoid"],
         "loss": "cross_entropy", "data": "spiral", "n_samples": 60, "batch_size": 20, "steps": 6,
@@ -49,12 +46,7 @@ def steps(tmp_path_factory):
         path = base / f"{spec['name']}.json"
         path.write_text(json.dumps(spec))
         cases += cases_for(None, str(path), "all" if spec is STEP else None)
-    fixtures, port_out = base / "fixtures", base / "port"
-    fixtures_mod.export(str(fixtures), cases)
-    res = subprocess.run([sys.executable, PORT, str(fixtures), str(port_out)], capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    return fixtures, port_out
+    return export_and_port(base, cases)
 
 
 def _rows(port_out, fixtures):
