@@ -423,12 +423,9 @@ def export(out, cases, force=False):
                 entry = {"name": name, "role": role, "dtype": ST_DTYPES[t.dtype],
                          "shape": list(t.shape), "kind": kind}
                 if kind is not None:
-                    # graded in its own format: a bf16/fp16 (or a float64 learning rate in a
-                    # float32 case) by its own dtype's rtol and ulps; integers and bool exactly
-                    graded = t.dtype if t.dtype in TOLERANCES else spec.torch_dtype
-                    rtol, atol = TOLERANCES[graded][kind]
+                    rtol, atol, ulp_limit = _tolerance(spec, t, kind)
                     entry.update(rtol=rtol, atol=max(atol, rtol * _scale(t)),
-                                 ulp_limit=ULP_LIMIT[graded], required_tier="tolerance")
+                                 ulp_limit=ulp_limit, required_tier="tolerance")
                 if name in reference:
                     entry["autograd_tier"] = reference[name]
                 tensors.append(entry)
@@ -443,6 +440,19 @@ def export(out, cases, force=False):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _tolerance(spec, t, kind):
+    """(rtol, atol, ulp_limit) of a tensor: ulps counted in its own format (a BF16/F16 tensor in
+    bfloat16/float16 ulps, a float64 learning rate in a float32 case in float64's; integers and
+    bool compare exactly), rtol/atol of the precision it was computed in: its own dtype, except
+    the float32 values of an autocast case (loss, gradients, parameters), which carry only the
+    low dtype's precision: one L rounding that a port's GEMM order moves by an ulp of L reaches
+    them at that relative size, and a training run carries it on."""
+    graded = t.dtype if t.dtype in TOLERANCES else spec.torch_dtype
+    computed = spec.autocast_dtype if spec.autocast is not None and graded == torch.float32 \
+        else graded
+    return (*TOLERANCES[computed][kind], ULP_LIMIT[graded])
 
 
 def _scale(t):

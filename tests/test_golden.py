@@ -376,7 +376,7 @@ def test_port_implements_gelu_gelu_tanh_and_silu(tmp_path, capsys):
 @pytest.mark.parametrize("key, value, says", [
     ("loss", "huber", "loss 'huber' is not supported by the NumPy port"),
     ("activation", ["relu", "mish"], "activation 'mish' is not supported by the NumPy port"),
-    ("optimizer", {"name": "adam", "lr": 0.01}, "optimizer 'adam' is not supported by the NumPy port"),
+    ("optimizer", {"name": "rmsprop", "lr": 0.01}, "optimizer 'rmsprop' is not supported by the NumPy port"),
     ("optimizer", {"name": "sgd", "lr": 0.1, "maximize": True}, "optimizer settings ['maximize']"),
     ("dtype", "float16", "dtype 'float16' is not supported by the NumPy port"),
     ("reg", -1.0, "reg -1.0 is not supported by the NumPy port"),

@@ -616,6 +616,8 @@ SCHEDULES = {"warmup_cosine": {"name", "warmup_steps", "min_lr", "start_factor"}
              "cosine": {"name", "min_lr"}, "step": {"name", "step_size", "gamma"}}
 AUTOCAST_ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "elu", "maxout", "identity")
 SGD_SETTINGS = {"lr", "momentum", "dampening", "nesterov", "weight_decay"}
+ADAM_SETTINGS = {"lr", "betas", "eps", "weight_decay", "amsgrad"}
+OPTIMIZER_SETTINGS = {"sgd": SGD_SETTINGS, "adam": ADAM_SETTINGS, "adamw": ADAM_SETTINGS}
 EMBEDDING_KEYS = {"vocab", "dim", "context"}
 
 
@@ -661,9 +663,10 @@ def check_supported(spec):
             raise ValueError(f"activation {a!r} is not supported by the NumPy port "
                              f"({', '.join(ACTIVATIONS)})")
     opt = spec.get("optimizer") or {}
-    if opt.get("name") != "sgd":
-        raise ValueError(f"optimizer {opt.get('name')!r} is not supported by the NumPy port (sgd)")
-    rest = sorted(set(opt) - SGD_SETTINGS - {"name"})
+    if opt.get("name") not in OPTIMIZER_SETTINGS:
+        raise ValueError(f"optimizer {opt.get('name')!r} is not supported by the NumPy port "
+                         f"({', '.join(OPTIMIZER_SETTINGS)})")
+    rest = sorted(set(opt) - OPTIMIZER_SETTINGS[opt["name"]] - {"name"})
     if rest:
         raise ValueError(f"optimizer settings {rest} are not supported by the NumPy port")
     reg = spec.get("reg", 0.0)
@@ -975,6 +978,54 @@ class GradScaler:
                 self.tracker += 1
 
 
+class Adam:
+    """torch.optim.Adam / AdamW (decoupled), single-tensor: t ← t + 1; g ← g + wd·p (Adam) or
+    p ← p·(1 − lr·wd) (AdamW); m ← lerp(m, g, 1 − β₁); v ← β₂·v + (1 − β₂)·g²;
+    p ← p − (lr/(1 − β₁ᵗ))·m / (√v/√(1 − β₂ᵗ) + eps), the bias corrections Python floats.
+    lerp as the CPU kernel: m + w·(g − m) for a weight w < 0.5, else g − (g − m)·(1 − w)."""
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                 decoupled=False):
+        self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
+        self.weight_decay, self.amsgrad, self.decoupled = weight_decay, amsgrad, decoupled
+        self.t, self.m, self.v, self.vmax = 0, {}, {}, {}
+
+    def step(self, params, grads):
+        self.t += 1                      # every parameter steps together here
+        b1, b2, lr, wd = self.beta1, self.beta2, self.lr, self.weight_decay
+        step_size = lr / (1 - b1 ** self.t)
+        bc2_sqrt = (1 - b2 ** self.t) ** 0.5
+        for name, p in params.items():
+            g, tp = grads[name], p.dtype.type
+            m = self.m.get(name, np.zeros_like(p))
+            v = self.v.get(name, np.zeros_like(p))
+            if wd and self.decoupled:
+                p = p * tp(1 - lr * wd)
+            elif wd:
+                g = g + p * tp(wd)
+            w = 1 - b1
+            m = m + tp(w) * (g - m) if w < 0.5 else g - (g - m) * tp(1 - w)
+            v = v * tp(b2) + g * g * tp(1 - b2)
+            if self.amsgrad:
+                v_used = self.vmax[name] = np.maximum(self.vmax.get(name, np.zeros_like(p)), v)
+            else:
+                v_used = v
+            denom = np.sqrt(v_used) / tp(bc2_sqrt) + tp(self.eps)
+            params[name] = p + tp(-step_size) * (m / denom)
+            self.m[name], self.v[name] = m, v
+
+
+def make_optimizer(settings):
+    """The spec's optimizer object -> SGD, Adam or AdamW (AdamW's weight decay defaults to 0.01)."""
+    opt = dict(settings)
+    name = opt.pop("name")
+    if name == "sgd":
+        return SGD(**opt)
+    if name == "adamw":
+        opt.setdefault("weight_decay", 1e-2)
+    return Adam(**opt, decoupled=name == "adamw")
+
+
 # --- a case: read, run, write ----------------------------------------------------------------
 def run_case(case, tensors, isolate=False):
     spec = case["spec"]
@@ -1043,9 +1094,7 @@ def train(spec, tensors, params, buffers):
     """`steps` optimizer steps from init.* (each over `accumulate` micro-batches; clipping, the
     schedule's rate, autocast and a GradScaler as the spec says) -> the train.* and final.*
     tensors: the loss of each step before its update and the per-step records."""
-    opt = dict(spec["optimizer"])
-    opt.pop("name")
-    sgd = SGD(**opt)
+    sgd = make_optimizer(spec["optimizer"])
     rates = learning_rates(spec.get("lr_schedule"), sgd.lr, spec["steps"])
     amp = spec.get("autocast") is not None
     model = (AutocastMLP if amp else MLP)(spec, {k: v.copy() for k, v in params.items()},

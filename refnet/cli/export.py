@@ -12,7 +12,8 @@ def add_parser(sub):
     p.add_argument("--out", required=True, metavar="DIR", help="fixture directory to create")
     p.add_argument("--example", nargs="+", metavar="NAME",
                    help="examples to export (default: every example that provides a case, "
-                        "except makemore_ninja and fc_norm_dropout (200-400 kB each); none when "
+                        "except makemore_ninja and fc_norm_dropout (200-400 kB each) and the "
+                        "40-step spiral_bf16, circles_fp16_scaler and train_step; none when "
                         "--spec is given)")
     p.add_argument("--spec", metavar="FILE.json", help="also export the MLP described in this file")
     p.add_argument("--dtype", choices=["float32", "float64", "all"],
