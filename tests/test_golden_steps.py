@@ -265,3 +265,18 @@ def test_export_refuses_blocks_by_name(tmp_path, capsys):
     rc = cli.main(["export", "--out", str(tmp_path / "fx"), "--spec", str(path)])
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1 and "blocks: export does not carry this key yet" in err
+
+
+def test_the_issue_examples_export_and_pass_through_the_port(tmp_path, capsys):
+    """spiral_bf16 (bf16, AdamW, reg), circles_fp16_scaler (fp16, Adam, a scale that overflows)
+    and train_step (AdamW, warm-up + cosine, clipping, 2 micro-batches), cut to 12 steps: the
+    port's Adam/AdamW and every new record pass check-port."""
+    cases = cases_for(["spiral_bf16", "circles_fp16_scaler", "train_step"], None, "float32", 12)
+    fixtures, port_out = export_and_port(tmp_path, cases)
+    rc, out, err = check(capsys, port_out, fixtures)
+    assert rc == 0 and "first fails" not in out, out + err
+    rows = _rows(port_out, fixtures)
+    assert rows[("circles_fp16_scaler.float32", "train.skipped")]["tier"] == "bitwise"
+    assert rows[("train_step.float32", "train.lr")]["tier"] == "bitwise"
+    skipped = _tensors(fixtures, "circles_fp16_scaler.float32")["train.skipped"].tolist()
+    assert skipped[0] and not skipped[-1]
