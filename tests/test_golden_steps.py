@@ -81,6 +81,23 @@ def test_bf16_f16_and_bool_round_trip_exactly_both_ways():
     assert json.loads(ours[8:header_end])["bf"]["dtype"] == "BF16"
 
 
+def _with_header(header, data):
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + data
+
+
+def test_an_unknown_dtype_or_a_bad_bool_byte_is_refused_naming_the_tensor():
+    blob = _with_header({"x": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"ab")
+    with pytest.raises(ValueError, match=r"^port\.safetensors: tensor 'x': dtype 'F8_E4M3' not "
+                                         r"supported; expected one of F32, F64, BF16, F16, I64, "
+                                         r"BOOL$"):
+        tensorfile.decode_safetensors(blob, "port.safetensors")
+    blob = _with_header({"m": {"dtype": "BOOL", "shape": [2], "data_offsets": [0, 2]}}, b"\x01\x02")
+    with pytest.raises(ValueError, match=r"tensor 'm': BOOL data holds a byte other than 0 or 1"):
+        tensorfile.decode_safetensors(blob, "port.safetensors")
+
+
 def test_port_reads_and_writes_bf16_f16_bool_exactly(tmp_path):
     port = load_port()
     raw = torch.tensor([0x7F7F, 0x8000 - 65536, 0x0001, 0x7F80, 0x3F80], dtype=torch.int16)
