@@ -11,9 +11,9 @@ def add_parser(sub):
     p = sub.add_parser("export", help="write golden fixtures (every intermediate) for ports")
     p.add_argument("--out", required=True, metavar="DIR", help="fixture directory to create")
     p.add_argument("--example", nargs="+", metavar="NAME",
-                   help="examples to export (default: every example that provides a case, "
-                        "except makemore_ninja and fc_norm_dropout (200-400 kB each) and the "
-                        "40-step spiral_bf16, circles_fp16_scaler and train_step; none when "
+                   help="examples to export: any that trains one MLP (default: the examples "
+                        "that provide a case of their own, except makemore_ninja and "
+                        "fc_norm_dropout (200-400 kB each); none when "
                         "--spec is given)")
     p.add_argument("--spec", metavar="FILE.json", help="also export the MLP described in this file")
     p.add_argument("--dtype", choices=["float32", "float64", "all"],
@@ -35,12 +35,14 @@ def cases_for(example_names, spec_path, dtype_choice, steps=None):
     cases = []
     for name in example_names:
         ex = examples.get(name)
-        if ex.case is None:
+        if ex.case is None and ex.spec is None:
+            exportable = (n for n, e in examples.all_examples().items() if e.case or e.spec)
             raise ValueError(f"--example: {name!r} provides no exportable case (not an MLP run); "
-                             f"exportable: {', '.join(n for n, e in examples.all_examples().items() if e.case)}")
+                             f"exportable: {', '.join(exportable)}")
+        case = ex.case or (lambda dt, n=None, ex=ex: _spec_case(ex, dt, n))
         for dt in dtype_names:
             if dt in ex.dtypes:
-                cases.append((f"{name}.{dt}", ex.case(dt, steps) if steps else ex.case(dt)))
+                cases.append((f"{name}.{dt}", case(dt, steps) if steps else case(dt)))
     if spec_path:
         base = Spec.from_json(spec_path)
         for dt in dtype_names if dtype_choice else [base.dtype]:
@@ -49,6 +51,16 @@ def cases_for(example_names, spec_path, dtype_choice, steps=None):
     if not cases:
         raise ValueError("--example: nothing to export")
     return cases
+
+
+def _spec_case(ex, dtype, steps=None):
+    """The case of an example that is one spec (and gives no case of its own): its net, data and
+    start on the CPU, its own number of steps unless --steps cuts it."""
+    spec = ex.build_spec(dtype, "cpu")
+    if steps is not None:
+        spec = Spec.from_dict({**spec.to_dict(), "steps": steps})
+    return case_for_spec(spec, ex.initial_params(spec), ex.training_data(spec),
+                         note=f"the example's spec, {spec.steps} training steps")
 
 
 def run(args):

@@ -4,32 +4,18 @@
 - ``doc_check``: manual vs the document's printed numbers, each to the precision it is printed with.
 - ``fd_check``: manual vs central finite differences, in float64.
 - ``claim_check``: a measured claim of section 9 (holds or not, with the measured numbers).
-- ``spec_case``: the `refnet export` case of an example that is one spec (its own data set).
 """
 import torch
 
 from refnet.compare import (AUTO, CLAIM, ORACLE_AUTOGRAD, ORACLE_DOCUMENT, ORACLE_FINITE_DIFFERENCES,
                             Check, Verdict, compare_tensors, magnitude, required_tier)
-from refnet.fixtures import case_for_spec
 from refnet.oracles import fd
-from refnet.spec import Spec
 
 # Central differences in float64 with refnet.oracles.fd's h and rel_error bound (h = 1e-6: truncation O(h²)
 # + rounding O(ε/h) ≈ 1e-10 relative on the smooth functions used here); these gradients are O(1),
 # so a fixed absolute floor of 1e-8 stands in for fd's 1e-8·max(1, |L|).
 FD_EPS, FD_RTOL = fd.FDSettings.eps, fd.FDSettings.rtol
 FD_ATOL = fd.FDSettings.atol_scale
-
-
-def spec_case(spec_fn):
-    """refnet export: case(dtype, steps=None) for the example's spec (its own length unless
-    --steps cuts it: these nets are small, and their point is the whole run)."""
-    def case(dtype="float32", steps=None):
-        spec = spec_fn(dtype, "cpu")
-        if steps is not None:
-            spec = Spec.from_dict({**spec.to_dict(), "steps": steps})
-        return case_for_spec(spec, note=f"the example's spec, {spec.steps} training steps")
-    return case
 
 
 def as_tensor(v, ctx):

@@ -8,7 +8,7 @@ the CPU (CUDA's autocast lists differ; not graded here).
 """
 from refnet.data import load_data
 from refnet.examples import register
-from refnet.examples._common import claim_check, spec_case
+from refnet.examples._common import claim_check
 from refnet.harness import twin_checks
 from refnet.spec import Spec
 
@@ -31,8 +31,7 @@ def circles_fp16_spec(dtype="float32", device="cpu"):
 
 
 @register("spiral_bf16", "the spiral classifier under bf16 autocast, AdamW", "issue 23",
-          spec=spiral_bf16_spec, dtypes=("float32",), devices=("cpu",),
-          case=spec_case(spiral_bf16_spec), export_default=False)
+          spec=spiral_bf16_spec, dtypes=("float32",), devices=("cpu",))
 def run_spiral_bf16(ctx):
     spec = spiral_bf16_spec(ctx.dtype_name, ctx.device)
     x, target = load_data(spec)
@@ -40,8 +39,7 @@ def run_spiral_bf16(ctx):
 
 
 @register("circles_fp16_scaler", "circles under fp16 autocast with a GradScaler whose first scale "
-          "overflows", "issue 23", spec=circles_fp16_spec, dtypes=("float32",), devices=("cpu",),
-          case=spec_case(circles_fp16_spec), export_default=False)
+          "overflows", "issue 23", spec=circles_fp16_spec, dtypes=("float32",), devices=("cpu",))
 def run_circles_fp16_scaler(ctx):
     spec = circles_fp16_spec(ctx.dtype_name, ctx.device)
     x, target = load_data(spec)

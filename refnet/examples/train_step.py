@@ -13,7 +13,7 @@ blocks yet — refnet.harness.BLOCKS_REFUSED — so this example is the same ste
 """
 from refnet.data import load_data
 from refnet.examples import register
-from refnet.examples._common import claim_check, spec_case
+from refnet.examples._common import claim_check
 from refnet.harness import twin_checks
 from refnet.spec import Spec
 
@@ -31,8 +31,7 @@ def train_step_spec(dtype="float64", device="cpu"):
 
 
 @register("train_step", "spiral, AdamW, warm-up + cosine, clipping active early, 2 micro-batches "
-          "per step", "issue 24", spec=train_step_spec, case=spec_case(train_step_spec),
-          export_default=False)
+          "per step", "issue 24", spec=train_step_spec)
 def run_train_step(ctx):
     spec = train_step_spec(ctx.dtype_name, ctx.device)
     x, target = load_data(spec)
