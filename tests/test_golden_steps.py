@@ -206,6 +206,35 @@ def test_schedules_clipping_and_accumulation_are_graded(steps):
     assert lr[0] == pytest.approx(0.1) and lr[2] == 0.2 and lr[-1] < lr[2]   # warm-up, cosine
 
 
+AUTOCAST_MORE = {
+    "leaky_elu_bf16": dict(sizes=[2, 8, 8, 8, 2], activation=["leaky_relu", "elu", "relu"],
+                           loss="mse", autocast="bfloat16"),
+    "leaky_elu_fp16": dict(sizes=[2, 8, 8, 8, 2], activation=["leaky_relu", "elu", "relu"],
+                           loss="mse", autocast="float16", grad_scaler=True),
+    "maxout_svm_nobias": dict(sizes=[2, 8, 4, 2], activation=["maxout", "identity"], loss="svm",
+                              autocast="bfloat16", bias=False),
+    "maxout_sigmoid_reg": dict(sizes=[2, 8, 4, 2], activation=["maxout", "sigmoid"],
+                               loss="sum_squared", autocast="float16", reg=0.01),
+}
+
+
+def test_every_mirrored_activation_and_loss_under_autocast_passes(tmp_path, capsys):
+    """The other activations autocast mirrors (leaky_relu, elu, relu, maxout, identity), every
+    loss, no bias, reg, SGD with Nesterov and weight decay, each dtype: the port passes."""
+    cases = []
+    for name, over in AUTOCAST_MORE.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"name": name, "data": "circles", "n_samples": 32,
+                                    "batch_size": 16, "steps": 5, "dtype": "float32",
+                                    "optimizer": {"name": "sgd", "lr": 0.1, "nesterov": True,
+                                                  "momentum": 0.5, "weight_decay": 0.01},
+                                    **over}))
+        cases += cases_for(None, str(path), None)
+    fixtures, port_out = export_and_port(tmp_path, cases)
+    rc, out, err = check(capsys, port_out, fixtures)
+    assert rc == 0 and "first fails" not in out, out + err
+
+
 def _rewrite(path, edit):
     tensors, meta = tensorfile.decode_safetensors(path.read_bytes())
     edit(tensors)
