@@ -34,7 +34,12 @@ def check_block_settings(activation, norm):
     if activation == "maxout":
         raise ValueError("blocks.activation: maxout changes the width; expected an elementwise "
                          "activation")
-    activation_list(activation, 1)                        # validates the name
+    if not isinstance(activation, str):
+        raise ValueError(f"blocks.activation: expected one activation name, got {activation!r}")
+    try:
+        activation_list(activation, 1)                    # validates the name
+    except ValueError as exc:                             # named as the spec's key
+        raise ValueError(f"blocks.{exc}") from None
     if norm not in BLOCK_NORMS:
         raise ValueError(f"blocks.norm: expected 'layer' or null, got {norm!r}")
 
