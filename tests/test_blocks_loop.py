@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import manual.blocks
+import refnet
 from manual.fast import FastMLP
 from refnet import cli, harness, train as train_mod
 from refnet.checkpoint import load_checkpoint, state_differences
@@ -202,3 +203,7 @@ def test_mlp_checks_the_block_parameters():
     missing = {k: v for k, v in params.items() if k != "blocks.0.norm.bias"}
     with pytest.raises(ValueError, match=r"^params: missing 'blocks.0.norm.bias' \(blocks\)"):
         harness.build_pair(spec, missing)
+
+
+def test_check_training_takes_blocks():
+    assert refnet.check_training(blocks_spec(accumulate=1), tier="bitwise").verdict == "identical"

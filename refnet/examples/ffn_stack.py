@@ -12,10 +12,8 @@ init of every parameter (the blocks' norm, fc1, fc2 included), the loss curve, e
 learning rate and total gradient norm, the final parameters.  The report says on how many steps
 the clipping was active.
 """
-from refnet.data import load_data
 from refnet.examples import register
-from refnet.examples._common import claim_check
-from refnet.harness import twin_checks
+from refnet.examples._common import clipped_run_checks
 from refnet.spec import Spec
 
 WIDTH, HIDDEN, N_BLOCKS = 16, 32, 2
@@ -37,16 +35,4 @@ def ffn_stack_spec(dtype="float64", device="cpu"):
           "spiral, AdamW, warm-up + cosine, clipping active early, 2 micro-batches per step",
           "issue 24", spec=ffn_stack_spec)
 def run_ffn_stack(ctx):
-    spec = ffn_stack_spec(ctx.dtype_name, ctx.device)
-    x, target = load_data(spec)
-    outs = []
-    checks = twin_checks(spec, x, target, ctx.strict_bits, record=outs)
-    clipped = [step for step, out in enumerate(outs) if out.clipped]
-    late = [step for step in clipped if step >= len(outs) // 2]
-    checks.append(claim_check(
-        "clipping_active_early", bool(clipped) and clipped[0] == 0 and not late,
-        f"the clip (max_norm {CLIP['max_norm']}) scaled the gradients on {len(clipped)} of "
-        f"{len(outs)} steps ({', '.join(map(str, clipped))}): from step 0, none in the second "
-        f"half (both sides' total norms are compared in the loss_curve check)",
-        {"clipped_steps": len(clipped), "steps": len(outs), "clipped_late": len(late)}))
-    return checks
+    return clipped_run_checks(ffn_stack_spec(ctx.dtype_name, ctx.device), ctx.strict_bits)
