@@ -11,7 +11,7 @@ import torch
 import manual.blocks
 import refnet
 from manual.fast import FastMLP
-from refnet import cli, harness, train as train_mod
+from refnet import cli, harness, not_bitwise, train as train_mod
 from refnet.checkpoint import load_checkpoint, state_differences
 from refnet.data import load_data
 from refnet.examples import Context, get
@@ -57,9 +57,11 @@ def test_verify_spec_with_blocks_is_bitwise(n, norm, dtype):
     assert {"loss_curve", "lr_curve", "clip_norm_curve", "input.grad"} <= names
 
 
-@pytest.mark.parametrize("norm", ["layer", None], ids=["layernorm", "no-norm"])
-def test_spec_checks_include_finite_differences_of_every_block_parameter(norm):
+@pytest.mark.parametrize("norm, activation", [("layer", "gelu"), (None, "gelu"), ("layer", "relu")],
+                         ids=["layernorm", "no-norm", "relu-kinks"])
+def test_spec_checks_include_finite_differences_of_every_block_parameter(norm, activation):
     spec = blocks_spec(2, norm, "float64", steps=4)
+    spec = Spec.from_dict({**spec.to_dict(), "blocks": {**spec.blocks, "activation": activation}})
     checks = {c.name: c for c in harness.spec_checks(spec)}
     assert all(c.passed for c in checks.values()), [c.name for c in checks.values() if not c.passed]
     fd_names = {v.name for v in checks["finite_diff"].verdicts}
@@ -72,7 +74,10 @@ def test_spec_checks_include_finite_differences_of_every_block_parameter(norm):
     dict(sizes=[12, WIDTH, 27], data="names", embedding={"vocab": 27, "dim": 4, "context": 3},
          n_samples=80),
     dict(sizes=[2, 6, WIDTH, 3], activation=["tanh", "identity"]),
-], ids=["layernorm", "batchnorm", "dropout", "reg", "relu", "embedding", "deeper-projection"])
+    dict(clip_grad_norm={"max_norm": 0.2, "norm_type": "inf"}, accumulate=3,
+         lr_schedule={"name": "step", "step_size": 3, "gamma": 0.5}),
+], ids=["layernorm", "batchnorm", "dropout", "reg", "relu", "embedding", "deeper-projection",
+        "inf-norm-k3-step"])
 def test_blocks_combine_bitwise_with_the_optional_layers(over):
     spec = blocks_spec(**over)
     x, target = load_data(spec)
@@ -80,7 +85,8 @@ def test_blocks_combine_bitwise_with_the_optional_layers(over):
 
 
 def test_train_with_blocks_resumes_bitwise(tmp_path):
-    spec = blocks_spec(steps=10)
+    """Cut at step 3 (checkpoint 4), resumed through the warm-up's end at step 6."""
+    spec = blocks_spec(steps=10, lr_schedule={"name": "warmup_cosine", "warmup_steps": 6})
     straight = train_mod.train(spec, tmp_path / "straight", check_every=2)
     assert straight["status"] == "completed" and straight["tier"] == "bitwise"
 
@@ -89,7 +95,7 @@ def test_train_with_blocks_resumes_bitwise(tmp_path):
             signal.raise_signal(signal.SIGINT)
 
     cut = train_mod.train(spec, tmp_path / "cut", check_every=2, on_step=cut_at_3)
-    assert cut["status"] == "interrupted" and cut["last_checkpoint"] == 4   # across the warm-up
+    assert cut["status"] == "interrupted" and cut["last_checkpoint"] == 4
     resumed = train_mod.train(None, tmp_path / "cut", check_every=2, resume=tmp_path / "cut")
     assert resumed["status"] == "completed" and resumed["tier"] == "bitwise"
     assert (tmp_path / "cut" / "losses.csv").read_text() == \
@@ -207,3 +213,16 @@ def test_mlp_checks_the_block_parameters():
 
 def test_check_training_takes_blocks():
     assert refnet.check_training(blocks_spec(accumulate=1), tier="bitwise").verdict == "identical"
+
+
+def test_both_sides_list_the_parameters_in_one_order():
+    """layers, (norms,) blocks on both sides: the optimizer's and the clip's order agree."""
+    pair = harness.build_pair(blocks_spec(norm="layernorm"))
+    assert list(pair.mlp.params) == [name for name, _ in pair.twin.named_parameters()]
+    assert list(pair.mlp.params)[-6:] == block_names(pair.spec)[-6:]
+
+
+def test_the_not_bitwise_table_sees_the_blocks_ops():
+    keys = not_bitwise.spec_keys(blocks_spec(activation="tanh"))
+    assert {"activation:gelu", "norm:layernorm"} <= keys
+    assert "norm:layernorm" not in not_bitwise.spec_keys(blocks_spec(block_norm=None))
