@@ -132,6 +132,9 @@ REFUSED = {
     "norm": ("{norm} under autocast: not mirrored (autocast runs the norm in the low dtype "
              "with float32 weight and bias, a mixed-dtype CPU kernel manual/norm.py does not "
              "reproduce); use autocast null or norm null"),
+    "blocks": ("blocks under autocast: not mirrored yet (the residual blocks' linears, layer "
+               "norm and add would need autocast's casts written out); use autocast null or "
+               "remove blocks"),
 }
 
 
@@ -148,6 +151,8 @@ def check_autocast_mlp(net, dtype):
                          f"unchanged")
     if net.norm is not None:
         raise ValueError(REFUSED["norm"].format(norm=net.norm))
+    if net.blocks is not None:
+        raise ValueError(REFUSED["blocks"])
     for name in net.activations:
         if name not in AUTOCAST_BACKWARD:
             raise ValueError(f"autocast: activation {name!r} is not mirrored under autocast")

@@ -41,21 +41,14 @@ class Pair:
     twin_scaler: object = None       # and torch.amp.GradScaler
 
 
-BLOCKS_REFUSED = ("blocks: not wired into the training loop yet (manual.MLP and the twin have no "
-                  "place for FFN blocks; manual/blocks.py and twin.FFNBlock are checked on their "
-                  "own in tests/test_blocks.py and tests/test_step_combined.py); remove the key")
-
-
 def build_pair(spec, params=None):
     """Build both sides.  params: dict in nn.Linear layout; default: seeded init of the spec.
     With spec.lr_schedule each side also gets its schedule (manual.schedules / torch's)."""
-    if spec.blocks is not None:
-        raise ValueError(BLOCKS_REFUSED)
     dtype, device = spec.torch_dtype, spec.device
     if params is None:
         params = init_params(spec.sizes, spec.activation, spec.bias, scheme=spec.init,
                              seed=spec.seed, dtype=dtype, device=device, k=spec.k,
-                             norm=spec.norm, embedding=spec.embedding)
+                             norm=spec.norm, embedding=spec.embedding, blocks=spec.blocks)
     params = {name: t.detach().to(dtype=dtype, device=device).clone() for name, t in params.items()}
     opt_settings = dict(spec.optimizer)
     opt_name = opt_settings.pop("name")

@@ -219,6 +219,8 @@ class Spec:
                              f"{self.dtype}; autocast casts only float32 tensors")
         if self.norm is not None:
             raise ValueError(AUTOCAST_REFUSED["norm"].format(norm=self.norm))
+        if self.blocks is not None:
+            raise ValueError(AUTOCAST_REFUSED["blocks"])
         if not autocast_supported(self.device, self.autocast):
             raise ValueError(f"autocast: {self.autocast} is not supported on device "
                              f"{self.device} (torch.autocast would switch itself off)")
@@ -261,7 +263,7 @@ class Spec:
     def layer_options(self):
         """The optional layers' settings, as MLP and Twin take them."""
         return {"norm": self.norm, "dropout": self.dropout, "momentum": self.momentum,
-                "eps": self.eps, "embedding": self.embedding}
+                "eps": self.eps, "embedding": self.embedding, "blocks": self.blocks}
 
     def to_dict(self):
         return asdict(self)

@@ -94,8 +94,6 @@ def test_a_scheduled_run_resumes_with_its_own_steps(tmp_path):
     (dict(n_samples=15), "accumulate: 2 micro-batches of 10 rows need at least 20 rows; the "
                          "data set has 15"),
     (dict(batch_size=None), "accumulate: 2 micro-batches per step need a batch_size"),
-    (dict(sizes=[2, 8, 3], blocks={"n": 1, "width": 8, "hidden": 16}),
-     "blocks: not wired into the training loop yet"),
 ])
 def test_train_and_verify_refuse_in_one_line(tmp_path, capsys, over, message):
     path = tmp_path / "s.json"
