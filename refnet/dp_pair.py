@@ -14,6 +14,7 @@ the others fail within it instead of hanging.
 Each step takes the global mini-batch of single-process training (refnet.data.batches, same seed)
 and gives rank r the r-th of N contiguous pieces (torch.tensor_split).
 """
+import contextlib
 import hashlib
 
 import torch
@@ -109,7 +110,11 @@ class DPPair:
         twin = self.pair.twin
         buffers, rng = twin_mod.buffers_of(twin), getattr(twin, "_rng_state", None)
         self.pair.twin_opt.zero_grad(set_to_none=True)
-        self.pair.twin_loss(self.ddp(x[rows]), target[rows]).backward()
+        # under autocast the ready order is autocast's (manual.data_parallel.ready_order)
+        with (torch.autocast(x.device.type, dtype=self.spec.autocast_dtype) if self.spec.autocast
+              else contextlib.nullcontext()):
+            loss = self.pair.twin_loss(self.ddp(x[rows]), target[rows])
+        loss.backward()
         self.pair.twin_opt.zero_grad(set_to_none=True)
         twin_mod.load_buffers(twin, buffers)
         if rng is not None:
