@@ -30,7 +30,7 @@ BUCKET_BYTES = 25 * 1024 * 1024           # DDP's bucket_cap_mb=25
 def ready_order(names, autocast=False):
     """The order DDP's autograd hooks see an MLP's gradients become ready in its first backward
     (the order its buckets are rebuilt in).  Measured with post-accumulate-grad hooks on the
-    twin (tests/test_dp_order.py) and mirrored here by the net's structure:
+    twin (verify/test_data_parallel.py, test_ready_order_is_autograds) and mirrored here by the net's structure:
       - the last layer first, each layer's bias before its weight (``layers.{L-1}.bias``,
         ``layers.{L-1}.weight``, …); under autocast the weight before the bias (the weight's
         cast has the later autograd sequence number, so the engine runs its backward first);
