@@ -60,3 +60,15 @@ def autocast_dp_specs(device="cpu", steps=4):
             Spec(**{**base, "activation": "tanh", "steps": steps + 2}, autocast="float16",
                  grad_scaler={"init_scale": 2.0 ** 17, "growth_interval": 2},
                  name="dp_fp16_scaler")]
+
+
+def embedding_dp_specs(device="cpu", steps=4):
+    """An embedding net data-parallel, float32, float64 and bf16 autocast: DDP's first bucket
+    holds embed.weight first (the twin registers it first; the manual dict keeps it last), and
+    its gradient is ready last."""
+    base = dict(sizes=[8, 16, 27], activation="tanh", loss="cross_entropy", data="names",
+                n_samples=48, batch_size=24, embedding={"vocab": 27, "dim": 4, "context": 2},
+                optimizer={"name": "adam", "lr": 0.01}, steps=steps, device=device)
+    return [Spec(**base, dtype="float32", name="dp_embedding"),
+            Spec(**base, dtype="float64", name="dp_embedding"),
+            Spec(**base, dtype="float32", autocast="bfloat16", name="dp_embedding_bf16")]
