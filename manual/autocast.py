@@ -236,15 +236,20 @@ class AutocastMLP:
                 grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dweight_reg
         return {name: grads[name] for name in net.params}
 
-    def train_step(self, x, target, scaler=None):
+    def train_step(self, x, target, scaler=None, reduce=None):
         """forward, backward, optimizer step (through scaler when given, which may skip it).
+        reduce: grads -> grads applied between the backward and the step (data parallel: the
+        float32 gradients averaged over the ranks, still scaled; the scaler's unscale and inf
+        check then run on the averaged gradients, as GradScaler does after DDP's all-reduce).
         Returns (float32 loss before the update, whether the optimizer stepped)."""
         loss, cache = self.forward(x, target)
         if scaler is None:
             grads = self.backward(cache)
-            self.net.step(grads)
+            self.net.step(grads if reduce is None else reduce(grads))
             return loss, True
         grads = self.backward(cache, scaler.scale_seed(loss.device))
+        if reduce is not None:
+            grads = reduce(grads)
         stepped = scaler.step(self.net.optimizer, self.net.params, grads)
         scaler.update()
         return loss, stepped

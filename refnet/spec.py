@@ -197,9 +197,10 @@ class Spec:
         for the paths that do not carry them yet to refuse by name."""
         return [key for key, off in STEP_KEYS_OFF.items() if getattr(self, key) != off]
 
-    def refuse_step_keys(self, where):
-        """A ValueError naming the first step key set, for a path (`where`) that lacks it."""
-        on = self.step_keys_on()
+    def refuse_step_keys(self, where, carried=()):
+        """A ValueError naming the first step key set, for a path (`where`) that lacks it;
+        carried: the keys that path does carry (not refused)."""
+        on = [key for key in self.step_keys_on() if key not in carried]
         if on:
             raise ValueError(f"{on[0]}: {where} does not carry this key yet; remove it, or run the "
                              f"spec without {where}")
