@@ -141,6 +141,9 @@ REFUSED = {
     "norm": ("{norm} under autocast: not mirrored (autocast runs the norm in the low dtype "
              "with float32 weight and bias, a mixed-dtype CPU kernel manual/norm.py does not "
              "reproduce); use autocast null or norm null"),
+    "blocks": ("blocks under autocast: not mirrored yet (the residual blocks' linears, layer "
+               "norm and add would need autocast's casts written out); use autocast null or "
+               "remove blocks"),
 }
 
 
@@ -157,6 +160,8 @@ def check_autocast_mlp(net, dtype):
                          f"unchanged")
     if net.norm is not None:
         raise ValueError(REFUSED["norm"].format(norm=net.norm))
+    if net.blocks is not None:
+        raise ValueError(REFUSED["blocks"])
     for name in net.activations:
         if name not in AUTOCAST_BACKWARD:
             raise ValueError(f"autocast: activation {name!r} is not mirrored under autocast")
@@ -269,15 +274,20 @@ class AutocastMLP:
         _record(trace, "grad_input", dh)
         return {name: grads[name] for name in net.params}
 
-    def train_step(self, x, target, scaler=None):
+    def train_step(self, x, target, scaler=None, reduce=None):
         """forward, backward, optimizer step (through scaler when given, which may skip it).
+        reduce: grads -> grads applied between the backward and the step (data parallel: the
+        float32 gradients averaged over the ranks, still scaled; the scaler's unscale and inf
+        check then run on the averaged gradients, as GradScaler does after DDP's all-reduce).
         Returns (float32 loss before the update, whether the optimizer stepped)."""
         loss, cache = self.forward(x, target)
         if scaler is None:
             grads = self.backward(cache)
-            self.net.step(grads)
+            self.net.step(grads if reduce is None else reduce(grads))
             return loss, True
         grads = self.backward(cache, scaler.scale_seed(loss.device))
+        if reduce is not None:
+            grads = reduce(grads)
         stepped = scaler.step(self.net.optimizer, self.net.params, grads)
         scaler.update()
         return loss, stepped

@@ -36,7 +36,7 @@ step does, and adds the weight terms into the gradient buffers (x + y in place, 
 What it does not specialise falls back to the readable code, visibly (``specialised`` is False,
 ``fallback`` says why): an activation or loss it does not know runs the readable step; an
 optimizer that is not exactly manual.optim.SGD/Adam/AdamW (a subclass, extra state) runs its own
-``step``.  tests/test_fast.py checks bit identity with the readable path and the autograd twin
+``step``; an MLP with residual FFN blocks (manual/blocks.py) runs the readable step whole.  tests/test_fast.py checks bit identity with the readable path and the autograd twin
 for every loss × optimizer pair, every activation, reg and bias on/off, and with the readable
 path for every optional layer (batch norm train/eval, layer norm, dropout train/eval,
 embedding, makemore's embedding + batch norm) × loss × optimizer setting.  The plan depends on
@@ -144,6 +144,9 @@ class FastMLP:
     def fallback(self):
         """Why the step runs the readable code (None when it runs the specialised schedule)."""
         mlp = self.mlp
+        if mlp.blocks is not None:
+            return (f"blocks: {mlp.blocks['n']} residual FFN block(s) have no specialised "
+                    f"schedule; the readable step runs them")
         if any(a not in FAST_ACTIVATIONS for a in mlp.activations):
             return f"activations {mlp.activations}: not all in {FAST_ACTIVATIONS}"
         if mlp.loss not in FAST_LOSSES:

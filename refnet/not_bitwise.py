@@ -150,6 +150,10 @@ def spec_keys(spec):
         keys.add(f"norm:{spec.norm}")
     if spec.embedding:
         keys.add("embedding")
+    if spec.blocks:     # the residual blocks' own activation and layer norm
+        keys.add(f"activation:{spec.blocks['activation']}")
+        if spec.blocks["norm"] == "layer":
+            keys.add("norm:layernorm")
     return keys
 
 

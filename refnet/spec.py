@@ -197,9 +197,10 @@ class Spec:
         for the paths that do not carry them yet to refuse by name."""
         return [key for key, off in STEP_KEYS_OFF.items() if getattr(self, key) != off]
 
-    def refuse_step_keys(self, where):
-        """A ValueError naming the first step key set, for a path (`where`) that lacks it."""
-        on = self.step_keys_on()
+    def refuse_step_keys(self, where, carried=()):
+        """A ValueError naming the first step key set, for a path (`where`) that lacks it;
+        carried: the keys that path does carry (not refused)."""
+        on = [key for key in self.step_keys_on() if key not in carried]
         if on:
             raise ValueError(f"{on[0]}: {where} does not carry this key yet; remove it, or run the "
                              f"spec without {where}")
@@ -219,6 +220,8 @@ class Spec:
                              f"{self.dtype}; autocast casts only float32 tensors")
         if self.norm is not None:
             raise ValueError(AUTOCAST_REFUSED["norm"].format(norm=self.norm))
+        if self.blocks is not None:
+            raise ValueError(AUTOCAST_REFUSED["blocks"])
         if not autocast_supported(self.device, self.autocast):
             raise ValueError(f"autocast: {self.autocast} is not supported on device "
                              f"{self.device} (torch.autocast would switch itself off)")
@@ -261,7 +264,7 @@ class Spec:
     def layer_options(self):
         """The optional layers' settings, as MLP and Twin take them."""
         return {"norm": self.norm, "dropout": self.dropout, "momentum": self.momentum,
-                "eps": self.eps, "embedding": self.embedding}
+                "eps": self.eps, "embedding": self.embedding, "blocks": self.blocks}
 
     def to_dict(self):
         return asdict(self)

@@ -104,7 +104,9 @@ CUDA_DROPOUT = ("dropout: not supported on device cuda (CUDA's fused native_drop
 class Twin(nn.Module):
     """layers: ModuleList of nn.Linear; acts: one activation module per hidden layer; optional
     embed (nn.Embedding) in front, norms (nn.BatchNorm1d / nn.LayerNorm) after each hidden linear
-    layer, drops (nn.Dropout) after each hidden activation — CS231n FullyConnectedNet's order.
+    layer, drops (nn.Dropout) after each hidden activation — CS231n FullyConnectedNet's order;
+    optional blocks (an nn.ModuleList of FFNBlock, registered last) between the last hidden layer
+    and the head, each adding its residual in its own forward.
 
     Dropout draws from the default CPU generator, as nn.Dropout always does, but inside
     torch.random.fork_rng with the twin's own saved state (seeded with ``seed``): the twin's masks
@@ -114,7 +116,7 @@ class Twin(nn.Module):
 
     def __init__(self, sizes, activation="sigmoid", bias=True, *, slope=0.1, alpha=1.0, k=2,
                  dtype=torch.float64, device="cpu", norm=None, dropout=0.0, momentum=0.1,
-                 eps=1e-5, embedding=None, seed=0):
+                 eps=1e-5, embedding=None, blocks=None, seed=0):
         super().__init__()
         if manual.check_dropout(dropout) and str(device).startswith("cuda"):
             raise ValueError(CUDA_DROPOUT)
@@ -136,6 +138,10 @@ class Twin(nn.Module):
         elif norm == "layernorm":
             self.norms = nn.ModuleList(nn.LayerNorm(w, eps=eps, dtype=dtype, device=device)
                                        for w in widths[:-1])
+        if blocks is not None:
+            b = manual.blocks.block_settings(blocks)
+            self.blocks = ffn_blocks(b["n"], b["width"], b["hidden"], b["activation"], b["norm"],
+                                     eps=eps, slope=slope, alpha=alpha, dtype=dtype, device=device)
         self.p = manual.check_dropout(dropout)
         if self.p:
             self.drops = nn.ModuleList(nn.Dropout(self.p) for _ in acts)
@@ -157,6 +163,9 @@ class Twin(nn.Module):
             x = self.embed(x)
             x = x.view(x.shape[0], -1)
         for i, layer in enumerate(self.layers):
+            if i == len(self.acts) and hasattr(self, "blocks"):
+                for block in self.blocks:
+                    x = block(x)
             x = layer(x)
             if i < len(self.acts):
                 if hasattr(self, "norms"):

@@ -67,13 +67,16 @@ def test_autocast_with_unwired_step_keys_is_refused(tmp_path, capsys, over, mess
     assert code != 0 and err.strip().count("\n") == 0 and message in err, err
 
 
-@pytest.mark.parametrize("verb", [["train", "--nproc", "2"]])
-def test_nproc_refuses_autocast(tmp_path, capsys, verb):     # export carries it: test_golden_steps
+@pytest.mark.parametrize("verb, over, message", [
+    # --nproc runs autocast (verify/test_data_parallel.py), and refuses what one process refuses;
+    # export carries autocast (tests/test_golden_steps.py)
+    (["train", "--nproc", "2"], dict(accumulate=2), "accumulate: not wired together with autocast")])
+def test_nproc_refuses_autocasts_unwired_keys(tmp_path, capsys, verb, over, message):
     path = tmp_path / "s.json"
-    path.write_text(json.dumps(fp16().to_dict()))
+    path.write_text(json.dumps(fp16(**over).to_dict()))
     verb = [str(tmp_path / "out") if a == "OUT" else a for a in verb]
     code, err = run(capsys, verb[0], "--spec", path, *verb[1:])
-    assert code != 0 and err.strip().count("\n") == 0 and "autocast: " in err, err
+    assert code != 0 and err.strip().count("\n") == 0 and message in err, err
 
 
 def test_train_cli_says_how_many_steps_the_scaler_skipped(tmp_path, capsys):
