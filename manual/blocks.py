@@ -103,31 +103,52 @@ def init_block_params(n, width, hidden, norm="layer", *, generator, dtype=torch.
     return params
 
 
-def block_forward(h, params, prefix, activation="relu", norm="layer", eps=1e-5, **act_options):
-    """h (N, D) -> (h + fc2(act(fc1(LN(h)))) (N, D), cache).  prefix: e.g. "blocks.0"."""
+def _record(trace, name, t):
+    """Keep t under name when the caller asked for a trace (a dict)."""
+    if trace is not None:
+        trace[name] = t
+
+
+def block_forward(h, params, prefix, activation="relu", norm="layer", eps=1e-5, trace=None,
+                  **act_options):
+    """h (N, D) -> (h + fc2(act(fc1(LN(h)))) (N, D), cache).  prefix: e.g. "blocks.0".
+    trace: a dict to record {prefix}.norm (u), .pre_activation (z), .activation (a), .branch (v)
+    and .output in, or None."""
     u, norm_cache = h, None
     if norm == "layer":
         u, norm_cache = layernorm_forward(h, params[f"{prefix}.norm.weight"],
                                           params[f"{prefix}.norm.bias"], eps)
+        _record(trace, f"{prefix}.norm", u)
     z, fc1_cache = linear_forward(u, params[f"{prefix}.fc1.weight"], params[f"{prefix}.fc1.bias"])
+    _record(trace, f"{prefix}.pre_activation", z)
     a, act_cache = activation_forward(activation, z, **act_options)
+    _record(trace, f"{prefix}.activation", a)
     v, fc2_cache = linear_forward(a, params[f"{prefix}.fc2.weight"], params[f"{prefix}.fc2.bias"])
+    _record(trace, f"{prefix}.branch", v)
     out = h + v
+    _record(trace, f"{prefix}.output", out)
     return out, (prefix, activation, norm_cache, fc1_cache, act_cache, fc2_cache)
 
 
-def block_backward(dout, cache):
-    """dout (N, D) -> dh (N, D), grads {name: tensor} of the block's parameters."""
+def block_backward(dout, cache, trace=None):
+    """dout (N, D) -> dh (N, D), grads {name: tensor} of the block's parameters.  trace: a dict
+    to record {prefix}.grad_output, .grad_activation, .grad_pre_activation, .grad_norm (at LN's
+    output) and .grad_branch (the branch's gradient at h, before the residual sum) in, or None."""
     # out = h + f(h)  ⇒  dh = dout (the identity path) + ∂f/∂hᵀ·dout (the branch)
     prefix, activation, norm_cache, fc1_cache, act_cache, fc2_cache = cache
     grads = {}
+    _record(trace, f"{prefix}.grad_output", dout)
     da, grads[f"{prefix}.fc2.weight"], grads[f"{prefix}.fc2.bias"] = linear_backward(dout, fc2_cache)
+    _record(trace, f"{prefix}.grad_activation", da)
     dz = activation_backward(activation, da, act_cache)
+    _record(trace, f"{prefix}.grad_pre_activation", dz)
     du, grads[f"{prefix}.fc1.weight"], grads[f"{prefix}.fc1.bias"] = linear_backward(dz, fc1_cache)
     dh_branch = du
     if norm_cache is not None:
+        _record(trace, f"{prefix}.grad_norm", du)
         dh_branch, grads[f"{prefix}.norm.weight"], grads[f"{prefix}.norm.bias"] = \
             layernorm_backward(du, norm_cache)
+    _record(trace, f"{prefix}.grad_branch", dh_branch)
     # The residual's split and sum: the add passed dout unchanged to both h and v; the two
     # gradients reaching h are summed here, once.
     dh = dout + dh_branch
@@ -135,19 +156,21 @@ def block_backward(dout, cache):
 
 
 def blocks_forward(h, params, n, activation="relu", norm="layer", eps=1e-5, prefix="blocks",
-                   **act_options):
-    """n blocks in sequence.  h (N, D) -> (h (N, D), caches)."""
+                   trace=None, **act_options):
+    """n blocks in sequence.  h (N, D) -> (h (N, D), caches).  trace: block_forward's."""
     caches = []
     for i in range(n):
-        h, cache = block_forward(h, params, f"{prefix}.{i}", activation, norm, eps, **act_options)
+        h, cache = block_forward(h, params, f"{prefix}.{i}", activation, norm, eps, trace,
+                                 **act_options)
         caches.append(cache)
     return h, caches
 
 
-def blocks_backward(dout, caches):
-    """dout (N, D) -> dh (N, D), grads of every block (last block first, as the forward reversed)."""
+def blocks_backward(dout, caches, trace=None):
+    """dout (N, D) -> dh (N, D), grads of every block (last block first, as the forward reversed).
+    trace: block_backward's."""
     grads = {}
     for cache in reversed(caches):
-        dout, block_grads = block_backward(dout, cache)
+        dout, block_grads = block_backward(dout, cache, trace)
         grads.update(block_grads)
     return dout, grads

@@ -222,8 +222,10 @@ class MLP:
 
         trace: a dict to record each pre-activation and activation in, or None (with the
         optional layers also embed.output, layers.{i}.linear (before the norm), norms.{i}.mean,
-        norms.{i}.invstd, layers.{i}.dropout and blocks.output (the head's input); backward adds
-        layers.{i}.grad_dropout, layers.{i}.grad_linear and blocks.grad_input).
+        norms.{i}.invstd, layers.{i}.dropout, each block's values (manual.blocks.block_forward:
+        blocks.{b}.norm, …) and blocks.output (the head's input); backward adds
+        layers.{i}.grad_dropout, layers.{i}.grad_linear, each block's gradients
+        (block_backward) and blocks.grad_input).
         """
         self.check_input(x)
         layer_caches = []
@@ -234,7 +236,7 @@ class MLP:
             _record(trace, "embed.output", h)
         for i in range(self.n_layers):
             if i == self.n_layers - 1 and self.blocks is not None:
-                h, block_caches = self._blocks_forward(h)
+                h, block_caches = self._blocks_forward(h, trace)
                 _record(trace, "blocks.output", h)
             z, lin_cache = linear_forward(h, self.params[f"layers.{i}.weight"],
                                           self.params.get(f"layers.{i}.bias"))
@@ -258,9 +260,10 @@ class MLP:
             layer_caches.append(LayerCache(lin_cache, norm_cache, act_cache, drop_cache))
         return h, ForwardCache(layer_caches, emb_cache, blocks=block_caches)
 
-    def _blocks_forward(self, h):
+    def _blocks_forward(self, h, trace=None):
         b = self.blocks
         return blocks_forward(h, self.params, b["n"], b["activation"], b["norm"], self.eps,
+                              trace=trace,
                               **self._act_options(b["activation"]))
 
     def forward(self, x, target, trace=None):
@@ -307,7 +310,7 @@ class MLP:
                 grads[f"layers.{i}.bias"] = dbias
             if i == self.n_layers - 1 and cache.blocks is not None:
                 # the residual blocks, last first (the split and sum: manual.blocks.block_backward)
-                dh, block_grads = blocks_backward(dh, cache.blocks)
+                dh, block_grads = blocks_backward(dh, cache.blocks, trace)
                 grads.update(block_grads)
                 _record(trace, "blocks.grad_input", dh)
         if cache.embedding is not None:

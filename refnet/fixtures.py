@@ -44,6 +44,7 @@ import tempfile
 
 import torch
 
+from manual.blocks import block_param_names
 from refnet import data as datasets
 from refnet.compare import TOLERANCES, ULP_LIMIT, compare_tensors
 from refnet.harness import build_pair, curve_checks, gradient_checks
@@ -58,12 +59,13 @@ EXPORT_STEPS = 8          # default length of a fixture's training run (kept sho
 
 # --- what a case contains ----------------------------------------------------------------------
 def tensor_order(n_layers, bias=True, minibatch=False, *, norm=None, dropout=False,
-                 embedding=False, steps=None):
+                 embedding=False, blocks=None, steps=None):
     """[(name, role, kind)] in canonical order; role input|forward|backward|train, kind is the
     TOLERANCES kind a port's value is checked with (None for inputs, which a port only reads).
     The optional layers (norm "batchnorm"/"layernorm", dropout, embedding) add their tensors;
-    without them the order is the one of schema_version 1's first cases, unchanged.  steps: the
-    keyword arguments of step_tensor_order (the per-step records after train.losses)."""
+    without them the order is the one of schema_version 1's first cases, unchanged.  blocks: the
+    spec's normalized blocks object (block_tensor_order); steps: the keyword arguments of
+    step_tensor_order (the per-step records after train.losses)."""
     hidden = range(n_layers - 1)
     batchnorm = norm == "batchnorm"
     stats = ("running_mean", "running_var", "num_batches_tracked")
@@ -74,6 +76,8 @@ def tensor_order(n_layers, bias=True, minibatch=False, *, norm=None, dropout=Fal
         params += [f"norms.{i}.{k}" for i in hidden for k in ("weight", "bias")]
     if embedding:
         params.append("embed.weight")
+    if blocks:
+        params += block_param_names(blocks["n"], blocks["norm"])
     rows += [(f"init.{p}", "input", None) for p in params]
     if batchnorm:
         rows += [(f"init.norms.{i}.{b}", "input", None) for i in hidden for b in stats]
@@ -85,6 +89,8 @@ def tensor_order(n_layers, bias=True, minibatch=False, *, norm=None, dropout=Fal
     if embedding:
         rows.append(("forward.embed.output", "forward", "forward"))
     for i in range(n_layers):
+        if blocks and i == n_layers - 1:
+            rows += block_tensor_order(blocks, "forward")
         if norm and i < n_layers - 1:
             rows += [(f"forward.layers.{i}.linear", "forward", "forward"),
                      (f"forward.norms.{i}.mean", "forward", "forward"),
@@ -109,6 +115,8 @@ def tensor_order(n_layers, bias=True, minibatch=False, *, norm=None, dropout=Fal
                      (f"grads.norms.{i}.bias", "backward", "grad"),
                      (f"backward.layers.{i}.grad_linear", "backward", "grad")]
         rows += [(f"grads.layers.{i}.{k}", "backward", "grad") for k in kinds]
+        if blocks and i == n_layers - 1:
+            rows += block_tensor_order(blocks, "backward")
     rows.append(("backward.grad_input", "backward", "grad"))
     if embedding:
         rows.append(("grads.embed.weight", "backward", "grad"))
@@ -120,6 +128,32 @@ def tensor_order(n_layers, bias=True, minibatch=False, *, norm=None, dropout=Fal
     if batchnorm:
         rows += [(f"final.norms.{i}.{b}", "train", "curve") for i in hidden for b in stats]
     return rows
+
+
+def block_tensor_order(blocks, stage):
+    """The residual FFN blocks' rows (manual/blocks.py), between the last hidden layer and the
+    head.  forward: per block its LN output (with norm "layer"), fc1's z, the activation, fc2's
+    branch v and the block's output h + v; then blocks.output (the head's input, the last
+    block's output again).  backward (after the head's gradients), last block first: the
+    gradient arriving at its output, at the activation, at z, at LN's output, the branch's at h,
+    then its parameters' gradients (fc2, fc1, norm); then blocks.grad_input (dout + the branch's
+    gradient, summed once: the residual)."""
+    layer_norm = blocks["norm"] == "layer"
+    if stage == "forward":
+        parts = (("norm",) if layer_norm else ()) + ("pre_activation", "activation", "branch",
+                                                      "output")
+        rows = [(f"forward.blocks.{b}.{p}", "forward", "forward")
+                for b in range(blocks["n"]) for p in parts]
+        return rows + [("forward.blocks.output", "forward", "forward")]
+    parts = ("grad_output", "grad_activation", "grad_pre_activation") \
+        + (("grad_norm",) if layer_norm else ()) + ("grad_branch",)
+    layers = ("fc2", "fc1") + (("norm",) if layer_norm else ())
+    rows = []
+    for b in reversed(range(blocks["n"])):
+        rows += [(f"backward.blocks.{b}.{p}", "backward", "grad") for p in parts]
+        rows += [(f"grads.blocks.{b}.{layer}.{k}", "backward", "grad") for layer in layers
+                 for k in ("weight", "bias")]
+    return rows + [("backward.blocks.grad_input", "backward", "grad")]
 
 
 def step_tensor_order(params, *, schedule=False, clip=False, step_grads=False, scaler=False):
@@ -174,11 +208,8 @@ def autocast_tensor_order(n_layers, bias=True, minibatch=False, **steps):
 
 def case_for_spec(spec, params=None, data=None, note=""):
     """A case to export: {"spec", "params" (or None: seeded init), "data" (x, target) or None}.
-    Refused by name: blocks (not in the training loop yet), and autocast together with dropout
-    or an embedding (the fixture does not carry their low-precision masks/lookup yet)."""
-    if spec.blocks is not None:
-        raise ValueError("blocks: export does not carry this key yet (FFN blocks are not wired "
-                         "into the training loop); remove it, or run the spec without export")
+    Refused by name: autocast together with dropout or an embedding (the fixture does not carry
+    their low-precision masks/lookup yet)."""
     if spec.autocast is not None and (spec.dropout or spec.embedding is not None):
         raise ValueError(f"autocast: export does not carry autocast with "
                          f"{'dropout' if spec.dropout else 'an embedding'} yet; remove one of them")
@@ -238,7 +269,7 @@ def run_case(case):
     else:
         order = tensor_order(pair.mlp.n_layers, spec.bias, minibatch, norm=spec.norm,
                              dropout=bool(spec.dropout), embedding=spec.embedding is not None,
-                             steps=steps)
+                             blocks=spec.blocks, steps=steps)
     missing = [n for n, _, _ in order if n not in values]
     if missing or len(values) != len(order):
         raise RuntimeError(f"export: traced names {sorted(values)} do not match the canonical "

@@ -304,13 +304,71 @@ def test_a_fixture_whose_dtype_disagrees_with_its_manifest_is_refused_in_one_lin
     assert f"tensor '{name}' is BF16 [40, 16], manifest.json says F16 [40, 16]" in err
 
 
-def test_export_refuses_blocks_by_name(tmp_path, capsys):
-    path = tmp_path / "b.json"
-    path.write_text(json.dumps({"name": "b", "sizes": [2, 4, 4, 2], "activation": "relu",
-                                "loss": "mse", "blocks": {"n": 1, "width": 4, "hidden": 8}}))
-    rc = cli.main(["export", "--out", str(tmp_path / "fx"), "--spec", str(path)])
-    err = capsys.readouterr().err
-    assert rc != 0 and err.count("\n") == 1 and "blocks: export does not carry this key yet" in err
+# two pre-LN blocks (gelu) with clipping, 2 micro-batches and AdamW; one block without a norm
+BLOCKS = {"name": "blocks", "sizes": [2, 8, 6, 3], "activation": ["tanh", "relu"],
+          "loss": "cross_entropy", "data": "spiral", "n_samples": 30, "batch_size": 5, "steps": 4,
+          "accumulate": 2, "blocks": {"n": 2, "width": 6, "hidden": 12, "activation": "gelu"},
+          "clip_grad_norm": {"max_norm": 0.5}, "optimizer": {"name": "adamw", "lr": 0.01}}
+BLOCK_NO_NORM = {"name": "block_no_norm", "sizes": [2, 5, 2], "activation": "identity",
+                 "loss": "mse", "data": "circles", "n_samples": 16, "steps": 3,
+                 "blocks": {"n": 1, "width": 5, "hidden": 7, "norm": None, "activation": "silu"},
+                 "lr_schedule": {"name": "cosine"}, "optimizer": {"name": "sgd", "lr": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def block_fixtures(tmp_path_factory):
+    base = tmp_path_factory.mktemp("golden_blocks")
+    cases = []
+    for spec, dtype in ((BLOCKS, "all"), (BLOCK_NO_NORM, None)):
+        path = base / f"{spec['name']}.json"
+        path.write_text(json.dumps(spec))
+        cases += cases_for(None, str(path), dtype)
+    return export_and_port(base, cases)
+
+
+def test_residual_blocks_export_and_pass_check_port(block_fixtures, capsys):
+    """Every block value (LN, fc1, activation, fc2's branch, the residual output) and gradient
+    (at the block's output, activation, z, LN's output, the branch at h; the parameters) is in
+    the fixture, bitwise against autograd, and the port's blocks pass."""
+    fixtures, port_out = block_fixtures
+    rc, out, err = check(capsys, port_out)
+    assert rc == 0 and "first fails" not in out, out + err
+    manifest = json.loads((fixtures / "manifest.json").read_text())
+    names = {c["name"]: {t["name"]: t for t in c["tensors"]} for c in manifest["cases"]}
+    two = names["blocks.float64"]
+    for name in ("forward.blocks.1.norm", "forward.blocks.1.branch", "forward.blocks.output",
+                 "backward.blocks.0.grad_branch", "backward.blocks.grad_input",
+                 "train.grads.blocks.1.fc2.weight", "final.blocks.0.norm.bias"):
+        assert name in two, name
+    assert two["grads.blocks.0.fc1.weight"]["autograd_tier"] == "bitwise"
+    assert "forward.blocks.0.norm" not in names["block_no_norm.float64"]
+
+
+def test_isolated_residual_adds_are_bitwise_and_a_dropped_identity_path_is_caught(
+        block_fixtures, tmp_path, capsys, monkeypatch):
+    """--isolate: the residual add (h + v) and the residual sum of the gradients (dout + the
+    branch's) are elementwise, so bitwise.  A port that drops the identity path of the backward
+    sum fails, first at the gradient reaching block 0 (the last block's h)."""
+    fixtures, _ = block_fixtures
+    port = load_port()
+    iso = tmp_path / "iso"
+    assert port.main(["--isolate", str(fixtures), str(iso)]) == 0
+    rows = _rows(iso, fixtures)
+    for case in ("blocks.float32", "blocks.float64"):
+        for name in ("forward.blocks.0.output", "forward.blocks.1.output",
+                     "backward.blocks.grad_input"):
+            assert rows[(case, name)]["tier"] == "bitwise", (case, name)
+    capsys.readouterr()
+    original = port.block_backward
+
+    def no_identity_path(dout, *args):
+        dh, grads = original(dout, *args)
+        return dh - dout, grads
+    monkeypatch.setattr(port, "block_backward", no_identity_path)
+    broken = tmp_path / "broken"
+    assert port.main([str(fixtures), str(broken)]) == 0
+    rc, out, _ = check(capsys, broken, fixtures)
+    assert rc == 1 and "your port first fails at blocks.float32/backward.blocks.0.grad_output" in out
 
 
 def test_the_issue_examples_export_and_pass_through_the_port(tmp_path, capsys):

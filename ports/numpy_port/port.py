@@ -493,6 +493,48 @@ NORMS = {"batchnorm": (batchnorm_forward, batchnorm_backward),
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+# --- residual FFN blocks (manual/blocks.py) ------------------------------------------------------
+def block_forward(h, params, prefix, settings, options, trace, feed=None):
+    """h (N, D) -> h + fc2(act(fc1(LN(h)))) (N, D), cache; LN only with norm "layer".  Each value
+    recorded under forward.{prefix}.* (record: --isolate goes on with the fixture's)."""
+    u, norm_cache = h, None
+    if settings["norm"] == "layer":
+        u, _, _, norm_cache = layernorm_forward(h, params[f"{prefix}.norm.weight"],
+                                                params[f"{prefix}.norm.bias"], options["eps"])
+        u = record(trace, feed, f"forward.{prefix}.norm", u)
+    z = record(trace, feed, f"forward.{prefix}.pre_activation",
+               linear_forward(u, params[f"{prefix}.fc1.weight"], params[f"{prefix}.fc1.bias"]))
+    fwd, _, opt = ACTIVATIONS[settings["activation"]]
+    a, act_cache = fwd(z, options[opt]) if opt else fwd(z)
+    fed = record(trace, feed, f"forward.{prefix}.activation", a)
+    act_cache, a = (fed if act_cache is a else act_cache), fed
+    v = record(trace, feed, f"forward.{prefix}.branch",
+               linear_forward(a, params[f"{prefix}.fc2.weight"], params[f"{prefix}.fc2.bias"]))
+    out = record(trace, feed, f"forward.{prefix}.output", h + v)     # the residual add
+    return out, (prefix, u, a, norm_cache, act_cache)
+
+
+def block_backward(dout, cache, params, settings, trace, feed=None):
+    """dout (N, D) -> dh = dout + the branch's gradient at h (the residual: dout reaches both the
+    add's input h and the branch; the two are summed once), the block's parameter gradients."""
+    prefix, u, a, norm_cache, act_cache = cache
+    grads = {}
+    dout = record(trace, feed, f"backward.{prefix}.grad_output", dout)
+    da, grads[f"{prefix}.fc2.weight"], grads[f"{prefix}.fc2.bias"] = linear_backward(
+        dout, a, params[f"{prefix}.fc2.weight"], True)
+    da = record(trace, feed, f"backward.{prefix}.grad_activation", da)
+    dz = record(trace, feed, f"backward.{prefix}.grad_pre_activation",
+                ACTIVATIONS[settings["activation"]][1](da, act_cache))
+    du, grads[f"{prefix}.fc1.weight"], grads[f"{prefix}.fc1.bias"] = linear_backward(
+        dz, u, params[f"{prefix}.fc1.weight"], True)
+    if norm_cache is not None:
+        du = record(trace, feed, f"backward.{prefix}.grad_norm", du)
+        du, grads[f"{prefix}.norm.weight"], grads[f"{prefix}.norm.bias"] = \
+            layernorm_backward(du, norm_cache)
+    du = record(trace, feed, f"backward.{prefix}.grad_branch", du)
+    return dout + du, grads
+
+
 # --- the MLP ----------------------------------------------------------------------------------
 class MLP:
     def __init__(self, spec, params, buffers=None):
@@ -508,6 +550,7 @@ class MLP:
         self.dropout = spec.get("dropout", 0.0)
         self.momentum, self.eps = spec.get("momentum", 0.1), spec.get("eps", 1e-5)
         self.embedding = spec.get("embedding")
+        self.blocks = spec.get("blocks")             # {"n", "width", "hidden", "norm", "activation"}
         self.buffers = buffers if buffers is not None else {}   # "norms.{i}.running_mean" …
 
     def weights(self):
@@ -517,11 +560,17 @@ class MLP:
         """Forward, recording every intermediate in `trace`.  With `feed` (the fixtures), each op
         takes its input from the fixture instead of from the op before it (--isolate).
         masks: {i: the 0/1 dropout mask (N, H) of hidden layer i} when the spec has dropout."""
-        caches, h = [], x
+        caches, h, block_caches = [], x, []
         if self.embedding is not None:               # integer x (N, T) -> (N, T·E)
             h = record(trace, feed, "forward.embed.output",
                        embedding_forward(x, self.params["embed.weight"]))
         for i in range(self.n_layers):
+            if i == self.n_layers - 1 and self.blocks:   # the residual blocks, then the head
+                for blk in range(self.blocks["n"]):
+                    h, cache = block_forward(h, self.params, f"blocks.{blk}", self.blocks,
+                                             {**self.options, "eps": self.eps}, trace, feed)
+                    block_caches.append(cache)
+                h = record(trace, feed, "forward.blocks.output", h)
             w, b = self.params[f"layers.{i}.weight"], self.params.get(f"layers.{i}.bias")
             z = linear_forward(h, w, b)
             act_cache = norm_cache = noise = None
@@ -559,11 +608,11 @@ class MLP:
         if self.reg:                                  # L = data loss + reg·Σ W²
             loss = loss + l2_forward(self.weights(), self.reg)
         trace["forward.loss"] = np.asarray(loss, dtype=h.dtype)
-        return loss, (caches, loss_cache, x)
+        return loss, (caches, loss_cache, x, block_caches)
 
     def backward(self, cache, trace, feed=None, dloss=None):
         """dloss: the backward's seed (default 1 in the dtype; 1/k for one of k micro-batches)."""
-        caches, loss_cache, x = cache
+        caches, loss_cache, x, block_caches = cache
         dtype = self.params["layers.0.weight"].dtype
         dloss = dtype.type(1) if dloss is None else dloss
         dh = record(trace, feed, "backward.grad_output", LOSSES[self.loss][1](loss_cache, dloss))
@@ -588,6 +637,12 @@ class MLP:
             if self.bias:
                 grads[f"layers.{i}.bias"] = db
                 trace[f"grads.layers.{i}.bias"] = db
+            for cache in reversed(block_caches if i == self.n_layers - 1 else []):
+                dh, block_grads = block_backward(dh, cache, self.params, self.blocks, trace, feed)
+                grads.update(block_grads)
+                trace.update({f"grads.{n}": g for n, g in block_grads.items()})
+            if block_caches and i == self.n_layers - 1:
+                dh = record(trace, feed, "backward.blocks.grad_input", dh)
         if self.reg:  # the second use of each W: its gradient is added to the data gradient (one add)
             for i, dw_reg in enumerate(l2_backward(self.weights(), self.reg, dloss)):
                 dw = grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dw_reg
@@ -608,10 +663,10 @@ def record(trace, feed, name, value):
 # --- what this port supports: checked for every case before anything is computed ----------------
 SPEC_KEYS_READ = {"sizes", "activation", "bias", "loss", "reg", "optimizer", "steps", "batch_size",
                   "dtype", "slope", "alpha", "k", "norm", "dropout", "momentum", "eps", "embedding",
-                  "autocast", "grad_scaler", "clip_grad_norm", "accumulate", "lr_schedule"}
+                  "autocast", "grad_scaler", "clip_grad_norm", "accumulate", "lr_schedule",
+                  "blocks"}
 SPEC_KEYS_IGNORED = {"name", "data", "n_samples", "seed", "init", "device"}  # inputs come from the file
-# FFN blocks: not implemented here, accepted only at their "off" value
-SPEC_KEYS_OFF = {"blocks": None}
+BLOCK_KEYS = {"n", "width", "hidden", "norm", "activation"}
 SCHEDULES = {"warmup_cosine": {"name", "warmup_steps", "min_lr", "start_factor"},
              "cosine": {"name", "min_lr"}, "step": {"name", "step_size", "gamma"}}
 AUTOCAST_ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "elu", "maxout", "identity")
@@ -628,12 +683,9 @@ def _number(v):
 def check_supported(spec):
     """Raise ValueError (one line ending 'not supported by the NumPy port') for anything the port
     does not implement, so that it refuses a case before computing or writing anything."""
-    unknown = sorted(set(spec) - SPEC_KEYS_READ - SPEC_KEYS_IGNORED - set(SPEC_KEYS_OFF))
+    unknown = sorted(set(spec) - SPEC_KEYS_READ - SPEC_KEYS_IGNORED)
     if unknown:
         raise ValueError(f"spec key(s) {unknown} are not supported by the NumPy port")
-    for key, off in SPEC_KEYS_OFF.items():
-        if spec.get(key, off) != off:
-            raise ValueError(f"{key} {spec[key]!r} is not supported by the NumPy port (only {off!r})")
     check_step_keys(spec)
     check_autocast(spec)
     norm = spec.get("norm")
@@ -675,7 +727,8 @@ def check_supported(spec):
 
 
 def check_step_keys(spec):
-    """clip_grad_norm, accumulate, lr_schedule: the shapes refnet's spec normalizes them to."""
+    """clip_grad_norm, accumulate, lr_schedule, blocks: the shapes refnet's spec normalizes them
+    to."""
     clip = spec.get("clip_grad_norm")
     if clip is not None and (not isinstance(clip, dict) or not _number(clip.get("max_norm"))
                              or clip.get("norm_type", 2) not in (2, "inf")):
@@ -684,6 +737,12 @@ def check_step_keys(spec):
     k = spec.get("accumulate", 1)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"accumulate {k!r} is not supported by the NumPy port (an integer >= 1)")
+    blocks = spec.get("blocks")
+    if blocks is not None and (not isinstance(blocks, dict) or set(blocks) != BLOCK_KEYS
+                               or blocks["norm"] not in ("layer", None)
+                               or blocks["activation"] not in set(ACTIVATIONS) - {"maxout"}):
+        raise ValueError(f"blocks {blocks!r} is not supported by the NumPy port (n, width, "
+                         f"hidden, norm 'layer' or null, an elementwise activation)")
     sched = spec.get("lr_schedule")
     if sched is not None and (not isinstance(sched, dict) or sched.get("name") not in SCHEDULES
                               or not set(sched) <= SCHEDULES[sched["name"]]):
@@ -702,7 +761,7 @@ def check_autocast(spec):
     if amp not in ("bfloat16", "float16") or spec.get("dtype") != "float32":
         raise ValueError(f"autocast {amp!r} with dtype {spec.get('dtype')!r} is not supported by "
                          f"the NumPy port (bfloat16 or float16 over float32)")
-    for key, off in (("norm", None), ("dropout", 0.0), ("embedding", None),
+    for key, off in (("norm", None), ("dropout", 0.0), ("embedding", None), ("blocks", None),
                      ("clip_grad_norm", None), ("accumulate", 1)):
         if spec.get(key, off) != off:
             raise ValueError(f"autocast with {key} {spec[key]!r} is not supported by the NumPy port")
@@ -873,7 +932,8 @@ def autocast_activation_backward(low, name, dy, cache):
     every operation (dy·(1 − y)·y in float16)."""
     if name == "sigmoid" and low.name == "float16":
         y = cache.astype(np.float16)
-        return dy * (np.float16(1) - y) * y
+        with np.errstate(invalid="ignore", over="ignore"):   # inf·0 under a scaler's overflow
+            return dy * (np.float16(1) - y) * y
     return low.cast(ACTIVATIONS[name][1](low.up(dy), cache))
 
 
@@ -1038,8 +1098,6 @@ def run_case(case, tensors, isolate=False):
     n_hidden = len(spec["sizes"]) - 2
     out = {}
     if spec.get("autocast") is not None:       # one step's forward/backward, unscaled (dloss = 1)
-        if isolate:
-            raise ValueError("--isolate is not supported by the NumPy port for autocast cases")
         amp = AutocastMLP(spec, {k: v.copy() for k, v in params.items()})
         _, cache = amp.forward(x, target, out)
         amp.backward(cache, out, np.float32(1))
@@ -1173,6 +1231,8 @@ def main(argv):
         for case in manifest["cases"]:          # refuse before computing or writing anything
             try:
                 check_supported(case["spec"])
+                if isolate and case["spec"].get("autocast") is not None:
+                    raise ValueError("--isolate is not supported by the NumPy port for autocast")
             except ValueError as exc:
                 raise ValueError(f"case {case.get('name')!r}: {exc}") from None
         os.makedirs(out_dir, exist_ok=True)
