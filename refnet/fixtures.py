@@ -30,7 +30,8 @@ backward.layers.{i}.grad_dropout, .grad_linear, grads.norms.*, grads.embed.weigh
 train.norms.{i}.running_mean/_var (steps, H) and final.norms.* (buffers included).  Cases
 without these layers are byte for byte what schema_version 1 wrote before them.
 
-The training step's keys add per-step records after train.losses (step_tensor_order: the rate,
+Residual FFN blocks add each block's values and gradients (block_tensor_order) between the last
+hidden layer and the head.  The training step's keys add per-step records after train.losses (step_tensor_order: the rate,
 the summed gradients before clipping, the clip norm and coefficient, the GradScaler's scale,
 found_inf and skips); an autocast case has its own order (autocast_tensor_order), every value in
 the dtype it has under torch.autocast (BF16/F16 for the low-precision ones).  Each tensor is

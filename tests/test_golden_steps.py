@@ -305,7 +305,7 @@ def test_a_fixture_whose_dtype_disagrees_with_its_manifest_is_refused_in_one_lin
 
 
 # two pre-LN blocks (gelu) with clipping, 2 micro-batches and AdamW; one block without a norm
-BLOCKS = {"name": "blocks", "sizes": [2, 8, 6, 3], "activation": ["tanh", "relu"],
+BLOCKS = {"name": "blocks", "sizes": [2, 8, 6, 3], "activation": ["relu", "tanh"],
           "loss": "cross_entropy", "data": "spiral", "n_samples": 30, "batch_size": 5, "steps": 4,
           "accumulate": 2, "blocks": {"n": 2, "width": 6, "hidden": 12, "activation": "gelu"},
           "clip_grad_norm": {"max_norm": 0.5}, "optimizer": {"name": "adamw", "lr": 0.01}}
