@@ -61,8 +61,8 @@ from manual.fast_activations import (FAST_ACTIVATION_TABLE, IN_PLACE_ACTIVATIONS
 from manual.fast_layers import FastBatchNorm, FastDropout, FastEmbedding, FastLayerNorm
 from manual.fast_optim import update
 from manual.layers import column_major
-from manual.losses import (NllCascade, l2_backward, l2_forward, log_softmax_backward_exp,
-                           loss_backward, loss_forward, target_kind)
+from manual.kernel_order import LogSoftmaxBackwardExp, NllCascade
+from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward, target_kind
 from manual.norm import check_batch_rows
 
 FAST_ACTIVATIONS = tuple(FAST_ACTIVATION_TABLE)
@@ -107,14 +107,26 @@ class BackwardLayer(_Record):
     where it has none), whose backward runs over dz and dy.
     """
     __slots__ = ("w", "gw", "gw_t", "gb", "one", "activation", "dy", "tmp", "y_bits", "norm",
-                 "drop")
+                 "drop", "views")
+
+    def view_of(self, t, kind):
+        """t.t() (kind "t") or t as integers (a dtype), kept while t is the same tensor (the plan's
+        buffers are; a readable activation's gradient is new every step)."""
+        views = self.views if self.views is not None else {}
+        self.views = views
+        seen = views.get(kind)
+        if seen is None or seen[0] is not t:
+            seen = views[kind] = (t, t.t() if kind == "t" else t.view(kind))
+        return seen[1]
 
 
 class CrossEntropyBuffers(_Record):
-    """cross_entropy's buffers for N rows: cascade (the nll cascade's plan), logp and dlogp
-    (N, C), picked (N, 1) (each label's log-probability), g (N, 1) (−1/N, formed as
-    cross_entropy_backward forms it), and the cascade's sums, kept and total."""
-    __slots__ = ("cascade", "logp", "dlogp", "picked", "g", "sums", "kept", "total")
+    """cross_entropy's buffers for N rows: logp (N, C), picked (N, 1) and picked_flat (its (N,)
+    view: each label's log-probability), g (N, 1) (−1/N, formed as cross_entropy_backward forms
+    it), mean (the nll cascade bound to its buffers, NllCascade.bind), exp (the log-softmax
+    backward's exp for (N, C), kernel_order.LogSoftmaxBackwardExp), held (the buffers behind
+    mean and exp), labels and column (the last labels seen and their (N, 1) view)."""
+    __slots__ = ("logp", "picked", "picked_flat", "g", "mean", "exp", "held", "labels", "column")
 
 
 class Plan(_Record):
@@ -280,12 +292,13 @@ class FastMLP:
     @staticmethod
     def _cross_entropy_buffers(n, one, out):
         cascade = NllCascade(n, out.device)
-        opts = dict(dtype=out.dtype, device=out.device)
+        new = lambda *shape: torch.empty(shape, dtype=out.dtype, device=out.device)  # noqa: E731
         g = (-(one / float(n))).expand(n, 1).contiguous()   # as cross_entropy_backward forms it
+        sums, kept, total = new(cascade.size), new(cascade.kept.shape[0]), new(1)
+        picked, exp = new(n, 1), LogSoftmaxBackwardExp(out.shape, out.dtype, out.device)
         return CrossEntropyBuffers(
-            cascade=cascade, logp=torch.empty_like(out), dlogp=torch.empty_like(out),
-            picked=torch.empty((n, 1), **opts), g=g, sums=torch.empty(cascade.size, **opts),
-            kept=torch.empty(cascade.kept.shape[0], **opts), total=torch.empty(1, **opts))
+            logp=torch.empty_like(out), picked=picked, picked_flat=picked.view(-1), g=g,
+            mean=cascade.bind(sums, kept, total), exp=exp, held=[sums, kept, total, *exp.buffers()])
 
     # -- the step ---------------------------------------------------------------------------
     def train_step(self, x, target):
@@ -346,7 +359,7 @@ class FastMLP:
         for i, layer in zip(range(len(inputs) - 1, -1, -1), plan.reverse_layers):
             x_i = inputs[i]
             if layer.gw is not None:
-                torch.mm(dz.t(), x_i, out=layer.gw)      # dW = doutᵀ·x
+                torch.mm(layer.view_of(dz, "t"), x_i, out=layer.gw)   # dW = doutᵀ·x
             else:
                 torch.mm(x_i.t(), dz, out=layer.gw_t)    # (xᵀ·dout)ᵀ for a transposed weight
             if layer.gb is not None:
@@ -355,7 +368,7 @@ class FastMLP:
                 break
             dy = layer.dy                                # d x_i: layer i−1's output or embedding
             if column_major(x_i):                       # d x_i = dout·W, autograd's branch
-                torch.mm(layer.w.t(), dz.t(), out=dy.t())
+                torch.mm(layer.w.t(), layer.view_of(dz, "t"), out=dy.t())
             else:
                 torch.mm(dz, layer.w, out=dy)
             if i == 0:
@@ -395,19 +408,21 @@ class FastMLP:
 
     def _cross_entropy(self, out, labels):
         """manual.losses.cross_entropy_forward and _backward (dloss = 1), op for op, into the
-        buffers; d output is written into out."""
+        buffers; d output is written into out (the logits are not read after log_softmax)."""
         ce = self._plan.ce
         _check.labels(labels, out.shape[1])
+        if labels is not ce.labels:     # a view sees in-place writes: kept while labels is kept
+            ce.labels, ce.column = labels, labels.unsqueeze(1)
         logp = torch.log_softmax(out, 1, out=ce.logp)
-        column = labels.unsqueeze(1)
-        picked = torch.gather(logp, 1, column, out=ce.picked).view(-1)
+        torch.gather(logp, 1, ce.column, out=ce.picked)
         if out.device.type == "cpu":
-            loss = ce.cascade.mean(picked, ce.sums, ce.kept, ce.total)
+            loss = ce.mean(ce.picked_flat)
         else:  # as cross_entropy_forward off the CPU
-            loss = -(picked.sum()) / float(out.shape[0])
-        # dlogp = −(1/N) at [i, labelᵢ], 0 elsewhere; its row sums are that one value, exactly
-        dlogp = ce.dlogp.zero_().scatter_(1, column, ce.g)
-        torch.addcmul(dlogp, log_softmax_backward_exp(logp), ce.g, value=-1, out=out)
+            loss = -(ce.picked_flat.sum()) / float(out.shape[0])
+        # dlogp = −(1/N) at [i, labelᵢ], 0 elsewhere (formed in out); its row sums are that one
+        # value, exactly; then dlogp − e·g, one FMA (addcmul_ is addcmul's kernel with out=self)
+        e = ce.exp(logp)
+        out.zero_().scatter_(1, ce.column, ce.g).addcmul_(e, ce.g, value=-1)
         return loss
 
     def held_tensors(self):
@@ -423,7 +438,7 @@ class FastMLP:
         if plan is not None:
             tensors += list(plan.grads.values()) + [plan.one] + list(plan.scratch)
             if plan.ce is not None:
-                tensors += [t for t in plan.ce.values() if isinstance(t, torch.Tensor)]
+                tensors += [plan.ce.logp, plan.ce.picked, plan.ce.g, *plan.ce.held]
             tensors += [layer.h for layer in plan.forward_layers] + plan.extra
         return [t for t in tensors if t is not None]
 

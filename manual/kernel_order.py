@@ -11,7 +11,7 @@ FMA: ``torch.addcmul(c, a, b)`` is one fused multiply-add on x86 CPUs (see kerne
 """
 import torch
 
-from manual.kernel_exp import VECTOR_BITS, sleef_exp
+from manual.kernel_exp import VECTOR_BITS, SleefExpFloat32, sleef_exp
 
 
 # --- threads ------------------------------------------------------------------------------------
@@ -202,13 +202,24 @@ class NllCascade:
         """−(1/N) Σ picked with the kernel's bits, in 3 + (levels) ops, into the given buffers:
         sums (size,), kept_values (P,), total (1,), all of picked's dtype.  Returns a new 0-d
         tensor."""
-        sums.zero_()
-        for offset, groups, alpha, group, below in self.levels:
-            inputs = picked if below is None else sums[below:below + group.shape[0]]
-            sequential_sum_into(sums[offset:offset + groups], group, inputs, alpha)
-        torch.index_select(sums, 0, self.kept, out=kept_values)
-        sequential_sum_into(total.zero_(), self.kept_into, kept_values)
-        return total[0] / float(self.n)
+        return self.bind(sums, kept_values, total)(picked)
+
+    def bind(self, sums, kept_values, total):
+        """``mean`` with its buffers fixed: the slices of sums each level reads and writes made
+        once.  Returns mean(picked) -> a new 0-d tensor."""
+        steps = [(sums[offset:offset + groups], group,
+                  None if below is None else sums[below:below + group.shape[0]], alpha)
+                 for offset, groups, alpha, group, below in self.levels]
+        total_0d, n = total.view(()), float(self.n)
+
+        def mean(picked):
+            sums.zero_()
+            for target, group, inputs, alpha in steps:
+                sequential_sum_into(target, group, picked if inputs is None else inputs, alpha)
+            torch.index_select(sums, 0, self.kept, out=kept_values)
+            sequential_sum_into(total.zero_(), self.kept_into, kept_values)
+            return total_0d / n
+        return mean
 
 
 def nll_mean(picked, n):
@@ -220,6 +231,11 @@ def nll_mean(picked, n):
 
 
 # --- log_softmax backward: its exp --------------------------------------------------------------
+def _sleef_exp_applies(dtype, device):
+    return device.type == "cpu" and dtype in (torch.float32, torch.float64) \
+        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def log_softmax_backward_exp(logp):
     """exp as the CPU log_softmax backward kernel evaluates it (aten/src/ATen/native/cpu/
     SoftMaxKernel.cpp, _vec_host_softmax_backward_lastdim, log variant: vec::map2 of
@@ -231,10 +247,27 @@ def log_softmax_backward_exp(logp):
     Elsewhere (CUDA, or a CPU run with ATEN_CPU_CAPABILITY=default) it is torch.exp: not verified
     bitwise there; expect the `ulp` tier at worst.
     """
-    if logp.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") \
-            and logp.dtype in (torch.float32, torch.float64):
+    if _sleef_exp_applies(logp.dtype, logp.device):
         return sleef_exp(logp)
     return torch.exp(logp)
+
+
+class LogSoftmaxBackwardExp:
+    """``log_softmax_backward_exp`` for inputs of one shape: float32 on AVX2/AVX512 through one
+    SleefExpFloat32 whose buffers are kept (its result is written into one of them, valid until
+    the next call); otherwise the function itself (new tensors)."""
+
+    def __init__(self, shape, dtype, device):
+        self.plan = SleefExpFloat32(shape, device) \
+            if dtype == torch.float32 and _sleef_exp_applies(dtype, device) else None
+
+    def buffers(self):
+        return [] if self.plan is None else self.plan.buffers()
+
+    def __call__(self, logp):
+        if self.plan is None:
+            return log_softmax_backward_exp(logp)
+        return self.plan(logp, out=self.plan.c)
 
 
 # --- batch norm: batch_norm_cpu_backward_channels_last_impl -------------------------------------
