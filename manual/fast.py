@@ -55,6 +55,7 @@ share buffers and lifetimes; the activations and the update, which only take ten
 import torch
 
 from manual import _check
+from manual.autocast import AutocastMLP
 from manual.cuda_graph import CudaGraphStep, check_graphable, graph_state  # noqa: F401 (re-export)
 from manual.fast_activations import (FAST_ACTIVATION_TABLE, IN_PLACE_ACTIVATIONS,  # noqa: F401
                                      relu_backward_over)
@@ -146,16 +147,24 @@ class Plan(_Record):
 class FastMLP:
     """A fast training step for a manual.MLP (see the module docstring)."""
 
-    def __init__(self, mlp):
+    def __init__(self, mlp, autocast=None):
+        """mlp: a manual.MLP with an optimizer.  autocast: None, or "bfloat16" / "float16" (or
+        the torch dtype) for the step under torch.autocast (manual/autocast.py's AutocastMLP,
+        which checks the net and refuses what it does not mirror, in one line)."""
         if mlp.optimizer is None:
             raise ValueError("mlp: expected an MLP built with an optimizer (it has none)")
         self.mlp = mlp
+        self.amp = AutocastMLP(mlp, autocast) if autocast is not None else None
         self.reset()
 
     @property
     def fallback(self):
         """Why the step runs the readable code (None when it runs the specialised schedule)."""
         mlp = self.mlp
+        if self.amp is not None:
+            return (f"autocast {str(self.amp.dtype).replace('torch.', '')}: not specialised; "
+                    f"runs manual.autocast.AutocastMLP's forward and backward, then the foreach "
+                    f"update")
         if any(a not in FAST_ACTIVATIONS for a in mlp.activations):
             return f"activations {mlp.activations}: not all in {FAST_ACTIVATIONS}"
         if mlp.loss not in FAST_LOSSES:
@@ -303,6 +312,31 @@ class FastMLP:
     # -- the step ---------------------------------------------------------------------------
     def train_step(self, x, target):
         """forward, backward, step; returns the loss (before the update), a fresh 0-d tensor."""
+        if not self._prepare(x, target):
+            return self._readable_step(x, target)
+        loss = self._forward_backward(x, target)
+        self.apply_update()
+        return loss
+
+    def forward_backward(self, x, target):
+        """The specialised step's forward and backward alone (no update): returns the loss; the
+        gradients are then in ``grads`` (buffers, overwritten by the next step).  ValueError
+        where the step is not specialised (``fallback`` says why)."""
+        if not self._prepare(x, target):
+            raise ValueError(f"fast: forward_backward needs a specialised step; {self.fallback}")
+        return self._forward_backward(x, target)
+
+    def apply_update(self, grads=None):
+        """The optimizer's update after ``forward_backward``: with the step's gradient buffers,
+        or grads (a dict by parameter name, e.g. clipped copies; overwritten)."""
+        plan = self._plan
+        if plan is None:
+            raise ValueError("fast: apply_update needs a forward_backward first")
+        grad_list = plan.grad_list if grads is None else [grads[name] for name in plan.names]
+        update(self.mlp.optimizer, plan.names, plan.params, grad_list)
+
+    def _prepare(self, x, target):
+        """Validate and build the plan when the input signature changed.  -> specialised."""
         mlp = self.mlp
         sig = (x.shape, x.dtype, x.device, target.shape, target.dtype, target.device, mlp.loss,
                mlp.reg, tuple(mlp.activations), tuple(map(id, mlp.params.values())),
@@ -312,16 +346,15 @@ class FastMLP:
             if self.specialised:
                 self._build(x)
             self._signature = sig
-        if not self.specialised:
-            return self._readable_step(x, target)
-        loss = self._forward_backward(x, target)
-        plan = self._plan
-        update(mlp.optimizer, plan.names, plan.params, plan.grad_list)
-        return loss
+        return self.specialised
 
     def _readable_step(self, x, target):
-        loss, cache = self.mlp.forward(x, target)
-        grads, _ = self.mlp.backward(cache)
+        if self.amp is not None:
+            loss, cache = self.amp.forward(x, target)
+            grads = self.amp.backward(cache)
+        else:
+            loss, cache = self.mlp.forward(x, target)
+            grads, _ = self.mlp.backward(cache)
         names = list(self.mlp.params)
         update(self.mlp.optimizer, names, list(self.mlp.params.values()),
                [grads[name] for name in names], copy=True)
