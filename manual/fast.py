@@ -163,7 +163,7 @@ class FastMLP:
         mlp = self.mlp
         if self.amp is not None:
             return (f"autocast {str(self.amp.dtype).replace('torch.', '')}: not specialised; "
-                    f"runs manual.autocast.AutocastMLP's forward and backward, then the foreach "
+                    f"runs manual.autocast.AutocastMLP's step with the foreach "
                     f"update")
         if any(a not in FAST_ACTIVATIONS for a in mlp.activations):
             return f"activations {mlp.activations}: not all in {FAST_ACTIVATIONS}"
@@ -323,7 +323,7 @@ class FastMLP:
         gradients are then in ``grads`` (buffers, overwritten by the next step).  ValueError
         where the step is not specialised (``fallback`` says why)."""
         if not self._prepare(x, target):
-            raise ValueError(f"fast: forward_backward needs a specialised step; {self.fallback}")
+            raise ValueError(f"fast: no specialised step to run; {self.fallback}")
         return self._forward_backward(x, target)
 
     def apply_update(self, grads=None):
@@ -331,7 +331,7 @@ class FastMLP:
         or grads (a dict by parameter name, e.g. clipped copies; overwritten)."""
         plan = self._plan
         if plan is None:
-            raise ValueError("fast: apply_update needs a forward_backward first")
+            raise ValueError("fast: apply_update needs the gradients of a step first")
         grad_list = plan.grad_list if grads is None else [grads[name] for name in plan.names]
         update(self.mlp.optimizer, plan.names, plan.params, grad_list)
 

@@ -46,7 +46,7 @@ class FastStep:
     def fallback(self):
         """Why the step runs manual.step.optimizer_step (None: the specialised step)."""
         if self.k > 1:
-            return (f"accumulate {self.k}: the fast backward is seeded with 1, each micro-batch "
+            return (f"accumulate {self.k}: the fast step seeds its gradients with 1, each micro-batch "
                     f"needs 1/{self.k}; runs manual.step.optimizer_step")
         if self.fast.amp is None and self.fast.fallback is not None:
             return f"the net is not specialised ({self.fast.fallback}); runs manual.step.optimizer_step"
