@@ -34,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 import torch.utils.deterministic as deterministic_flags  # not loaded by `import torch` alone
 
 import manual
+from manual.autocast import AutocastMLP
 from manual.fast import CudaGraphStep, FastMLP
 from manual.mlp import MLP, init_params
 from refnet import data as datasets
@@ -65,6 +66,11 @@ SIZES = {
     "mnist_ce": dict(batch=1024, sizes=[784, 256, 10], bias=True, loss="cross_entropy", lr=0.01,
                      init="uniform", block=2, reps=(9, 2), activation="relu",
                      optimizer=("sgd", {"lr": 0.01, "momentum": 0.9}), data="labels"),
+    # mnist_ce under bf16 autocast with AdamW: the twin is the stock torch.autocast script, the
+    # manual side manual.autocast.AutocastMLP through FastMLP(autocast=...) (its fallback shown)
+    "mnist_bf16": dict(batch=1024, sizes=[784, 256, 10], bias=True, loss="cross_entropy",
+                       lr=1e-3, init="uniform", block=2, reps=(9, 2), activation="relu",
+                       optimizer=("adamw", {"lr": 1e-3}), data="labels", autocast="bfloat16"),
     # makemore's MLP (Karpathy, part 3): 3 characters embedded 27×10 and flattened, 30-200-27,
     # batch norm, tanh, cross-entropy, plain SGD, batch 32 of makemore's names data set
     "makemore": dict(batch=32, sizes=[30, 200, 27], bias=True, loss="cross_entropy", lr=0.1,
@@ -145,10 +151,24 @@ def _twin_step(model, loss_fn, opt, x, target, fwd=None):
     return loss.detach()
 
 
+def _twin_stepper(cfg, model, loss_fn, opt):
+    """The twin's step of the row as a function of (x, target): the stock script, under
+    torch.autocast for an autocast row (refnet.twin.autocast_step)."""
+    amp = cfg.get("autocast")
+    if amp is None:
+        return lambda x, target: _twin_step(model, loss_fn, opt, x, target)
+    dtype = getattr(torch, amp)
+    return lambda x, target: twin_mod.autocast_step(model, loss_fn, opt, x, target, dtype)[0]
+
+
 def _floor(cfg, params, x, target):
     """The manual step's matrix products alone, with the same operands' shapes and layouts (with
     an embedding: the products behind the lookup, on a float input of the flattened width)."""
     n, device, dtype = x.shape[0], x.device, params["layers.0.weight"].dtype
+    if cfg.get("autocast"):    # the products in the low dtype, operands cast beforehand
+        dtype = getattr(torch, cfg["autocast"])
+        params = {k: v.to(dtype) for k, v in params.items()}
+        x = x.to(dtype) if x.is_floating_point() else x
     if not x.is_floating_point():
         x = torch.rand((n, cfg["sizes"][0]), dtype=dtype, device=device)
     weights = [params[f"layers.{i}.weight"].clone() for i in range(len(cfg["sizes"]) - 1)]
@@ -273,33 +293,29 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
     graph = graph and not cfg.get("norm")   # CUDA graphs need FastMLP's specialised plan
     params = _params(cfg, dtype, device)
     x, target = _data(cfg, dtype, device)
+    amp = cfg.get("autocast")
     readable = _manual(cfg, params, momentum)
-    fast = FastMLP(_manual(cfg, params, momentum))
+    readable_step = AutocastMLP(readable, amp).train_step if amp else readable.train_step
+    fast = FastMLP(_manual(cfg, params, momentum), autocast=amp)
     model, loss_fn, opt = _twin(cfg, params, dtype, device, momentum)
+    twin_step = _twin_stepper(cfg, model, loss_fn, opt)
     losses = {"manual": [], "readable": [], "twin": []}
     variants = {
         "manual": lambda: losses["manual"].append(fast.train_step(x, target)),
-        "readable": lambda: losses["readable"].append(readable.train_step(x, target)),
-        "twin": lambda: losses["twin"].append(_twin_step(model, loss_fn, opt, x, target)),
+        "readable": lambda: losses["readable"].append(
+            readable_step(x, target)[0] if amp else readable_step(x, target)),
+        "twin": lambda: losses["twin"].append(twin_step(x, target)),
         "floor": _floor(cfg, params, x, target),
     }
-    compile_error, compile_seconds = None, None
-    if compile_:
-        c_model, c_loss, c_opt = _twin(cfg, params, dtype, device, momentum)
-        try:
-            from torch import _dynamo  # lazy: the compiler stack takes ~2.5 s to import
-            _dynamo.reset()
-            fwd = torch.compile(lambda xb, tb: c_loss(c_model(xb), tb))
-            t0 = time.perf_counter()
-            _twin_step(c_model, c_loss, c_opt, x, target, fwd)
-            compile_seconds = time.perf_counter() - t0
-            variants["compile"] = lambda: _twin_step(c_model, c_loss, c_opt, x, target, fwd)
-        except Exception as exc:  # noqa: BLE001 — any compiler failure is reported, not raised
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            compile_error = f"{type(exc).__name__}: {first_line}"
-    else:
-        compile_error = "skipped (--no-compile)"
-    if graph:
+    compile_seconds, compile_error = None, "skipped (--no-compile)"
+    if compile_ and amp:
+        compile_error = "skipped (autocast row)"
+    elif compile_:
+        variant, compile_seconds, compile_error = _compile_variant(
+            _twin(cfg, params, dtype, device, momentum), x, target)
+        if variant is not None:
+            variants["compile"] = variant
+    if graph and not amp:
         g_fast = FastMLP(_manual(cfg, params, momentum))
         g_step = CudaGraphStep(g_fast, x, target)
         variants["graph"] = lambda: g_step.train_step(x, target)
@@ -328,17 +344,18 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
     manual_peak = held_bytes(_manual_state(fast)) + step_peak_bytes(
         lambda: fast.train_step(x, target), device)
     twin_peak = held_bytes(_twin_state(model, opt)) + step_peak_bytes(
-        lambda: _twin_step(model, loss_fn, opt, x, target), device)
+        lambda: twin_step(x, target), device)
 
     calls = {"manual": step_calls(lambda: fast.train_step(x, target)),
-             "twin": step_calls(lambda: _twin_step(model, loss_fn, opt, x, target))}
+             "twin": step_calls(lambda: twin_step(x, target))}
 
     opt_name, opt_settings = _optimizer(cfg, momentum)
     ratio = lambda a, b: (med[a] / med[b]) if a in med and b in med else None  # noqa: E731
     row = {
         "size": name, "batch": cfg["batch"], "sizes": cfg["sizes"], "loss": cfg["loss"],
         "bias": cfg["bias"], "activation": _activation(cfg),
-        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "dtype": str(dtype).replace("torch.", ""), "autocast": amp,
+        "threads": torch.get_num_threads(),
         "optimizer": {"name": opt_name, **opt_settings},
         "momentum": opt_settings.get("momentum", 0.0),
         "autograd_over_manual": ratio("twin", "manual"),
@@ -354,6 +371,22 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
         "compile_seconds": compile_seconds, "compile_error": compile_error,
     }
     return row
+
+
+def _compile_variant(twin, x, target):
+    """(the compiled twin's step, compile seconds, None) or (None, None, the failure)."""
+    c_model, c_loss, c_opt = twin
+    try:
+        from torch import _dynamo  # lazy: the compiler stack takes ~2.5 s to import
+        _dynamo.reset()
+        fwd = torch.compile(lambda xb, tb: c_loss(c_model(xb), tb))
+        t0 = time.perf_counter()
+        _twin_step(c_model, c_loss, c_opt, x, target, fwd)
+        seconds = time.perf_counter() - t0
+        return (lambda: _twin_step(c_model, c_loss, c_opt, x, target, fwd)), seconds, None
+    except Exception as exc:  # noqa: BLE001 — any compiler failure is reported, not raised
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        return None, None, f"{type(exc).__name__}: {first_line}"
 
 
 def thread_counts(threads=None, device="cpu"):

@@ -76,11 +76,15 @@ def markdown(rep):
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rep["rows"]:
         lines.append(
-            f"| {r['size']} | {r['batch']} | {'-'.join(map(str, r['sizes']))} | {r['dtype']} "
+            f"| {r['size']} | {r['batch']} | {'-'.join(map(str, r['sizes']))} | {_dtype(r)} "
             f"| {r['threads']} | {r['median_seconds']['manual'] * 1e3:.3f} | {_ratio(r['autograd_over_manual'])} "
             f"| {_ratio(r['compile_over_manual'])} | {_ratio(r['manual_over_floor'])} "
             f"| {_ratio(r['readable_over_manual'])} | {_mib(r['manual_peak_bytes'])} "
             f"| {_mib(r['twin_peak_bytes'])} | {_calls(r)} | {'yes' if r['bitwise'] else 'no'} |")
+    fallbacks = {r["size"]: r["manual_fallback"] for r in rep["rows"] if r.get("manual_fallback")}
+    if fallbacks:
+        lines.append("")
+        lines += [f"`{size}`: the manual step falls back: {why}." for size, why in fallbacks.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +101,12 @@ def update_table(path, rep):
     write_text(path, head + MARK_START + "\n" + markdown(rep) + MARK_END + tail)
 
 
+def _dtype(r):
+    """The row's dtype; an autocast row's as float32 + the autocast dtype (amp bf16 / amp f16)."""
+    amp = r.get("autocast")
+    return r["dtype"] if not amp else f"amp {'bf16' if amp == 'bfloat16' else 'f16'}"
+
+
 def _mib(n):
     if n < 10 * 2**10:
         return f"{n} B"
@@ -111,14 +121,14 @@ def _ratio(v):
     return "-" if v is None else f"{v:.2f}"
 
 
-HEADER = (f"{'size':9s} {'batch':>5s} {'layers':16s} {'dtype':7s} {'thr':>3s} {'manual ms':>9s} "
+HEADER = (f"{'size':10s} {'batch':>5s} {'layers':16s} {'dtype':8s} {'thr':>3s} {'manual ms':>9s} "
           f"{'autograd/man':>12s} {'compile/man':>11s} {'man/floor':>9s} {'readable/man':>12s} "
           f"{'peak man':>11s} {'peak twin':>11s} {'calls m/t':>9s} bitwise")
 
 
 def format_row(r):
     layers = "-".join(map(str, r["sizes"]))
-    line = (f"{r['size']:9s} {r['batch']:5d} {layers:16s} {r['dtype']:7s} {r.get('threads', 0):3d} "
+    line = (f"{r['size']:10s} {r['batch']:5d} {layers:16s} {_dtype(r):8s} {r.get('threads', 0):3d} "
             f"{r['median_seconds']['manual'] * 1e3:9.3f} {_ratio(r['autograd_over_manual']):>12s} "
             f"{_ratio(r['compile_over_manual']):>11s} {_ratio(r['manual_over_floor']):>9s} "
             f"{_ratio(r['readable_over_manual']):>12s} {_mib(r['manual_peak_bytes']):>11s} "
