@@ -193,6 +193,21 @@ def _floor(cfg, params, x, target):
     return step
 
 
+def row_sides(name, device, momentum=0.0):
+    """One row's steps as functions of nothing, each on its own copy of the row's parameters and
+    data: {"manual": FastMLP's step, "twin": the stock script's, "floor": the GEMMs alone}, and
+    the manual step's fallback (None when specialised).  For per-op profiles
+    (refnet/bench_profile.py)."""
+    cfg = SIZES[name]
+    dtype, device = cfg.get("dtype", torch.float32), torch.device(device)
+    params = _params(cfg, dtype, device)
+    x, target = _data(cfg, dtype, device)
+    fast = FastMLP(_manual(cfg, params, momentum), autocast=cfg.get("autocast"))
+    twin_step = _twin_stepper(cfg, *_twin(cfg, params, dtype, device, momentum))
+    return {"manual": lambda: fast.train_step(x, target), "twin": lambda: twin_step(x, target),
+            "floor": _floor(cfg, params, x, target)}, fast.fallback
+
+
 # -- timing ------------------------------------------------------------------------------------
 def _time_block(fn, k, device):
     if device.type == "cuda":
@@ -225,7 +240,7 @@ def held_bytes(tensors):
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """Silence the profiler's C++ start/stop lines (they go to fd 2, below Python's sys.stderr)."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -248,7 +263,7 @@ def step_peak_bytes(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(device) - base
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
@@ -264,7 +279,7 @@ def step_calls(fn):
     ``aten::`` event not nested in another ``aten::`` event (ops dispatched from Python, from
     the autograd engine's backward nodes or from an optimizer; what an op calls inside is not
     counted again)."""
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return sum(1 for e in prof.events() if e.name.startswith("aten::")
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
@@ -400,7 +415,7 @@ def thread_counts(threads=None, device="cpu"):
 
 
 @contextlib.contextmanager
-def _no_fill():
+def no_fill():
     """torch.utils.deterministic.fill_uninitialized_memory off, restored on exit."""
     flags = deterministic_flags
     prev = flags.fill_uninitialized_memory
@@ -422,7 +437,7 @@ def run(size_names=None, device="cpu", dtype=None, quick=False, compile_=True,
     # step and not the fast path's preallocated buffers.  No op timed here has a
     # deterministic-only kernel, so the fill is the flag's only effect on these steps.
     try:
-        with determinism(device), _no_fill():
+        with determinism(device), no_fill():
             for name in names:
                 for n_threads in counts:
                     torch.set_num_threads(n_threads)

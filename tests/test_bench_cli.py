@@ -166,3 +166,19 @@ def test_mnist_bf16_row_runs_bitwise_with_its_fallback_shown(monkeypatch):
             assert "amp bf16" in format_row(r) and "falls back" in format_row(r)
     finally:
         torch.set_num_threads(saved)
+
+
+def test_profile_prints_each_side_and_writes_json(tmp_path):
+    out = tmp_path / "profile.json"
+    res = refnet("bench", "--profile", "xor", "--json", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    rep = json.loads(out.read_text())
+    assert rep["size"] == "xor" and rep["threads"] == 1 and set(rep["sides"]) == {
+        "manual", "twin", "floor"}
+    for side, data in rep["sides"].items():
+        ops = {op for op, _, _, _ in data["ops"]}
+        assert data["calls"] > 0 and data["profiled_ms_per_step"] > 0, side
+        assert all(0 <= share <= 1 for _, _, _, share in data["ops"]), side
+        assert side != "floor" or "aten::addmm" in ops
+        assert f"{side}: " in res.stdout
+    assert "step: Python and dispatch between ops" in res.stdout

@@ -9,7 +9,7 @@ import platform
 
 import torch
 
-from refnet import bench, report
+from refnet import bench, bench_profile, report
 from refnet.atomic import write_text
 from refnet.bench import SIZES
 from refnet.cli.common import EXIT_FAILED, EXIT_OK, positive_int
@@ -39,6 +39,10 @@ def add_parser(sub):
     p.add_argument("--table", "--readme", dest="table", metavar="FILE.md",
                    help=f"replace the table between {MARK_START} and {MARK_END} in this file "
                         f"(the documented one: {DOCS_PAGE}; --readme is an alias)")
+    p.add_argument("--profile", choices=list(SIZES), metavar="SIZE",
+                   help="instead of timing: the per-op profile of one size's step on each side "
+                        "(manual, twin, floor; top ops, their share of the side's time, calls per "
+                        "step) at --threads (default 1); --json writes it")
     p.add_argument("--nproc", type=positive_int(), metavar="N",
                    help="data-parallel bench: manual DP vs DDP step time and peak memory for "
                         "1..N processes (refnet/bench_dp.py, docs/data-parallel.md)")
@@ -156,6 +160,13 @@ def run(args):
             if f.read().count(MARK_START) != 1:
                 raise ValueError(f"--table: expected one {MARK_START} … {MARK_END} block in "
                                  f"{args.table}")
+    if args.profile:
+        rep = bench_profile.profile_row(args.profile, threads=args.threads or 1, device=device,
+                                        momentum=args.momentum)
+        print(bench_profile.format_profile(rep))
+        if args.json:
+            report.write_json(rep, args.json)
+        return EXIT_OK
     dtype = getattr(torch, args.dtype) if args.dtype else None
     print(HEADER, flush=True)
     rep = bench.run(args.sizes, device, dtype, quick=args.quick, compile_=not args.no_compile,
