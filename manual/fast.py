@@ -13,9 +13,14 @@ on the same operands in the same order, so the same roundings — but:
   or the arg-max, run the readable activation pair on the pre-activation buffer (their output
   and gradient are new tensors each step);
 * the losses: sum_squared and mse form the difference in the output buffer; cross_entropy runs
-  manual.losses' ops into buffers (the nll cascade's plan made once per batch size; the row sums
-  of d log-probabilities, which are −1/N exactly, kept) and writes d output into the output
-  buffer; svm runs the readable forward/backward (O(1) ops) and copies d output there;
+  manual.losses' ops into buffers (the nll cascade's plan bound to its buffers once per batch
+  size; the row sums of d log-probabilities, which are −1/N exactly, kept; the log-softmax
+  backward's float32 Sleef exp through kernel_order.LogSoftmaxBackwardExp, 17 ops into kept
+  buffers) and forms d log-probabilities and then d output in the output buffer itself (the
+  logits are not read after log_softmax); svm runs the readable forward/backward (O(1) ops) and
+  copies d output there;
+* views of the plan's buffers that ops take (a transpose for a GEMM, ReLU's integer view, the
+  labels' column) are made once and kept while the tensor is the same one;
 * the input gradient of the first layer, which a training step never uses, is not computed;
 * ``dloss`` = 1 (the seed autograd starts from) is not multiplied in where it would be the
   last op (x·1 = x exactly);
@@ -34,9 +39,13 @@ L2 regularization (``reg`` > 0) runs manual.losses.l2_forward / l2_backward, as 
 step does, and adds the weight terms into the gradient buffers (x + y in place, the same bits).
 
 What it does not specialise falls back to the readable code, visibly (``specialised`` is False,
-``fallback`` says why): an activation or loss it does not know runs the readable step; an
-optimizer that is not exactly manual.optim.SGD/Adam/AdamW (a subclass, extra state) runs its own
-``step``.  tests/test_fast.py checks bit identity with the readable path and the autograd twin
+``fallback`` says why): an activation or loss it does not know runs the readable step; a step
+under autocast (``FastMLP(mlp, autocast="bfloat16" | "float16")``) runs manual.autocast's
+AutocastMLP forward and backward, then the foreach update; an optimizer that is not exactly
+manual.optim.SGD/Adam/AdamW (a subclass, extra state) runs its own ``step``.  The specialised
+step also comes in two halves, ``forward_backward`` (gradients into ``grads``) and
+``apply_update`` (those or given ones, e.g. clipped): manual/fast_step.py's FastStep adds the
+schedule and clipping of manual/step.py on top (the update reads ``opt.lr`` on every call).  tests/test_fast.py checks bit identity with the readable path and the autograd twin
 for every loss × optimizer pair, every activation, reg and bias on/off, and with the readable
 path for every optional layer (batch norm train/eval, layer norm, dropout train/eval,
 embedding, makemore's embedding + batch norm) × loss × optimizer setting.  The plan depends on
