@@ -341,7 +341,7 @@ def ln_lanes(dtype, device):
 
 
 def _ln_row_sum_plain(factors, lanes):
-    """ln_row_sum where the kernel has no full vector: D < lanes (left to right) or lanes 0."""
+    """LnRowSums.sum where the kernel has no full vector: D < lanes (left to right) or lanes 0."""
     terms = factors[0] * factors[1]
     terms = terms * factors[2] if len(factors) == 3 else terms
     if not lanes:
