@@ -20,7 +20,11 @@ torch.profiler(profile_memory=True), summed in time order.  CUDA: max_memory_all
 reset_peak_memory_stats(), minus memory_allocated() at the start.  Inputs and targets (the same
 for both) and BLAS-internal workspaces (outside torch's allocator) are not counted.
 
-One module (about 370 lines) because it is one measurement: the variants, their timing and their
+An autocast row (``autocast`` in its SIZES entry, e.g. mnist_bf16) runs the twin as the stock
+torch.autocast script, the manual side through FastMLP(autocast=…) (its fallback is reported),
+the readable side as manual.autocast.AutocastMLP and the floor's GEMMs in the low dtype.
+
+One module (about 460 lines) because it is one measurement: the variants, their timing and their
 memory are taken on the same copies in one interleaved run.
 """
 import contextlib
