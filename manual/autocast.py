@@ -28,7 +28,7 @@ import torch
 from manual.activations import ACTIVATIONS, activation_forward
 from manual.dropout import dropout_backward, dropout_forward
 from manual.embedding import embedding_backward, embedding_forward
-from manual.layers import linear_backward, linear_forward
+from manual.layers import linear_backward, linear_forward, linear_param_grads
 from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,17 +69,22 @@ def autocast_linear_forward(h, weight, bias, dtype):
     return out, (cache, h_dtype, weight_dtype)
 
 
-def autocast_linear_backward(dout, cache):
+def autocast_linear_backward(dout, cache, input_grad=True):
     """dout (N, H) in L -> dh (N, D) in h's dtype, dweight (H, D) and dbias (H,) float32.
+    input_grad False: dh is None (not computed: a first layer's, which a step never uses).
 
     Bits: the product and the bias sum run in L (linear_backward on the L copies), then each
     gradient is cast up once at its leaf.  Summing the bias gradient in float32 instead differs.
     """
     # out = h·Wᵀ + b in L  ⇒  dh, dW, db as linear_backward, in L;  each cast's backward casts back
     lin_cache, h_dtype, weight_dtype = cache
-    dh_low, dweight_low, dbias_low = linear_backward(dout, lin_cache)
+    if input_grad:
+        dh_low, dweight_low, dbias_low = linear_backward(dout, lin_cache)
+    else:
+        dh_low, (dweight_low, dbias_low) = None, linear_param_grads(dout, lin_cache)
     dbias = None if dbias_low is None else cast_backward(dbias_low, weight_dtype)
-    return cast_backward(dh_low, h_dtype), cast_backward(dweight_low, weight_dtype), dbias
+    dh = None if dh_low is None else cast_backward(dh_low, h_dtype)
+    return dh, cast_backward(dweight_low, weight_dtype), dbias
 
 
 # --- activations in the low dtype -------------------------------------------------------------
@@ -225,7 +230,9 @@ class AutocastMLP:
             if i < net.n_layers - 1:
                 dh = dropout_backward(dh, drop_cache)
                 dh = autocast_activation_backward(net.activations[i], dh, act_cache)
-            dh, grads[f"layers.{i}.weight"], dbias = autocast_linear_backward(dh, lin_cache)
+            input_grad = i > 0 or emb_cache is not None    # x's own gradient is never used
+            dh, grads[f"layers.{i}.weight"], dbias = autocast_linear_backward(dh, lin_cache,
+                                                                              input_grad)
             if dbias is not None:
                 grads[f"layers.{i}.bias"] = dbias
         if emb_cache is not None:       # dh came back up to float32 through the first cast
