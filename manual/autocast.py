@@ -28,7 +28,7 @@ import torch
 from manual.activations import ACTIVATIONS, activation_forward
 from manual.dropout import dropout_backward, dropout_forward
 from manual.embedding import embedding_backward, embedding_forward
-from manual.layers import linear_backward, linear_forward
+from manual.layers import linear_backward, linear_forward, linear_param_grads
 from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,8 +75,9 @@ def autocast_linear_forward(h, weight, bias, dtype):
     return out, (cache, h_dtype, weight_dtype)
 
 
-def autocast_linear_backward(dout, cache, low=None):
+def autocast_linear_backward(dout, cache, input_grad=True, low=None):
     """dout (N, H) in L -> dh (N, D) in h's dtype, dweight (H, D) and dbias (H,) float32.
+    input_grad False: dh is None (not computed: a first layer's, which a step never uses).
 
     Bits: the product and the bias sum run in L (linear_backward on the L copies), then each
     gradient is cast up once at its leaf.  Summing the bias gradient in float32 instead differs.
@@ -84,11 +85,15 @@ def autocast_linear_backward(dout, cache, low=None):
     """
     # out = h·Wᵀ + b in L  ⇒  dh, dW, db as linear_backward, in L;  each cast's backward casts back
     lin_cache, h_dtype, weight_dtype = cache
-    dh_low, dweight_low, dbias_low = linear_backward(dout, lin_cache)
+    if input_grad:
+        dh_low, dweight_low, dbias_low = linear_backward(dout, lin_cache)
+    else:
+        dh_low, (dweight_low, dbias_low) = None, linear_param_grads(dout, lin_cache)
     if low is not None:
         low.update(input=dh_low, weight=dweight_low, bias=dbias_low)
     dbias = None if dbias_low is None else cast_backward(dbias_low, weight_dtype)
-    return cast_backward(dh_low, h_dtype), cast_backward(dweight_low, weight_dtype), dbias
+    dh = None if dh_low is None else cast_backward(dh_low, h_dtype)
+    return dh, cast_backward(dweight_low, weight_dtype), dbias
 
 
 # --- activations in the low dtype -------------------------------------------------------------
@@ -258,8 +263,11 @@ class AutocastMLP:
                 _record(trace, f"layers.{i}.grad_activation", dh)
                 dh = autocast_activation_backward(net.activations[i], dh, act_cache)
             _record(trace, f"layers.{i}.grad_pre_activation", dh)
+            # x's own gradient is never used by a step; a trace (the fixtures) records it
+            input_grad = i > 0 or emb_cache is not None or trace is not None
             low = None if trace is None else {}
-            dh, grads[f"layers.{i}.weight"], dbias = autocast_linear_backward(dh, lin_cache, low)
+            dh, grads[f"layers.{i}.weight"], dbias = autocast_linear_backward(dh, lin_cache,
+                                                                              input_grad, low)
             if dbias is not None:
                 grads[f"layers.{i}.bias"] = dbias
             for part, t in (low or {}).items():
