@@ -26,10 +26,12 @@ Traps mirrored here (torch's behaviour, measured):
 import torch
 
 from manual.activations import ACTIVATIONS, activation_forward
+from manual.clip import clip_grad_norm
 from manual.dropout import dropout_backward, dropout_forward
 from manual.embedding import embedding_backward, embedding_forward
 from manual.layers import linear_backward, linear_forward
 from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward
+from manual.step import accumulate_grads, micro_batch_seed
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -231,16 +233,42 @@ class AutocastMLP:
                 grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dweight_reg
         return {name: grads[name] for name in net.params}
 
-    def train_step(self, x, target, scaler=None):
-        """forward, backward, optimizer step (through scaler when given, which may skip it).
-        Returns (float32 loss before the update, whether the optimizer stepped)."""
-        loss, cache = self.forward(x, target)
-        if scaler is None:
-            grads = self.backward(cache)
-            self.net.step(grads)
-            return loss, True
-        grads = self.backward(cache, scaler.scale_seed(loss.device))
-        stepped = scaler.step(self.net.optimizer, self.net.params, grads)
-        scaler.update()
-        return loss, stepped
+    def train_step(self, x, target, scaler=None, clip=None, order=None):
+        """One optimizer step as the stock script runs it; x, target one batch, or lists of the
+        step's k micro-batches:
 
+            for each micro-batch:  with autocast: loss = criterion(model(x), y) / k
+                                   scaler.scale(loss).backward()   (no scaler: loss.backward())
+            scaler.unscale_(opt)                  (only with clip: the true gradients are clipped)
+            clip_grad_norm_(params, **clip)       (clip: {"max_norm", "norm_type"}; optional)
+            scaler.step(opt); scaler.update()     (no scaler: opt.step())
+
+        Each backward starts from S / k (no scaler: 1 / k; manual.step.micro_batch_seed); the
+        float32 leaf gradients are summed over micro-batches as AccumulateGrad does.  A scaler
+        skips the optimizer when a gradient was non-finite at unscale time; clipping still
+        measures it (an inf or NaN total norm, as clip_grad_norm_ returns).  order: the
+        parameter names in the twin's parameters() order (the norm of norms; default the net's).
+        -> dict: loss (float32, Σ loss_i / k before the update), stepped (bool), total_norm and
+        clip_coef (0-d tensors; None without clip)."""
+        micro = list(zip(x, target)) if isinstance(x, (list, tuple)) else [(x, target)]
+        scale = None if scaler is None else scaler.scale_seed(micro[0][0].device)
+        grads = loss = None
+        for xb, tb in micro:
+            loss_i, cache = self.forward(xb, tb)
+            seed = micro_batch_seed(len(micro), loss_i, scale)
+            grads = accumulate_grads(grads, self.backward(cache, seed))
+            loss_i = loss_i / len(micro)
+            loss = loss_i if loss is None else loss + loss_i
+        out = {"loss": loss, "stepped": True, "total_norm": None, "clip_coef": None}
+        if clip is not None:
+            if scaler is not None:
+                scaler.unscale_(grads)
+            names = list(order) if order is not None else list(self.net.params)
+            grads, out["total_norm"], out["clip_coef"] = clip_grad_norm(
+                {n: grads[n] for n in names}, clip["max_norm"], clip.get("norm_type", 2.0))
+        if scaler is None:
+            self.net.step(grads)
+            return out
+        out["stepped"] = scaler.step(self.net.optimizer, self.net.params, grads)
+        scaler.update()
+        return out

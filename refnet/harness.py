@@ -72,23 +72,12 @@ def build_pair(spec, params=None):
     pair = Pair(spec, mlp, twin, twin_mod.loss_module(spec.loss, spec.reg, twin), twin_opt,
                 schedule, twin_sched)
     if spec.autocast is not None:
-        check_autocast_combination(spec)
         pair.amp = AutocastMLP(mlp, spec.autocast)
         settings = spec.scaler_settings
         if settings is not None:
             pair.scaler = GradScaler(**settings)
             pair.twin_scaler = twin_mod.make_grad_scaler(settings, device)
     return pair
-
-
-def check_autocast_combination(spec):
-    """The training-step keys autocast is not wired with yet, refused by name in one line."""
-    for key, on in (("accumulate", spec.accumulate > 1),
-                    ("clip_grad_norm", spec.clip_grad_norm is not None)):
-        if on:
-            raise ValueError(f"{key}: not wired together with autocast yet (the GradScaler's "
-                             f"unscale_ before clipping, the scaled seed divided by k); use one "
-                             f"or the other")
 
 
 def twin_forward_backward(pair, x, target, input_grad=True):
@@ -228,7 +217,8 @@ def _autocast_step(pair, xb, tb):
     train_step (its casts written out; with spec.grad_scaler manual/grad_scaler.py's scale,
     unscale, inf check, skip and update) vs refnet.twin.autocast_step, the stock script
     (``with torch.autocast``, ``scaler.scale(loss).backward()``, ``scaler.step``,
-    ``scaler.update``).  out.scale_m / scale_t: the loss scale the step used; out.stepped_m /
+    ``scaler.update``), over spec.accumulate micro-batches and with spec.clip_grad_norm after
+    the scaler's unscale_.  out.scale_m / scale_t: the loss scale the step used; out.stepped_m /
     stepped_t: whether each side's optimizer stepped (a GradScaler skips on overflow)."""
     out = StepOut(None, None)
     _set_rates(pair, out)
@@ -237,10 +227,14 @@ def _autocast_step(pair, xb, tb):
         # (a double); the step multiplies by the float32 tensor, so that is the value recorded
         twin_scale = torch.tensor(pair.twin_scaler.get_scale(), dtype=torch.float32)
         out.scale_m, out.scale_t = float(pair.scaler.scale), float(twin_scale)
-    loss_m, out.stepped_m = pair.amp.train_step(xb, tb, pair.scaler)
-    loss_t, out.stepped_t = twin_mod.autocast_step(pair.twin, pair.twin_loss, pair.twin_opt, xb,
-                                                   tb, pair.spec.autocast_dtype, pair.twin_scaler)
-    out.loss_m, out.loss_t = loss_m.detach(), loss_t
+    clip = pair.spec.clip_grad_norm
+    order = [name for name, _ in pair.twin.named_parameters()]
+    m = pair.amp.train_step(xb, tb, pair.scaler, clip, order)
+    t = twin_mod.autocast_step(pair.twin, pair.twin_loss, pair.twin_opt, xb, tb,
+                               pair.spec.autocast_dtype, pair.twin_scaler, clip)
+    out.loss_m, out.loss_t = m["loss"].detach(), t["loss"]
+    out.stepped_m, out.stepped_t = m["stepped"], t["stepped"]
+    out.norm_m, out.coef, out.norm_t = m["total_norm"], m["clip_coef"], t["total_norm"]
     _step_schedules(pair)
     return out
 
@@ -383,9 +377,11 @@ def step_curves(outs, strict_bits=False):
                for side in ("lr_m", "lr_t")]
         verdicts.append(compare_curves("lr_curve", *lrs, tier=tier))
     if outs and outs[0].norm_m is not None:
+        # under a GradScaler an overflow step's total norm is inf or NaN on both sides (the step
+        # is skipped): NaN at the same steps is agreement there, never without a scaler
         verdicts.append(compare_curves("clip_norm_curve", torch.stack([o.norm_m for o in outs]),
                                        torch.stack([o.norm_t for o in outs]),
-                                       tier=tier))
+                                       tier=tier, nan_propagation=outs[0].scale_m is not None))
     if outs and outs[0].scale_m is not None:
         scales = [torch.tensor([getattr(o, side) for o in outs], dtype=torch.float64)
                   for side in ("scale_m", "scale_t")]

@@ -75,8 +75,9 @@ def run_both(act, loss, opt, dtype, scaler=None, steps=STEPS, **layers):
     history, parted = [], None
     for step in range(steps):
         x, target = _batch(gen, loss, layers.get("embedding"))
-        loss_m, stepped_m = manual_amp.train_step(x, target, ms)
-        loss_t, stepped_t = twin_mod.autocast_step(twin, loss_fn, twin_opt, x, target, dtype, ts)
+        m = manual_amp.train_step(x, target, ms)
+        t = twin_mod.autocast_step(twin, loss_fn, twin_opt, x, target, dtype, ts)
+        (loss_m, stepped_m), (loss_t, stepped_t) = (m["loss"], m["stepped"]), (t["loss"], t["stepped"])
         same = _same(loss_m, loss_t) and stepped_m == stepped_t and all(
             _same(net.params[k], p.detach()) for k, p in twin.named_parameters())
         if ms is not None:
@@ -309,9 +310,10 @@ def test_spec_runs_bitwise(name):
     x, target = refnet.load_data(spec)
     curve_m, curve_t, skipped = [], [], []
     for step in range(spec.steps):
-        loss_m, stepped_m = manual_amp.train_step(x, target, ms)
-        loss_t, stepped_t = twin_mod.autocast_step(pair.twin, pair.twin_loss, pair.twin_opt, x,
-                                                   target, spec.autocast_dtype, ts)
+        m = manual_amp.train_step(x, target, ms)
+        t = twin_mod.autocast_step(pair.twin, pair.twin_loss, pair.twin_opt, x, target,
+                                   spec.autocast_dtype, ts)
+        (loss_m, stepped_m), (loss_t, stepped_t) = (m["loss"], m["stepped"]), (t["loss"], t["stepped"])
         assert stepped_m == stepped_t, step
         curve_m.append(loss_m)
         curve_t.append(loss_t)
@@ -347,7 +349,7 @@ def test_scaler_state_moves_between_manual_and_torch_mid_run():
             ms.load_state_dict(ts_state)
             ts.load_state_dict(ms_state)
         x, target = _batch(gen, "mse")
-        _, stepped = manual_amp.train_step(x, target, ms)
+        stepped = manual_amp.train_step(x, target, ms)["stepped"]
         twin_mod.autocast_step(twin, loss_fn, twin_opt, x, target, torch.float16, ts)
         resumed.append({"stepped": stepped, "scale": float(ms.scale)})
         assert float(ms.scale) == ts.get_scale(), step

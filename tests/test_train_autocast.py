@@ -56,15 +56,17 @@ def run(capsys, *args):
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("over, message", [
-    (dict(accumulate=2), "accumulate: not wired together with autocast yet"),
-    (dict(clip_grad_norm={"max_norm": 1.0}), "clip_grad_norm: not wired together with autocast"),
-])
-def test_autocast_with_unwired_step_keys_is_refused(tmp_path, capsys, over, message):
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(fp16(**over).to_dict()))
-    code, err = run(capsys, "train", "--spec", path)
-    assert code != 0 and err.strip().count("\n") == 0 and message in err, err
+def test_train_runs_accumulation_and_clipping_under_the_scaler_bitwise(tmp_path):
+    """accumulate and clip_grad_norm with fp16 autocast and a GradScaler through `train`: the
+    overflow steps skipped alike (their total norm inf or NaN on both sides), bitwise."""
+    spec = fp16(steps=16, accumulate=2, clip_grad_norm={"max_norm": 0.05})
+    summary = train_mod.train(spec, tmp_path / "run", check_every=5)
+    assert summary["status"] == "completed" and summary["tier"] == "bitwise", summary
+    skipped = summary["grad_scaler"]["skipped_steps"]
+    assert skipped[:3] == [0, 1, 2] and len(skipped) < 16
+    assert summary["grad_scaler"]["same_skips_both_sides"]
+    clipping = summary["clipping"]   # the skipped steps clipped nothing: counted apart
+    assert clipping["steps"] == 16 - len(skipped) and 0 < clipping["max_total_norm"] < 1e3
 
 
 @pytest.mark.parametrize("verb", [["train", "--nproc", "2"], ["export", "--out", "OUT"]])
