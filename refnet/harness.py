@@ -412,9 +412,10 @@ def twin_checks(spec, x, target, strict_bits=False, prefix="", record=None):
     return checks
 
 
-def spec_checks(spec, strict_bits=False, data=None, fd_settings=None):
+def spec_checks(spec, strict_bits=False, data=None, fd_settings=None, record=None):
     """The checks of a user's spec: twin_checks, then finite differences and gradcheck in float64
-    (refnet.oracles.fd).  data: (x, target) instead of the spec's data set."""
+    (refnet.oracles.fd).  data: (x, target) instead of the spec's data set; record: a list for
+    the training run's StepOuts."""
     x, target = load_data(spec) if data is None else data
-    return twin_checks(spec, x, target, strict_bits) + fd.fd_checks(spec, data=data,
-                                                                      settings=fd_settings)
+    return twin_checks(spec, x, target, strict_bits, record=record) + fd.fd_checks(
+        spec, data=data, settings=fd_settings)

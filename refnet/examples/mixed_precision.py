@@ -6,6 +6,8 @@ loss curve (with, under the scaler, every step's loss scale and whether it was s
 final parameters.  Autocast examples run in float32 only (autocast casts float32 tensors) and on
 the CPU (CUDA's autocast lists differ; not graded here).
 """
+from manual.autocast import AUTOCAST_BACKWARD
+from refnet.compare import Check
 from refnet.data import load_data
 from refnet.examples import register
 from refnet.examples._common import claim_check
@@ -53,4 +55,35 @@ def run_circles_fp16_scaler(ctx):
         f"skipped steps manual {skipped_m}, twin {skipped_t} (the same); scale history "
         + ", ".join(f"step {s}: {v:g}" for s, v in history),
         {"skipped_steps": len(skipped_m), "steps": len(outs), "final_scale": outs[-1].scale_m}))
+    return checks
+
+
+# every activation mirrored under autocast, each dtype: the low-precision backward rules of
+# manual/autocast.py (AUTOCAST_BACKWARD) in the main job.  float16 with a GradScaler whose scale
+# grows by 1.5 (not a power of two: an unscale by division would round differently)
+GRID_SCALER = {"init_scale": 2.0 ** 16, "growth_factor": 1.5, "growth_interval": 2}
+GRID_STEPS = 10
+
+
+def activation_grid_spec(activation, autocast, device="cpu"):
+    return Spec(sizes=[2, 16, 16, 3], activation=activation, loss="cross_entropy", data="spiral",
+                n_samples=90, batch_size=30, dtype="float32", device=device, autocast=autocast,
+                grad_scaler=GRID_SCALER if autocast == "float16" else None,
+                optimizer={"name": "adam", "lr": 1e-2}, steps=GRID_STEPS,
+                name=f"autocast_{activation}_{autocast}")
+
+
+@register("autocast_activations", "every activation mirrored under autocast (bf16; fp16 with a "
+          "GradScaler growing by 1.5): gradients at init, curve and final parameters",
+          "issue 23", dtypes=("float32",), devices=("cpu",))
+def run_autocast_activations(ctx):
+    """One row per activation and autocast dtype: the three checks of twin_checks in one."""
+    checks = []
+    for autocast in ("bfloat16", "float16"):
+        for act in sorted(AUTOCAST_BACKWARD):
+            spec = activation_grid_spec(act, autocast, ctx.device)
+            x, target = load_data(spec)
+            parts = twin_checks(spec, x, target, ctx.strict_bits)
+            checks.append(Check(f"{autocast}.{act}", [v for c in parts for v in c.verdicts],
+                                note=parts[0].note, expected=parts[-1].expected))
     return checks
