@@ -20,7 +20,8 @@ from manual.step import accumulate_grads, micro_batch_seed
 from refnet import data as datasets
 from refnet import not_bitwise
 from refnet import twin as twin_mod
-from refnet.compare import Check, compare_curves, compare_tensors, magnitude, required_tier
+from refnet.compare import (Check, compare_curves, compare_tensors, magnitude, required_tier,
+                            tolerance)
 from refnet.data import load_data
 from refnet.oracles import fd
 from refnet.spec import Spec
@@ -120,10 +121,22 @@ def gradient_checks(pair, x, target, strict_bits=False, prefix=""):
     return verdicts
 
 
+def grading_bounds(spec, kind):
+    """{rtol, atol} for compare_tensors / compare_curves where the default float32 ones do not
+    fit: autocast on CUDA, where both sides differ in L's precision (refnet.not_bitwise,
+    "autocast:*"): L's TOLERANCES.  {} elsewhere (the compared tensors' own dtype decides)."""
+    if spec.autocast is None or not str(spec.device).startswith("cuda"):
+        return {}
+    rtol, atol = tolerance(spec.autocast_dtype, kind)
+    return {"rtol": rtol, "atol": atol}
+
+
 def autocast_gradient_checks(pair, x, target, strict_bits=False, prefix=""):
     """Under autocast: the float32 loss and the float32 parameter gradients (cast up at the
-    leaves) of manual.autocast.AutocastMLP vs the twin's forward and loss inside torch.autocast."""
+    leaves) of manual.autocast.AutocastMLP vs the twin's forward and loss inside torch.autocast
+    (on CUDA graded with L's tolerances: grading_bounds)."""
     tier = required_tier(strict_bits=strict_bits)
+    fwd, grad = grading_bounds(pair.spec, "forward"), grading_bounds(pair.spec, "grad")
     loss_m, cache = pair.amp.forward(x, target)
     grads_m = pair.amp.backward(cache)
     pair.twin_opt.zero_grad(set_to_none=True)
@@ -131,8 +144,9 @@ def autocast_gradient_checks(pair, x, target, strict_bits=False, prefix=""):
         loss_t = pair.twin_loss(pair.twin(x), target)
     loss_t.backward()
     grads_t = twin_mod.grads_of(pair.twin)
-    return [compare_tensors(prefix + "loss", loss_m, loss_t.detach(), "forward", tier=tier)] + [
-        compare_tensors(f"{prefix}{name}.grad", g, grads_t[name], "grad", tier=tier)
+    return [compare_tensors(prefix + "loss", loss_m, loss_t.detach(), "forward", tier=tier,
+                            **fwd)] + [
+        compare_tensors(f"{prefix}{name}.grad", g, grads_t[name], "grad", tier=tier, **grad)
         for name, g in grads_m.items()]
 
 
@@ -358,11 +372,13 @@ def curve_checks(pair, x, target, steps, batch_size=None, seed=0, strict_bits=Fa
     tier = required_tier(strict_bits=strict_bits)
     outs = [] if record is None else record
     losses_m, losses_t = train_lockstep(pair, x, target, steps, batch_size, seed, record=outs)
-    verdicts = [compare_curves("loss_curve", losses_m, losses_t, tier=tier)]
+    bounds = grading_bounds(pair.spec, "curve")
+    verdicts = [compare_curves("loss_curve", losses_m, losses_t, tier=tier, **bounds)]
     verdicts += step_curves(outs, strict_bits)
     final_t = twin_mod.params_of(pair.twin)
     for name, p in pair.mlp.params.items():
-        verdicts.append(compare_tensors(f"final.{name}", p, final_t[name], "curve", tier=tier))
+        verdicts.append(compare_tensors(f"final.{name}", p, final_t[name], "curve", tier=tier,
+                                        **bounds))
     return verdicts, (losses_m, losses_t)
 
 

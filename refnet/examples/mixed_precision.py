@@ -3,8 +3,9 @@ the GEMMs and activations in bfloat16 / float16 under ``torch.autocast("cpu", dt
 in float32 (manual/autocast.py), and for float16 a GradScaler (manual/grad_scaler.py vs
 torch.amp.GradScaler).  Checked bitwise on CPU: the gradients of one autocast step at init, the
 loss curve (with, under the scaler, every step's loss scale and whether it was skipped) and the
-final parameters.  Autocast examples run in float32 only (autocast casts float32 tensors) and on
-the CPU (CUDA's autocast lists differ; not graded here).
+final parameters.  Autocast examples run in float32 only (autocast casts float32 tensors).  On
+CUDA (other autocast lists, other kernels) they run at the tolerance tier with L's bounds
+(refnet/not_bitwise.py, "autocast:*"; training unbounded, graded and reported).
 """
 from manual.autocast import AUTOCAST_BACKWARD
 from refnet.compare import Check
@@ -33,7 +34,7 @@ def circles_fp16_spec(dtype="float32", device="cpu"):
 
 
 @register("spiral_bf16", "the spiral classifier under bf16 autocast, AdamW", "issue 23",
-          spec=spiral_bf16_spec, dtypes=("float32",), devices=("cpu",))
+          spec=spiral_bf16_spec, dtypes=("float32",), devices=("cpu", "cuda"))
 def run_spiral_bf16(ctx):
     spec = spiral_bf16_spec(ctx.dtype_name, ctx.device)
     x, target = load_data(spec)
@@ -41,7 +42,7 @@ def run_spiral_bf16(ctx):
 
 
 @register("circles_fp16_scaler", "circles under fp16 autocast with a GradScaler whose first scale "
-          "overflows", "issue 23", spec=circles_fp16_spec, dtypes=("float32",), devices=("cpu",))
+          "overflows", "issue 23", spec=circles_fp16_spec, dtypes=("float32",), devices=("cpu", "cuda"))
 def run_circles_fp16_scaler(ctx):
     spec = circles_fp16_spec(ctx.dtype_name, ctx.device)
     x, target = load_data(spec)
@@ -75,7 +76,7 @@ def activation_grid_spec(activation, autocast, device="cpu"):
 
 @register("autocast_activations", "every activation mirrored under autocast (bf16; fp16 with a "
           "GradScaler growing by 1.5): gradients at init, curve and final parameters",
-          "issue 23", dtypes=("float32",), devices=("cpu",))
+          "issue 23", dtypes=("float32",), devices=("cpu", "cuda"))
 def run_autocast_activations(ctx):
     """One row per activation and autocast dtype: the three checks of twin_checks in one."""
     checks = []
