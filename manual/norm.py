@@ -209,8 +209,14 @@ def layernorm_dx_coefficients(dout, x, w, mu, rstd, work=None):
     """(x_coef, const), each (N, 1), of layernorm_backward's dx = rstd·w·dy + x_coef·x + const
     (mu, rstd: (N, 1)), formed as layer_norm_kernel.cpp forms them (its FMA contractions; the row
     sums in its lane order; work: a buffer for them, kernel_order.ln_row_sums)."""
-    scale = 1.0 / x.shape[1]
     sum_dyw_x, sum_dyw = kernel_order.ln_row_sums(dout, x, w, work)      # Σⱼ dy·w·x, Σⱼ dy·w
+    return layernorm_coefficients(sum_dyw_x, sum_dyw, mu, rstd, x.shape[1])
+
+
+def layernorm_coefficients(sum_dyw_x, sum_dyw, mu, rstd, n):
+    """(x_coef, const) from the two row sums (each (N, 1)), with the kernel's FMA contractions:
+    x_coef = fma(Σdy·w, μ, −Σdy·w·x)·rstd³/n,  const = fma(−x_coef, μ, −Σdy·w·rstd/n)."""
+    scale = 1.0 / n
     x_coef = torch.addcmul(-sum_dyw_x, sum_dyw, mu) * rstd * rstd * rstd * scale
     const = torch.addcmul(-(sum_dyw * rstd * scale), -x_coef, mu)
     return x_coef, const

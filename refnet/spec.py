@@ -217,7 +217,7 @@ class Spec:
         if self.dtype != "float32":
             raise ValueError(f"autocast: needs dtype float32 (the master weights), got dtype "
                              f"{self.dtype}; autocast casts only float32 tensors")
-        if self.norm is not None:
+        if self.norm == "batchnorm":
             raise ValueError(AUTOCAST_REFUSED["norm"].format(norm=self.norm))
         if not autocast_supported(self.device, self.autocast):
             raise ValueError(f"autocast: {self.autocast} is not supported on device "

@@ -37,7 +37,7 @@ FUZZ_FD = FDSettings(per_tensor=6)
 
 
 def _autocast(draw, eligible):
-    """autocast and grad_scaler: off mostly; where eligible (float32, no norm layer, activations
+    """autocast and grad_scaler: off mostly; where eligible (float32, no batch norm, activations
     mirrored under autocast) bfloat16 or float16, ± a scaler: torch's defaults, or settings whose
     first scale is high enough to overflow now and then (float16 above 65504; bfloat16, float32's
     range, only near 2^127), with factors that are not powers of two among them."""
@@ -84,8 +84,8 @@ def specs(draw):
         else draw(st.sampled_from(acts))
     opt_name = draw(st.sampled_from(sorted(manual.OPTIMIZERS)))
     make = OPTIMIZER_SETTINGS.get(opt_name, lambda d: {"lr": 0.01})
-    norm = draw(st.sampled_from([None, None, "batchnorm", "layernorm"])) \
-        if depth > 1 and not amp else None
+    norms = [None, None, "layernorm"] if amp else [None, None, "batchnorm", "layernorm"]
+    norm = draw(st.sampled_from(norms)) if depth > 1 else None   # batch norm: refused under autocast
     embedding = None
     if draw(st.integers(0, 4)) == 0:        # now and then: integer tokens through an embedding
         embedding = {"vocab": draw(st.integers(1, 30)), "dim": draw(st.integers(1, 6)),
@@ -127,7 +127,8 @@ def step_events(spec, outs):
     """What the drawn spec exercised, for hypothesis's statistics (pytest --hypothesis-show-statistics):
     autocast dtype, scaler and whether it overflowed (skipped steps), clipping active or not,
     accumulation and the schedule."""
-    event(f"autocast: {spec.autocast or 'off'}")
+    event(f"autocast: {spec.autocast or 'off'}" + (f" with {spec.norm}" if spec.autocast and spec.norm
+                                                    else ""))
     if spec.grad_scaler not in (None, False):
         skipped = sum(not o.stepped_m for o in outs)
         event(f"grad_scaler: {'overflow, skipped steps' if skipped else 'no overflow'}")

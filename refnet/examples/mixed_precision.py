@@ -66,25 +66,29 @@ GRID_SCALER = {"init_scale": 2.0 ** 16, "growth_factor": 1.5, "growth_interval":
 GRID_STEPS = 10
 
 
-def activation_grid_spec(activation, autocast, device="cpu"):
+def activation_grid_spec(activation, autocast, device="cpu", norm=None):
     return Spec(sizes=[2, 16, 16, 3], activation=activation, loss="cross_entropy", data="spiral",
                 n_samples=90, batch_size=30, dtype="float32", device=device, autocast=autocast,
+                norm=norm,
                 grad_scaler=GRID_SCALER if autocast == "float16" else None,
                 optimizer={"name": "adam", "lr": 1e-2}, steps=GRID_STEPS,
-                name=f"autocast_{activation}_{autocast}")
+                name=f"autocast_{activation}_{autocast}" + (f"_{norm}" if norm else ""))
 
 
-@register("autocast_activations", "every activation mirrored under autocast (bf16; fp16 with a "
-          "GradScaler growing by 1.5): gradients at init, curve and final parameters",
+@register("autocast_activations", "every activation mirrored under autocast, and tanh after a "
+          "layer norm (bf16; fp16 with a GradScaler growing by 1.5): gradients at init, curve and "
+          "final parameters",
           "issue 23", dtypes=("float32",), devices=("cpu", "cuda"))
 def run_autocast_activations(ctx):
-    """One row per activation and autocast dtype: the three checks of twin_checks in one."""
+    """One row per activation and autocast dtype (and a layer norm row per dtype): the three
+    checks of twin_checks in one."""
     checks = []
     for autocast in ("bfloat16", "float16"):
-        for act in sorted(AUTOCAST_BACKWARD):
-            spec = activation_grid_spec(act, autocast, ctx.device)
+        rows = [(act, None) for act in sorted(AUTOCAST_BACKWARD)] + [("tanh", "layernorm")]
+        for act, norm in rows:
+            spec = activation_grid_spec(act, autocast, ctx.device, norm)
             x, target = load_data(spec)
             parts = twin_checks(spec, x, target, ctx.strict_bits)
-            checks.append(Check(f"{autocast}.{act}", [v for c in parts for v in c.verdicts],
+            checks.append(Check(f"{autocast}.{norm or act}", [v for c in parts for v in c.verdicts],
                                 note=parts[0].note, expected=parts[-1].expected))
     return checks
