@@ -6,7 +6,8 @@ the AutocastCPU lists):
     lower precision  linear / addmm / mm / matmul: float32 inputs are cast to L first
     float32          mse_loss, cross_entropy_loss, nll_loss, multi_margin_loss: cast up first
     untouched        everything else (the activations, dropout, embedding, pow, sum, the norms):
-                     it runs in whatever dtype it receives, so a hidden activation runs in L
+                     it runs in whatever dtype it receives, so a hidden activation runs in L,
+                     and layer norm runs its mixed-dtype kernel (L input, float32 weight/bias)
 A cast's backward is the cast back, so every parameter gradient is computed in L and cast up to
 float32 at its leaf; the optimizers then run in float32, unchanged (manual/optim.py).
 
@@ -183,7 +184,7 @@ REFUSED = {
 
 def check_autocast_mlp(net, dtype):
     """One-line ValueError for a manual MLP that autocast cannot run here: float64 (or other
-    non-float32) parameters, a norm layer, an activation without an AUTOCAST_BACKWARD rule.
+    non-float32) parameters, batch norm, an activation without an AUTOCAST_BACKWARD rule.
     Returns the torch dtype."""
     dtype = autocast_dtype(dtype)
     first = net.params["layers.0.weight"]
