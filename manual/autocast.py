@@ -32,8 +32,10 @@ from manual.dropout import dropout_backward, dropout_forward
 from manual.embedding import embedding_backward, embedding_forward
 from manual.layers import linear_backward, linear_forward
 from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward
-from manual.kernel_order import ln_mixed_param_grads, ln_mixed_row_sums
-from manual.norm import LayerNormCache, layernorm_coefficients
+from manual.kernel_order import (bn_column_sums, bn_mixed_dx_inner, ln_mixed_param_grads,
+                                 ln_mixed_row_sums)
+from manual.norm import (BatchNormCache, LayerNormCache, check_batch_rows, eval_invstd,
+                         layernorm_coefficients)
 from manual.step import accumulate_grads, micro_batch_seed
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -173,18 +175,50 @@ def autocast_layernorm_backward(dout, cache):
     return (dx.to(dout.dtype),) + ln_mixed_param_grads(dout, x, mu, rstd)
 
 
-# --- what is mirrored and what is refused ---------------------------------------------------
-REFUSED = {
-    "norm": ("{norm} under autocast: not mirrored (autocast hands batch norm the low-dtype "
-             "activations with float32 weight and bias; its mixed CPU kernel splits its sums "
-             "over threads otherwise than the float32 one: 1 of 12 800 dx elements differed at 2 "
-             "threads); use norm layernorm or null, or autocast null"),
-}
+# --- batch norm under autocast ------------------------------------------------------------------
+# batch_norm is in no AutocastCPU list either: the L activations meet float32 weight, bias and
+# running statistics, and batch_norm_kernel.cpp runs its mixed-dtype kernel (channels last,
+# <T = L, param float>): statistics, running-statistic updates and the output in float, the
+# output rounded to L; its backward keeps float partials per thread chunk and adds them in float
+# (not double), and evaluates dx per L vector (2·float lanes), contracted or not by L, the scalar
+# tail with one FMA (kernel_order.bn_mixed_dx_inner).
+def autocast_batchnorm_forward(h, weight, bias, running_mean, running_var, *, training, momentum,
+                               eps, num_batches_tracked=None):
+    """h (N, D) in L; weight, bias and the running statistics (D,) float32 (updated in place in
+    training, as nn.BatchNorm1d) -> out (N, D) in L, cache.  The mixed kernel is called, as
+    manual.norm.batchnorm_forward calls the float one."""
+    check_batch_rows(h, training)
+    out, save_mean, save_invstd = torch.native_batch_norm(
+        h, weight, bias, running_mean, running_var, training, momentum, eps)
+    if training:
+        mean, invstd = save_mean, save_invstd
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+    else:
+        mean, invstd = running_mean, eval_invstd(running_var, eps, torch.float32)
+    return out, BatchNormCache(h, weight, mean.clone(), invstd, training)
 
+
+def autocast_batchnorm_backward(dout, cache):
+    """dout (N, D) in L -> dx (N, D) in L, dweight (D,), dbias (D,) float32."""
+    # dx = (w/σ)(dy − Σdy/N − (x−μ)·Σ(x−μ)dy/(Nσ²)) in float, one rounding to L;
+    # dweight = Σ(x−μ)dy/σ, dbias = Σdy, float partials per thread chunk added in float
+    x, weight, mean, invstd, training = cache
+    xc, dyf = x.float() - mean, dout.float()
+    sum_dy, dotp = bn_column_sums(xc, dyf, torch.float32)
+    if training:
+        k = dotp * invstd * invstd / x.shape[0]
+        dx = bn_mixed_dx_inner(dyf, sum_dy / x.shape[0], xc, k, x.dtype) * invstd * weight
+    else:
+        dx = dyf * invstd * weight
+    return dx.to(dout.dtype), dotp * invstd, sum_dy
+
+
+# --- what is refused ---------------------------------------------------------------------------
 
 def check_autocast_mlp(net, dtype):
     """One-line ValueError for a manual MLP that autocast cannot run here: float64 (or other
-    non-float32) parameters, batch norm, an activation without an AUTOCAST_BACKWARD rule.
+    non-float32) parameters, an activation without an AUTOCAST_BACKWARD rule.
     Returns the torch dtype."""
     dtype = autocast_dtype(dtype)
     first = net.params["layers.0.weight"]
@@ -193,8 +227,6 @@ def check_autocast_mlp(net, dtype):
                          f"{str(first.dtype).replace('torch.', '')}; autocast casts only float32 "
                          f"tensors, so a {str(first.dtype).replace('torch.', '')} net would run "
                          f"unchanged")
-    if net.norm == "batchnorm":
-        raise ValueError(REFUSED["norm"].format(norm=net.norm))
     for name in net.activations:
         if name not in AUTOCAST_BACKWARD:
             raise ValueError(f"autocast: activation {name!r} is not mirrored under autocast")
@@ -222,6 +254,18 @@ class AutocastMLP:
         return autocast_linear_forward(h, p[f"layers.{i}.weight"], p.get(f"layers.{i}.bias"),
                                        self.dtype)
 
+    def _norm(self, i, h):
+        """Norm i on the L activations h (float32 weight, bias, running statistics)."""
+        net = self.net
+        w, b = net.params[f"norms.{i}.weight"], net.params[f"norms.{i}.bias"]
+        if net.norm == "layernorm":
+            return autocast_layernorm_forward(h, w, b, net.eps)
+        buffers = net.buffers
+        return autocast_batchnorm_forward(
+            h, w, b, buffers[f"norms.{i}.running_mean"], buffers[f"norms.{i}.running_var"],
+            training=net.training, momentum=net.momentum, eps=net.eps,
+            num_batches_tracked=buffers[f"norms.{i}.num_batches_tracked"])
+
     def predict(self, x):
         """x (N, D) float32 (or (N, T) tokens) -> output (N, C) in L, caches."""
         net = self.net
@@ -235,9 +279,8 @@ class AutocastMLP:
             h, lin_cache = self._linear(i, h)
             norm_cache = act_cache = drop_cache = None
             if i < net.n_layers - 1:
-                if net.norm == "layernorm":         # in no list: the mixed kernel, out in L
-                    h, norm_cache = autocast_layernorm_forward(
-                        h, net.params[f"norms.{i}.weight"], net.params[f"norms.{i}.bias"], net.eps)
+                if net.norm is not None:            # in no list: the mixed kernel, out in L
+                    h, norm_cache = self._norm(i, h)
                 act = net.activations[i]
                 options = {key: net.options[key] for key in ACTIVATIONS[act][2]}
                 h, act_cache = activation_forward(act, h, **options)               # in L
@@ -271,8 +314,10 @@ class AutocastMLP:
                 dh = dropout_backward(dh, drop_cache)
                 dh = autocast_activation_backward(net.activations[i], dh, act_cache)
                 if norm_cache is not None:
+                    norm_backward = autocast_layernorm_backward if net.norm == "layernorm" \
+                        else autocast_batchnorm_backward
                     dh, grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"] = \
-                        autocast_layernorm_backward(dh, norm_cache)
+                        norm_backward(dh, norm_cache)
             dh, grads[f"layers.{i}.weight"], dbias = autocast_linear_backward(dh, lin_cache)
             if dbias is not None:
                 grads[f"layers.{i}.bias"] = dbias

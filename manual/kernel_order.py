@@ -238,14 +238,16 @@ def log_softmax_backward_exp(logp):
 
 
 # --- batch norm: batch_norm_cpu_backward_channels_last_impl -------------------------------------
-def bn_column_sums(xc, dout):
+def bn_column_sums(xc, dout, fold_dtype=torch.float64):
     """(Σₙ dout, Σₙ xc·dout) per feature (xc = x − μ) in the order of
     aten/src/ATen/native/cpu/batch_norm_kernel.cpp, batch_norm_cpu_backward_channels_last_impl
     (an (N, D) input is "NC11", channels last): sequential over the rows of each thread chunk in
     x's dtype (vec::map2 ``sum + dy``; vec::map4 ``dotp + (x − mean)·dy``, one FMA per step), then
     the chunk partials added in float64 starting from +0 (acc_type<float, false> is double) and
-    rounded back.  Measured bitwise on AVX-512 and AVX2, 1 and 2 threads."""
-    sums = ChunkedColumnSums(xc.shape[0], xc.shape[1], xc.dtype, xc.device, torch.float64)
+    rounded back.  Measured bitwise on AVX-512 and AVX2, 1 and 2 threads.  The mixed-dtype
+    kernel (bf16/fp16 x, float32 weight: autocast) keeps float partials and adds them in float
+    (opmath): fold_dtype torch.float32, on the cast-up xc and dout."""
+    sums = ChunkedColumnSums(xc.shape[0], xc.shape[1], xc.dtype, xc.device, fold_dtype)
     return sums.sum(dout), sums.dot(xc, dout)
 
 
@@ -284,6 +286,24 @@ def bn_dx_inner(dout, grad_mean, xc, k):
         plain = dout - grad_mean - xc * k                       # two roundings
         fused = torch.cat([fused[:, :split], plain[:, split:]], 1)
     return fused
+
+
+def bn_mixed_dx_inner(dout, grad_mean, xc, k, low):
+    """(dy − grad_mean) − xc·k as the mixed-dtype kernel (batch_norm_cpu_backward_channels_last_
+    internal<L, float>, on the cast-up float32 values) evaluates it.  It takes one L vector (two
+    float vectors) at a time, then a scalar tail of D mod (2·float lanes) columns; the tail is
+    contracted into one FMA, and so is the vector body for float16 but not for bfloat16 (two
+    roundings there): the build's code generation differs per L.  Measured on AVX2 (16-column
+    blocks; 8 shapes × 30 draws, the four body/tail choices: only this one is bitwise for both
+    dtypes); other capabilities: the same rule at their width, not measured."""
+    fused = torch.addcmul(dout - grad_mean, xc, k, value=-1)     # one rounding: FMA
+    if low != torch.bfloat16:
+        return fused
+    block = 2 * VECTOR_BITS.get(torch.backends.cpu.get_cpu_capability(), 256) // 32 \
+        if xc.device.type == "cpu" else 1
+    split = xc.shape[1] - xc.shape[1] % block
+    plain = dout - grad_mean - xc * k                            # two roundings
+    return torch.cat([plain[:, :split], fused[:, split:]], 1)
 
 
 # --- layer norm: layer_norm_backward_frame ------------------------------------------------------

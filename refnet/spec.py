@@ -13,7 +13,7 @@ import warnings
 import torch
 
 import manual
-from manual.autocast import AUTOCAST_DTYPES, REFUSED as AUTOCAST_REFUSED
+from manual.autocast import AUTOCAST_DTYPES
 from manual.grad_scaler import check_scaler_settings
 from manual.mlp import INIT_SCHEMES, activation_list
 from manual.blocks import block_settings
@@ -217,8 +217,6 @@ class Spec:
         if self.dtype != "float32":
             raise ValueError(f"autocast: needs dtype float32 (the master weights), got dtype "
                              f"{self.dtype}; autocast casts only float32 tensors")
-        if self.norm == "batchnorm":
-            raise ValueError(AUTOCAST_REFUSED["norm"].format(norm=self.norm))
         if not autocast_supported(self.device, self.autocast):
             raise ValueError(f"autocast: {self.autocast} is not supported on device "
                              f"{self.device} (torch.autocast would switch itself off)")

@@ -36,12 +36,12 @@ OPTIMIZER_SETTINGS = {
 FUZZ_FD = FDSettings(per_tensor=6)
 
 
-def _autocast(draw, eligible):
-    """autocast and grad_scaler: off mostly; where eligible (float32, no batch norm, activations
-    mirrored under autocast) bfloat16 or float16, ± a scaler: torch's defaults, or settings whose
-    first scale is high enough to overflow now and then (float16 above 65504; bfloat16, float32's
-    range, only near 2^127), with factors that are not powers of two among them."""
-    autocast = draw(st.sampled_from([None, "bfloat16", "float16"])) if eligible else None
+def _autocast(draw):
+    """autocast and grad_scaler, drawn first (the spec then takes float32 and the activations
+    autocast mirrors): off mostly, else bfloat16 or float16, ± a scaler: torch's defaults, or
+    settings whose first scale is high enough to overflow now and then (float16 above 65504;
+    bfloat16, float32's range, only near 2^127), with factors that are not powers of two."""
+    autocast = draw(st.sampled_from([None, None, None, "bfloat16", "float16"]))
     if autocast is None:
         return None, None
     high = (12, 32) if autocast == "float16" else (110, 127)
@@ -75,17 +75,16 @@ def _step_keys(draw, n, batch, min_rows, steps):
 
 @st.composite
 def specs(draw):
+    autocast, scaler = _autocast(draw)
     depth = draw(st.integers(1, 4))                       # linear layers
     sizes = [draw(st.integers(1, 64)) for _ in range(depth + 1)]
-    amp = draw(st.booleans())              # aim at autocast: draw only what it mirrors
-    acts = sorted(AUTOCAST_BACKWARD if amp else manual.ACTIVATIONS)
+    acts = sorted(AUTOCAST_BACKWARD if autocast else manual.ACTIVATIONS)
     mixed = draw(st.booleans())
     activation = [draw(st.sampled_from(acts)) for _ in range(depth - 1)] if mixed \
         else draw(st.sampled_from(acts))
     opt_name = draw(st.sampled_from(sorted(manual.OPTIMIZERS)))
     make = OPTIMIZER_SETTINGS.get(opt_name, lambda d: {"lr": 0.01})
-    norms = [None, None, "layernorm"] if amp else [None, None, "batchnorm", "layernorm"]
-    norm = draw(st.sampled_from(norms)) if depth > 1 else None   # batch norm: refused under autocast
+    norm = draw(st.sampled_from([None, None, "batchnorm", "layernorm"])) if depth > 1 else None
     embedding = None
     if draw(st.integers(0, 4)) == 0:        # now and then: integer tokens through an embedding
         embedding = {"vocab": draw(st.integers(1, 30)), "dim": draw(st.integers(1, 6)),
@@ -102,8 +101,7 @@ def specs(draw):
             del step_keys["accumulate"]
         batch = None
     dropout = draw(st.sampled_from([0.0, 0.0, 0.1, 0.5])) if depth > 1 else 0.0
-    dtype = "float32" if amp else draw(st.sampled_from(["float32", "float64"]))
-    autocast, scaler = _autocast(draw, amp)
+    dtype = "float32" if autocast else draw(st.sampled_from(["float32", "float64"]))
     return Spec(sizes=sizes, activation=activation, bias=bias,
                 norm=norm, dropout=dropout, momentum=draw(st.sampled_from([0.1, 0.3])),
                 eps=draw(st.sampled_from([1e-5, 1e-3])), embedding=embedding,

@@ -75,16 +75,17 @@ def activation_grid_spec(activation, autocast, device="cpu", norm=None):
                 name=f"autocast_{activation}_{autocast}" + (f"_{norm}" if norm else ""))
 
 
-@register("autocast_activations", "every activation mirrored under autocast, and tanh after a "
-          "layer norm (bf16; fp16 with a GradScaler growing by 1.5): gradients at init, curve and "
-          "final parameters",
+@register("autocast_activations", "every activation mirrored under autocast, tanh after a layer "
+          "norm, ReLU after a batch norm (bf16; fp16 with a GradScaler growing by 1.5): gradients "
+          "at init, curve and final parameters",
           "issue 23", dtypes=("float32",), devices=("cpu", "cuda"))
 def run_autocast_activations(ctx):
-    """One row per activation and autocast dtype (and a layer norm row per dtype): the three
-    checks of twin_checks in one."""
+    """One row per activation and autocast dtype (and a layer norm and a batch norm row per
+    dtype): the three checks of twin_checks in one."""
     checks = []
     for autocast in ("bfloat16", "float16"):
-        rows = [(act, None) for act in sorted(AUTOCAST_BACKWARD)] + [("tanh", "layernorm")]
+        rows = [(act, None) for act in sorted(AUTOCAST_BACKWARD)] + [("tanh", "layernorm"),
+                                                                     ("relu", "batchnorm")]
         for act, norm in rows:
             spec = activation_grid_spec(act, autocast, ctx.device, norm)
             x, target = load_data(spec)
