@@ -34,8 +34,7 @@ from manual.layers import linear_backward, linear_forward
 from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward
 from manual.kernel_order import (bn_column_sums, bn_mixed_dx_inner, ln_mixed_param_grads,
                                  ln_mixed_row_sums)
-from manual.norm import (BatchNormCache, LayerNormCache, check_batch_rows, eval_invstd,
-                         layernorm_coefficients)
+from manual.norm import LayerNormCache, layernorm_coefficients, native_batchnorm
 from manual.step import accumulate_grads, micro_batch_seed
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -182,21 +181,11 @@ def autocast_layernorm_backward(dout, cache):
 # output rounded to L; its backward keeps float partials per thread chunk and adds them in float
 # (not double), and evaluates dx per L vector (2·float lanes), contracted or not by L, the scalar
 # tail with one FMA (kernel_order.bn_mixed_dx_inner).
-def autocast_batchnorm_forward(h, weight, bias, running_mean, running_var, *, training, momentum,
-                               eps, num_batches_tracked=None):
+def autocast_batchnorm_forward(h, weight, bias, running_mean, running_var, **settings):
     """h (N, D) in L; weight, bias and the running statistics (D,) float32 (updated in place in
-    training, as nn.BatchNorm1d) -> out (N, D) in L, cache.  The mixed kernel is called, as
-    manual.norm.batchnorm_forward calls the float one."""
-    check_batch_rows(h, training)
-    out, save_mean, save_invstd = torch.native_batch_norm(
-        h, weight, bias, running_mean, running_var, training, momentum, eps)
-    if training:
-        mean, invstd = save_mean, save_invstd
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-    else:
-        mean, invstd = running_mean, eval_invstd(running_var, eps, torch.float32)
-    return out, BatchNormCache(h, weight, mean.clone(), invstd, training)
+    training, as nn.BatchNorm1d) -> out (N, D) in L, cache.  The mixed kernel is called
+    (manual.norm.native_batchnorm; settings: training, momentum, eps, num_batches_tracked)."""
+    return native_batchnorm(h, weight, bias, running_mean, running_var, **settings)
 
 
 def autocast_batchnorm_backward(dout, cache):
