@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from manual import autocast as ac
-from refnet import cli, harness, not_bitwise
+from refnet import cli, harness, not_bitwise, train as train_mod
 from refnet.compare import TOLERANCES
 from refnet.examples.mixed_precision import activation_grid_spec, circles_fp16_spec, spiral_bf16_spec
+from refnet.spec import Spec
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -45,3 +46,15 @@ def test_mixed_precision_examples_on_cuda(capsys):
     out = capsys.readouterr().out
     print(out)
     assert code == 0, out
+
+
+@CUDA
+def test_train_fp16_with_scaler_on_cuda(tmp_path):
+    """`train` grades a CUDA autocast run with the low dtype's bounds (harness.grading_bounds):
+    it completes (the scaler's skips the same on both sides), its tier reported."""
+    spec = circles_fp16_spec(device="cuda")
+    summary = train_mod.train(Spec(**{**spec.to_dict(), "steps": 12}), tmp_path / "run",
+                              check_every=4)
+    print(summary["tier"], summary["grad_scaler"])
+    assert summary["status"] == "completed", summary["message"]
+    assert summary["grad_scaler"]["same_skips_both_sides"]
