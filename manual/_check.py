@@ -166,16 +166,20 @@ def adam_settings(lr, betas, eps, weight_decay, amsgrad):
     return lr, betas, eps, weight_decay, amsgrad
 
 
-def mlp_params(params, norm=None, embedding=None):
+def mlp_params(params, norm=None, embedding=None, block_names=()):
     """params: {"layers.{i}.weight": (H, D), "layers.{i}.bias": (H,)}, one dtype and device,
     every weight present; with a norm also "norms.{i}.weight" / "norms.{i}.bias" (H,), with an
-    embedding also "embed.weight" (V, E).  Returns the number of layers."""
+    embedding also "embed.weight" (V, E); block_names: the residual blocks' parameter names
+    (manual.blocks.block_param_names; their shapes: check_block_params).  Returns the number of
+    layers."""
     if not isinstance(params, dict) or not params:
         raise TypeError("params: expected a non-empty dict of tensors named layers.{i}.weight")
 
     def optional(name):
         if name == "embed.weight":
             return embedding is not None
+        if name in block_names:
+            return True
         parts = name.split(".") if isinstance(name, str) else []
         return (norm is not None and len(parts) == 3 and parts[0] == "norms"
                 and parts[1].isdigit() and parts[2] in ("weight", "bias"))
@@ -190,7 +194,7 @@ def mlp_params(params, norm=None, embedding=None):
             raise ValueError(f"params: missing 'layers.{i}.weight'")
     first = params["layers.0.weight"]
     for name, t in params.items():
-        one_d = name.endswith("bias") or name.startswith("norms.")
+        one_d = name.endswith(("bias", ".norm.weight")) or name.startswith("norms.")
         tensor(f"params[{name!r}]", t, ndim=1 if one_d else 2)
         same("params['layers.0.weight']", first, f"params[{name!r}]", t)
     return n_layers

@@ -30,7 +30,7 @@ from manual.activations import ACTIVATIONS, activation_forward
 from manual.clip import clip_grad_norm
 from manual.dropout import dropout_backward, dropout_forward
 from manual.embedding import embedding_backward, embedding_forward
-from manual.layers import linear_backward, linear_forward
+from manual.layers import linear_backward, linear_forward, linear_param_grads
 from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward
 from manual.kernel_order import (bn_column_sums, bn_mixed_dx_inner, ln_mixed_param_grads,
                                  ln_mixed_row_sums)
@@ -75,17 +75,22 @@ def autocast_linear_forward(h, weight, bias, dtype):
     return out, (cache, h_dtype, weight_dtype)
 
 
-def autocast_linear_backward(dout, cache):
+def autocast_linear_backward(dout, cache, input_grad=True):
     """dout (N, H) in L -> dh (N, D) in h's dtype, dweight (H, D) and dbias (H,) float32.
+    input_grad False: dh is None (not computed: a first layer's, which a step never uses).
 
     Bits: the product and the bias sum run in L (linear_backward on the L copies), then each
     gradient is cast up once at its leaf.  Summing the bias gradient in float32 instead differs.
     """
     # out = h·Wᵀ + b in L  ⇒  dh, dW, db as linear_backward, in L;  each cast's backward casts back
     lin_cache, h_dtype, weight_dtype = cache
-    dh_low, dweight_low, dbias_low = linear_backward(dout, lin_cache)
+    if input_grad:
+        dh_low, dweight_low, dbias_low = linear_backward(dout, lin_cache)
+    else:
+        dh_low, (dweight_low, dbias_low) = None, linear_param_grads(dout, lin_cache)
     dbias = None if dbias_low is None else cast_backward(dbias_low, weight_dtype)
-    return cast_backward(dh_low, h_dtype), cast_backward(dweight_low, weight_dtype), dbias
+    dh = None if dh_low is None else cast_backward(dh_low, h_dtype)
+    return dh, cast_backward(dweight_low, weight_dtype), dbias
 
 
 # --- activations in the low dtype -------------------------------------------------------------
@@ -204,6 +209,12 @@ def autocast_batchnorm_backward(dout, cache):
 
 
 # --- what is refused ---------------------------------------------------------------------------
+REFUSED = {
+    "blocks": ("blocks under autocast: not mirrored yet (the residual blocks' linears, layer "
+               "norm and add would need autocast's casts written out); use autocast null or "
+               "remove blocks"),
+}
+
 
 def check_autocast_mlp(net, dtype):
     """One-line ValueError for a manual MLP that autocast cannot run here: float64 (or other
@@ -216,6 +227,8 @@ def check_autocast_mlp(net, dtype):
                          f"{str(first.dtype).replace('torch.', '')}; autocast casts only float32 "
                          f"tensors, so a {str(first.dtype).replace('torch.', '')} net would run "
                          f"unchanged")
+    if net.blocks is not None:
+        raise ValueError(REFUSED["blocks"])
     for name in net.activations:
         if name not in AUTOCAST_BACKWARD:
             raise ValueError(f"autocast: activation {name!r} is not mirrored under autocast")
@@ -307,7 +320,9 @@ class AutocastMLP:
                         else autocast_batchnorm_backward
                     dh, grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"] = \
                         norm_backward(dh, norm_cache)
-            dh, grads[f"layers.{i}.weight"], dbias = autocast_linear_backward(dh, lin_cache)
+            input_grad = i > 0 or emb_cache is not None    # x's own gradient is never used
+            dh, grads[f"layers.{i}.weight"], dbias = autocast_linear_backward(dh, lin_cache,
+                                                                              input_grad)
             if dbias is not None:
                 grads[f"layers.{i}.bias"] = dbias
         if emb_cache is not None:       # dh came back up to float32 through the first cast
@@ -318,7 +333,7 @@ class AutocastMLP:
                 grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dweight_reg
         return {name: grads[name] for name in net.params}
 
-    def train_step(self, x, target, scaler=None, clip=None, order=None):
+    def train_step(self, x, target, scaler=None, clip=None, order=None, reduce=None):
         """One optimizer step as the stock script runs it; x, target one batch, or lists of the
         step's k micro-batches:
 
@@ -333,8 +348,12 @@ class AutocastMLP:
         skips the optimizer when a gradient was non-finite at unscale time; clipping still
         measures it (an inf or NaN total norm, as clip_grad_norm_ returns).  order: the
         parameter names in the twin's parameters() order (the norm of norms; default the net's).
+        reduce: grads -> grads applied after the last backward (data parallel: the float32
+        gradients averaged over the ranks, still scaled; unscale, inf check and clipping then run
+        on the averaged gradients, as GradScaler does after DDP's all-reduce).
         -> dict: loss (float32, Σ loss_i / k before the update), stepped (bool), total_norm and
-        clip_coef (0-d tensors; None without clip)."""
+        clip_coef (0-d tensors; None without clip), grads (the float32 gradients the optimizer
+        was given: reduced, unscaled, clipped)."""
         micro = list(zip(x, target)) if isinstance(x, (list, tuple)) else [(x, target)]
         scale = None if scaler is None else scaler.scale_seed(micro[0][0].device)
         grads = loss = None
@@ -344,6 +363,8 @@ class AutocastMLP:
             grads = accumulate_grads(grads, self.backward(cache, seed))
             loss_i = loss_i / len(micro)
             loss = loss_i if loss is None else loss + loss_i
+        if reduce is not None:
+            grads = reduce(grads)
         out = {"loss": loss, "stepped": True, "total_norm": None, "clip_coef": None}
         if clip is not None:
             if scaler is not None:
@@ -351,6 +372,7 @@ class AutocastMLP:
             names = list(order) if order is not None else list(self.net.params)
             grads, out["total_norm"], out["clip_coef"] = clip_grad_norm(
                 {n: grads[n] for n in names}, clip["max_norm"], clip.get("norm_type", 2.0))
+        out["grads"] = grads                     # a scaler's step unscales it in place
         if scaler is None:
             self.net.step(grads)
             return out

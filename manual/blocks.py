@@ -34,7 +34,12 @@ def check_block_settings(activation, norm):
     if activation == "maxout":
         raise ValueError("blocks.activation: maxout changes the width; expected an elementwise "
                          "activation")
-    activation_list(activation, 1)                        # validates the name
+    if not isinstance(activation, str):
+        raise ValueError(f"blocks.activation: expected one activation name, got {activation!r}")
+    try:
+        activation_list(activation, 1)                    # validates the name
+    except ValueError as exc:                             # named as the spec's key
+        raise ValueError(f"blocks.{exc}") from None
     if norm not in BLOCK_NORMS:
         raise ValueError(f"blocks.norm: expected 'layer' or null, got {norm!r}")
 
@@ -56,6 +61,27 @@ def block_settings(config):
         out[key] = v
     check_block_settings(out["activation"], out["norm"])
     return {key: out[key] for key in keys}
+
+
+def block_param_names(n, norm="layer", prefix="blocks"):
+    """The parameter names of n blocks, in init_block_params' order."""
+    kinds = (("norm",) if norm == "layer" else ()) + ("fc1", "fc2")
+    return [f"{prefix}.{i}.{layer}.{kind}" for i in range(n) for layer in kinds
+            for kind in ("weight", "bias")]
+
+
+def check_block_params(params, settings, prefix="blocks"):
+    """Every block parameter of settings ({"n", "width", "hidden", "norm", ...}) present in params
+    with its shape: norm (D,), fc1 (H, D) / (H,), fc2 (D, H) / (D,)."""
+    d, h = settings["width"], settings["hidden"]
+    shapes = {"norm.weight": [d], "norm.bias": [d], "fc1.weight": [h, d], "fc1.bias": [h],
+              "fc2.weight": [d, h], "fc2.bias": [d]}
+    for name in block_param_names(settings["n"], settings["norm"], prefix):
+        if name not in params:
+            raise ValueError(f"params: missing {name!r} (blocks)")
+        expected, got = shapes[name.split(".", 2)[2]], list(params[name].shape)
+        if got != expected:
+            raise ValueError(f"params[{name!r}]: expected shape {expected}, got {got}")
 
 
 def init_block_params(n, width, hidden, norm="layer", *, generator, dtype=torch.float64,

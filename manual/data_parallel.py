@@ -15,8 +15,9 @@ measured to decide the last bit with gloo (refnet/dp_pair.py, docs/data-parallel
    position of an element in the bucket decides the order of additions inside gloo's ring
    all-reduce for world size >= 3.  Iteration 1: one bucket, parameters in registration order
    (DDP puts everything in one bucket before it has seen a backward pass).  From iteration 2 on:
-   buckets rebuilt in the order gradients became ready in iteration 1 (for an MLP: last layer
-   first, bias before weight), a first bucket capped at 1 MiB and the rest at 25 MiB.
+   buckets rebuilt in the order gradients became ready in iteration 1 (ready_order: for an MLP
+   last layer first, bias before weight; a norm layer's between the linear layers around it),
+   a first bucket capped at 1 MiB and the rest at 25 MiB.
 3. The reduced bucket is copied back into each gradient (no arithmetic).
 """
 import torch
@@ -26,10 +27,31 @@ FIRST_BUCKET_BYTES = 1024 * 1024          # dist._DEFAULT_FIRST_BUCKET_BYTES
 BUCKET_BYTES = 25 * 1024 * 1024           # DDP's bucket_cap_mb=25
 
 
-def ready_order(names):
-    """The order DDP's autograd hooks see an MLP's gradients become ready: reverse registration
-    order (layers.{L-1}.bias, layers.{L-1}.weight, …, layers.0.weight)."""
-    return list(reversed(list(names)))
+def ready_order(names, autocast=False):
+    """The order DDP's autograd hooks see an MLP's gradients become ready in its first backward
+    (the order its buckets are rebuilt in).  Measured with post-accumulate-grad hooks on the
+    twin (verify/test_data_parallel.py, test_ready_order_is_autograds) and mirrored here by the net's structure:
+      - the last layer first, each layer's bias before its weight (``layers.{L-1}.bias``,
+        ``layers.{L-1}.weight``, …); under autocast the weight before the bias (the weight's
+        cast has the later autograd sequence number, so the engine runs its backward first);
+      - a norm layer's weight then bias right after the next linear layer's gradients, before
+        its own linear layer's (``layers.1.*``, ``norms.0.weight``, ``norms.0.bias``,
+        ``layers.0.*``): not at the end, where reverse registration order would put them;
+      - ``embed.weight`` (used first) last.
+    names: the parameter names; a name of another kind is refused (no measured order)."""
+    names = list(names)
+    n_layers = sum(1 for n in names if n.startswith("layers.") and n.endswith(".weight"))
+    order = []
+    for i in reversed(range(n_layers)):
+        own = [f"layers.{i}.bias", f"layers.{i}.weight"]
+        order += [n for n in (own[::-1] if autocast else own) if n in names]
+        order += [n for n in (f"norms.{i - 1}.weight", f"norms.{i - 1}.bias") if n in names]
+    order += [n for n in ("embed.weight",) if n in names]
+    unknown = [n for n in names if n not in order]
+    if unknown:
+        raise ValueError(f"names: no gradient-ready order known for {unknown}; expected "
+                         f"layers.*, norms.* and embed.weight")
+    return order
 
 
 def assign_buckets(names, nbytes, limits):
@@ -52,21 +74,29 @@ def assign_buckets(names, nbytes, limits):
 class GradReducer:
     """Average gradient dicts over the ranks of a process group, bucket by bucket, as DDP does.
 
-    params: the name -> tensor dict of the model (registration order = dict order).
+    params: the name -> tensor dict of the model.
     group: a torch.distributed process group (None: the default group).
+    registration: the names in DDP's ``module.parameters()`` order, its first bucket (default:
+        the dict order of params).
+    autocast: the gradients come from an autocast backward (ready_order).
     """
 
-    def __init__(self, params, group=None):
+    def __init__(self, params, group=None, registration=None, autocast=False):
         self.names = list(params)
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.nbytes = {n: p.numel() * p.element_size() for n, p in params.items()}
-        self.buckets = [list(self.names)]          # iteration 1: one bucket, registration order
+        registration = self.names if registration is None else list(registration)
+        if sorted(registration) != sorted(self.names):
+            raise ValueError(f"registration: expected the names {sorted(self.names)}, got "
+                             f"{sorted(registration)}")
+        self.buckets = [registration]              # iteration 1: one bucket, registration order
+        self.autocast = autocast
         self.rebuilt = False
 
     def rebuild(self):
         """After the first iteration: buckets in gradient-ready order (DDP's _rebuild_buckets)."""
-        self.buckets = assign_buckets(ready_order(self.names), self.nbytes,
+        self.buckets = assign_buckets(ready_order(self.names, self.autocast), self.nbytes,
                                       [FIRST_BUCKET_BYTES, BUCKET_BYTES])
         self.rebuilt = True
 

@@ -13,9 +13,14 @@ on the same operands in the same order, so the same roundings — but:
   or the arg-max, run the readable activation pair on the pre-activation buffer (their output
   and gradient are new tensors each step);
 * the losses: sum_squared and mse form the difference in the output buffer; cross_entropy runs
-  manual.losses' ops into buffers (the nll cascade's plan made once per batch size; the row sums
-  of d log-probabilities, which are −1/N exactly, kept) and writes d output into the output
-  buffer; svm runs the readable forward/backward (O(1) ops) and copies d output there;
+  manual.losses' ops into buffers (the nll cascade's plan bound to its buffers once per batch
+  size; the row sums of d log-probabilities, which are −1/N exactly, kept; the log-softmax
+  backward's float32 Sleef exp through kernel_order.LogSoftmaxBackwardExp, 17 ops into kept
+  buffers) and forms d log-probabilities and then d output in the output buffer itself (the
+  logits are not read after log_softmax); svm runs the readable forward/backward (O(1) ops) and
+  copies d output there;
+* views of the plan's buffers that ops take (a transpose for a GEMM, ReLU's integer view, the
+  labels' column) are made once and kept while the tensor is the same one;
 * the input gradient of the first layer, which a training step never uses, is not computed;
 * ``dloss`` = 1 (the seed autograd starts from) is not multiplied in where it would be the
   last op (x·1 = x exactly);
@@ -34,9 +39,14 @@ L2 regularization (``reg`` > 0) runs manual.losses.l2_forward / l2_backward, as 
 step does, and adds the weight terms into the gradient buffers (x + y in place, the same bits).
 
 What it does not specialise falls back to the readable code, visibly (``specialised`` is False,
-``fallback`` says why): an activation or loss it does not know runs the readable step; an
-optimizer that is not exactly manual.optim.SGD/Adam/AdamW (a subclass, extra state) runs its own
-``step``.  tests/test_fast.py checks bit identity with the readable path and the autograd twin
+``fallback`` says why): an activation or loss it does not know runs the readable step; a step
+under autocast (``FastMLP(mlp, autocast="bfloat16" | "float16")``) runs manual.autocast's
+AutocastMLP forward and backward, then the foreach update; an optimizer that is not exactly
+manual.optim.SGD/Adam/AdamW (a subclass, extra state) runs its own ``step``; an MLP with
+residual FFN blocks (manual/blocks.py) runs the readable step whole.  The specialised
+step also comes in two halves, ``forward_backward`` (gradients into ``grads``) and
+``apply_update`` (those or given ones, e.g. clipped): manual/fast_step.py's FastStep adds the
+schedule and clipping of manual/step.py on top (the update reads ``opt.lr`` on every call).  tests/test_fast.py checks bit identity with the readable path and the autograd twin
 for every loss × optimizer pair, every activation, reg and bias on/off, and with the readable
 path for every optional layer (batch norm train/eval, layer norm, dropout train/eval,
 embedding, makemore's embedding + batch norm) × loss × optimizer setting.  The plan depends on
@@ -55,14 +65,15 @@ share buffers and lifetimes; the activations and the update, which only take ten
 import torch
 
 from manual import _check
+from manual.autocast import AutocastMLP
 from manual.cuda_graph import CudaGraphStep, check_graphable, graph_state  # noqa: F401 (re-export)
 from manual.fast_activations import (FAST_ACTIVATION_TABLE, IN_PLACE_ACTIVATIONS,  # noqa: F401
                                      relu_backward_over)
 from manual.fast_layers import FastBatchNorm, FastDropout, FastEmbedding, FastLayerNorm
 from manual.fast_optim import update
 from manual.layers import column_major
-from manual.losses import (NllCascade, l2_backward, l2_forward, log_softmax_backward_exp,
-                           loss_backward, loss_forward, target_kind)
+from manual.kernel_order import LogSoftmaxBackwardExp, NllCascade
+from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward, target_kind
 from manual.norm import check_batch_rows
 
 FAST_ACTIVATIONS = tuple(FAST_ACTIVATION_TABLE)
@@ -107,14 +118,26 @@ class BackwardLayer(_Record):
     where it has none), whose backward runs over dz and dy.
     """
     __slots__ = ("w", "gw", "gw_t", "gb", "one", "activation", "dy", "tmp", "y_bits", "norm",
-                 "drop")
+                 "drop", "views")
+
+    def view_of(self, t, kind):
+        """t.t() (kind "t") or t as integers (a dtype), kept while t is the same tensor (the plan's
+        buffers are; a readable activation's gradient is new every step)."""
+        views = self.views if self.views is not None else {}
+        self.views = views
+        seen = views.get(kind)
+        if seen is None or seen[0] is not t:
+            seen = views[kind] = (t, t.t() if kind == "t" else t.view(kind))
+        return seen[1]
 
 
 class CrossEntropyBuffers(_Record):
-    """cross_entropy's buffers for N rows: cascade (the nll cascade's plan), logp and dlogp
-    (N, C), picked (N, 1) (each label's log-probability), g (N, 1) (−1/N, formed as
-    cross_entropy_backward forms it), and the cascade's sums, kept and total."""
-    __slots__ = ("cascade", "logp", "dlogp", "picked", "g", "sums", "kept", "total")
+    """cross_entropy's buffers for N rows: logp (N, C), picked (N, 1) and picked_flat (its (N,)
+    view: each label's log-probability), g (N, 1) (−1/N, formed as cross_entropy_backward forms
+    it), mean (the nll cascade bound to its buffers, NllCascade.bind), exp (the log-softmax
+    backward's exp for (N, C), kernel_order.LogSoftmaxBackwardExp), held (the buffers behind
+    mean and exp), labels and column (the last labels seen and their (N, 1) view)."""
+    __slots__ = ("logp", "picked", "picked_flat", "g", "mean", "exp", "held", "labels", "column")
 
 
 class Plan(_Record):
@@ -134,16 +157,27 @@ class Plan(_Record):
 class FastMLP:
     """A fast training step for a manual.MLP (see the module docstring)."""
 
-    def __init__(self, mlp):
+    def __init__(self, mlp, autocast=None):
+        """mlp: a manual.MLP with an optimizer.  autocast: None, or "bfloat16" / "float16" (or
+        the torch dtype) for the step under torch.autocast (manual/autocast.py's AutocastMLP,
+        which checks the net and refuses what it does not mirror, in one line)."""
         if mlp.optimizer is None:
             raise ValueError("mlp: expected an MLP built with an optimizer (it has none)")
         self.mlp = mlp
+        self.amp = AutocastMLP(mlp, autocast) if autocast is not None else None
         self.reset()
 
     @property
     def fallback(self):
         """Why the step runs the readable code (None when it runs the specialised schedule)."""
         mlp = self.mlp
+        if mlp.blocks is not None:
+            return (f"blocks: {mlp.blocks['n']} residual FFN block(s) have no specialised "
+                    f"schedule; the readable step runs them")
+        if self.amp is not None:
+            return (f"autocast {str(self.amp.dtype).replace('torch.', '')}: not specialised; "
+                    f"runs manual.autocast.AutocastMLP's step with the foreach "
+                    f"update")
         if any(a not in FAST_ACTIVATIONS for a in mlp.activations):
             return f"activations {mlp.activations}: not all in {FAST_ACTIVATIONS}"
         if mlp.loss not in FAST_LOSSES:
@@ -280,16 +314,42 @@ class FastMLP:
     @staticmethod
     def _cross_entropy_buffers(n, one, out):
         cascade = NllCascade(n, out.device)
-        opts = dict(dtype=out.dtype, device=out.device)
+        new = lambda *shape: torch.empty(shape, dtype=out.dtype, device=out.device)  # noqa: E731
         g = (-(one / float(n))).expand(n, 1).contiguous()   # as cross_entropy_backward forms it
+        sums, kept, total = new(cascade.size), new(cascade.kept.shape[0]), new(1)
+        picked, exp = new(n, 1), LogSoftmaxBackwardExp(out.shape, out.dtype, out.device)
         return CrossEntropyBuffers(
-            cascade=cascade, logp=torch.empty_like(out), dlogp=torch.empty_like(out),
-            picked=torch.empty((n, 1), **opts), g=g, sums=torch.empty(cascade.size, **opts),
-            kept=torch.empty(cascade.kept.shape[0], **opts), total=torch.empty(1, **opts))
+            logp=torch.empty_like(out), picked=picked, picked_flat=picked.view(-1), g=g,
+            mean=cascade.bind(sums, kept, total), exp=exp, held=[sums, kept, total, *exp.buffers()])
 
     # -- the step ---------------------------------------------------------------------------
     def train_step(self, x, target):
         """forward, backward, step; returns the loss (before the update), a fresh 0-d tensor."""
+        if not self._prepare(x, target):
+            return self._readable_step(x, target)
+        loss = self._forward_backward(x, target)
+        self.apply_update()
+        return loss
+
+    def forward_backward(self, x, target):
+        """The specialised step's forward and backward alone (no update): returns the loss; the
+        gradients are then in ``grads`` (buffers, overwritten by the next step).  ValueError
+        where the step is not specialised (``fallback`` says why)."""
+        if not self._prepare(x, target):
+            raise ValueError(f"fast: no specialised step to run; {self.fallback}")
+        return self._forward_backward(x, target)
+
+    def apply_update(self, grads=None):
+        """The optimizer's update after ``forward_backward``: with the step's gradient buffers,
+        or grads (a dict by parameter name, e.g. clipped copies; overwritten)."""
+        plan = self._plan
+        if plan is None:
+            raise ValueError("fast: apply_update needs the gradients of a step first")
+        grad_list = plan.grad_list if grads is None else [grads[name] for name in plan.names]
+        update(self.mlp.optimizer, plan.names, plan.params, grad_list)
+
+    def _prepare(self, x, target):
+        """Validate and build the plan when the input signature changed.  -> specialised."""
         mlp = self.mlp
         sig = (x.shape, x.dtype, x.device, target.shape, target.dtype, target.device, mlp.loss,
                mlp.reg, tuple(mlp.activations), tuple(map(id, mlp.params.values())),
@@ -299,16 +359,15 @@ class FastMLP:
             if self.specialised:
                 self._build(x)
             self._signature = sig
-        if not self.specialised:
-            return self._readable_step(x, target)
-        loss = self._forward_backward(x, target)
-        plan = self._plan
-        update(mlp.optimizer, plan.names, plan.params, plan.grad_list)
-        return loss
+        return self.specialised
 
     def _readable_step(self, x, target):
-        loss, cache = self.mlp.forward(x, target)
-        grads, _ = self.mlp.backward(cache)
+        if self.amp is not None:
+            loss, cache = self.amp.forward(x, target)
+            grads = self.amp.backward(cache)
+        else:
+            loss, cache = self.mlp.forward(x, target)
+            grads, _ = self.mlp.backward(cache)
         names = list(self.mlp.params)
         update(self.mlp.optimizer, names, list(self.mlp.params.values()),
                [grads[name] for name in names], copy=True)
@@ -346,7 +405,7 @@ class FastMLP:
         for i, layer in zip(range(len(inputs) - 1, -1, -1), plan.reverse_layers):
             x_i = inputs[i]
             if layer.gw is not None:
-                torch.mm(dz.t(), x_i, out=layer.gw)      # dW = doutᵀ·x
+                torch.mm(layer.view_of(dz, "t"), x_i, out=layer.gw)   # dW = doutᵀ·x
             else:
                 torch.mm(x_i.t(), dz, out=layer.gw_t)    # (xᵀ·dout)ᵀ for a transposed weight
             if layer.gb is not None:
@@ -355,7 +414,7 @@ class FastMLP:
                 break
             dy = layer.dy                                # d x_i: layer i−1's output or embedding
             if column_major(x_i):                       # d x_i = dout·W, autograd's branch
-                torch.mm(layer.w.t(), dz.t(), out=dy.t())
+                torch.mm(layer.w.t(), layer.view_of(dz, "t"), out=dy.t())
             else:
                 torch.mm(dz, layer.w, out=dy)
             if i == 0:
@@ -395,19 +454,21 @@ class FastMLP:
 
     def _cross_entropy(self, out, labels):
         """manual.losses.cross_entropy_forward and _backward (dloss = 1), op for op, into the
-        buffers; d output is written into out."""
+        buffers; d output is written into out (the logits are not read after log_softmax)."""
         ce = self._plan.ce
         _check.labels(labels, out.shape[1])
+        if labels is not ce.labels:     # a view sees in-place writes: kept while labels is kept
+            ce.labels, ce.column = labels, labels.unsqueeze(1)
         logp = torch.log_softmax(out, 1, out=ce.logp)
-        column = labels.unsqueeze(1)
-        picked = torch.gather(logp, 1, column, out=ce.picked).view(-1)
+        torch.gather(logp, 1, ce.column, out=ce.picked)
         if out.device.type == "cpu":
-            loss = ce.cascade.mean(picked, ce.sums, ce.kept, ce.total)
+            loss = ce.mean(ce.picked_flat)
         else:  # as cross_entropy_forward off the CPU
-            loss = -(picked.sum()) / float(out.shape[0])
-        # dlogp = −(1/N) at [i, labelᵢ], 0 elsewhere; its row sums are that one value, exactly
-        dlogp = ce.dlogp.zero_().scatter_(1, column, ce.g)
-        torch.addcmul(dlogp, log_softmax_backward_exp(logp), ce.g, value=-1, out=out)
+            loss = -(ce.picked_flat.sum()) / float(out.shape[0])
+        # dlogp = −(1/N) at [i, labelᵢ], 0 elsewhere (formed in out); its row sums are that one
+        # value, exactly; then dlogp − e·g, one FMA (addcmul_ is addcmul's kernel with out=self)
+        e = ce.exp(logp)
+        out.zero_().scatter_(1, ce.column, ce.g).addcmul_(e, ce.g, value=-1)
         return loss
 
     def held_tensors(self):
@@ -423,7 +484,7 @@ class FastMLP:
         if plan is not None:
             tensors += list(plan.grads.values()) + [plan.one] + list(plan.scratch)
             if plan.ce is not None:
-                tensors += [t for t in plan.ce.values() if isinstance(t, torch.Tensor)]
+                tensors += [plan.ce.logp, plan.ce.picked, plan.ce.g, *plan.ce.held]
             tensors += [layer.h for layer in plan.forward_layers] + plan.extra
         return [t for t in tensors if t is not None]
 

@@ -24,16 +24,17 @@ class FastActivation:
         self.over_y = tmp if over_y is None else over_y
 
 
-def relu_backward_over(dy, y_bits):
+def relu_backward_over(dy, y_bits, dy_bits=None):
     """dx = where(y <= 0, +0, dy) in place in dy, as activations.relu_backward (a select, not
     dy·mask: +0 not −0, no inf·0), for y = ReLU's output given as its bits (an integer view),
     which this overwrites.  Integer ops on the bits are vectorized and allocate nothing (where,
     masked_fill_ and a comparison into integers do neither).  ReLU's output is ±0, positive or
     NaN, so y <= 0 exactly where its bits without the sign are 0; the mask is all ones where dy
-    passes and 0 where +0 goes.  Returns dy."""
+    passes and 0 where +0 goes.  dy_bits: dy's integer view, if the caller keeps one.  Returns
+    dy."""
     magnitude = torch.iinfo(y_bits.dtype).max                 # every bit but the sign
-    mask = torch.bitwise_and(y_bits, magnitude, out=y_bits).clamp_max_(1).neg_()
-    dy.view(mask.dtype).bitwise_and_(mask)
+    mask = y_bits.bitwise_and_(magnitude).clamp_max_(1).neg_()
+    (dy.view(mask.dtype) if dy_bits is None else dy_bits).bitwise_and_(mask)
     return dy
 
 
@@ -67,7 +68,8 @@ def _relu_forward(z):
 
 
 def _relu_backward(dy, y, layer):
-    return relu_backward_over(dy, layer.y_bits)      # over y, which is done with
+    # over y, which is done with
+    return relu_backward_over(dy, layer.y_bits, layer.view_of(dy, layer.y_bits.dtype))
 
 
 def _readable(name, in_place=False):

@@ -13,7 +13,7 @@ returns a new tensor (the fast step never reads that d output again).
 import torch
 
 from manual import _check
-from manual.kernel_order import ChunkedColumnSums, bn_dx_fma_columns
+from manual.kernel_order import ChunkedColumnSums, LnRowSums, bn_dx_fma_columns
 from manual.norm import eval_invstd, layernorm_dx_coefficients
 
 
@@ -34,7 +34,7 @@ class FastBatchNorm:
         self.running_var = mlp.buffers[f"norms.{i}.running_var"]
         self.tracked = mlp.buffers[f"norms.{i}.num_batches_tracked"]
         self.gw, self.gb = grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"]
-        self.out, self.xc_rows = torch.empty_like(h), h.unbind(0)
+        self.out = torch.empty_like(h)
         vec = lambda: h.new_empty(width)  # noqa: E731
         self.mean, self.invstd, self.dotp, self.k, self.grad_mean = (vec() for _ in range(5))
         self.unused = (h.new_empty(0), h.new_empty(0))   # eval: the kernel's empty save_*
@@ -42,7 +42,6 @@ class FastBatchNorm:
         tail = (n, width - self.split)
         self.tails = (h.new_empty(tail), h.new_empty(tail)) if self.split < width else None
         self.sums = ChunkedColumnSums(n, width, h.dtype, h.device, torch.float64)
-        self.dout_seen, self.dout_rows = None, None
 
     def buffers(self):
         return [self.out, self.mean, self.invstd, self.dotp, self.k, self.grad_mean,
@@ -63,20 +62,13 @@ class FastBatchNorm:
             self.invstd.copy_(eval_invstd(self.running_var, mlp.eps, h.dtype))
         return self.out
 
-    def _rows(self, dout):
-        """dout's row views, kept while dout is the same tensor (a plan buffer)."""
-        if dout is not self.dout_seen:
-            self.dout_seen, self.dout_rows = dout, dout.unbind(0)
-        return self.dout_rows
-
     def backward(self, dout):
         """dx over dout; dweight, dbias into the gradient buffers (batchnorm_backward's ops)."""
         # dx = (w/σ)(dy − Σdy/N − (x−μ)·Σ(x−μ)dy/(Nσ²));  dweight = Σ(x−μ)dy/σ;  dbias = Σdy
         invstd, n = self.invstd, self.n
         xc = self.x.sub_(self.mean)                       # x − μ over x (h), its last reader
         sum_dy = self.sums.sum(dout, out=self.gb)                           # Σₙ dy = dbias
-        dotp = self.sums.dot(xc, dout, out=self.dotp, a_rows=self.xc_rows,
-                             b_rows=self._rows(dout))                       # Σₙ (x − μ)·dy
+        dotp = self.sums.dot(xc, dout, out=self.dotp)                     # Σₙ (x − μ)·dy
         torch.mul(dotp, invstd, out=self.gw)
         if not self.mlp.training:
             return dout.mul_(invstd).mul_(self.weight)
@@ -105,14 +97,14 @@ class FastLayerNorm:
         self.mlp, self.x = mlp, h
         self.weight, self.bias = mlp.params[f"norms.{i}.weight"], mlp.params[f"norms.{i}.bias"]
         self.gw, self.gb = grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"]
-        self.out, self.xhat, self.xhat_rows = torch.empty_like(h), None, None   # xhat: the plan's
+        self.out, self.xhat = torch.empty_like(h), None   # xhat: the plan's
         self.mean, self.rstd, self.shift = None, None, h.new_empty((n, 1))   # μ, 1/σ: forward's
         self.sums = ChunkedColumnSums(n, width, h.dtype, h.device, h.dtype)
-        self.dout_seen, self.dout_rows = None, None
+        self.row_sums = LnRowSums(n, width, h.dtype, h.device)
 
     def buffers(self):
-        return [self.out, self.shift, self.sums.partials,
-                self.sums.total]
+        row_sums = [self.row_sums.acc, *sum(self.row_sums.folds, [])] if self.row_sums.full else []
+        return [self.out, self.shift, self.sums.partials, self.sums.total, *row_sums]
 
     def forward(self, h):
         # torch.native_layer_norm has no out= form outside torch.ops (which manual/ may not
@@ -125,15 +117,12 @@ class FastLayerNorm:
         """dx over dout; dweight, dbias into the gradient buffers (layernorm_backward's ops)."""
         # dx = (1/σ)(w·dy − mean(w·dy) − x̂·mean(w·dy·x̂));  dweight = Σᵢ dy·x̂;  dbias = Σᵢ dy
         x, w, mu, rstd = self.x, self.weight, self.mean, self.rstd
-        x_coef, const = layernorm_dx_coefficients(dout, x, w, mu, rstd, work=self.xhat)
+        x_coef, const = layernorm_dx_coefficients(dout, x, w, mu, rstd, work=self.xhat,
+                                                  plan=self.row_sums)
         # kernel_order.ln_param_grads: x̂ = fma(rstd, x, −rstd·μ), then the sums over the rows
         shift = torch.mul(rstd, mu, out=self.shift).neg_()
         xhat = torch.addcmul(shift, rstd, x, out=self.xhat)
-        if self.xhat_rows is None:
-            self.xhat_rows = xhat.unbind(0)
-        if dout is not self.dout_seen:
-            self.dout_seen, self.dout_rows = dout, dout.unbind(0)
-        self.sums.dot(dout, xhat, out=self.gw, a_rows=self.dout_rows, b_rows=self.xhat_rows)
+        self.sums.dot(dout, xhat, out=self.gw)
         self.sums.sum(dout, out=self.gb)
         return dout.mul_(rstd).mul_(w).addcmul_(x_coef.expand_as(x), x).add_(const)
 

@@ -50,16 +50,6 @@ def _scale_by_pow2(u, q):
     return u * _pow2_float64(half) * _pow2_float64(q - half)
 
 
-def _scale_by_pow2_float32(u, q):
-    # The same u·2^q for float32 in fewer passes: in float64 the product u·2^q is exact for every
-    # q the caller keeps (|q| ≤ 150), so rounding it once to float32 gives the correctly rounded
-    # product — what vldexp2's exact first step and rounding second step give.  2^q is written
-    # straight into a float64's exponent bits ((q + 1023) << 52; pow is a slow scalar loop).
-    # Where q is not finite (x = ±inf or NaN), u is NaN and the caller's selects decide.
-    two_q = (q.to(torch.int64) + 1023).bitwise_left_shift_(52).view(torch.float64)
-    return (u.double() * two_q).float()
-
-
 _F32_POLY = (0.000198527617612853646278381, 0.00139304355252534151077271,
              0.00833336077630519866943359, 0.0416664853692054748535156,
              0.166666671633720397949219, 0.5)
@@ -87,32 +77,65 @@ def sleef_exp(x):
     """eˣ, elementwise, bit for bit as SLEEF's u10 exp (xexpf / xexp, FMA build).  x: any shape."""
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x: expected float32 or float64, got {x.dtype}")
+    if x.dtype == torch.float32:
+        return SleefExpFloat32(x.shape, x.device)(x)
     k = _constant_tensors(x.dtype, x.device)
     q = torch.round(x * k[0])                            # rint: ties to even, as vrint
     s = _fma(q, k[1], x)                                 # x − q·ln2 (upper part)
     s = _fma(q, k[2], s)                                 #          − q·ln2 (lower part)
-    if x.dtype == torch.float32:
-        u = k[3].expand_as(s)
-        for coef in k[4:9]:
-            u = _fma(u, s, coef)                         # Horner
-        u = 1.0 + _fma(s * s, u, s)                      # 1 + s + s²·P(s)
-        low, high = -104.0, 100.0
-        u = _scale_by_pow2_float32(u, q)                 # |q| ≤ 150 where x is in [low, high]
-    else:
-        c = k[3:]
-        s2 = s * s
-        s4 = s2 * s2
-        s8 = s4 * s4
-        u = _fma(s8, _fma(s, c[0], c[1]),
-                 _fma(s4, _fma(s2, _fma(s, c[2], c[3]), _fma(s, c[4], c[5])),
-                      _fma(s2, _fma(s, c[6], c[7]), _fma(s, c[8], c[9]))))
-        u = _fma(u, s, c[10])                            # Estrin above, Horner for the last three
-        u = _fma(u, s, c[11])
-        u = _fma(u, s, c[11])
-        low, high = -1000.0, 709.78271289338397          # 0x1.62e42fefa39efp+9
-        u = _scale_by_pow2(u, q)
+    c = k[3:]
+    s2 = s * s
+    s4 = s2 * s2
+    s8 = s4 * s4
+    u = _fma(s8, _fma(s, c[0], c[1]),
+             _fma(s4, _fma(s2, _fma(s, c[2], c[3]), _fma(s, c[4], c[5])),
+                  _fma(s2, _fma(s, c[6], c[7]), _fma(s, c[8], c[9]))))
+    u = _fma(u, s, c[10])                                # Estrin above, Horner for the last three
+    u = _fma(u, s, c[11])
+    u = _fma(u, s, c[11])
+    low, high = -1000.0, 709.78271289338397              # 0x1.62e42fefa39efp+9
+    u = _scale_by_pow2(u, q)
     u = torch.where(x > high, math.inf, u)
     return torch.where(x < low, 0.0, u)
+
+
+class SleefExpFloat32:
+    """SLEEF's float32 u10 exp for inputs of one shape, into buffers allocated once (17 ops, no
+    allocation per call; ``sleef_exp`` makes one per call, the fast step keeps one).
+
+    Range: SLEEF gives +inf above 100 and +0 below −104; here x is clamped to [−105, 101] first,
+    and the same algorithm gives those values there by itself (e^101 overflows float32 when
+    rounded; e^x < 0.98·2^−150 rounds to +0 below −104), so one clamp replaces the two selects;
+    NaN passes through.  Scaling by 2^q (|q| ≤ 150): u·2^q is exact in float64, so one float64
+    product rounded once to float32 is the correctly rounded product that vldexp2's exact first
+    step and rounding second step give; 2^q is written into a float64's exponent bits
+    ((q + 1023) << 52; pow is a slow scalar loop).  Buffers: three of the shape in float32, one
+    in int64 (the exponent bits)."""
+
+    def __init__(self, shape, device):
+        new = lambda dtype: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+        self.a, self.b, self.c = new(torch.float32), new(torch.float32), new(torch.float32)
+        self.bits = new(torch.int64)
+        self.two_q = self.bits.view(torch.float64)
+        self.k = _constant_tensors(torch.float32, device)
+
+    def buffers(self):
+        return [self.a, self.b, self.c, self.bits]
+
+    def __call__(self, x, out=None):
+        """eˣ into out (default: a new tensor; it may be the buffer c); x is not written."""
+        k, a, b, c = self.k, self.a, self.b, self.c
+        torch.clamp(x, -105.0, 101.0, out=a)
+        q = torch.mul(a, k[0], out=b).round_()           # rint: ties to even, as vrint
+        self.bits.copy_(q).add_(1023).bitwise_left_shift_(52)   # 2^q as float64 bits
+        s = torch.addcmul(a, q, k[1], out=a)             # x − q·ln2 (upper part), one FMA
+        s.addcmul_(q, k[2])                              #          − q·ln2 (lower part)
+        u = torch.addcmul(k[4], k[3], s, out=b)          # Horner, one FMA per coefficient
+        for coef in k[5:9]:
+            torch.addcmul(coef, u, s, out=u)
+        s2 = torch.mul(s, s, out=c)
+        torch.addcmul(s, s2, u, out=u).add_(1.0)         # 1 + (s + s²·P(s))
+        return torch.mul(u, self.two_q, out=torch.empty_like(x) if out is None else out)
 
 
 def vector_lanes(numel, dtype):

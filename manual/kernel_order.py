@@ -11,7 +11,7 @@ FMA: ``torch.addcmul(c, a, b)`` is one fused multiply-add on x86 CPUs (see kerne
 """
 import torch
 
-from manual.kernel_exp import VECTOR_BITS, sleef_exp
+from manual.kernel_exp import VECTOR_BITS, SleefExpFloat32, sleef_exp
 
 
 # --- threads ------------------------------------------------------------------------------------
@@ -50,13 +50,18 @@ class ChunkedColumnSums:
     ``add_stub`` per row; the scatter_add_ it takes for dim 0 with alpha 1, whose
     cpu_scatter_gather_base_kernel loops the rows outermost, or whose expanded-index path
     (ScatterGatherKernel.cpp) stable-radix-sorts by target row and map2-adds the rows in order.
-    ``dot(a, b)``: Σₙ a·b with one FMA per step — ``torch._foreach_addcmul_`` over the rows,
-    each row's partial listed once per row: on the CPU it is foreach_tensor_addcmul_scalar_slow_
-    (aten/src/ATen/native/ForeachOpsKernels.cpp), ``input[i].addcmul_(t1[i], t2[i])`` for
-    i = 0, 1, … in list order, and addcmul is one FMA (see the module docstring).
+    ``dot(a, b)``: Σₙ a·b with one FMA per step — ``torch._foreach_addcmul_`` over the steps: on
+    the CPU it is foreach_tensor_addcmul_scalar_slow_ (aten/src/ATen/native/ForeachOpsKernels.cpp),
+    ``input[i].addcmul_(t1[i], t2[i])`` for i = 0, 1, … in list order, and addcmul is one FMA
+    (see the module docstring).  Step i adds row i of every chunk at once: chunk c's rows start
+    at c·S (S = ceil(N / threads), only the last chunk shorter), so rows i, i + S, … are the
+    strided view ``a[i::S]`` and their partials the first rows of ``partials``: S calls inside
+    one foreach whatever the thread count (N at one thread).
 
-    The plan (chunk of each row, the partials and their row views) depends on N, D and the thread
-    count; it is built once and may be reused by a caller with fixed shapes (``matches``).
+    The plan (chunk of each row, the partials and their step views) depends on N, D and the
+    thread count; it is built once and may be reused by a caller with fixed shapes
+    (``matches``); the step views of the last two tensors dot saw are kept while they are the
+    same tensors.
     Partials are never −0 (a sum started from +0 cannot become −0), so folding from +0 is exact:
     one chunk's sum is its partial (+0 + p = p, and p → float64 → p round-trips); two chunks'
     is p₀ + p₁ rounded once in the dtype (a sum of two floats rounded to float64 and then to
@@ -70,11 +75,12 @@ class ChunkedColumnSums:
         self.chunk_of_row = torch.tensor([c for c, (b, e) in enumerate(chunks) for _ in range(b, e)],
                                          dtype=torch.int64, device=device)
         self.partials = torch.zeros(len(chunks), d, dtype=dtype, device=device)
-        rows = self.partials.unbind(0)
-        self.partial_of_row = [rows[c] for c in self.chunk_of_row.tolist()]
+        self.step = chunks[0][1] - chunks[0][0]                   # S: rows per chunk
+        self.partial_steps = [self.partials[:len(range(i, n, self.step))] for i in range(self.step)]
         self.fold_index = torch.zeros(len(chunks), dtype=torch.int64, device=device)
         self.total = torch.zeros(1, d, dtype=fold_dtype, device=device)
-        self.out_rows = {}   # id(out) -> (out, [out] per row, out as (1, D)): one-chunk targets
+        self.out_steps = {}   # id(out) -> (out, [out as (1, D)] per step): one-chunk targets
+        self.kept = [(None, None), (None, None)]                  # (tensor, its step views)
 
     def matches(self, n, d):
         """Whether this plan still holds for an (n, d) input at the current thread count."""
@@ -86,24 +92,29 @@ class ChunkedColumnSums:
         partials.zero_().index_add_(0, self.chunk_of_row, values)
         return self._fold(out)
 
-    def dot(self, a, b, out=None, a_rows=None, b_rows=None):
-        """Σₙ a·b (N, D) -> (D,), one FMA per step, into out if given.  a_rows, b_rows: the
-        rows' views (``a.unbind(0)``) if the caller keeps them."""
+    def _steps(self, t, slot):
+        kept_t, views = self.kept[slot]
+        if kept_t is not t:
+            views = [t[i::self.step] for i in range(self.step)]
+            self.kept[slot] = (t, views)
+        return views
+
+    def dot(self, a, b, out=None):
+        """Σₙ a·b (N, D) -> (D,), one FMA per step, into out if given."""
         partials = self._partials(out)
-        partial_of_row = self.partial_of_row if partials is self.partials else \
-            self.out_rows[id(out)][1]
+        steps = self.partial_steps if partials is self.partials else self.out_steps[id(out)][1]
         partials.zero_()
-        torch._foreach_addcmul_(partial_of_row, a_rows or a.unbind(0), b_rows or b.unbind(0))
+        torch._foreach_addcmul_(steps, self._steps(a, 0), self._steps(b, 1))
         return self._fold(out)
 
     def _partials(self, out):
         """Where the chunk sums go: with one chunk straight into out (its sum is its partial);
-        out's (1, D) view and its row list are kept while out is the same tensor."""
+        out's (1, D) view and its step list are kept while out is the same tensor."""
         if self.partials.shape[0] == 1 and out is not None and out.is_contiguous():
-            kept = self.out_rows.get(id(out))
+            kept = self.out_steps.get(id(out))
             if kept is None or kept[0] is not out:
-                kept = self.out_rows[id(out)] = (out, [out] * len(self.partial_of_row),
-                                                 out.view(1, -1))
+                row = out.view(1, -1)
+                kept = self.out_steps[id(out)] = (out, [row] * self.step, row)
             return kept[2]
         return self.partials
 
@@ -202,13 +213,24 @@ class NllCascade:
         """−(1/N) Σ picked with the kernel's bits, in 3 + (levels) ops, into the given buffers:
         sums (size,), kept_values (P,), total (1,), all of picked's dtype.  Returns a new 0-d
         tensor."""
-        sums.zero_()
-        for offset, groups, alpha, group, below in self.levels:
-            inputs = picked if below is None else sums[below:below + group.shape[0]]
-            sequential_sum_into(sums[offset:offset + groups], group, inputs, alpha)
-        torch.index_select(sums, 0, self.kept, out=kept_values)
-        sequential_sum_into(total.zero_(), self.kept_into, kept_values)
-        return total[0] / float(self.n)
+        return self.bind(sums, kept_values, total)(picked)
+
+    def bind(self, sums, kept_values, total):
+        """``mean`` with its buffers fixed: the slices of sums each level reads and writes made
+        once.  Returns mean(picked) -> a new 0-d tensor."""
+        steps = [(sums[offset:offset + groups], group,
+                  None if below is None else sums[below:below + group.shape[0]], alpha)
+                 for offset, groups, alpha, group, below in self.levels]
+        total_0d, n = total.view(()), float(self.n)
+
+        def mean(picked):
+            sums.zero_()
+            for target, group, inputs, alpha in steps:
+                sequential_sum_into(target, group, picked if inputs is None else inputs, alpha)
+            torch.index_select(sums, 0, self.kept, out=kept_values)
+            sequential_sum_into(total.zero_(), self.kept_into, kept_values)
+            return total_0d / n
+        return mean
 
 
 def nll_mean(picked, n):
@@ -220,6 +242,11 @@ def nll_mean(picked, n):
 
 
 # --- log_softmax backward: its exp --------------------------------------------------------------
+def _sleef_exp_applies(dtype, device):
+    return device.type == "cpu" and dtype in (torch.float32, torch.float64) \
+        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def log_softmax_backward_exp(logp):
     """exp as the CPU log_softmax backward kernel evaluates it (aten/src/ATen/native/cpu/
     SoftMaxKernel.cpp, _vec_host_softmax_backward_lastdim, log variant: vec::map2 of
@@ -231,10 +258,27 @@ def log_softmax_backward_exp(logp):
     Elsewhere (CUDA, or a CPU run with ATEN_CPU_CAPABILITY=default) it is torch.exp: not verified
     bitwise there; expect the `ulp` tier at worst.
     """
-    if logp.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") \
-            and logp.dtype in (torch.float32, torch.float64):
+    if _sleef_exp_applies(logp.dtype, logp.device):
         return sleef_exp(logp)
     return torch.exp(logp)
+
+
+class LogSoftmaxBackwardExp:
+    """``log_softmax_backward_exp`` for inputs of one shape: float32 on AVX2/AVX512 through one
+    SleefExpFloat32 whose buffers are kept (its result is written into one of them, valid until
+    the next call); otherwise the function itself (new tensors)."""
+
+    def __init__(self, shape, dtype, device):
+        self.plan = SleefExpFloat32(shape, device) \
+            if dtype == torch.float32 and _sleef_exp_applies(dtype, device) else None
+
+    def buffers(self):
+        return [] if self.plan is None else self.plan.buffers()
+
+    def __call__(self, logp):
+        if self.plan is None:
+            return log_softmax_backward_exp(logp)
+        return self.plan(logp, out=self.plan.c)
 
 
 # --- batch norm: batch_norm_cpu_backward_channels_last_impl -------------------------------------
@@ -316,67 +360,85 @@ def ln_lanes(dtype, device):
     return 256 // torch.finfo(dtype).bits
 
 
-def ln_row_sum(factors, lanes, work=None):
-    """Σⱼ Πfactors per row, as layer_norm_backward_frame's vec::map{2,3}_reduce_all sums it
-    (factors: 2 or 3 tensors (N, D) -> (N, 1)).
-
-    D < lanes: left to right.  Otherwise a lanes-wide accumulator starts from the first chunk, adds
-    each further full chunk (acc + product, two roundings), adds the partial last chunk with one
-    FMA per lane (the compiler contracts that one), then folds the lanes: float32 by the shuffle
-    tree (lane i + lane i^4, then i^2, then i^1), float64 left to right.  lanes 0: torch.sum.
-    The full chunks' sequential adds are one 2-D ``index_add_`` (the order ChunkedColumnSums
-    relies on) of the products laid out chunk-major, (chunks, N·lanes), into a copy of chunk 0
-    (not 0 + it, so a −0 product stays −0 as in the kernel).  work: an optional contiguous
-    buffer of at least N·D elements of the dtype to hold those products (else a new one).
-    """
-    def prod(sl):
-        out = factors[0][:, sl] * factors[1][:, sl]
-        return out * factors[2][:, sl] if len(factors) == 3 else out
-
-    n_rows, n = factors[0].shape
-    if not lanes or n < lanes:
-        if not lanes:
-            return prod(slice(0, n)).sum(1, keepdim=True)
-        terms = prod(slice(0, n))
-        total = terms[:, :1]
-        for j in range(1, n):
-            total = total + terms[:, j:j + 1]
-        return total
-    d = n - n % lanes
-    n_chunks = d // lanes
-    by_chunk = [f[:, :d].view(n_rows, n_chunks, lanes).transpose(0, 1) for f in factors]
-    shape = (n_chunks, n_rows, lanes)                              # chunk-major products
-    chunks = factors[0].new_empty(shape) if work is None else work.view(-1)[:d * n_rows].view(shape)
-    torch.mul(by_chunk[0], by_chunk[1], out=chunks)
-    if len(factors) == 3:
-        chunks.mul_(by_chunk[2])
-    acc = chunks[0].clone()
-    if n_chunks > 1:
-        later = torch.zeros(n_chunks - 1, dtype=torch.int64, device=acc.device)
-        acc.view(1, -1).index_add_(0, later, chunks[1:].view(n_chunks - 1, -1))
-    if d < n:
-        r = n - d
-        head = factors[0][:, d:] * factors[1][:, d:] if len(factors) == 3 else factors[0][:, d:]
-        last = factors[-1][:, d:]
-        acc = torch.cat([torch.addcmul(acc[:, :r], head, last), acc[:, r:]], 1)
-    if factors[0].dtype == torch.float32:
-        while acc.shape[1] > 1:
-            half = acc.shape[1] // 2
-            acc = acc[:, :half] + acc[:, half:]
-        return acc
-    total = acc[:, :1]
-    for j in range(1, lanes):
-        total = total + acc[:, j:j + 1]
+def _ln_row_sum_plain(factors, lanes):
+    """LnRowSums.sum where the kernel has no full vector: D < lanes (left to right) or lanes 0."""
+    terms = factors[0] * factors[1]
+    terms = terms * factors[2] if len(factors) == 3 else terms
+    if not lanes:
+        return terms.sum(1, keepdim=True)
+    total = terms[:, :1]
+    for j in range(1, terms.shape[1]):
+        total = total + terms[:, j:j + 1]
     return total
 
 
-def ln_row_sums(dout, x, weight, work=None):
+class LnRowSums:
+    """Σⱼ Πfactors per row, as layer_norm_backward_frame's vec::map{2,3}_reduce_all sums it,
+    for inputs (N, D) of one shape and dtype: ``sum(factors, work)`` (factors: 2 or 3 tensors
+    (N, D), the third broadcast from (D,) allowed -> (N, 1)).
+
+    D < lanes: left to right.  Otherwise a lanes-wide accumulator starts from the first chunk,
+    adds each further full chunk (acc + product, two roundings), adds the partial last chunk with
+    one FMA per lane (the compiler contracts that one), then folds the lanes: float32 by the
+    shuffle tree (lane i + lane i^4, then i^2, then i^1), float64 left to right.  lanes 0:
+    torch.sum.  The products are formed in row-major order (N, D) and the full chunks' sequential
+    adds are one ``index_add_`` along the chunk dimension of their (N, chunks, lanes) view (each
+    position's sources added in index order, the order ChunkedColumnSums relies on) into a copy of
+    chunk 0 (not 0 + it, so a −0 product stays −0 as in the kernel): a fixed number of torch calls
+    whatever D.  work: a contiguous buffer of at least N·D elements for the products (else a new
+    one); the accumulator and the fold's buffers are kept, two sets (``slot`` 0 or 1): a result
+    is valid until the next call with the same slot.
+    """
+
+    def __init__(self, n, d, dtype, device):
+        self.lanes = ln_lanes(dtype, device)
+        self.shape, self.full = (n, d), d - d % self.lanes if self.lanes else 0
+        if not self.full:
+            return
+        lanes, chunks = self.lanes, self.full // self.lanes
+        new = lambda *shape: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+        self.acc = new(n, 1, lanes)
+        self.later = torch.zeros(chunks - 1, dtype=torch.int64, device=device)
+        self.tree = dtype == torch.float32
+        widths = [lanes >> k for k in range(1, lanes.bit_length())] if self.tree else [1]
+        self.folds = [[new(n, 1, width) for width in widths] for _ in range(2)]
+
+    def sum(self, factors, work=None, slot=0):
+        n, d = self.shape
+        lanes, full = self.lanes, self.full
+        if not full:
+            return _ln_row_sum_plain(factors, lanes)
+        products = factors[0].new_empty((n, d)) if work is None else work.view(-1)[:n * d].view(n, d)
+        torch.mul(factors[0], factors[1], out=products)
+        if len(factors) == 3:   # (a·b)·c on the full chunks; the tail keeps a·b for its FMA
+            products[:, :full].mul_(factors[2][..., :full])
+        chunked = products[:, :full].unflatten(1, (full // lanes, lanes))   # (N, chunks, lanes)
+        acc = self.acc.copy_(chunked[:, :1])
+        if full > lanes:
+            acc.index_add_(1, self.later, chunked[:, 1:])
+        if full < d:   # the partial last chunk: fma(head, last factor, acc) in its first lanes
+            r = d - full
+            head = products[:, full:] if len(factors) == 3 else factors[0][:, full:]
+            acc[:, 0, :r].addcmul_(head, factors[-1][..., full:])
+        folds = self.folds[slot]
+        if self.tree:   # float32: the shuffle tree
+            for out in folds:
+                half = out.shape[2]
+                acc = torch.add(acc[..., :half], acc[..., half:], out=out)
+            return acc.view(n, 1)
+        total = torch.add(acc[..., 0], acc[..., 1], out=folds[0].view(n, 1))
+        for j in range(2, lanes):
+            total.add_(acc[..., j])
+        return total
+
+
+def ln_row_sums(dout, x, weight, work=None, plan=None):
     """(Σⱼ dy·x·w, Σⱼ dy·w) per row (N, 1) each, in layer_norm_backward_frame's lane order
-    (``ln_row_sum``; the kernel's ds and db).  work: as ln_row_sum's (used by one sum after the
-    other)."""
-    lanes = ln_lanes(x.dtype, x.device)
-    w = weight.expand_as(x)
-    return ln_row_sum((dout, x, w), lanes, work), ln_row_sum((dout, w), lanes, work)
+    (``LnRowSums``; the kernel's ds and db).  work: as LnRowSums.sum's (used by one sum after the
+    other); plan: an LnRowSums for x's shape to use (default: a new one)."""
+    if plan is None:
+        plan = LnRowSums(*x.shape, x.dtype, x.device)
+    return plan.sum((dout, x, weight), work, slot=0), plan.sum((dout, weight), work, slot=1)
 
 
 def ln_param_grads(dout, x, mean, rstd):

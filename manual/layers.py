@@ -30,15 +30,23 @@ def linear_backward(dout, cache):
     broadcast bias gradient with ``sum(0)``.  ``x.t().mm(dout).t()`` is the same math, other bits.
     """
     # out = x·Wᵀ + b  ⇒  dx = dout·W,  dW = doutᵀ·x,  db = Σₙ dout
+    x, weight, _ = cache
+    dweight, dbias = linear_param_grads(dout, cache)
+    dx = weight.t().mm(dout.t()).t() if column_major(x) else dout.mm(weight)
+    return dx, dweight, dbias
+
+
+def linear_param_grads(dout, cache):
+    """linear_backward without dx (a first layer's input gradient, which a step never uses):
+    (dweight, dbias or None), the same ops."""
     x, weight, has_bias = cache
     _check.linear_dout(dout, x, weight)
-    dx = weight.t().mm(dout.t()).t() if column_major(x) else dout.mm(weight)
     if column_major(weight.t()):
         dweight = dout.t().mm(x)
     else:  # weight stored transposed: the general branch, x.t()·dout, then TBackward
         dweight = x.t().mm(dout).t()
     dbias = dout.sum(0) if has_bias else None
-    return dx, dweight, dbias
+    return dweight, dbias
 
 
 def column_major(t):

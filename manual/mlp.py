@@ -11,7 +11,11 @@ Optional layers, in CS231n's FullyConnectedNet order:
              norms.i.running_var, norms.i.num_batches_tracked);
   dropout    p after each hidden activation;
   embedding  {"vocab", "dim", "context"} in front (embed.weight (V, E)): integer x (N, T) is
-             looked up and flattened to (N, T·E).
+             looked up and flattened to (N, T·E);
+  blocks     {"n", "width", "hidden", "norm", "activation"}: n residual FFN blocks
+             (manual/blocks.py; blocks.{b}.norm / .fc1 / .fc2) between the last hidden layer and
+             the head: the layers up to sizes[-2] are the input projection to the blocks' width
+             D = sizes[-2], then h ← h + fc2(act(fc1(LN(h)))) per block, then the head.
 
 Shapes: x (N, D); sizes = [D, H1, …, C]; output (N, C); target (N, C) values or (N,) labels.
 """
@@ -21,6 +25,8 @@ import torch
 
 from manual import _check
 from manual.activations import activation_backward, activation_forward, activation_list
+from manual.blocks import (block_param_names, block_settings, blocks_backward, blocks_forward,
+                           check_block_params, init_block_params)
 from manual.cache import Cache
 from manual.dropout import dropout_backward, dropout_forward
 from manual.embedding import embedding_backward, embedding_forward
@@ -40,8 +46,8 @@ class LayerCache(Cache):
 
 class ForwardCache(Cache):
     """What MLP.backward needs: the layers' caches (a list of LayerCache), the embedding's (or
-    None) and the loss's."""
-    fields = ("layers", "embedding", "loss")
+    None), the loss's and the residual blocks' (a list, or None without blocks)."""
+    fields = ("layers", "embedding", "loss", "blocks")
     __slots__ = fields
 
 
@@ -52,13 +58,15 @@ def linear_widths(sizes, activations, k=2):
 
 
 def init_params(sizes, activation="sigmoid", bias=True, *, scheme="uniform", seed=0,
-                dtype=torch.float64, device="cpu", k=2, norm=None, embedding=None):
+                dtype=torch.float64, device="cpu", k=2, norm=None, embedding=None, blocks=None):
     """Seeded parameters in nn.Linear layout, identical on every device.
 
     Drawn in float64 on the CPU from one torch.Generator, then cast: "uniform" is nn.Linear's
     default distribution U(−1/√D, 1/√D); "randn" is the document's standard normal.  A norm's
     weight starts at 1 and its bias at 0 (nn.BatchNorm1d / nn.LayerNorm); the embedding table is
-    N(0, 1) (nn.Embedding), drawn after the layers.
+    N(0, 1) (nn.Embedding), drawn after the layers; the residual blocks (manual.blocks
+    .init_block_params, nn.Linear's uniform whatever the scheme) are drawn last, from the same
+    generator, so a spec without blocks keeps its parameters.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"init: unknown scheme {scheme!r}; expected one of {', '.join(INIT_SCHEMES)}")
@@ -84,6 +92,10 @@ def init_params(sizes, activation="sigmoid", bias=True, *, scheme="uniform", see
         shape = (embedding["vocab"], embedding["dim"])
         params["embed.weight"] = torch.randn(shape, generator=gen, dtype=torch.float64).to(
             dtype=dtype, device=device)
+    if blocks is not None:
+        b = block_settings(blocks)
+        params.update(init_block_params(b["n"], b["width"], b["hidden"], b["norm"], generator=gen,
+                                        dtype=dtype, device=device))
     return params
 
 
@@ -115,7 +127,9 @@ class MLP:
     optimizer: an object with ``step(params, grads)`` (manual.optim), needed only by ``step``.
     options: slope (leaky_relu), alpha (elu), k (maxout pieces).
     reg: L2 regularization strength; the loss becomes data loss + reg·Σ W² (weights only).
-    norm, dropout, momentum, eps, embedding: the optional layers (module docstring).
+    norm, dropout, momentum, eps, embedding, blocks: the optional layers (module docstring);
+    the blocks' layer norms use eps too, their activation slope / alpha.  reg covers the
+    layers.* weights only, not the blocks' (the twin's L2Regularized sums the same).
     buffers: batch norm's running statistics by name (default: init_buffers); updated in place.
     generator: the torch.Generator dropout draws its masks from (None: the default generator;
     manual/dropout.py says how the twin draws the same masks).  ``train()`` / ``eval()`` switch
@@ -124,22 +138,34 @@ class MLP:
 
     def __init__(self, params, activation="sigmoid", loss="sum_squared", optimizer=None, *,
                  slope=0.1, alpha=1.0, k=2, reg=0.0, norm=None, dropout=0.0, momentum=0.1,
-                 eps=1e-5, embedding=None, buffers=None, generator=None):
+                 eps=1e-5, embedding=None, blocks=None, buffers=None, generator=None):
         self.norm = _check.check_norm(norm)
         self.dropout = _check.check_dropout(dropout)
         self.embedding = _check.check_embedding(embedding)
+        self.blocks = None if blocks is None else block_settings(blocks)
         self.momentum, self.eps = _check.mlp_norm_settings(momentum, eps)
-        self.n_layers = _check.mlp_params(params, self.norm, self.embedding)
+        names = () if blocks is None else block_param_names(self.blocks["n"], self.blocks["norm"])
+        self.n_layers = _check.mlp_params(params, self.norm, self.embedding, set(names))
         self.activations = activation_list(activation, self.n_layers - 1)
         _check.mlp_widths(params, self.n_layers, self.activations, k)
         _check.mlp_optional_layers(params, self.n_layers, self.norm, self.embedding)
         target_kind(loss)  # validates the name
         self.params, self.loss, self.optimizer = params, loss, optimizer
         self.options = {"slope": slope, "alpha": alpha, "k": k}
+        if self.blocks is not None:
+            self._check_blocks(params)
         self.reg = _check.number("reg", reg, low=0)
         self.buffers = self._buffers(buffers)
         self.generator = generator
         self.training = True
+
+    def _check_blocks(self, params):
+        """The blocks sit in the head's input width, behind at least one hidden layer."""
+        head_in = params[f"layers.{self.n_layers - 1}.weight"].shape[1]
+        if self.n_layers < 2 or head_in != self.blocks["width"]:
+            raise ValueError(f"blocks.width: {self.blocks['width']} must equal the last hidden "
+                             f"width (the head's input), got sizes {self.sizes}")
+        check_block_params(params, self.blocks)
 
     def _buffers(self, buffers):
         first = self.params["layers.0.weight"]
@@ -196,17 +222,20 @@ class MLP:
 
         trace: a dict to record each pre-activation and activation in, or None (with the
         optional layers also embed.output, layers.{i}.linear (before the norm), norms.{i}.mean,
-        norms.{i}.invstd and layers.{i}.dropout; backward adds layers.{i}.grad_dropout and
-        layers.{i}.grad_linear).
+        norms.{i}.invstd, layers.{i}.dropout and blocks.output (the head's input); backward adds
+        layers.{i}.grad_dropout, layers.{i}.grad_linear and blocks.grad_input).
         """
         self.check_input(x)
         layer_caches = []
-        h, emb_cache = x, None
+        h, emb_cache, block_caches = x, None, None
         if self.embedding is not None:
             emb, emb_cache = embedding_forward(x, self.params["embed.weight"])
             h = emb.view(emb.shape[0], -1)                   # (N, T, E) -> (N, T·E)
             _record(trace, "embed.output", h)
         for i in range(self.n_layers):
+            if i == self.n_layers - 1 and self.blocks is not None:
+                h, block_caches = self._blocks_forward(h)
+                _record(trace, "blocks.output", h)
             z, lin_cache = linear_forward(h, self.params[f"layers.{i}.weight"],
                                           self.params.get(f"layers.{i}.bias"))
             h, norm_cache, act_cache, drop_cache = z, None, None, None
@@ -227,7 +256,12 @@ class MLP:
             else:
                 _record(trace, f"layers.{i}.pre_activation", z)
             layer_caches.append(LayerCache(lin_cache, norm_cache, act_cache, drop_cache))
-        return h, ForwardCache(layer_caches, emb_cache)
+        return h, ForwardCache(layer_caches, emb_cache, blocks=block_caches)
+
+    def _blocks_forward(self, h):
+        b = self.blocks
+        return blocks_forward(h, self.params, b["n"], b["activation"], b["norm"], self.eps,
+                              **self._act_options(b["activation"]))
 
     def forward(self, x, target, trace=None):
         """x (N, D), target (N, C) values or (N,) labels -> scalar loss, cache for backward."""
@@ -243,7 +277,8 @@ class MLP:
         """cache from forward -> grads (name -> tensor shaped like the parameter), dx (N, D).
 
         The forward in reverse: dloss → d output → per layer (d dropout → d activation →
-        d norm → d pre-activation → dW, db, d input) → d embedding.  dloss defaults to 1, the
+        d norm → d pre-activation → dW, db, d input; after the head, the residual blocks last
+        first) → d embedding.  dloss defaults to 1, the
         seed autograd starts from.  With an embedding, dx is the gradient of the flattened
         lookup (N, T·E).
         """
@@ -270,6 +305,11 @@ class MLP:
             grads[f"layers.{i}.weight"] = dweight
             if dbias is not None:
                 grads[f"layers.{i}.bias"] = dbias
+            if i == self.n_layers - 1 and cache.blocks is not None:
+                # the residual blocks, last first (the split and sum: manual.blocks.block_backward)
+                dh, block_grads = blocks_backward(dh, cache.blocks)
+                grads.update(block_grads)
+                _record(trace, "blocks.grad_input", dh)
         if cache.embedding is not None:
             idx = cache.embedding.idx
             grads["embed.weight"] = embedding_backward(dh.view(*idx.shape, -1), cache.embedding)

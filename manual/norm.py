@@ -214,11 +214,12 @@ def layernorm_backward(dout, cache):
     return dx, dweight, dbias
 
 
-def layernorm_dx_coefficients(dout, x, w, mu, rstd, work=None):
+def layernorm_dx_coefficients(dout, x, w, mu, rstd, work=None, plan=None):
     """(x_coef, const), each (N, 1), of layernorm_backward's dx = rstd·w·dy + x_coef·x + const
     (mu, rstd: (N, 1)), formed as layer_norm_kernel.cpp forms them (its FMA contractions; the row
-    sums in its lane order; work: a buffer for them, kernel_order.ln_row_sums)."""
-    sum_dyw_x, sum_dyw = kernel_order.ln_row_sums(dout, x, w, work)      # Σⱼ dy·w·x, Σⱼ dy·w
+    sums in its lane order; work: a buffer for them, plan: a kept LnRowSums for x's shape;
+    kernel_order.ln_row_sums)."""
+    sum_dyw_x, sum_dyw = kernel_order.ln_row_sums(dout, x, w, work, plan)  # Σⱼ dy·w·x, Σⱼ dy·w
     return layernorm_coefficients(sum_dyw_x, sum_dyw, mu, rstd, x.shape[1])
 
 

@@ -20,7 +20,11 @@ torch.profiler(profile_memory=True), summed in time order.  CUDA: max_memory_all
 reset_peak_memory_stats(), minus memory_allocated() at the start.  Inputs and targets (the same
 for both) and BLAS-internal workspaces (outside torch's allocator) are not counted.
 
-One module (about 370 lines) because it is one measurement: the variants, their timing and their
+An autocast row (``autocast`` in its SIZES entry, e.g. mnist_bf16) runs the twin as the stock
+torch.autocast script, the manual side through FastMLP(autocast=…) (its fallback is reported),
+the readable side as manual.autocast.AutocastMLP and the floor's GEMMs in the low dtype.
+
+One module (about 460 lines) because it is one measurement: the variants, their timing and their
 memory are taken on the same copies in one interleaved run.
 """
 import contextlib
@@ -34,6 +38,7 @@ from torch.profiler import ProfilerActivity, profile
 import torch.utils.deterministic as deterministic_flags  # not loaded by `import torch` alone
 
 import manual
+from manual.autocast import AutocastMLP
 from manual.fast import CudaGraphStep, FastMLP
 from manual.mlp import MLP, init_params
 from refnet import data as datasets
@@ -65,6 +70,11 @@ SIZES = {
     "mnist_ce": dict(batch=1024, sizes=[784, 256, 10], bias=True, loss="cross_entropy", lr=0.01,
                      init="uniform", block=2, reps=(9, 2), activation="relu",
                      optimizer=("sgd", {"lr": 0.01, "momentum": 0.9}), data="labels"),
+    # mnist_ce under bf16 autocast with AdamW: the twin is the stock torch.autocast script, the
+    # manual side manual.autocast.AutocastMLP through FastMLP(autocast=...) (its fallback shown)
+    "mnist_bf16": dict(batch=1024, sizes=[784, 256, 10], bias=True, loss="cross_entropy",
+                       lr=1e-3, init="uniform", block=2, reps=(9, 2), activation="relu",
+                       optimizer=("adamw", {"lr": 1e-3}), data="labels", autocast="bfloat16"),
     # makemore's MLP (Karpathy, part 3): 3 characters embedded 27×10 and flattened, 30-200-27,
     # batch norm, tanh, cross-entropy, plain SGD, batch 32 of makemore's names data set
     "makemore": dict(batch=32, sizes=[30, 200, 27], bias=True, loss="cross_entropy", lr=0.1,
@@ -145,10 +155,24 @@ def _twin_step(model, loss_fn, opt, x, target, fwd=None):
     return loss.detach()
 
 
+def _twin_stepper(cfg, model, loss_fn, opt):
+    """The twin's step of the row as a function of (x, target): the stock script, under
+    torch.autocast for an autocast row (refnet.twin.autocast_step)."""
+    amp = cfg.get("autocast")
+    if amp is None:
+        return lambda x, target: _twin_step(model, loss_fn, opt, x, target)
+    dtype = getattr(torch, amp)
+    return lambda x, target: twin_mod.autocast_step(model, loss_fn, opt, x, target, dtype)[0]
+
+
 def _floor(cfg, params, x, target):
     """The manual step's matrix products alone, with the same operands' shapes and layouts (with
     an embedding: the products behind the lookup, on a float input of the flattened width)."""
     n, device, dtype = x.shape[0], x.device, params["layers.0.weight"].dtype
+    if cfg.get("autocast"):    # the products in the low dtype, operands cast beforehand
+        dtype = getattr(torch, cfg["autocast"])
+        params = {k: v.to(dtype) for k, v in params.items()}
+        x = x.to(dtype) if x.is_floating_point() else x
     if not x.is_floating_point():
         x = torch.rand((n, cfg["sizes"][0]), dtype=dtype, device=device)
     weights = [params[f"layers.{i}.weight"].clone() for i in range(len(cfg["sizes"]) - 1)]
@@ -171,6 +195,21 @@ def _floor(cfg, params, x, target):
                 torch.mm(hs[i], weights[i], out=dys[i])
         return None
     return step
+
+
+def row_sides(name, device, momentum=0.0):
+    """One row's steps as functions of nothing, each on its own copy of the row's parameters and
+    data: {"manual": FastMLP's step, "twin": the stock script's, "floor": the GEMMs alone}, and
+    the manual step's fallback (None when specialised).  For per-op profiles
+    (refnet/bench_profile.py)."""
+    cfg = SIZES[name]
+    dtype, device = cfg.get("dtype", torch.float32), torch.device(device)
+    params = _params(cfg, dtype, device)
+    x, target = _data(cfg, dtype, device)
+    fast = FastMLP(_manual(cfg, params, momentum), autocast=cfg.get("autocast"))
+    twin_step = _twin_stepper(cfg, *_twin(cfg, params, dtype, device, momentum))
+    return {"manual": lambda: fast.train_step(x, target), "twin": lambda: twin_step(x, target),
+            "floor": _floor(cfg, params, x, target)}, fast.fallback
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -205,7 +244,7 @@ def held_bytes(tensors):
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """Silence the profiler's C++ start/stop lines (they go to fd 2, below Python's sys.stderr)."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -228,7 +267,7 @@ def step_peak_bytes(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(device) - base
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
@@ -244,7 +283,7 @@ def step_calls(fn):
     ``aten::`` event not nested in another ``aten::`` event (ops dispatched from Python, from
     the autograd engine's backward nodes or from an optimizer; what an op calls inside is not
     counted again)."""
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return sum(1 for e in prof.events() if e.name.startswith("aten::")
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
@@ -273,33 +312,29 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
     graph = graph and not cfg.get("norm")   # CUDA graphs need FastMLP's specialised plan
     params = _params(cfg, dtype, device)
     x, target = _data(cfg, dtype, device)
+    amp = cfg.get("autocast")
     readable = _manual(cfg, params, momentum)
-    fast = FastMLP(_manual(cfg, params, momentum))
+    readable_step = AutocastMLP(readable, amp).train_step if amp else readable.train_step
+    fast = FastMLP(_manual(cfg, params, momentum), autocast=amp)
     model, loss_fn, opt = _twin(cfg, params, dtype, device, momentum)
+    twin_step = _twin_stepper(cfg, model, loss_fn, opt)
     losses = {"manual": [], "readable": [], "twin": []}
     variants = {
         "manual": lambda: losses["manual"].append(fast.train_step(x, target)),
-        "readable": lambda: losses["readable"].append(readable.train_step(x, target)),
-        "twin": lambda: losses["twin"].append(_twin_step(model, loss_fn, opt, x, target)),
+        "readable": lambda: losses["readable"].append(
+            readable_step(x, target)[0] if amp else readable_step(x, target)),
+        "twin": lambda: losses["twin"].append(twin_step(x, target)),
         "floor": _floor(cfg, params, x, target),
     }
-    compile_error, compile_seconds = None, None
-    if compile_:
-        c_model, c_loss, c_opt = _twin(cfg, params, dtype, device, momentum)
-        try:
-            from torch import _dynamo  # lazy: the compiler stack takes ~2.5 s to import
-            _dynamo.reset()
-            fwd = torch.compile(lambda xb, tb: c_loss(c_model(xb), tb))
-            t0 = time.perf_counter()
-            _twin_step(c_model, c_loss, c_opt, x, target, fwd)
-            compile_seconds = time.perf_counter() - t0
-            variants["compile"] = lambda: _twin_step(c_model, c_loss, c_opt, x, target, fwd)
-        except Exception as exc:  # noqa: BLE001 — any compiler failure is reported, not raised
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            compile_error = f"{type(exc).__name__}: {first_line}"
-    else:
-        compile_error = "skipped (--no-compile)"
-    if graph:
+    compile_seconds, compile_error = None, "skipped (--no-compile)"
+    if compile_ and amp:
+        compile_error = "skipped (autocast row)"
+    elif compile_:
+        variant, compile_seconds, compile_error = _compile_variant(
+            _twin(cfg, params, dtype, device, momentum), x, target)
+        if variant is not None:
+            variants["compile"] = variant
+    if graph and not amp:
         g_fast = FastMLP(_manual(cfg, params, momentum))
         g_step = CudaGraphStep(g_fast, x, target)
         variants["graph"] = lambda: g_step.train_step(x, target)
@@ -328,17 +363,18 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
     manual_peak = held_bytes(_manual_state(fast)) + step_peak_bytes(
         lambda: fast.train_step(x, target), device)
     twin_peak = held_bytes(_twin_state(model, opt)) + step_peak_bytes(
-        lambda: _twin_step(model, loss_fn, opt, x, target), device)
+        lambda: twin_step(x, target), device)
 
     calls = {"manual": step_calls(lambda: fast.train_step(x, target)),
-             "twin": step_calls(lambda: _twin_step(model, loss_fn, opt, x, target))}
+             "twin": step_calls(lambda: twin_step(x, target))}
 
     opt_name, opt_settings = _optimizer(cfg, momentum)
     ratio = lambda a, b: (med[a] / med[b]) if a in med and b in med else None  # noqa: E731
     row = {
         "size": name, "batch": cfg["batch"], "sizes": cfg["sizes"], "loss": cfg["loss"],
         "bias": cfg["bias"], "activation": _activation(cfg),
-        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "dtype": str(dtype).replace("torch.", ""), "autocast": amp,
+        "threads": torch.get_num_threads(),
         "optimizer": {"name": opt_name, **opt_settings},
         "momentum": opt_settings.get("momentum", 0.0),
         "autograd_over_manual": ratio("twin", "manual"),
@@ -356,6 +392,22 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
     return row
 
 
+def _compile_variant(twin, x, target):
+    """(the compiled twin's step, compile seconds, None) or (None, None, the failure)."""
+    c_model, c_loss, c_opt = twin
+    try:
+        from torch import _dynamo  # lazy: the compiler stack takes ~2.5 s to import
+        _dynamo.reset()
+        fwd = torch.compile(lambda xb, tb: c_loss(c_model(xb), tb))
+        t0 = time.perf_counter()
+        _twin_step(c_model, c_loss, c_opt, x, target, fwd)
+        seconds = time.perf_counter() - t0
+        return (lambda: _twin_step(c_model, c_loss, c_opt, x, target, fwd)), seconds, None
+    except Exception as exc:  # noqa: BLE001 — any compiler failure is reported, not raised
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        return None, None, f"{type(exc).__name__}: {first_line}"
+
+
 def thread_counts(threads=None, device="cpu"):
     """The thread counts each row is run at: the one asked for, else 1 and the machine's count
     (one count on CUDA, where the host threads barely matter)."""
@@ -367,7 +419,7 @@ def thread_counts(threads=None, device="cpu"):
 
 
 @contextlib.contextmanager
-def _no_fill():
+def no_fill():
     """torch.utils.deterministic.fill_uninitialized_memory off, restored on exit."""
     flags = deterministic_flags
     prev = flags.fill_uninitialized_memory
@@ -389,7 +441,7 @@ def run(size_names=None, device="cpu", dtype=None, quick=False, compile_=True,
     # step and not the fast path's preallocated buffers.  No op timed here has a
     # deterministic-only kernel, so the fill is the flag's only effect on these steps.
     try:
-        with determinism(device), _no_fill():
+        with determinism(device), no_fill():
             for name in names:
                 for n_threads in counts:
                     torch.set_num_threads(n_threads)

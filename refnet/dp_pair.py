@@ -14,6 +14,7 @@ the others fail within it instead of hanging.
 Each step takes the global mini-batch of single-process training (refnet.data.batches, same seed)
 and gives rank r the r-th of N contiguous pieces (torch.tensor_split).
 """
+import contextlib
 import hashlib
 
 import torch
@@ -26,6 +27,15 @@ from refnet import twin as twin_mod
 from refnet.compare import compare_tensors
 
 TIMEOUT_S = 30          # every collective (and the rendezvous) fails after this many seconds
+
+# The training-step keys --nproc carries (docs/data-parallel.md, "The training step's keys");
+# the others (blocks) are refused by name in one line (check_nproc_keys).
+DP_STEP_KEYS = ("clip_grad_norm", "accumulate", "lr_schedule", "autocast")
+
+
+def check_nproc_keys(spec):
+    """A one-line ValueError naming a training-step key --nproc does not carry (blocks)."""
+    spec.refuse_step_keys("--nproc", carried=DP_STEP_KEYS)
 
 
 class RankFailed(RuntimeError):
@@ -53,12 +63,16 @@ class DPPair:
 
     def __init__(self, spec, rank, world_size, params=None):
         self.spec, self.rank, self.world_size = spec, rank, world_size
-        spec.refuse_step_keys("--nproc")
+        check_nproc_keys(spec)
         self.pair = harness.build_pair(spec, params)
         ids = [torch.cuda.current_device()] if spec.device == "cuda" else None
         # DDP's defaults: no comm hook, bucket_cap_mb 25, gradient_as_bucket_view False.
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.pair.twin, device_ids=ids)
-        self.reducer = GradReducer(self.pair.mlp.params)
+        # DDP's first bucket is the twin's parameters() order (embed.weight first; the manual
+        # dict keeps it last)
+        self.reducer = GradReducer(self.pair.mlp.params,
+                                   registration=[n for n, _ in self.pair.twin.named_parameters()],
+                                   autocast=spec.autocast is not None)
 
     def shard(self, idx, n):
         """Rank r's rows of a global batch (idx None: all n rows)."""
@@ -96,7 +110,11 @@ class DPPair:
         twin = self.pair.twin
         buffers, rng = twin_mod.buffers_of(twin), getattr(twin, "_rng_state", None)
         self.pair.twin_opt.zero_grad(set_to_none=True)
-        self.pair.twin_loss(self.ddp(x[rows]), target[rows]).backward()
+        # under autocast the ready order is autocast's (manual.data_parallel.ready_order)
+        with (torch.autocast(x.device.type, dtype=self.spec.autocast_dtype) if self.spec.autocast
+              else contextlib.nullcontext()):
+            loss = self.pair.twin_loss(self.ddp(x[rows]), target[rows])
+        loss.backward()
         self.pair.twin_opt.zero_grad(set_to_none=True)
         twin_mod.load_buffers(twin, buffers)
         if rng is not None:

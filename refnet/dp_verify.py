@@ -61,6 +61,9 @@ def _rank_verdicts(dp, steps):
              for n in pair.mlp.params]
     curve = [compare_curves(f"rank{rank}.loss_curve", torch.stack([s.loss_m for s in steps]),
                             torch.stack([s.loss_t for s in steps]), **strict)]
+    for v in harness.step_curves(steps, strict_bits=True):  # lr, clip norm, loss scale, skips
+        v.name = f"rank{rank}.{v.name}"
+        curve.append(v)
     twin_final = twin_mod.params_of(pair.twin)
     final = [compare_tensors(f"rank{rank}.final.{n}", p, twin_final[n], "curve", **strict)
              for n, p in pair.mlp.params.items()]
@@ -88,6 +91,8 @@ def _vs_single(spec, x, target, world_size, all_losses, gm):
             f"exact arithmetic, and the additions happen in another order")
     if spec.norm == "batchnorm" or spec.dropout:
         return []  # per-shard batch statistics / per-shard masks: another function of the batch
+    if spec.autocast is not None or spec.accumulate > 1:
+        return []  # the step-0 gradient below is one float32 backward on one batch
     single = harness.build_pair(spec)
     idx0 = datasets.batches(x.shape[0], spec.batch_size, 1, spec.seed)[0]
     xb, tb = (x, target) if idx0 is None else (x[idx0], target[idx0])

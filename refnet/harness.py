@@ -5,9 +5,11 @@ Two kinds of check: gradients at a point (one forward/backward on each side) and
 final parameters).  Both return lists of `Verdict`s from refnet.compare.  `spec_checks` adds the
 float64 finite-difference oracle (refnet.oracles.fd).  Data: refnet.data.load_data.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import manual
 from manual.losses import check_labels, labels_checked
@@ -42,21 +44,14 @@ class Pair:
     twin_scaler: object = None       # and torch.amp.GradScaler
 
 
-BLOCKS_REFUSED = ("blocks: not wired into the training loop yet (manual.MLP and the twin have no "
-                  "place for FFN blocks; manual/blocks.py and twin.FFNBlock are checked on their "
-                  "own in tests/test_blocks.py and tests/test_step_combined.py); remove the key")
-
-
 def build_pair(spec, params=None):
     """Build both sides.  params: dict in nn.Linear layout; default: seeded init of the spec.
     With spec.lr_schedule each side also gets its schedule (manual.schedules / torch's)."""
-    if spec.blocks is not None:
-        raise ValueError(BLOCKS_REFUSED)
     dtype, device = spec.torch_dtype, spec.device
     if params is None:
         params = init_params(spec.sizes, spec.activation, spec.bias, scheme=spec.init,
                              seed=spec.seed, dtype=dtype, device=device, k=spec.k,
-                             norm=spec.norm, embedding=spec.embedding)
+                             norm=spec.norm, embedding=spec.embedding, blocks=spec.blocks)
     params = {name: t.detach().to(dtype=dtype, device=device).clone() for name, t in params.items()}
     opt_settings = dict(spec.optimizer)
     opt_name = opt_settings.pop("name")
@@ -190,7 +185,7 @@ def lockstep_step(pair, xb, tb, dp=None, keep_grads=False):
     then the schedule's step).  Autocast and the GradScaler go in the first and last phases.
     """
     if pair.amp is not None:
-        return _autocast_step(pair, xb, tb)
+        return _autocast_step(pair, xb, tb, dp, keep_grads)
     if dp is not None:
         dp.sync_buffers()
     micro = list(zip(xb, tb)) if isinstance(xb, (list, tuple)) else [(xb, tb)]
@@ -226,14 +221,18 @@ def _step_schedules(pair):
         pair.twin_sched.step()
 
 
-def _autocast_step(pair, xb, tb):
+def _autocast_step(pair, xb, tb, dp=None, keep_grads=False):
     """One step under autocast (spec.autocast), each side whole: manual.autocast.AutocastMLP's
     train_step (its casts written out; with spec.grad_scaler manual/grad_scaler.py's scale,
     unscale, inf check, skip and update) vs refnet.twin.autocast_step, the stock script
     (``with torch.autocast``, ``scaler.scale(loss).backward()``, ``scaler.step``,
     ``scaler.update``), over spec.accumulate micro-batches and with spec.clip_grad_norm after
     the scaler's unscale_.  out.scale_m / scale_t: the loss scale the step used; out.stepped_m /
-    stepped_t: whether each side's optimizer stepped (a GradScaler skips on overflow)."""
+    stepped_t: whether each side's optimizer stepped (a GradScaler skips on overflow).
+    dp: the manual float32 gradients (scaled, when a scaler is on) averaged between the last
+    backward and the scaler's unscale, as DDP's all-reduce runs inside the twin's backward; the
+    twin runs through DDP.  keep_grads: the gradients each side applied (after the unscale and
+    the clip)."""
     out = StepOut(None, None)
     _set_rates(pair, out)
     if pair.scaler is not None:
@@ -241,14 +240,21 @@ def _autocast_step(pair, xb, tb):
         # (a double); the step multiplies by the float32 tensor, so that is the value recorded
         twin_scale = torch.tensor(pair.twin_scaler.get_scale(), dtype=torch.float32)
         out.scale_m, out.scale_t = float(pair.scaler.scale), float(twin_scale)
+    reduce = None
+    if dp is not None:
+        dp.sync_buffers()
+        reduce = dp.reducer.reduce
     clip = pair.spec.clip_grad_norm
     order = [name for name, _ in pair.twin.named_parameters()]
-    m = pair.amp.train_step(xb, tb, pair.scaler, clip, order)
-    t = twin_mod.autocast_step(pair.twin, pair.twin_loss, pair.twin_opt, xb, tb,
-                               pair.spec.autocast_dtype, pair.twin_scaler, clip)
+    m = pair.amp.train_step(xb, tb, pair.scaler, clip, order, reduce=reduce)
+    t = twin_mod.autocast_step(pair.twin if dp is None else dp.ddp, pair.twin_loss, pair.twin_opt,
+                               xb, tb, pair.spec.autocast_dtype, pair.twin_scaler, clip)
     out.loss_m, out.loss_t = m["loss"].detach(), t["loss"]
     out.stepped_m, out.stepped_t = m["stepped"], t["stepped"]
     out.norm_m, out.coef, out.norm_t = m["total_norm"], m["clip_coef"], t["total_norm"]
+    if keep_grads:
+        out.grads_m = m["grads"]
+        out.grads_t = {n: g.detach().clone() for n, g in twin_mod.grads_of(pair.twin).items()}
     _step_schedules(pair)
     return out
 
@@ -267,13 +273,18 @@ def _manual_grads(mlp, micro):
 
 
 def _twin_grads(pair, micro, model):
-    """The stock script: zero_grad, then (criterion(model(x), y) / k).backward() per micro-batch
-    (under DDP the all-reduce of the twin's gradients happens in the last backward).  The loss."""
+    """The stock script: zero_grad, then (criterion(model(x), y) / k).backward() per micro-batch.
+    Under DDP the first k - 1 forward/backward pairs run inside ``model.no_sync()`` (local
+    AccumulateGrad, no all-reduce) and the last backward all-reduces the accumulated ``.grad``
+    (the DDP accumulation idiom; nanoGPT's require_backward_grad_sync on the last micro-step).
+    The loss."""
     pair.twin_opt.zero_grad(set_to_none=True)
     loss = None
-    for x, target in micro:
-        loss_i = pair.twin_loss(model(x), target) / len(micro)
-        loss_i.backward()
+    for i, (x, target) in enumerate(micro):
+        local = i < len(micro) - 1 and isinstance(model, DistributedDataParallel)
+        with model.no_sync() if local else contextlib.nullcontext():
+            loss_i = pair.twin_loss(model(x), target) / len(micro)
+            loss_i.backward()
         loss = loss_i.detach() if loss is None else loss + loss_i.detach()
     return loss
 

@@ -170,6 +170,10 @@ def spec_keys(spec):
         keys.add("embedding")
     if spec.autocast:
         keys.add(f"autocast:{spec.autocast}")
+    if spec.blocks:     # the residual blocks' own activation and layer norm
+        keys.add(f"activation:{spec.blocks['activation']}")
+        if spec.blocks["norm"] == "layer":
+            keys.add("norm:layernorm")
     return keys
 
 

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 import manual
-from manual.autocast import AUTOCAST_DTYPES
+from manual.autocast import AUTOCAST_DTYPES, REFUSED as AUTOCAST_REFUSED
 from manual.grad_scaler import check_scaler_settings
 from manual.mlp import INIT_SCHEMES, activation_list
 from manual.blocks import block_settings
@@ -197,9 +197,10 @@ class Spec:
         for the paths that do not carry them yet to refuse by name."""
         return [key for key, off in STEP_KEYS_OFF.items() if getattr(self, key) != off]
 
-    def refuse_step_keys(self, where):
-        """A ValueError naming the first step key set, for a path (`where`) that lacks it."""
-        on = self.step_keys_on()
+    def refuse_step_keys(self, where, carried=()):
+        """A ValueError naming the first step key set, for a path (`where`) that lacks it;
+        carried: the keys that path does carry (not refused)."""
+        on = [key for key in self.step_keys_on() if key not in carried]
         if on:
             raise ValueError(f"{on[0]}: {where} does not carry this key yet; remove it, or run the "
                              f"spec without {where}")
@@ -217,6 +218,8 @@ class Spec:
         if self.dtype != "float32":
             raise ValueError(f"autocast: needs dtype float32 (the master weights), got dtype "
                              f"{self.dtype}; autocast casts only float32 tensors")
+        if self.blocks is not None:
+            raise ValueError(AUTOCAST_REFUSED["blocks"])
         if not autocast_supported(self.device, self.autocast):
             raise ValueError(f"autocast: {self.autocast} is not supported on device "
                              f"{self.device} (torch.autocast would switch itself off)")
@@ -259,7 +262,7 @@ class Spec:
     def layer_options(self):
         """The optional layers' settings, as MLP and Twin take them."""
         return {"norm": self.norm, "dropout": self.dropout, "momentum": self.momentum,
-                "eps": self.eps, "embedding": self.embedding}
+                "eps": self.eps, "embedding": self.embedding, "blocks": self.blocks}
 
     def to_dict(self):
         return asdict(self)

@@ -1,7 +1,10 @@
 """The autograd twin: the same MLP as stock PyTorch pieces (nn.Linear, activation modules, a
 torch loss, torch.optim), so that autograd — not this file — computes its gradients."""
+import contextlib
+
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import manual
 import manual.blocks
@@ -104,7 +107,9 @@ CUDA_DROPOUT = ("dropout: not supported on device cuda (CUDA's fused native_drop
 class Twin(nn.Module):
     """layers: ModuleList of nn.Linear; acts: one activation module per hidden layer; optional
     embed (nn.Embedding) in front, norms (nn.BatchNorm1d / nn.LayerNorm) after each hidden linear
-    layer, drops (nn.Dropout) after each hidden activation — CS231n FullyConnectedNet's order.
+    layer, drops (nn.Dropout) after each hidden activation — CS231n FullyConnectedNet's order;
+    optional blocks (an nn.ModuleList of FFNBlock, registered last) between the last hidden layer
+    and the head, each adding its residual in its own forward.
 
     Dropout draws from the default CPU generator, as nn.Dropout always does, but inside
     torch.random.fork_rng with the twin's own saved state (seeded with ``seed``): the twin's masks
@@ -114,7 +119,7 @@ class Twin(nn.Module):
 
     def __init__(self, sizes, activation="sigmoid", bias=True, *, slope=0.1, alpha=1.0, k=2,
                  dtype=torch.float64, device="cpu", norm=None, dropout=0.0, momentum=0.1,
-                 eps=1e-5, embedding=None, seed=0):
+                 eps=1e-5, embedding=None, blocks=None, seed=0):
         super().__init__()
         if manual.check_dropout(dropout) and str(device).startswith("cuda"):
             raise ValueError(CUDA_DROPOUT)
@@ -136,6 +141,10 @@ class Twin(nn.Module):
         elif norm == "layernorm":
             self.norms = nn.ModuleList(nn.LayerNorm(w, eps=eps, dtype=dtype, device=device)
                                        for w in widths[:-1])
+        if blocks is not None:
+            b = manual.blocks.block_settings(blocks)
+            self.blocks = ffn_blocks(b["n"], b["width"], b["hidden"], b["activation"], b["norm"],
+                                     eps=eps, slope=slope, alpha=alpha, dtype=dtype, device=device)
         self.p = manual.check_dropout(dropout)
         if self.p:
             self.drops = nn.ModuleList(nn.Dropout(self.p) for _ in acts)
@@ -157,6 +166,9 @@ class Twin(nn.Module):
             x = self.embed(x)
             x = x.view(x.shape[0], -1)
         for i, layer in enumerate(self.layers):
+            if i == len(self.acts) and hasattr(self, "blocks"):
+                for block in self.blocks:
+                    x = block(x)
             x = layer(x)
             if i < len(self.acts):
                 if hasattr(self, "norms"):
@@ -277,10 +289,14 @@ def autocast_step(twin, loss_fn, optimizer, x, target, dtype, scaler=None, clip=
     micro = list(zip(x, target)) if isinstance(x, (list, tuple)) else [(x, target)]
     optimizer.zero_grad()
     loss = None
-    for xb, tb in micro:
-        with torch.autocast(xb.device.type, dtype=dtype):
-            loss_i = loss_fn(twin(xb), tb) / len(micro)
-        (loss_i if scaler is None else scaler.scale(loss_i)).backward()
+    for i, (xb, tb) in enumerate(micro):
+        # under DDP the first k − 1 micro-batches accumulate locally (no_sync), the last backward
+        # all-reduces the sum (harness._twin_grads' idiom)
+        local = i < len(micro) - 1 and isinstance(twin, DistributedDataParallel)
+        with twin.no_sync() if local else contextlib.nullcontext():
+            with torch.autocast(xb.device.type, dtype=dtype):
+                loss_i = loss_fn(twin(xb), tb) / len(micro)
+            (loss_i if scaler is None else scaler.scale(loss_i)).backward()
         loss = loss_i.detach() if loss is None else loss + loss_i.detach()
     out = {"loss": loss, "stepped": True, "total_norm": None}
     if clip is not None:

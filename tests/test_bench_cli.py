@@ -144,3 +144,41 @@ def test_classification_rows_have_the_row_schema_and_are_bitwise():
 def test_thread_counts():
     assert bench.thread_counts(3) == [3]
     assert bench.thread_counts(None, "cpu") == sorted({1, bench.machine_threads()})
+
+
+def test_mnist_bf16_row_runs_bitwise_with_its_fallback_shown(monkeypatch):
+    """The autocast row at tiny sizes, 1 and 2 threads: the stock torch.autocast twin against
+    FastMLP(autocast="bfloat16"), the same bits over the timed steps, the fallback in the row."""
+    import torch
+    cfg = dict(bench.SIZES["mnist_bf16"], batch=48, sizes=[20, 12, 5], block=1, reps=(2, 1))
+    monkeypatch.setitem(bench.SIZES, "mnist_bf16", cfg)
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            r = bench.bench_size("mnist_bf16", "cpu", quick=True, compile_=False)
+            assert (r["autocast"], r["dtype"], r["optimizer"]["name"]) == ("bfloat16", "float32",
+                                                                           "adamw")
+            assert r["bitwise"] is True, threads
+            assert "autocast bfloat16" in r["manual_fallback"]
+            for key in ("manual_peak_bytes", "twin_peak_bytes", "manual_calls", "twin_calls"):
+                assert isinstance(r[key], int) and r[key] > 0, key
+            assert "amp bf16" in format_row(r) and "falls back" in format_row(r)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_profile_prints_each_side_and_writes_json(tmp_path):
+    out = tmp_path / "profile.json"
+    res = refnet("bench", "--profile", "xor", "--json", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    rep = json.loads(out.read_text())
+    assert rep["size"] == "xor" and rep["threads"] == 1 and set(rep["sides"]) == {
+        "manual", "twin", "floor"}
+    for side, data in rep["sides"].items():
+        ops = {op for op, _, _, _ in data["ops"]}
+        assert data["calls"] > 0 and data["profiled_ms_per_step"] > 0, side
+        assert all(0 <= share <= 1 for _, _, _, share in data["ops"]), side
+        assert side != "floor" or "aten::addmm" in ops
+        assert f"{side}: " in res.stdout
+    assert "step: Python and dispatch between ops" in res.stdout

@@ -491,3 +491,52 @@ def test_tokens_written_in_place_are_checked_and_looked_up_again():
     x[1, 1] = 11                                          # out of range, in place
     with pytest.raises(ValueError, match=r"x: token indices must lie in \[0, 11\)"):
         fast.train_step(x, t)
+
+
+def test_cross_entropy_with_saturated_log_probabilities_is_bitwise():
+    """Logits thousands apart: most log-probabilities lie far below −104, where the fast float32
+    exp clamps its input (SleefExpFloat32) and must still give the kernel's +0 (and its values
+    just above −104 unchanged); fast == readable == twin."""
+    sizes, opt = [5, 12, 4], {"name": "sgd", "lr": 1e-4}
+    readable, fast, twin = build(sizes, "relu", True, "cross_entropy", opt, torch.float32)
+    for net in (readable.params, fast.mlp.params):
+        net["layers.1.weight"].mul_(400)
+    with torch.no_grad():
+        twin[0].layers[1].weight.mul_(400)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn((37, 5), generator=gen).mul_(5)
+    t = torch.randint(0, 4, (37,), generator=gen)
+    logp = torch.log_softmax(readable.predict(x)[0], 1)
+    assert bool((logp < -105).any()), "the case must reach the clamped range"
+    for step in range(3):
+        lr_, lf, lt = readable.train_step(x, t), fast.train_step(x, t), twin_step(twin, x, t)
+        assert same_bits(lf, lr_) and same_bits(lf, lt), (step, lf.item(), lr_.item(), lt.item())
+    final_twin = twin_mod.params_of(twin[0])
+    for name, p in fast.mlp.params.items():
+        assert same_bits(p, readable.params[name]) and same_bits(p, final_twin[name]), name
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("norm", ["layernorm", "batchnorm"])
+@pytest.mark.parametrize("width", [45, 300])
+def test_norm_layers_over_several_lane_chunks_are_bitwise(norm, width, threads):
+    """Hidden widths of several 8-lane chunks (45: five and a tail of 5; 300: 37 and a tail of 4,
+    more than the 16 a blocked sum would keep in order), where LnRowSums'
+    index_add_ over chunks and the fold run, at 1 and 2 threads (ChunkedColumnSums' steps)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sizes = [7, width, 5]
+        params = init_params(sizes, "tanh", True, seed=4, dtype=torch.float32, norm=norm)
+        nets = [MLP({k: v.clone() for k, v in params.items()}, "tanh", "cross_entropy",
+                    manual.make_optimizer("adam", lr=1e-2), norm=norm) for _ in range(2)]
+        fast = FastMLP(nets[1])
+        gen = torch.Generator().manual_seed(width)
+        x = torch.randn((33, 7), generator=gen).mul_(3)
+        t = torch.randint(0, 5, (33,), generator=gen)
+        for step in range(3):
+            assert same_bits(fast.train_step(x, t), nets[0].train_step(x, t)), step
+        for name, p in fast.mlp.params.items():
+            assert same_bits(p, nets[0].params[name]), name
+    finally:
+        torch.set_num_threads(before)

@@ -35,6 +35,10 @@ def test_keys_default_off_and_normalize():
     ({"blocks": {"n": 0, "width": 16, "hidden": 4}}, "blocks.n: expected an integer >= 1"),
     ({"blocks": {"n": 1, "width": 16, "hidden": 4, "norm": "batch"}}, "blocks.norm: expected 'layer' or null"),
     ({"blocks": {"n": 1, "width": 16, "hidden": 4, "activation": "maxout"}}, "blocks.activation: maxout"),
+    ({"blocks": {"n": 1, "width": 16, "hidden": 4, "activation": "swish"}},
+     "blocks.activation: unknown name 'swish'"),
+    ({"blocks": {"n": 1, "width": 16, "hidden": 4, "activation": ["relu"]}},
+     "blocks.activation: expected one activation name"),
     ({"blocks": {"n": 1, "width": 16, "hidden": 4, "dropout": 0.1}}, "blocks.dropout: unknown setting"),
 ])
 def test_bad_step_keys_one_line(extra, message):

@@ -69,13 +69,16 @@ def test_train_runs_accumulation_and_clipping_under_the_scaler_bitwise(tmp_path)
     assert clipping["steps"] == 16 - len(skipped) and 0 < clipping["max_total_norm"] < 1e3
 
 
-@pytest.mark.parametrize("verb", [["train", "--nproc", "2"], ["export", "--out", "OUT"]])
-def test_nproc_and_export_refuse_autocast(tmp_path, capsys, verb):
+@pytest.mark.parametrize("verb, over, message", [
+    (["export", "--out", "OUT"], {}, "autocast: "),
+    # --nproc runs autocast (verify/test_data_parallel.py), and refuses what one process refuses
+    (["train", "--nproc", "2"], dict(accumulate=2), "accumulate: not wired together with autocast")])
+def test_export_refuses_autocast_and_nproc_its_unwired_keys(tmp_path, capsys, verb, over, message):
     path = tmp_path / "s.json"
-    path.write_text(json.dumps(fp16().to_dict()))
+    path.write_text(json.dumps(fp16(**over).to_dict()))
     verb = [str(tmp_path / "out") if a == "OUT" else a for a in verb]
     code, err = run(capsys, verb[0], "--spec", path, *verb[1:])
-    assert code != 0 and err.strip().count("\n") == 0 and "autocast: " in err, err
+    assert code != 0 and err.strip().count("\n") == 0 and message in err, err
 
 
 def test_train_cli_says_how_many_steps_the_scaler_skipped(tmp_path, capsys):

@@ -94,8 +94,6 @@ def test_a_scheduled_run_resumes_with_its_own_steps(tmp_path):
     (dict(n_samples=15), "accumulate: 2 micro-batches of 10 rows need at least 20 rows; the "
                          "data set has 15"),
     (dict(batch_size=None), "accumulate: 2 micro-batches per step need a batch_size"),
-    (dict(sizes=[2, 8, 3], blocks={"n": 1, "width": 8, "hidden": 16}),
-     "blocks: not wired into the training loop yet"),
 ])
 def test_train_and_verify_refuse_in_one_line(tmp_path, capsys, over, message):
     path = tmp_path / "s.json"
@@ -109,14 +107,17 @@ def test_train_and_verify_refuse_in_one_line(tmp_path, capsys, over, message):
 @pytest.mark.parametrize("verb", [["train", "--nproc", "2", "--out", "OUT"],
                                   ["verify", "--nproc", "2"], ["export", "--out", "OUT"]])
 def test_nproc_and_export_refuse_the_step_keys_by_name(tmp_path, capsys, verb):
+    # --nproc carries clip_grad_norm, accumulate, lr_schedule and autocast
+    # (verify/test_data_parallel.py); blocks it refuses by name, as export refuses lr_schedule
     path = tmp_path / "s.json"
-    path.write_text(json.dumps(combined(accumulate=1, clip_grad_norm=None).to_dict()))
+    path.write_text(json.dumps(combined(accumulate=1, clip_grad_norm=None,
+                                        blocks={"n": 1, "width": 16, "hidden": 8}).to_dict()))
     verb = [str(tmp_path / "out") if a == "OUT" else a for a in verb]
+    where, key = ("--nproc", "blocks") if "--nproc" in verb else ("export", "lr_schedule")
     code, _, err = run(capsys, *verb[:1], "--spec", path, *verb[1:])
     assert code != 0 and err.strip().count("\n") == 0, err
-    assert err.strip().endswith("lr_schedule: " + ("--nproc" if "--nproc" in verb else "export")
-                                + " does not carry this key yet; remove it, or run the spec "
-                                + "without " + ("--nproc" if "--nproc" in verb else "export"))
+    assert err.strip().endswith(f"{key}: {where} does not carry this key yet; remove it, or run "
+                                f"the spec without {where}"), err
 
 
 def test_check_training_refuses_micro_batches_but_takes_clipping_and_schedules():

@@ -178,3 +178,35 @@ def test_fuzz_manual_vs_twin_cpu(spec):
 
 def test_every_registered_optimizer_has_a_settings_table():
     assert set(manual.OPTIMIZERS) <= set(OPTIMIZER_SETTINGS), "add its settings to OPTIMIZER_SETTINGS"
+
+
+# -- residual FFN blocks (issue 24): their own strategy, kept apart from `specs` -----------------
+@st.composite
+def block_specs(draw):
+    """An MLP with 1-2 residual FFN blocks: a projection (1-2 linear layers) to a small width D,
+    the blocks (hidden width H, with or without layer norm, any elementwise activation), the
+    head; any loss, optimizer and dtype.  nn.Linear's uniform init and rates <= 0.01: the
+    residual stack has no contraction, and a larger step diverges to NaN within the few steps
+    (a NaN loss never counts as identical)."""
+    depth = draw(st.integers(2, 3))                       # linear layers, the head included
+    sizes = [draw(st.integers(1, 12)) for _ in range(depth + 1)]
+    acts = sorted(manual.ACTIVATIONS)
+    blocks = {"n": draw(st.integers(1, 2)), "width": sizes[-2], "hidden": draw(st.integers(1, 16)),
+              "norm": draw(st.sampled_from(["layer", None])),
+              "activation": draw(st.sampled_from([a for a in acts if a != "maxout"]))}
+    optimizer = {"name": draw(st.sampled_from(sorted(manual.OPTIMIZERS))),
+                 "lr": draw(st.sampled_from([1e-2, 1e-3]))}
+    n = draw(st.integers(1, 24))
+    return Spec(sizes=sizes, activation=draw(st.sampled_from([a for a in acts if a != "maxout"])),
+                bias=draw(st.booleans()), blocks=blocks,
+                loss=draw(st.sampled_from(sorted(manual.LOSSES))),
+                optimizer=optimizer, steps=draw(st.integers(3, 6)),
+                batch_size=draw(st.one_of(st.none(), st.integers(1, n))), data="random",
+                n_samples=n, dtype=draw(st.sampled_from(["float32", "float64"])),
+                seed=draw(st.integers(0, 2**16)), name="fuzz_blocks")
+
+
+@given(spec=block_specs())
+def test_fuzz_blocks_cpu(spec):
+    # the same grading as test_fuzz_manual_vs_twin_cpu: its body, run on this spec
+    test_fuzz_manual_vs_twin_cpu.hypothesis.inner_test(spec)

@@ -9,7 +9,7 @@ import platform
 
 import torch
 
-from refnet import bench, report
+from refnet import bench, bench_profile, report
 from refnet.atomic import write_text
 from refnet.bench import SIZES
 from refnet.cli.common import EXIT_FAILED, EXIT_OK, positive_int
@@ -39,6 +39,10 @@ def add_parser(sub):
     p.add_argument("--table", "--readme", dest="table", metavar="FILE.md",
                    help=f"replace the table between {MARK_START} and {MARK_END} in this file "
                         f"(the documented one: {DOCS_PAGE}; --readme is an alias)")
+    p.add_argument("--profile", choices=list(SIZES), metavar="SIZE",
+                   help="instead of timing: the per-op profile of one size's step on each side "
+                        "(manual, twin, floor; top ops, their share of the side's time, calls per "
+                        "step) at --threads (default 1); --json writes it")
     p.add_argument("--nproc", type=positive_int(), metavar="N",
                    help="data-parallel bench: manual DP vs DDP step time and peak memory for "
                         "1..N processes (refnet/bench_dp.py, docs/data-parallel.md)")
@@ -76,11 +80,15 @@ def markdown(rep):
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rep["rows"]:
         lines.append(
-            f"| {r['size']} | {r['batch']} | {'-'.join(map(str, r['sizes']))} | {r['dtype']} "
+            f"| {r['size']} | {r['batch']} | {'-'.join(map(str, r['sizes']))} | {_dtype(r)} "
             f"| {r['threads']} | {r['median_seconds']['manual'] * 1e3:.3f} | {_ratio(r['autograd_over_manual'])} "
             f"| {_ratio(r['compile_over_manual'])} | {_ratio(r['manual_over_floor'])} "
             f"| {_ratio(r['readable_over_manual'])} | {_mib(r['manual_peak_bytes'])} "
             f"| {_mib(r['twin_peak_bytes'])} | {_calls(r)} | {'yes' if r['bitwise'] else 'no'} |")
+    fallbacks = {r["size"]: r["manual_fallback"] for r in rep["rows"] if r.get("manual_fallback")}
+    if fallbacks:
+        lines.append("")
+        lines += [f"`{size}`: the manual step falls back: {why}." for size, why in fallbacks.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +105,12 @@ def update_table(path, rep):
     write_text(path, head + MARK_START + "\n" + markdown(rep) + MARK_END + tail)
 
 
+def _dtype(r):
+    """The row's dtype; an autocast row's as float32 + the autocast dtype (amp bf16 / amp f16)."""
+    amp = r.get("autocast")
+    return r["dtype"] if not amp else f"amp {'bf16' if amp == 'bfloat16' else 'f16'}"
+
+
 def _mib(n):
     if n < 10 * 2**10:
         return f"{n} B"
@@ -111,14 +125,14 @@ def _ratio(v):
     return "-" if v is None else f"{v:.2f}"
 
 
-HEADER = (f"{'size':9s} {'batch':>5s} {'layers':16s} {'dtype':7s} {'thr':>3s} {'manual ms':>9s} "
+HEADER = (f"{'size':10s} {'batch':>5s} {'layers':16s} {'dtype':8s} {'thr':>3s} {'manual ms':>9s} "
           f"{'autograd/man':>12s} {'compile/man':>11s} {'man/floor':>9s} {'readable/man':>12s} "
           f"{'peak man':>11s} {'peak twin':>11s} {'calls m/t':>9s} bitwise")
 
 
 def format_row(r):
     layers = "-".join(map(str, r["sizes"]))
-    line = (f"{r['size']:9s} {r['batch']:5d} {layers:16s} {r['dtype']:7s} {r.get('threads', 0):3d} "
+    line = (f"{r['size']:10s} {r['batch']:5d} {layers:16s} {_dtype(r):8s} {r.get('threads', 0):3d} "
             f"{r['median_seconds']['manual'] * 1e3:9.3f} {_ratio(r['autograd_over_manual']):>12s} "
             f"{_ratio(r['compile_over_manual']):>11s} {_ratio(r['manual_over_floor']):>9s} "
             f"{_ratio(r['readable_over_manual']):>12s} {_mib(r['manual_peak_bytes']):>11s} "
@@ -146,6 +160,13 @@ def run(args):
             if f.read().count(MARK_START) != 1:
                 raise ValueError(f"--table: expected one {MARK_START} … {MARK_END} block in "
                                  f"{args.table}")
+    if args.profile:
+        rep = bench_profile.profile_row(args.profile, threads=args.threads or 1, device=device,
+                                        momentum=args.momentum)
+        print(bench_profile.format_profile(rep))
+        if args.json:
+            report.write_json(rep, args.json)
+        return EXIT_OK
     dtype = getattr(torch, args.dtype) if args.dtype else None
     print(HEADER, flush=True)
     rep = bench.run(args.sizes, device, dtype, quick=args.quick, compile_=not args.no_compile,

@@ -18,7 +18,7 @@ from refnet.compare import enforce_expected
 from refnet.cli.train import build_spec, out_folder
 from refnet.cli.verify import print_row
 from refnet.dp_launch import run_job, under_torchrun
-from refnet.dp_pair import RankFailed
+from refnet.dp_pair import RankFailed, check_nproc_keys
 from refnet.dp_specs import dp_specs
 from refnet.spec import Spec
 
@@ -60,7 +60,7 @@ def _verify_verb(args):
     else:
         specs = [s for dt in dtype_names for s in dp_specs(dt, device)]
     for spec in specs:
-        spec.refuse_step_keys("--nproc")
+        check_nproc_keys(spec)
     if args.json:
         report.check_writable(args.json)
     started = time.time()
@@ -88,7 +88,7 @@ def _verify_verb(args):
 
 def _train_verb(args):
     spec, example = build_spec(args)
-    spec.refuse_step_keys("--nproc")
+    check_nproc_keys(spec)
     out = out_folder(args)
     if args.resume:  # refuse another N before starting any process
         check_world_size(load_checkpoint(args.resume),

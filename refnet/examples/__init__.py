@@ -76,7 +76,7 @@ class Example:
 
 REGISTRY: dict[str, Example] = {}
 _MODULES = ("seed", "scalar", "activations", "vectorized", "deep", "nonlinearity", "claims",
-            "classifiers", "demos", "norm_layers", "train_step",
+            "classifiers", "demos", "norm_layers", "train_step", "ffn_stack",
             "mixed_precision")
 _loaded = False
 

@@ -4,11 +4,14 @@
 - ``doc_check``: manual vs the document's printed numbers, each to the precision it is printed with.
 - ``fd_check``: manual vs central finite differences, in float64.
 - ``claim_check``: a measured claim of section 9 (holds or not, with the measured numbers).
+- ``clipped_run_checks``: a spec's twin checks plus the claim that its clipping acted early only.
 """
 import torch
 
 from refnet.compare import (AUTO, CLAIM, ORACLE_AUTOGRAD, ORACLE_DOCUMENT, ORACLE_FINITE_DIFFERENCES,
                             Check, Verdict, compare_tensors, magnitude, required_tier)
+from refnet.data import load_data
+from refnet.harness import twin_checks
 from refnet.oracles import fd
 
 # Central differences in float64 with refnet.oracles.fd's h and rel_error bound (h = 1e-6: truncation O(h²)
@@ -84,3 +87,21 @@ def claim_check(name, holds, note, figures=None):
 
 def named(checks):
     return {c.name: c for c in checks}
+
+
+def clipped_run_checks(spec, strict_bits):
+    """twin_checks of a spec with clip_grad_norm (issue 24's examples), then the claim
+    ``clipping_active_early``: the clip scaled the gradients from step 0 and on none of the
+    second half's steps; its note lists the clipped steps."""
+    x, target = load_data(spec)
+    outs = []
+    checks = twin_checks(spec, x, target, strict_bits, record=outs)
+    clipped = [step for step, out in enumerate(outs) if out.clipped]
+    late = [step for step in clipped if step >= len(outs) // 2]
+    checks.append(claim_check(
+        "clipping_active_early", bool(clipped) and clipped[0] == 0 and not late,
+        f"the clip (max_norm {spec.clip_grad_norm['max_norm']}) scaled the gradients on "
+        f"{len(clipped)} of {len(outs)} steps ({', '.join(map(str, clipped))}): from step 0, "
+        f"none in the second half (both sides' total norms are compared in the loss_curve check)",
+        {"clipped_steps": len(clipped), "steps": len(outs), "clipped_late": len(late)}))
+    return checks

@@ -92,13 +92,21 @@ def _ninja_case(dtype="float64", steps=None):
           "linear → cross-entropy, every intermediate gradient", "issue 15", case=_ninja_case,
           spec=ninja_spec, data=ninja_data, export_default=False)   # 206/403 kB: --example only
 def run_makemore_ninja(ctx):
+    """The exercise's four parts, each its own function below (one Check list each)."""
     x, y = datasets.names(context=CONTEXT, n_names=NINJA_NAMES, seed=0, device=ctx.device)
     idx = torch.randint(0, x.shape[0], (BATCH,), generator=torch.Generator().manual_seed(3))
     Xb, Yb = x[idx.to(x.device)], y[idx.to(x.device)]
     params = _ninja_params(ctx)
-    checks = []
+    checks, v, d = _ninja_chain_checks(params, Xb, Yb, ctx)
+    checks.append(_ninja_fused_cross_entropy(v["logits"], Yb, d, ctx))
+    checks.append(_ninja_fused_batchnorm(params, v, d, ctx))
+    return checks + _ninja_net_checks(x, y, Xb, Yb, ctx)
 
-    # 1. the chain: every intermediate, manual vs autograd with retain_grad
+
+def _ninja_chain_checks(params, Xb, Yb, ctx):
+    """1. The chain: every intermediate, manual vs autograd with retain_grad; 1b. its forward
+    against the stock layer, F.batch_norm (what nn.BatchNorm1d runs) in training mode on the same
+    hprebn, gain and bias (module docstring: the variance).  Returns (checks, values, grads)."""
     leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
     loss_ref, vals = chain_forward(leaves, Xb, Yb)
     for t in vals.values():
@@ -108,15 +116,12 @@ def run_makemore_ninja(ctx):
     loss, v = chain_forward(params, Xb, Yb)
     d = chain_backward(params, v)
     ref = {k: (leaves[k].grad if k in PARAM_NAMES else vals[k].grad) for k in d}
-    checks.append(twin_check("chain.loss", {"loss": loss}, {"loss": loss_ref.detach()}, ctx,
-                             kind="forward"))
-    checks.append(twin_check(f"chain.grads[{len(d)}]", {f"d{k}": t for k, t in d.items()},
-                             {f"d{k}": t for k, t in ref.items()}, ctx,
-                             note="dlogprobs … dC, each vs retain_grad; batch variance biased "
-                                  "(nn.BatchNorm1d), the exercise uses 1/(N-1)"))
-
-    # 1b. the chain's forward against the stock layer: F.batch_norm (what nn.BatchNorm1d runs)
-    # in training mode on the same hprebn, gain and bias (module docstring: the variance)
+    checks = [twin_check("chain.loss", {"loss": loss}, {"loss": loss_ref.detach()}, ctx,
+                         kind="forward"),
+              twin_check(f"chain.grads[{len(d)}]", {f"d{k}": t for k, t in d.items()},
+                         {f"d{k}": t for k, t in ref.items()}, ctx,
+                         note="dlogprobs … dC, each vs retain_grad; batch variance biased "
+                              "(nn.BatchNorm1d), the exercise uses 1/(N-1)")]
     stock = F.batch_norm(v["hprebn"], None, None, params["bngain"].view(-1),
                          params["bnbias"].view(-1), True, 0.1, 1e-5)
     checks.append(Check("chain.stock_batchnorm",
@@ -124,21 +129,25 @@ def run_makemore_ninja(ctx):
                         ORACLE_STOCK_BATCHNORM, note="biased batch variance, as nn.BatchNorm1d "
                         "normalizes in training (the exercise's 1/(N-1) would fail here)",
                         expected="tolerance"))
+    return checks, v, d
 
-    # 2. fused cross-entropy backward: manual vs autograd of F.cross_entropy on the same logits
-    logits = v["logits"]
+
+def _ninja_fused_cross_entropy(logits, Yb, d, ctx):
+    """2. The fused cross-entropy backward: manual vs autograd of F.cross_entropy on the same
+    logits."""
     lr_ = logits.clone().requires_grad_()
     F.cross_entropy(lr_, Yb).backward()
     ce_loss, ce_cache = loss_forward("cross_entropy", logits, Yb)
     dlogits = loss_backward("cross_entropy", torch.ones((), dtype=ctx.dtype, device=ctx.device),
                             ce_cache)
     chain_gap = float((dlogits - d["logits"]).abs().max())
-    checks.append(twin_check("fused_cross_entropy.dlogits", {"dlogits": dlogits},
-                             {"dlogits": lr_.grad}, ctx,
-                             note=f"max |fused − chain dlogits| = {chain_gap:.2e} (the exercise "
-                                  f"reports ~5e-9 for its approximate fused form)"))
+    return twin_check("fused_cross_entropy.dlogits", {"dlogits": dlogits}, {"dlogits": lr_.grad},
+                      ctx, note=f"max |fused − chain dlogits| = {chain_gap:.2e} (the exercise "
+                                f"reports ~5e-9 for its approximate fused form)")
 
-    # 3. fused batch-norm backward: manual vs autograd of F.batch_norm on the same hprebn
+
+def _ninja_fused_batchnorm(params, v, d, ctx):
+    """3. The fused batch-norm backward: manual vs autograd of F.batch_norm on the same hprebn."""
     hprebn = v["hprebn"]
     gain, bias = params["bngain"].view(-1), params["bnbias"].view(-1)
     hr, gr, br = (t.clone().requires_grad_() for t in (hprebn, gain, bias))
@@ -148,14 +157,17 @@ def run_makemore_ninja(ctx):
     _, bn_cache = batchnorm_forward(hprebn, gain, bias, rm, rv, training=True)
     dh, dgain, dbias = batchnorm_backward(d["hpreact"], bn_cache)
     bn_gap = float((dh - d["hprebn"]).abs().max())
-    checks.append(twin_check("fused_batchnorm", {"dhprebn": dh, "dbngain": dgain, "dbnbias": dbias},
-                             {"dhprebn": hr.grad, "dbngain": gr.grad, "dbnbias": br.grad}, ctx,
-                             note=f"max |fused − chain dhprebn| = {bn_gap:.2e} (the exercise "
-                                  f"reports ~1e-9 for its approximate fused form)"))
+    return twin_check("fused_batchnorm", {"dhprebn": dh, "dbngain": dgain, "dbnbias": dbias},
+                      {"dhprebn": hr.grad, "dbngain": gr.grad, "dbnbias": br.grad}, ctx,
+                      note=f"max |fused − chain dhprebn| = {bn_gap:.2e} (the exercise "
+                           f"reports ~1e-9 for its approximate fused form)")
 
-    # 4. the network as refnet builds it (nn.Embedding, nn.BatchNorm1d): gradients and 500 steps
+
+def _ninja_net_checks(x, y, Xb, Yb, ctx):
+    """4. The network as refnet builds it (nn.Embedding, nn.BatchNorm1d): gradients and the
+    NINJA_STEPS-step curve, final parameters and running statistics."""
     spec = _ninja_spec(ctx)
-    checks.append(Check("net.grad", gradient_checks(build_pair(spec), Xb, Yb, ctx.strict_bits)))
+    checks = [Check("net.grad", gradient_checks(build_pair(spec), Xb, Yb, ctx.strict_bits))]
     pair = build_pair(spec)
     verdicts, (losses, _) = curve_checks(pair, x, y, NINJA_STEPS, BATCH, spec.seed,
                                          ctx.strict_bits)

@@ -6,15 +6,11 @@ Manual side: manual/step.py's micro-batch seed and AccumulateGrad order, manual/
 manual/schedules.py; twin: ``(loss / 2).backward()`` twice, clip_grad_norm_, torch's
 SequentialLR(LinearLR, CosineAnnealingLR).  Checked bitwise: the gradients at init, the loss
 curve, every step's learning rate and total gradient norm, the final parameters.  The report
-says on how many steps the clipping was active.
-
-(Issue 24's ``ffn_stack`` example adds residual FFN blocks; the training loop does not host
-blocks yet — refnet.harness.BLOCKS_REFUSED — so this example is the same step without them.)
+says on how many steps the clipping was active.  (``ffn_stack`` is the same step over residual
+FFN blocks.)
 """
-from refnet.data import load_data
 from refnet.examples import register
-from refnet.examples._common import claim_check
-from refnet.harness import twin_checks
+from refnet.examples._common import clipped_run_checks
 from refnet.spec import Spec
 
 SIZES, N_SAMPLES, BATCH, ACCUMULATE, STEPS = [2, 24, 24, 3], 150, 25, 2, 40
@@ -33,16 +29,4 @@ def train_step_spec(dtype="float64", device="cpu"):
 @register("train_step", "spiral, AdamW, warm-up + cosine, clipping active early, 2 micro-batches "
           "per step", "issue 24", spec=train_step_spec)
 def run_train_step(ctx):
-    spec = train_step_spec(ctx.dtype_name, ctx.device)
-    x, target = load_data(spec)
-    outs = []
-    checks = twin_checks(spec, x, target, ctx.strict_bits, record=outs)
-    clipped = [step for step, out in enumerate(outs) if out.clipped]
-    late = [step for step in clipped if step >= len(outs) // 2]
-    checks.append(claim_check(
-        "clipping_active_early", bool(clipped) and clipped[0] == 0 and not late,
-        f"the clip (max_norm {CLIP['max_norm']}) scaled the gradients on {len(clipped)} of "
-        f"{len(outs)} steps ({', '.join(map(str, clipped))}): from step 0, none in the second "
-        f"half (both sides' total norms are compared in the loss_curve check)",
-        {"clipped_steps": len(clipped), "steps": len(outs), "clipped_late": len(late)}))
-    return checks
+    return clipped_run_checks(train_step_spec(ctx.dtype_name, ctx.device), ctx.strict_bits)

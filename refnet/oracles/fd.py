@@ -124,8 +124,24 @@ def _loss(name, out, target, piece):
     return loss_module(name)(out, target), None
 
 
+def _blocks(spec, params, h, used, pieces):
+    """The residual blocks in plain torch ops, h + fc2(act(fc1(LN(h)))); each block's activation
+    piece is appended to used (after the hidden layers', before the loss's)."""
+    b = spec.blocks
+    for j in range(b["n"]):
+        name = f"blocks.{j}"
+        u = h if b["norm"] is None else F.layer_norm(
+            h, [h.shape[1]], params[f"{name}.norm.weight"], params[f"{name}.norm.bias"], spec.eps)
+        z = F.linear(u, params[f"{name}.fc1.weight"], params[f"{name}.fc1.bias"])
+        a, p = _activation(b["activation"], z, spec, None if pieces is None else pieces[len(used)])
+        used.append(p)
+        h = h + F.linear(a, params[f"{name}.fc2.weight"], params[f"{name}.fc2.bias"])
+    return h
+
+
 def forward_pieces(spec, params, x, target, pieces=None):
-    """Loss of the spec's MLP in plain torch ops -> (loss, pieces).  pieces given: frozen."""
+    """Loss of the spec's MLP in plain torch ops -> (loss, pieces).  pieces given: frozen.
+    pieces: one per hidden activation, then one per block's activation, then the loss's."""
     acts = spec.activations
     n_layers = len(spec.sizes) - 1
     used = []
@@ -135,6 +151,8 @@ def forward_pieces(spec, params, x, target, pieces=None):
         if spec.embedding is not None:
             h = params["embed.weight"][x].reshape(x.shape[0], -1)
         for i in range(n_layers):
+            if i == n_layers - 1 and spec.blocks is not None:
+                h = _blocks(spec, params, h, used, pieces)
             h = F.linear(h, params[f"layers.{i}.weight"], params.get(f"layers.{i}.bias"))
             if i < n_layers - 1:
                 if spec.norm == "batchnorm":   # training mode: batch statistics, biased variance
@@ -263,7 +281,7 @@ def _float64_setup(spec, data):
         {**spec.to_dict(), "dtype": "float64", "autocast": None, "grad_scaler": None})
     params = init_params(spec64.sizes, spec64.activation, spec64.bias, scheme=spec64.init,
                          seed=spec64.seed, dtype=torch.float64, device=spec64.device, k=spec64.k,
-                         norm=spec64.norm, embedding=spec64.embedding)
+                         norm=spec64.norm, embedding=spec64.embedding, blocks=spec64.blocks)
     if data is None:
         x, target = load_data(spec64)
     else:
