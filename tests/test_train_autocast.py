@@ -69,16 +69,30 @@ def test_train_runs_accumulation_and_clipping_under_the_scaler_bitwise(tmp_path)
     assert clipping["steps"] == 16 - len(skipped) and 0 < clipping["max_total_norm"] < 1e3
 
 
-@pytest.mark.parametrize("verb, over, message", [
-    (["export", "--out", "OUT"], {}, "autocast: "),
-    # --nproc runs autocast (verify/test_data_parallel.py), and refuses what one process refuses
-    (["train", "--nproc", "2"], dict(accumulate=2), "accumulate: not wired together with autocast")])
-def test_export_refuses_autocast_and_nproc_its_unwired_keys(tmp_path, capsys, verb, over, message):
+def test_export_refuses_autocast(tmp_path, capsys):
     path = tmp_path / "s.json"
-    path.write_text(json.dumps(fp16(**over).to_dict()))
-    verb = [str(tmp_path / "out") if a == "OUT" else a for a in verb]
-    code, err = run(capsys, verb[0], "--spec", path, *verb[1:])
-    assert code != 0 and err.strip().count("\n") == 0 and message in err, err
+    path.write_text(json.dumps(fp16().to_dict()))
+    code, err = run(capsys, "export", "--spec", path, "--out", tmp_path / "out")
+    assert code != 0 and err.strip().count("\n") == 0 and "autocast: " in err, err
+
+
+def test_nproc_runs_autocast_with_accumulation_clipping_and_a_norm(tmp_path, capsys):
+    """--nproc 2 under fp16 autocast with a scaler growing by 1.5, 2 micro-batches per step, a
+    layer norm and clipping: the manual gradients summed over the micro-batches, averaged over
+    the ranks, then unscaled and clipped.  Bitwise, every step's gradients included.  (The DDP
+    twin's first micro-batch runs under no_sync; dropping that is not visible here: float32
+    sums of a few float16-precision gradients are exact, so the all-reduce order does not show.)"""
+    spec = fp16(steps=10, accumulate=2, norm="layernorm", clip_grad_norm={"max_norm": 0.05},
+                grad_scaler={"init_scale": 2.0 ** 20, "growth_interval": 2, "growth_factor": 1.5})
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(spec.to_dict()))
+    code = cli.main(["train", "--spec", str(path), "--nproc", "2", "--out", str(tmp_path / "out"),
+                     "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "on 2 processes" in out and "tier bitwise" in out, out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    skipped = summary["grad_scaler"]["skipped_steps"]
+    assert skipped and len(skipped) < 10 and summary["clipping"]["clipped_steps"] > 0, summary
 
 
 def test_train_cli_says_how_many_steps_the_scaler_skipped(tmp_path, capsys):
