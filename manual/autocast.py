@@ -6,7 +6,8 @@ the AutocastCPU lists):
     lower precision  linear / addmm / mm / matmul: float32 inputs are cast to L first
     float32          mse_loss, cross_entropy_loss, nll_loss, multi_margin_loss: cast up first
     untouched        everything else (the activations, dropout, embedding, pow, sum, the norms):
-                     it runs in whatever dtype it receives, so a hidden activation runs in L
+                     it runs in whatever dtype it receives, so a hidden activation runs in L,
+                     and layer norm runs its mixed-dtype kernel (L input, float32 weight/bias)
 A cast's backward is the cast back, so every parameter gradient is computed in L and cast up to
 float32 at its leaf; the optimizers then run in float32, unchanged (manual/optim.py).
 
@@ -26,10 +27,15 @@ Traps mirrored here (torch's behaviour, measured):
 import torch
 
 from manual.activations import ACTIVATIONS, activation_forward
+from manual.clip import clip_grad_norm
 from manual.dropout import dropout_backward, dropout_forward
 from manual.embedding import embedding_backward, embedding_forward
 from manual.layers import linear_backward, linear_forward, linear_param_grads
 from manual.losses import l2_backward, l2_forward, loss_backward, loss_forward
+from manual.kernel_order import (bn_column_sums, bn_mixed_dx_inner, ln_mixed_param_grads,
+                                 ln_mixed_row_sums)
+from manual.norm import LayerNormCache, layernorm_coefficients, native_batchnorm
+from manual.step import accumulate_grads, micro_batch_seed
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -132,20 +138,87 @@ AUTOCAST_BACKWARD = {
 }
 
 
+# CUDA (read from the source, not measured here): the elementwise backward kernels compute in
+# opmath_t = float for bfloat16 and float16 alike and round once to L, so every rule is float32
+# inside; sigmoid's float16 exception is a CPU kernel's.  The kernels' own float arithmetic
+# (nvcc's contractions, the device exp) still differs: CUDA is graded at a tolerance tier
+# (refnet/not_bitwise.py, "autocast:*").
+AUTOCAST_BACKWARD_CUDA = {name: {torch.bfloat16: _in_float32(name), torch.float16: _in_float32(name)}
+                          for name in AUTOCAST_BACKWARD}
+
+
+def autocast_rules(device_type):
+    """The activation backward rules autocast's kernels follow on a device type: name -> {L: fn}."""
+    return AUTOCAST_BACKWARD_CUDA if device_type == "cuda" else AUTOCAST_BACKWARD
+
+
 def autocast_activation_backward(name, dout, cache):
-    """dout in L -> dx in L, as autograd's kernel for that activation computes it on L tensors."""
+    """dout in L -> dx in L, as autograd's kernel for that activation computes it on L tensors
+    on dout's device (autocast_rules)."""
     try:
-        return AUTOCAST_BACKWARD[name][dout.dtype](dout, cache)
+        return autocast_rules(dout.device.type)[name][dout.dtype](dout, cache)
     except KeyError:
         raise ValueError(f"autocast: activation {name!r} with dtype {dout.dtype} is not "
                          f"mirrored") from None
 
 
-# --- what is mirrored and what is refused ---------------------------------------------------
+# --- layer norm under autocast ------------------------------------------------------------------
+# layer_norm is in no AutocastCPU list: it receives the L activations with its float32 weight and
+# bias, and the CPU runs a mixed-dtype kernel (layer_norm_kernel.cpp, <T = L, param float>): the
+# statistics and the output in float, the output rounded to L; its backward computes dx in
+# float from the cast-up inputs (its own lane order) and rounds once, but keeps dweight/dbias
+# per thread in a buffer of L, rounded after every row (kernel_order.ln_mixed_*).
+def autocast_layernorm_forward(h, weight, bias, eps):
+    """h (N, D) in L, weight/bias (D,) float32 -> out (N, D) in L, cache (float32 mean, rstd).
+    The mixed forward kernel is called, as manual.norm.layernorm_forward calls the float one."""
+    out, mean, rstd = torch.native_layer_norm(h, [h.shape[1]], weight, bias, eps)
+    return out, LayerNormCache(h, weight, mean.view(-1), rstd.view(-1))
+
+
+def autocast_layernorm_backward(dout, cache):
+    """dout (N, D) in L -> dx (N, D) in L, dweight (D,), dbias (D,) float32."""
+    # dx = (1/σ)(w·dy − mean(w·dy) − x̂·mean(w·dy·x̂)) in float, one rounding to L;
+    # dweight = Σᵢ dy·x̂, dbias = Σᵢ dy, each row's term rounded into an L buffer
+    x, weight, mean, invstd = cache
+    xf, dyf = x.float(), dout.float()
+    rstd, mu = invstd.unsqueeze(1), mean.unsqueeze(1)
+    x_coef, const = layernorm_coefficients(*ln_mixed_row_sums(dyf, xf, weight), mu, rstd,
+                                           x.shape[1])
+    dx = torch.addcmul((rstd * dyf) * weight, x_coef.expand_as(xf), xf) + const
+    return (dx.to(dout.dtype),) + ln_mixed_param_grads(dout, x, mu, rstd)
+
+
+# --- batch norm under autocast ------------------------------------------------------------------
+# batch_norm is in no AutocastCPU list either: the L activations meet float32 weight, bias and
+# running statistics, and batch_norm_kernel.cpp runs its mixed-dtype kernel (channels last,
+# <T = L, param float>): statistics, running-statistic updates and the output in float, the
+# output rounded to L; its backward keeps float partials per thread chunk and adds them in float
+# (not double), and evaluates dx per L vector (2·float lanes), contracted or not by L, the scalar
+# tail with one FMA (kernel_order.bn_mixed_dx_inner).
+def autocast_batchnorm_forward(h, weight, bias, running_mean, running_var, **settings):
+    """h (N, D) in L; weight, bias and the running statistics (D,) float32 (updated in place in
+    training, as nn.BatchNorm1d) -> out (N, D) in L, cache.  The mixed kernel is called
+    (manual.norm.native_batchnorm; settings: training, momentum, eps, num_batches_tracked)."""
+    return native_batchnorm(h, weight, bias, running_mean, running_var, **settings)
+
+
+def autocast_batchnorm_backward(dout, cache):
+    """dout (N, D) in L -> dx (N, D) in L, dweight (D,), dbias (D,) float32."""
+    # dx = (w/σ)(dy − Σdy/N − (x−μ)·Σ(x−μ)dy/(Nσ²)) in float, one rounding to L;
+    # dweight = Σ(x−μ)dy/σ, dbias = Σdy, float partials per thread chunk added in float
+    x, weight, mean, invstd, training = cache
+    xc, dyf = x.float() - mean, dout.float()
+    sum_dy, dotp = bn_column_sums(xc, dyf, torch.float32)
+    if training:
+        k = dotp * invstd * invstd / x.shape[0]
+        dx = bn_mixed_dx_inner(dyf, sum_dy / x.shape[0], xc, k, x.dtype) * invstd * weight
+    else:
+        dx = dyf * invstd * weight
+    return dx.to(dout.dtype), dotp * invstd, sum_dy
+
+
+# --- what is refused ---------------------------------------------------------------------------
 REFUSED = {
-    "norm": ("{norm} under autocast: not mirrored (autocast runs the norm in the low dtype "
-             "with float32 weight and bias, a mixed-dtype CPU kernel manual/norm.py does not "
-             "reproduce); use autocast null or norm null"),
     "blocks": ("blocks under autocast: not mirrored yet (the residual blocks' linears, layer "
                "norm and add would need autocast's casts written out); use autocast null or "
                "remove blocks"),
@@ -154,7 +227,7 @@ REFUSED = {
 
 def check_autocast_mlp(net, dtype):
     """One-line ValueError for a manual MLP that autocast cannot run here: float64 (or other
-    non-float32) parameters, a norm layer, an activation without an AUTOCAST_BACKWARD rule.
+    non-float32) parameters, an activation without an AUTOCAST_BACKWARD rule.
     Returns the torch dtype."""
     dtype = autocast_dtype(dtype)
     first = net.params["layers.0.weight"]
@@ -163,8 +236,6 @@ def check_autocast_mlp(net, dtype):
                          f"{str(first.dtype).replace('torch.', '')}; autocast casts only float32 "
                          f"tensors, so a {str(first.dtype).replace('torch.', '')} net would run "
                          f"unchanged")
-    if net.norm is not None:
-        raise ValueError(REFUSED["norm"].format(norm=net.norm))
     if net.blocks is not None:
         raise ValueError(REFUSED["blocks"])
     for name in net.activations:
@@ -202,6 +273,18 @@ class AutocastMLP:
                 trace[f"casts.layers.{i}.bias"] = cast_forward(p[f"layers.{i}.bias"], self.dtype)[0]
         return out, cache
 
+    def _norm(self, i, h):
+        """Norm i on the L activations h (float32 weight, bias, running statistics)."""
+        net = self.net
+        w, b = net.params[f"norms.{i}.weight"], net.params[f"norms.{i}.bias"]
+        if net.norm == "layernorm":
+            return autocast_layernorm_forward(h, w, b, net.eps)
+        buffers = net.buffers
+        return autocast_batchnorm_forward(
+            h, w, b, buffers[f"norms.{i}.running_mean"], buffers[f"norms.{i}.running_var"],
+            training=net.training, momentum=net.momentum, eps=net.eps,
+            num_batches_tracked=buffers[f"norms.{i}.num_batches_tracked"])
+
     def predict(self, x, trace=None):
         """x (N, D) float32 (or (N, T) tokens) -> output (N, C) in L, caches.
 
@@ -220,15 +303,17 @@ class AutocastMLP:
         for i in range(net.n_layers):
             h, lin_cache = self._linear(i, h, trace)
             _record(trace, f"layers.{i}.pre_activation", h)
-            act_cache = drop_cache = None
+            norm_cache = act_cache = drop_cache = None
             if i < net.n_layers - 1:
+                if net.norm is not None:            # in no list: the mixed kernel, out in L
+                    h, norm_cache = self._norm(i, h)
                 act = net.activations[i]
                 options = {key: net.options[key] for key in ACTIVATIONS[act][2]}
                 h, act_cache = activation_forward(act, h, **options)               # in L
                 _record(trace, f"layers.{i}.activation", h)
                 h, drop_cache = dropout_forward(h, net.dropout, training=net.training,
                                                 generator=net.generator)        # mask in L
-            caches.append((lin_cache, act_cache, drop_cache))
+            caches.append((lin_cache, norm_cache, act_cache, drop_cache))
         return h, (caches, emb_cache)
 
     def forward(self, x, target, trace=None):
@@ -255,13 +340,18 @@ class AutocastMLP:
         _record(trace, "grad_output_low", dh)
         grads = {}
         for i in reversed(range(net.n_layers)):
-            lin_cache, act_cache, drop_cache = layer_caches[i]
+            lin_cache, norm_cache, act_cache, drop_cache = layer_caches[i]
             if i < net.n_layers - 1:
                 if net.dropout:
                     _record(trace, f"layers.{i}.grad_dropout", dh)
                 dh = dropout_backward(dh, drop_cache)
                 _record(trace, f"layers.{i}.grad_activation", dh)
                 dh = autocast_activation_backward(net.activations[i], dh, act_cache)
+                if norm_cache is not None:
+                    norm_backward = autocast_layernorm_backward if net.norm == "layernorm" \
+                        else autocast_batchnorm_backward
+                    dh, grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"] = \
+                        norm_backward(dh, norm_cache)
             _record(trace, f"layers.{i}.grad_pre_activation", dh)
             # x's own gradient is never used by a step; a trace (the fixtures) records it
             input_grad = i > 0 or emb_cache is not None or trace is not None
@@ -282,21 +372,49 @@ class AutocastMLP:
         _record(trace, "grad_input", dh)
         return {name: grads[name] for name in net.params}
 
-    def train_step(self, x, target, scaler=None, reduce=None):
-        """forward, backward, optimizer step (through scaler when given, which may skip it).
-        reduce: grads -> grads applied between the backward and the step (data parallel: the
-        float32 gradients averaged over the ranks, still scaled; the scaler's unscale and inf
-        check then run on the averaged gradients, as GradScaler does after DDP's all-reduce).
-        Returns (float32 loss before the update, whether the optimizer stepped)."""
-        loss, cache = self.forward(x, target)
-        if scaler is None:
-            grads = self.backward(cache)
-            self.net.step(grads if reduce is None else reduce(grads))
-            return loss, True
-        grads = self.backward(cache, scaler.scale_seed(loss.device))
+    def train_step(self, x, target, scaler=None, clip=None, order=None, reduce=None):
+        """One optimizer step as the stock script runs it; x, target one batch, or lists of the
+        step's k micro-batches:
+
+            for each micro-batch:  with autocast: loss = criterion(model(x), y) / k
+                                   scaler.scale(loss).backward()   (no scaler: loss.backward())
+            scaler.unscale_(opt)                  (only with clip: the true gradients are clipped)
+            clip_grad_norm_(params, **clip)       (clip: {"max_norm", "norm_type"}; optional)
+            scaler.step(opt); scaler.update()     (no scaler: opt.step())
+
+        Each backward starts from S / k (no scaler: 1 / k; manual.step.micro_batch_seed); the
+        float32 leaf gradients are summed over micro-batches as AccumulateGrad does.  A scaler
+        skips the optimizer when a gradient was non-finite at unscale time; clipping still
+        measures it (an inf or NaN total norm, as clip_grad_norm_ returns).  order: the
+        parameter names in the twin's parameters() order (the norm of norms; default the net's).
+        reduce: grads -> grads applied after the last backward (data parallel: the float32
+        gradients averaged over the ranks, still scaled; unscale, inf check and clipping then run
+        on the averaged gradients, as GradScaler does after DDP's all-reduce).
+        -> dict: loss (float32, Σ loss_i / k before the update), stepped (bool), total_norm and
+        clip_coef (0-d tensors; None without clip), grads (the float32 gradients the optimizer
+        was given: reduced, unscaled, clipped)."""
+        micro = list(zip(x, target)) if isinstance(x, (list, tuple)) else [(x, target)]
+        scale = None if scaler is None else scaler.scale_seed(micro[0][0].device)
+        grads = loss = None
+        for xb, tb in micro:
+            loss_i, cache = self.forward(xb, tb)
+            seed = micro_batch_seed(len(micro), loss_i, scale)
+            grads = accumulate_grads(grads, self.backward(cache, seed))
+            loss_i = loss_i / len(micro)
+            loss = loss_i if loss is None else loss + loss_i
         if reduce is not None:
             grads = reduce(grads)
-        stepped = scaler.step(self.net.optimizer, self.net.params, grads)
+        out = {"loss": loss, "stepped": True, "total_norm": None, "clip_coef": None}
+        if clip is not None:
+            if scaler is not None:
+                scaler.unscale_(grads)
+            names = list(order) if order is not None else list(self.net.params)
+            grads, out["total_norm"], out["clip_coef"] = clip_grad_norm(
+                {n: grads[n] for n in names}, clip["max_norm"], clip.get("norm_type", 2.0))
+        out["grads"] = grads                     # a scaler's step unscales it in place
+        if scaler is None:
+            self.net.step(grads)
+            return out
+        out["stepped"] = scaler.step(self.net.optimizer, self.net.params, grads)
         scaler.update()
-        return loss, stepped
-
+        return out

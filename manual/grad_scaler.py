@@ -30,9 +30,11 @@ from manual import _check
 class GradScaler:
     """Dynamic loss scaling.  Settings as torch.amp.GradScaler names them (its defaults).
 
-    Use per step:  dloss = scaler.scale_seed()  (the backward pass starts from it),
-    then ``scaler.step(optimizer, params, grads)`` (unscales grads in place, steps unless a
-    gradient is non-finite; returns whether it stepped), then ``scaler.update()``.
+    Use per step:  dloss = scaler.scale_seed()  (the backward pass starts from it; k
+    micro-batches: manual.step.micro_batch_seed), optionally ``scaler.unscale_(grads)`` to work
+    on the true gradients (clipping), then ``scaler.step(optimizer, params, grads)`` (unscales
+    grads in place unless unscale_ already did, steps unless a gradient was non-finite; returns
+    whether it stepped), then ``scaler.update()``.
     """
 
     def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
@@ -52,7 +54,11 @@ class GradScaler:
         return self.scale.double().reciprocal().float()
 
     def unscale_(self, grads):
-        """grads: name -> float32 tensor, unscaled in place.  Sets and returns found_inf (bool)."""
+        """grads: name -> float32 tensor, unscaled in place.  Sets and returns found_inf (bool).
+        Once per step (torch raises on a second call before update: the grads would be divided
+        twice)."""
+        if self.found_inf is not None:
+            raise ValueError("unscale_: already called since the last update (once per step)")
         inv = self.inverse_scale()
         found_inf = False
         for g in grads.values():
@@ -63,9 +69,12 @@ class GradScaler:
         return found_inf
 
     def step(self, optimizer, params, grads):
-        """Unscale grads, then ``optimizer.step(params, grads)`` unless one was non-finite.
-        Returns True when the optimizer stepped."""
-        if self.unscale_(grads):
+        """Unscale grads (unless unscale_ ran this step: then grads are the unscaled, perhaps
+        clipped, ones), then ``optimizer.step(params, grads)`` unless a gradient was non-finite
+        when unscaled — the flag of unscale_, whatever clipping did since (as torch: the inf
+        check is recorded at unscale time).  Returns True when the optimizer stepped."""
+        found_inf = self.unscale_(grads) if self.found_inf is None else self.found_inf
+        if found_inf:
             return False
         optimizer.step(params, grads)
         return True

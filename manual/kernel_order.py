@@ -282,14 +282,16 @@ class LogSoftmaxBackwardExp:
 
 
 # --- batch norm: batch_norm_cpu_backward_channels_last_impl -------------------------------------
-def bn_column_sums(xc, dout):
+def bn_column_sums(xc, dout, fold_dtype=torch.float64):
     """(Σₙ dout, Σₙ xc·dout) per feature (xc = x − μ) in the order of
     aten/src/ATen/native/cpu/batch_norm_kernel.cpp, batch_norm_cpu_backward_channels_last_impl
     (an (N, D) input is "NC11", channels last): sequential over the rows of each thread chunk in
     x's dtype (vec::map2 ``sum + dy``; vec::map4 ``dotp + (x − mean)·dy``, one FMA per step), then
     the chunk partials added in float64 starting from +0 (acc_type<float, false> is double) and
-    rounded back.  Measured bitwise on AVX-512 and AVX2, 1 and 2 threads."""
-    sums = ChunkedColumnSums(xc.shape[0], xc.shape[1], xc.dtype, xc.device, torch.float64)
+    rounded back.  Measured bitwise on AVX-512 and AVX2, 1 and 2 threads.  The mixed-dtype
+    kernel (bf16/fp16 x, float32 weight: autocast) keeps float partials and adds them in float
+    (opmath): fold_dtype torch.float32, on the cast-up xc and dout."""
+    sums = ChunkedColumnSums(xc.shape[0], xc.shape[1], xc.dtype, xc.device, fold_dtype)
     return sums.sum(dout), sums.dot(xc, dout)
 
 
@@ -328,6 +330,24 @@ def bn_dx_inner(dout, grad_mean, xc, k):
         plain = dout - grad_mean - xc * k                       # two roundings
         fused = torch.cat([fused[:, :split], plain[:, split:]], 1)
     return fused
+
+
+def bn_mixed_dx_inner(dout, grad_mean, xc, k, low):
+    """(dy − grad_mean) − xc·k as the mixed-dtype kernel (batch_norm_cpu_backward_channels_last_
+    internal<L, float>, on the cast-up float32 values) evaluates it.  It takes one L vector (two
+    float vectors) at a time, then a scalar tail of D mod (2·float lanes) columns; the tail is
+    contracted into one FMA, and so is the vector body for float16 but not for bfloat16 (two
+    roundings there): the build's code generation differs per L.  Measured on AVX2 (16-column
+    blocks; 8 shapes × 30 draws, the four body/tail choices: only this one is bitwise for both
+    dtypes); other capabilities: the same rule at their width, not measured."""
+    fused = torch.addcmul(dout - grad_mean, xc, k, value=-1)     # one rounding: FMA
+    if low != torch.bfloat16:
+        return fused
+    block = 2 * VECTOR_BITS.get(torch.backends.cpu.get_cpu_capability(), 256) // 32 \
+        if xc.device.type == "cpu" else 1
+    split = xc.shape[1] - xc.shape[1] % block
+    plain = dout - grad_mean - xc * k                            # two roundings
+    return torch.cat([plain[:, :split], fused[:, split:]], 1)
 
 
 # --- layer norm: layer_norm_backward_frame ------------------------------------------------------
@@ -429,3 +449,87 @@ def ln_param_grads(dout, x, mean, rstd):
     xhat = torch.addcmul(-rstd * mean, rstd, x)                 # x̂ = fma(rstd, x, −rstd·μ)
     sums = ChunkedColumnSums(x.shape[0], x.shape[1], x.dtype, x.device, x.dtype)
     return sums.dot(dout, xhat), sums.sum(dout)
+
+
+# --- layer norm under autocast: the reduced-precision frame (bf16/fp16 x and dy, float32 weight) ---
+def ln_mixed_row_sums(dout, x, weight):
+    """(Σⱼ x·(dy·w), Σⱼ dy·w) per row (N, 1), float32, as layer_norm_backward_frame's reduced-
+    precision overload sums them (dout, x: the L tensors cast up to float32; weight float32).
+
+    It loads 2·lanes L elements at a time as two float vectors: rows of D ≥ 2·lanes accumulate
+    the first half of every block in one accumulator and the second half in another (the first
+    block's products start them), the partial last block into the first r lanes; then acc₀ + acc₁
+    and the lane fold (shuffle tree).  Σ x·(dy·w) is contracted: acc + x·(dy·w) is one FMA per
+    step (body and tail), Σ dy·w is not.  D < 2·lanes: for D > lanes the two halves are added
+    lane-wise, then folded; else the lanes are added left to right.  Measured on AVX2 (8 float32
+    lanes): bitwise over 60 random shapes (D 17–400) × bf16/fp16 and 12 fixed ones.  lanes 0
+    (a capability not measured): plain sums."""
+    lanes = ln_lanes(torch.float32, x.device)
+    w = weight.expand_as(x)
+    if not lanes:
+        dyw = dout * w
+        return (x * dyw).sum(1, keepdim=True), dyw.sum(1, keepdim=True)
+    return (_ln_mixed_sum(dout * w, lanes, x), _ln_mixed_sum(dout * w, lanes))
+
+
+def _ln_mixed_sum(dyw, lanes, x=None):
+    """One of ln_mixed_row_sums' sums: Σ x·dyw (x given: FMA accumulation) or Σ dyw."""
+    n_rows, n = dyw.shape
+    prod = dyw if x is None else x * dyw
+    block = 2 * lanes
+    if n < block:
+        if n <= lanes:
+            total = prod[:, :1]
+            for j in range(1, n):
+                total = total + prod[:, j:j + 1]
+            return total
+        acc = prod[:, :lanes].clone()
+        acc[:, :n - lanes] = acc[:, :n - lanes] + prod[:, lanes:]
+        return _fold_lanes(acc)
+    acc = [prod[:, :lanes].clone(), prod[:, lanes:block].clone()]
+
+    def add(half, lo, hi):
+        width = hi - lo
+        if x is None:
+            acc[half][:, :width] = acc[half][:, :width] + prod[:, lo:hi]
+        else:
+            acc[half][:, :width] = torch.addcmul(acc[half][:, :width], x[:, lo:hi], dyw[:, lo:hi])
+    full = n - n % block
+    for start in range(block, full, block):
+        add(0, start, start + lanes)
+        add(1, start + lanes, start + block)
+    if n > full:
+        add(0, full, min(n, full + lanes))
+        if n > full + lanes:
+            add(1, full + lanes, n)
+    return _fold_lanes(acc[0] + acc[1])
+
+
+def _fold_lanes(acc):
+    """A float32 vector's lanes folded as vec_reduce_all's shuffle tree: lane i + lane i^(w/2), …"""
+    while acc.shape[1] > 1:
+        half = acc.shape[1] // 2
+        acc = acc[:, :half] + acc[:, half:]
+    return acc
+
+
+def ln_mixed_param_grads(dout, x, mean, rstd):
+    """(dweight, dbias) float32 from L dout and x, as LayerNormBackwardKernelImplInternal<T, float>
+    forms them: each thread chunk of rows (thread_chunks) accumulates into a buffer of the
+    *input's* type L, row by row: buf ← L(buf + dy·x̂) with x̂ = fma(rstd, x, −rstd·μ) in float
+    (and buf ← L(buf + dy)), so every row's contribution is rounded to L; then the chunk buffers
+    are added in float32 from 0.  Measured: bitwise at 1 and 2 threads, bf16 and fp16, 4 shapes.
+    mean, rstd: (N, 1) float32."""
+    low = x.dtype
+    xhat = torch.addcmul(-rstd * mean, rstd, x.float())
+    dyf = dout.float()
+    dweight = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    dbias = torch.zeros_like(dweight)
+    for lo, hi in thread_chunks(x.shape[0]):
+        buf_w = torch.zeros(x.shape[1], dtype=low, device=x.device)
+        buf_b = torch.zeros_like(buf_w)
+        for i in range(lo, hi):
+            buf_w = torch.addcmul(buf_w.float(), dyf[i], xhat[i]).to(low)
+            buf_b = (buf_b.float() + dyf[i]).to(low)
+        dweight, dbias = dweight + buf_w.float(), dbias + buf_b.float()
+    return dweight, dbias

@@ -60,6 +60,15 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
     for arg, t in (("running_mean", running_mean), ("running_var", running_var)):
         _check.tensor(f"batchnorm.{arg}", t, ndim=1)
         _check.same("x", x, f"batchnorm.{arg}", t)
+    return native_batchnorm(x, weight, bias, running_mean, running_var, training=training,
+                            momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked)
+
+
+def native_batchnorm(x, weight, bias, running_mean, running_var, *, training, momentum, eps,
+                     num_batches_tracked=None):
+    """batchnorm_forward after its argument checks: torch.native_batch_norm, the kernel
+    nn.BatchNorm1d runs (with x in bfloat16/float16 and float32 parameters, as under autocast,
+    its mixed-dtype kernel), and the cache; mean and 1/σ in the running statistics' dtype."""
     check_batch_rows(x, training)
     out, save_mean, save_invstd = torch.native_batch_norm(
         x, weight, bias, running_mean, running_var, training, momentum, eps)
@@ -69,7 +78,7 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
             num_batches_tracked.add_(1)
     else:
         mean = running_mean
-        invstd = eval_invstd(running_var, eps, x.dtype)
+        invstd = eval_invstd(running_var, eps, running_var.dtype)
     return out, BatchNormCache(x, weight, mean.clone(), invstd, training)
 
 
@@ -210,8 +219,14 @@ def layernorm_dx_coefficients(dout, x, w, mu, rstd, work=None, plan=None):
     (mu, rstd: (N, 1)), formed as layer_norm_kernel.cpp forms them (its FMA contractions; the row
     sums in its lane order; work: a buffer for them, plan: a kept LnRowSums for x's shape;
     kernel_order.ln_row_sums)."""
-    scale = 1.0 / x.shape[1]
     sum_dyw_x, sum_dyw = kernel_order.ln_row_sums(dout, x, w, work, plan)  # Σⱼ dy·w·x, Σⱼ dy·w
+    return layernorm_coefficients(sum_dyw_x, sum_dyw, mu, rstd, x.shape[1])
+
+
+def layernorm_coefficients(sum_dyw_x, sum_dyw, mu, rstd, n):
+    """(x_coef, const) from the two row sums (each (N, 1)), with the kernel's FMA contractions:
+    x_coef = fma(Σdy·w, μ, −Σdy·w·x)·rstd³/n,  const = fma(−x_coef, μ, −Σdy·w·rstd/n)."""
+    scale = 1.0 / n
     x_coef = torch.addcmul(-sum_dyw_x, sum_dyw, mu) * rstd * rstd * rstd * scale
     const = torch.addcmul(-(sum_dyw * rstd * scale), -x_coef, mu)
     return x_coef, const

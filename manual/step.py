@@ -23,11 +23,16 @@ import torch
 from manual.clip import clip_grad_norm
 
 
-def micro_batch_seed(k, loss):
-    """dloss of ``loss / k``: the backward seed 1 divided by k, as div.Scalar's backward does."""
+def micro_batch_seed(k, loss, scale=None):
+    """dloss of ``loss / k``: the backward seed 1 divided by k, as div.Scalar's backward does.
+
+    scale: a GradScaler's float32 scale S, for ``scaler.scale(loss / k).backward()``: the mul's
+    backward passes 1·S = S (exact), then the division's S / k (one rounding)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"accumulate: expected an integer >= 1, got {k!r}")
-    return torch.ones((), dtype=loss.dtype, device=loss.device) / k
+    seed = torch.ones((), dtype=loss.dtype, device=loss.device) if scale is None \
+        else scale.to(device=loss.device, dtype=loss.dtype)
+    return seed / k
 
 
 def accumulate_grads(total, grads):

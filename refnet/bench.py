@@ -162,7 +162,7 @@ def _twin_stepper(cfg, model, loss_fn, opt):
     if amp is None:
         return lambda x, target: _twin_step(model, loss_fn, opt, x, target)
     dtype = getattr(torch, amp)
-    return lambda x, target: twin_mod.autocast_step(model, loss_fn, opt, x, target, dtype)[0]
+    return lambda x, target: twin_mod.autocast_step(model, loss_fn, opt, x, target, dtype)["loss"]
 
 
 def _floor(cfg, params, x, target):
@@ -322,7 +322,7 @@ def bench_size(name, device, dtype=None, quick=False, compile_=True, momentum=0.
     variants = {
         "manual": lambda: losses["manual"].append(fast.train_step(x, target)),
         "readable": lambda: losses["readable"].append(
-            readable_step(x, target)[0] if amp else readable_step(x, target)),
+            readable_step(x, target)["loss"] if amp else readable_step(x, target)),
         "twin": lambda: losses["twin"].append(twin_step(x, target)),
         "floor": _floor(cfg, params, x, target),
     }

@@ -16,7 +16,7 @@ rule").
 """
 import torch
 
-from refnet.compare import ULP_LIMIT
+from refnet.compare import TOLERANCES, ULP_LIMIT
 
 KNOWN_NOT_BITWISE = {
     "activation:elu": {
@@ -129,6 +129,24 @@ CUDA_NOT_BITWISE = {
 }
 
 
+# Autocast on CUDA (read from aten/src/ATen/autocast_mode.h's lists, not measured: no GPU here):
+# the manual step follows the CPU lists and kernels (manual/autocast.py), with CUDA's float32-inside
+# activation rule.  What differs is in L's precision, so the bound is L's: the float32 gradients,
+# loss and parameters are graded with TOLERANCES[L] (refnet.harness.grading_bounds), gradients at
+# init at the tolerance tier, training unbounded (an L rounding difference compounds).
+CUDA_NOT_BITWISE.update({
+    f"autocast:{name}": {
+        "bound": f"|Δ| <= {TOLERANCES[dtype]['grad'][0]:g}·|g| + {TOLERANCES[dtype]['grad'][1]:g} "
+                 f"(L's tolerance, TOLERANCES[{name}]['grad'])",
+        "reason": "CUDA's autocast lists differ from the CPU's: log_softmax is in the "
+                  "fp32-unless-dtype-given list and cross_entropy passes its input's dtype, so "
+                  "the cross-entropy's log-softmax runs in L (manual: the float32 loss on the "
+                  "cast-up output, as on the CPU); cuBLAS/cuBLASLt run the L GEMMs with float32 "
+                  "compute, the bias in the epilogue and reduced-precision split-K reductions; "
+                  "the L sums (bias gradients) are block-tree reductions",
+    } for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16))})
+
+
 def applies(key):
     """True when table entry `key` (e.g. "loss:cross_entropy") is not bitwise on this machine: the
     entry exists and this CPU's kernels (ATEN_CPU_CAPABILITY) are not among its `bitwise_on`."""
@@ -150,6 +168,8 @@ def spec_keys(spec):
         keys.add(f"norm:{spec.norm}")
     if spec.embedding:
         keys.add("embedding")
+    if spec.autocast:
+        keys.add(f"autocast:{spec.autocast}")
     if spec.blocks:     # the residual blocks' own activation and layer norm
         keys.add(f"activation:{spec.blocks['activation']}")
         if spec.blocks["norm"] == "layer":
@@ -185,7 +205,8 @@ def expected_for(keys, device="cpu", stage="grad"):
     "tolerance"); "grad": gradients through a network ("tolerance"); "training": None (no bound).
     Without a table entry: bitwise on CPU; on CUDA tolerance always (expected_tier's rule)."""
     if _is_cuda(device):
-        return "tolerance"
+        autocast = any(k.startswith("autocast:") for k in keys)
+        return None if autocast and stage == "training" else "tolerance"
     hits = [KNOWN_NOT_BITWISE[k] for k in sorted(keys) if applies(k)]
     if not hits:
         return "bitwise"

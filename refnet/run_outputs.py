@@ -97,11 +97,14 @@ def _step_fields(spec, state):
     if state.lrs:
         out["lr_first"], out["lr_last"] = state.lrs[0], state.lrs[-1]
     if state.clip_coefs:
+        # a step the GradScaler skipped clipped nothing (its norm is inf or NaN): counted apart
+        applied = [(n, c) for i, (n, c) in enumerate(zip(state.clip_norms, state.clip_coefs))
+                   if not (state.skipped and state.skipped[i])]
         out["clipping"] = {"max_norm": spec.clip_grad_norm["max_norm"],
                            "norm_type": spec.clip_grad_norm["norm_type"],
-                           "clipped_steps": sum(c < 1 for c in state.clip_coefs),
-                           "steps": len(state.clip_coefs),
-                           "max_total_norm": max(state.clip_norms)}
+                           "clipped_steps": sum(c < 1 for _, c in applied),
+                           "steps": len(applied),
+                           "max_total_norm": max((n for n, _ in applied), default=None)}
     if state.scales:
         skipped = [step for step, k in enumerate(state.skipped) if k]
         out["grad_scaler"] = {"skipped_steps": skipped, "scale_history": _changes(state.scales),

@@ -218,8 +218,6 @@ class Spec:
         if self.dtype != "float32":
             raise ValueError(f"autocast: needs dtype float32 (the master weights), got dtype "
                              f"{self.dtype}; autocast casts only float32 tensors")
-        if self.norm is not None:
-            raise ValueError(AUTOCAST_REFUSED["norm"].format(norm=self.norm))
         if self.blocks is not None:
             raise ValueError(AUTOCAST_REFUSED["blocks"])
         if not autocast_supported(self.device, self.autocast):

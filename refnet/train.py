@@ -264,7 +264,8 @@ def _grade(cfg, pair, state, out, at_check, dp):
         twin_params = twin_mod.params_of(pair.twin)
         for name, p in pair.mlp.params.items():
             failures += _graded(cfg, state, step, name, compare_tensors(
-                name, p, twin_params[name], "curve", tier=cfg.tier))
+                name, p, twin_params[name], "curve", tier=cfg.tier,
+                **harness.grading_bounds(cfg.spec, "curve")))
         if dp is not None:
             failures += _graded(cfg, state, step, "params vs rank 0", dp.same_params_verdict(),
                                 "bitwise")
@@ -282,7 +283,8 @@ def _grade_step(cfg, state, step, out):
                                                                     tier="bitwise"), "bitwise")
     if out.norm_m is not None:
         failures += _graded(cfg, state, step, "clip.total_norm", compare_tensors(
-            "clip.total_norm", out.norm_m, out.norm_t, tier=cfg.tier))
+            "clip.total_norm", out.norm_m, out.norm_t, tier=cfg.tier,
+            **harness.grading_bounds(cfg.spec, "grad")))
     if out.scale_m is not None:   # the scaler's scale and skip: the same on both sides, always
         scales = (torch.tensor(v, dtype=torch.float64) for v in (out.scale_m, out.scale_t))
         failures += _graded(cfg, state, step, "grad_scaler.scale", compare_tensors(
@@ -321,12 +323,13 @@ def _flush_losses(cfg, state):
     state.pending.clear()
     # NaN at the same steps agrees here: the summary reports non-finite steps in its own
     # fields (first_nonfinite_step, status), so the curve check is one of NaN propagation
+    bounds = harness.grading_bounds(cfg.spec, "curve")   # autocast on CUDA: L's tolerances
     verdict = compare_curves("loss", torch.stack(ms), torch.stack(ts), tier=cfg.tier,
-                             nan_propagation=True)
+                             nan_propagation=True, **bounds)
     state.grade(verdict)
     if not verdict.passed:
         for step, a, b in zip(steps, ms, ts):  # the first step beyond the tier
-            v = compare_tensors("loss", a, b, "curve", tier=cfg.tier)
+            v = compare_tensors("loss", a, b, "curve", tier=cfg.tier, **bounds)
             if not v.passed:
                 return [_divergence(step, "loss", v, cfg.tier, cfg.spec)]
     return []

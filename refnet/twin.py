@@ -1,7 +1,10 @@
 """The autograd twin: the same MLP as stock PyTorch pieces (nn.Linear, activation modules, a
 torch loss, torch.optim), so that autograd — not this file — computes its gradients."""
+import contextlib
+
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import manual
 import manual.blocks
@@ -264,33 +267,49 @@ def clip_grads(twin, config):
     return torch.nn.utils.clip_grad_norm_(twin.parameters(), c["max_norm"], norm_type=c["norm_type"])
 
 
-def autocast_step(twin, loss_fn, optimizer, x, target, dtype, scaler=None):
+def autocast_step(twin, loss_fn, optimizer, x, target, dtype, scaler=None, clip=None):
     """One training step as a mixed-precision script writes it (the twin's side of
-    manual.autocast.AutocastMLP.train_step):
+    manual.autocast.AutocastMLP.train_step); x, target one batch or lists of k micro-batches:
 
         optimizer.zero_grad()
-        with torch.autocast(device, dtype):      # entered once per step: fresh weight casts
-            loss = loss_fn(twin(x), target)      # forward and loss under autocast
-        scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
-        (without a scaler: loss.backward(); optimizer.step())
+        for x, y in micro_batches:
+            with torch.autocast(device, dtype):  # entered once per forward: fresh weight casts
+                loss = loss_fn(twin(x), y) / k   # forward and loss under autocast
+            scaler.scale(loss).backward()        # (without a scaler: loss.backward())
+        scaler.unscale_(optimizer)               # (with clip only)
+        clip_grad_norm_(twin.parameters(), **clip)
+        scaler.step(optimizer); scaler.update()  # (without a scaler: optimizer.step())
 
-    dtype: torch.bfloat16 / torch.float16; scaler: a torch.amp.GradScaler or None.
-    Returns (the float32 loss, detached; whether the optimizer stepped).  Whether GradScaler
-    skipped is read from its per-optimizer record of the inf check (a private field; the public
-    API does not say).
+    dtype: torch.bfloat16 / torch.float16; scaler: a torch.amp.GradScaler or None; clip: a
+    spec's clip_grad_norm or None.  -> dict: loss (float32, Σ loss_i / k, detached), stepped
+    (whether the optimizer stepped), total_norm (clip_grad_norm_'s, detached; None without
+    clip).  Whether GradScaler skipped is read from its per-optimizer record of the inf check
+    (a private field; the public API does not say).
     """
+    micro = list(zip(x, target)) if isinstance(x, (list, tuple)) else [(x, target)]
     optimizer.zero_grad()
-    with torch.autocast(x.device.type, dtype=dtype):
-        loss = loss_fn(twin(x), target)
+    loss = None
+    for i, (xb, tb) in enumerate(micro):
+        # under DDP the first k − 1 micro-batches accumulate locally (no_sync), the last backward
+        # all-reduces the sum (harness._twin_grads' idiom)
+        local = i < len(micro) - 1 and isinstance(twin, DistributedDataParallel)
+        with twin.no_sync() if local else contextlib.nullcontext():
+            with torch.autocast(xb.device.type, dtype=dtype):
+                loss_i = loss_fn(twin(xb), tb) / len(micro)
+            (loss_i if scaler is None else scaler.scale(loss_i)).backward()
+        loss = loss_i.detach() if loss is None else loss + loss_i.detach()
+    out = {"loss": loss, "stepped": True, "total_norm": None}
+    if clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        out["total_norm"] = clip_grads(twin, clip).detach()
     if scaler is None:
-        loss.backward()
         optimizer.step()
-        return loss.detach(), True
-    scaler.scale(loss).backward()
+        return out
     scaler.step(optimizer)
-    found_inf = sum(float(v) for v in scaler._found_inf_per_device(optimizer).values())
+    out["stepped"] = not sum(float(v) for v in scaler._found_inf_per_device(optimizer).values())
     scaler.update()
-    return loss.detach(), not found_inf
+    return out
 
 
 def make_grad_scaler(settings, device="cpu"):

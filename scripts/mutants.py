@@ -226,6 +226,18 @@ mutant("ninja_bessel_variance", "manual/ninja.py",
        "notebook does (item 8)",
        ["verify/test_norm_dropout_embedding.py::test_makemore_ninja_everything_bitwise"])
 
+# --- issue 23: mixed precision (tests/test_main_job_mutants.py applies these two in-process and
+# checks that the main job's mixed-precision examples fail) -----------------------------------------
+mutant("autocast_tanh_all_bf16", "manual/autocast.py",
+       '"tanh": {torch.bfloat16: _in_float32("tanh"), torch.float16: _in_float32("tanh")},',
+       '"tanh": {torch.bfloat16: _in_low("tanh"), torch.float16: _in_float32("tanh")},',
+       "tanh backward under bf16 autocast op by op in bfloat16 instead of float32 inside, one "
+       "rounding", ["tests/test_autocast.py"])
+mutant("unscale_divides", "manual/grad_scaler.py",
+       "                g.mul_(inv.to(g.device))", "                g.div_(self.scale.to(g.device))",
+       "GradScaler unscale g / S instead of g · float32(1 / float64(S))",
+       ["tests/test_autocast.py"])
+
 
 def copy_tree(dst):
     """The tracked and untracked-but-not-ignored files of the checkout, copied to dst."""

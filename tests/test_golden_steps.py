@@ -384,3 +384,18 @@ def test_the_issue_examples_export_and_pass_through_the_port(tmp_path, capsys):
     assert rows[("train_step.float32", "train.lr")]["tier"] == "bitwise"
     skipped = _tensors(fixtures, "circles_fp16_scaler.float32")["train.skipped"].tolist()
     assert skipped[0] and not skipped[-1]
+
+
+@pytest.mark.parametrize("extra, named", [({"dropout": 0.1}, "dropout"),
+                                          ({"norm": "layernorm"}, "norm layernorm"),
+                                          ({"norm": "batchnorm"}, "norm batchnorm")])
+def test_export_refuses_autocast_with_what_the_fixture_cannot_carry(tmp_path, capsys, extra, named):
+    """autocast runs with dropout and both norms in verify/train, but the fixture and the NumPy
+    port do not carry their low-precision masks or mixed-kernel norms: one line naming both."""
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({**BF16, **extra}))
+    code = cli.main(["export", "--spec", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and err.strip().count("\n") == 0, err
+    assert f"autocast: export does not carry autocast with {named}" in err, err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
