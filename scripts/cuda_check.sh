@@ -3,14 +3,19 @@
 #
 #   scripts/cuda_check.sh OUT_DIR
 #
-# Runs from the checkout (PYTHONPATH=the checkout), inside about 9 minutes:
-#   1. pytest verify tests -m cuda   (-n 4 only if pytest-xdist is installed; skip reasons shown)
+# Runs from the checkout (PYTHONPATH=the checkout), inside about 9½ minutes:
+#   1. pytest verify tests -m cuda   (-n 4 only if pytest-xdist is installed; skip reasons shown;
+#      among them tests/test_autocast_cuda.py: the mixed-precision examples and an fp16 + scaler
+#      train on CUDA, graded with the low dtype's bounds)
 #   2. refnet verify --device cuda --dtype all --json (every main-job example, among them the
-#      training step's clipping, accumulation and LR schedule (train_step), bf16 autocast
-#      (spiral_bf16), fp16 autocast with a GradScaler (circles_fp16_scaler), GELU/SiLU and the
-#      norm layers: CUDA's autocast op lists and kernels, graded at the CUDA tiers)
+#      training step's clipping, accumulation and LR schedule (train_step), the residual FFN
+#      blocks (ffn_stack), bf16 autocast (spiral_bf16), fp16 autocast with a GradScaler
+#      (circles_fp16_scaler), every mirrored activation and both norms under autocast
+#      (autocast_activations), GELU/SiLU and the norm layers: CUDA's autocast op lists and
+#      kernels, graded at the CUDA tiers)
 #   3. a short refnet train on CUDA (xor, 300 steps)
-#   4. refnet bench --device cuda --json (CUDA events, and the captured CUDA-graph step;
+#   4. refnet bench --device cuda --json (CUDA events, the mnist_bf16 autocast row, and the
+#      captured CUDA-graph step;
 #      torch.compile only with CUDA_CHECK_COMPILE=1: it needs a compiler toolchain and minutes)
 # and writes every log and JSON into OUT_DIR (at most 8 files): checks.txt (what ran, what was
 # skipped and why, what failed), pytest.log, verify.log, verify.json, train.log,
@@ -38,8 +43,8 @@ cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
-# Seconds per step: 9 minutes in all, with room for start-up (a lent device has 15 minutes).
-T_PYTEST=200 T_VERIFY=180 T_TRAIN=40 T_BENCH=120
+# Seconds per step: 9½ minutes in all, with room for start-up (a lent device has 15 minutes).
+T_PYTEST=210 T_VERIFY=200 T_TRAIN=40 T_BENCH=120
 
 REPORT="$OUT/checks.txt"
 : >"$REPORT"

@@ -39,6 +39,7 @@ def test_cuda_autocast_is_graded_with_the_low_dtypes_bounds(spec):
     assert harness.grading_bounds(cpu, "grad") == {} and "autocast" not in not_bitwise.note(cpu)
 
 
+@pytest.mark.cuda
 @CUDA
 def test_mixed_precision_examples_on_cuda(capsys):
     code = cli.main(["verify", "--device", "cuda", "--dtype", "float32", "--example",
@@ -48,6 +49,7 @@ def test_mixed_precision_examples_on_cuda(capsys):
     assert code == 0, out
 
 
+@pytest.mark.cuda
 @CUDA
 def test_train_fp16_with_scaler_on_cuda(tmp_path):
     """`train` grades a CUDA autocast run with the low dtype's bounds (harness.grading_bounds):
