@@ -6,6 +6,7 @@ final parameters).  Both return lists of `Verdict`s from refnet.compare.  `spec_
 float64 finite-difference oracle (refnet.oracles.fd).  Data: refnet.data.load_data.
 """
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -214,11 +215,20 @@ def _set_rates(pair, out):
         out.lr_t = pair.twin_opt.param_groups[0]["lr"]
 
 
+# torch warns "lr_scheduler.step() before optimizer.step()" when a GradScaler skipped the very
+# first optimizer step (it patches opt.step to count calls); the stock script warns the same, and
+# the rates are still the schedule's (graded every step), so the twin's warning is not shown.
+_SKIPPED_FIRST_STEP = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+
+
 def _step_schedules(pair):
     """After the optimizers' step, as ``opt.step(); sched.step()``."""
     if pair.schedule is not None:
         pair.schedule.step()
-        pair.twin_sched.step()
+        with warnings.catch_warnings():
+            if pair.twin_scaler is not None:
+                warnings.filterwarnings("ignore", _SKIPPED_FIRST_STEP, UserWarning)
+            pair.twin_sched.step()
 
 
 def _autocast_step(pair, xb, tb, dp=None, keep_grads=False):

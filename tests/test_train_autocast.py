@@ -94,3 +94,17 @@ def test_train_cli_says_how_many_steps_the_scaler_skipped(tmp_path, capsys):
     code = cli.main(["train", "--spec", str(path), "--quiet"])
     out = capsys.readouterr().out
     assert code == 0 and ", scaler skipped 6 steps (both sides alike), final scale 3.35544e+07" in out
+
+
+def test_a_skipped_first_step_under_a_schedule_shows_no_scheduler_warning(recwarn):
+    """A scaler that skips step 0 makes torch's scheduler warn "lr_scheduler.step() before
+    optimizer.step()" (it counts opt.step calls); the harness keeps that out of the output while
+    the rates stay graded every step (bitwise here)."""
+    spec = fp16(steps=4, lr_schedule={"name": "cosine", "min_lr": 0.0})
+    pair = harness.build_pair(spec)
+    x, y = load_data(spec)
+    outs = []
+    verdicts = harness.curve_checks(pair, x, y, spec.steps, spec.batch_size, spec.seed,
+                                    record=outs)[0]
+    assert not outs[0].stepped_m and all(v.tier == "bitwise" for v in verdicts)
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
