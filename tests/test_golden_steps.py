@@ -399,3 +399,34 @@ def test_export_refuses_autocast_with_what_the_fixture_cannot_carry(tmp_path, ca
     assert code != 0 and err.strip().count("\n") == 0, err
     assert f"autocast: export does not carry autocast with {named}" in err, err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+# autocast with a GradScaler whose first scale overflows, 2 micro-batches a step (seeded S / 2)
+# and clipping after the unscale; bf16 with 3 micro-batches and the inf norm
+AUTOCAST_STEPS = {
+    "fp16_clip_acc": {**FP16, "n_samples": 40, "batch_size": 10, "accumulate": 2,
+                      "clip_grad_norm": {"max_norm": 0.05},
+                      "grad_scaler": {"init_scale": 2.0 ** 24, "growth_interval": 3,
+                                      "growth_factor": 1.5}},
+    "bf16_clip_acc3": {**BF16, "n_samples": 60, "batch_size": 10, "accumulate": 3,
+                       "clip_grad_norm": {"max_norm": 0.2, "norm_type": "inf"}},
+}
+
+
+def test_autocast_with_accumulation_and_clipping_passes_check_port(tmp_path, capsys):
+    """The NumPy port's autocast step over k micro-batches: seeds S / k, the float32 sums
+    unscaled, then clipped (inf/NaN total norms on the skipped steps), the optimizer given
+    what refnet's manual side gives it; check-port passes every tensor, the skips bitwise."""
+    cases = []
+    for name, spec in AUTOCAST_STEPS.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**spec, "name": name}))
+        cases += cases_for(None, str(path), None)
+    fixtures, port_out = export_and_port(tmp_path, cases)
+    rc, out, err = check(capsys, port_out, fixtures)
+    assert rc == 0 and "first fails" not in out, out + err
+    skipped = _tensors(fixtures, "fp16_clip_acc.float32")["train.skipped"]
+    assert skipped[0] and not skipped.all()          # the first scale overflows, later steps run
+    assert torch.equal(_tensors(port_out, "fp16_clip_acc.float32")["train.skipped"], skipped)
+    coef = _tensors(fixtures, "fp16_clip_acc.float32")["train.clip.coef"]
+    assert (coef[~skipped] < 1).any()                # clipping active on a step that ran

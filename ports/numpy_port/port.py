@@ -751,8 +751,9 @@ def check_step_keys(spec):
 
 
 def check_autocast(spec):
-    """autocast bfloat16 / float16 over float32 parameters, the activations it mirrors, no norm,
-    dropout or embedding, no clipping or accumulation (refnet does not combine them either)."""
+    """autocast bfloat16 / float16 over float32 parameters, the activations it mirrors (with
+    clipping and accumulation), no norm, dropout, embedding or blocks (refnet's export refuses
+    those with autocast too)."""
     amp = spec.get("autocast")
     if amp is None:
         if spec.get("grad_scaler") not in (None, False):
@@ -761,8 +762,7 @@ def check_autocast(spec):
     if amp not in ("bfloat16", "float16") or spec.get("dtype") != "float32":
         raise ValueError(f"autocast {amp!r} with dtype {spec.get('dtype')!r} is not supported by "
                          f"the NumPy port (bfloat16 or float16 over float32)")
-    for key, off in (("norm", None), ("dropout", 0.0), ("embedding", None), ("blocks", None),
-                     ("clip_grad_norm", None), ("accumulate", 1)):
+    for key, off in (("norm", None), ("dropout", 0.0), ("embedding", None), ("blocks", None)):
         if spec.get(key, off) != off:
             raise ValueError(f"autocast with {key} {spec[key]!r} is not supported by the NumPy port")
     act = spec.get("activation")
@@ -1168,17 +1168,21 @@ def train(spec, tensors, params, buffers):
     for step in range(spec["steps"]):
         sgd.lr = rates[step]
         micro = [next(batches) for _ in range(k)]
-        if amp:
-            grads, loss, stepped = autocast_step(model, micro[0], scaler, rec)
+        if amp:         # autocast: clipping inside, after the scaler's unscale
+            grads, loss, stepped = autocast_step(model, micro, scaler, clip, rec)
+            if clip is not None or k > 1:   # what the optimizer is given (unscaled, clipped)
+                for name, g in grads.items():
+                    step_grads[name].append(g)
         else:
             grads, loss = accumulated_step(mlp, micro, tensors, stats)
             stepped = True
             for name, g in grads.items():
                 step_grads[name].append(g)
-        if clip is not None:
-            grads, total, coef = clip_grad_norm(grads, clip["max_norm"], clip.get("norm_type", 2))
-            rec["train.clip.total_norm"].append(total)
-            rec["train.clip.coef"].append(coef)
+            if clip is not None:
+                grads, total, coef = clip_grad_norm(grads, clip["max_norm"],
+                                                    clip.get("norm_type", 2))
+                rec["train.clip.total_norm"].append(total)
+                rec["train.clip.coef"].append(coef)
         if stepped:
             sgd.step(mlp.params, grads)
         rec["train.losses"].append(loss)
@@ -1198,20 +1202,35 @@ def train(spec, tensors, params, buffers):
     return out
 
 
-def autocast_step(model, batch, scaler, rec):
-    """One autocast step's float32 gradients and loss; with a scaler the backward starts from S,
-    the gradients are unscaled, and a step with a non-finite gradient is skipped (its scale,
-    found_inf and skip into rec; the scale updated).  -> (grads, loss, whether to step)."""
-    xb, tb, _ = batch
-    loss, cache = model.forward(xb, tb, {})
-    grads = model.backward(cache, {}, np.float32(1) if scaler is None else scaler.scale)
-    if scaler is None:
-        return grads, loss, True
-    rec["train.scaler.scale"].append(scaler.scale)
-    grads, found = scaler.unscale(grads)
-    rec["train.scaler.found_inf"].append(found)
-    rec["train.skipped"].append(found)
-    scaler.update(found)
+def autocast_step(model, micro, scaler, clip, rec):
+    """One autocast optimizer step over its k micro-batches, as the stock script: each backward
+    starts from S / k (no scaler: 1 / k; float32, one rounding), the float32 gradients are summed
+    in micro-batch order; with a scaler they are unscaled (before clipping, as scaler.unscale_)
+    and a step with a non-finite gradient is skipped (its scale, found_inf and skip into rec;
+    the scale updated after the step).  Clipping, when on, runs here on the unscaled sums (an
+    overflow step's total norm comes out inf or NaN, as on both refnet sides).
+    -> (grads, loss, whether to step)."""
+    k = np.float32(len(micro))
+    seed = (np.float32(1) if scaler is None else scaler.scale) / k
+    grads = loss = None
+    for xb, tb, _ in micro:
+        loss_i, cache = model.forward(xb, tb, {})
+        g = model.backward(cache, {}, seed)
+        grads = g if grads is None else {n: grads[n] + g[n] for n in grads}
+        loss = loss_i / k if loss is None else loss + loss_i / k
+    found = False
+    if scaler is not None:
+        rec["train.scaler.scale"].append(scaler.scale)
+        grads, found = scaler.unscale(grads)
+        rec["train.scaler.found_inf"].append(found)
+        rec["train.skipped"].append(found)
+    if clip is not None:
+        with np.errstate(invalid="ignore", over="ignore"):
+            grads, total, coef = clip_grad_norm(grads, clip["max_norm"], clip.get("norm_type", 2))
+        rec["train.clip.total_norm"].append(total)
+        rec["train.clip.coef"].append(coef)
+    if scaler is not None:
+        scaler.update(found)
     return grads, loss, not found
 
 
