@@ -27,6 +27,7 @@ Traps mirrored here (torch's behaviour, measured):
 import torch
 
 from manual.activations import ACTIVATIONS, activation_forward
+from manual.cache import record
 from manual.clip import clip_grad_norm
 from manual.dropout import dropout_backward, dropout_forward
 from manual.embedding import embedding_backward, embedding_forward
@@ -48,11 +49,6 @@ def autocast_dtype(dtype):
     raise ValueError(f"autocast: unknown dtype {dtype!r}; expected one of "
                      f"{', '.join(AUTOCAST_DTYPES)}")
 
-
-def _record(trace, name, t):
-    """Keep t under name when the caller asked for a trace (a dict)."""
-    if trace is not None:
-        trace[name] = t
 
 
 # --- the cast --------------------------------------------------------------------------------
@@ -289,10 +285,11 @@ class AutocastMLP:
         """x (N, D) float32 (or (N, T) tokens) -> output (N, C) in L, caches.
 
         trace: a dict to record in, or None: casts.layers.{i}.input / .weight / .bias (the L
-        copies each GEMM reads), layers.{i}.pre_activation and layers.{i}.activation (in L);
-        forward adds output (L) and loss (float32), backward grad_output (float32),
-        grad_output_low, layers.{i}.grad_activation / grad_pre_activation, casts.layers.{i}.grad_input
-        / grad_weight / grad_bias (L, before their casts up) and grad_input (x's dtype)."""
+        copies each GEMM reads), layers.{i}.pre_activation and layers.{i}.activation (in L; with
+        a norm layers.{i}.linear before it, as manual.mlp names them); forward adds output (L) and
+        loss (float32), backward grad_output (float32), grad_output_low, layers.{i}.grad_activation
+        / grad_pre_activation (/ grad_linear after a norm), casts.layers.{i}.grad_input /
+        grad_weight / grad_bias (L, before their casts up) and grad_input (x's dtype)."""
         net = self.net
         net.check_input(x)
         h, emb_cache = x, None
@@ -302,15 +299,16 @@ class AutocastMLP:
         caches = []
         for i in range(net.n_layers):
             h, lin_cache = self._linear(i, h, trace)
-            _record(trace, f"layers.{i}.pre_activation", h)
             norm_cache = act_cache = drop_cache = None
+            if i < net.n_layers - 1 and net.norm is not None:   # as manual.mlp's trace names
+                record(trace, f"layers.{i}.linear", h)
+                h, norm_cache = self._norm(i, h)      # in no list: the mixed kernel, out in L
+            record(trace, f"layers.{i}.pre_activation", h)
             if i < net.n_layers - 1:
-                if net.norm is not None:            # in no list: the mixed kernel, out in L
-                    h, norm_cache = self._norm(i, h)
                 act = net.activations[i]
                 options = {key: net.options[key] for key in ACTIVATIONS[act][2]}
                 h, act_cache = activation_forward(act, h, **options)               # in L
-                _record(trace, f"layers.{i}.activation", h)
+                record(trace, f"layers.{i}.activation", h)
                 h, drop_cache = dropout_forward(h, net.dropout, training=net.training,
                                                 generator=net.generator)        # mask in L
             caches.append((lin_cache, norm_cache, act_cache, drop_cache))
@@ -323,8 +321,8 @@ class AutocastMLP:
         loss, loss_cache = loss_forward(self.net.loss, out, target)
         if self.net.reg:
             loss = loss + l2_forward(self._weights(), self.net.reg)   # on the float32 W
-        _record(trace, "output", out_low)
-        _record(trace, "loss", loss)
+        record(trace, "output", out_low)
+        record(trace, "loss", loss)
         return loss, (caches, loss_cache, out_dtype)
 
     def backward(self, cache, dloss=None, trace=None):
@@ -335,24 +333,25 @@ class AutocastMLP:
         if dloss is None:
             dloss = torch.ones((), dtype=torch.float32, device=net.params["layers.0.weight"].device)
         dout = loss_backward(net.loss, dloss, loss_cache)            # float32
-        _record(trace, "grad_output", dout)
+        record(trace, "grad_output", dout)
         dh = cast_backward(dout, out_dtype)                          # ·→ L
-        _record(trace, "grad_output_low", dh)
+        record(trace, "grad_output_low", dh)
         grads = {}
         for i in reversed(range(net.n_layers)):
             lin_cache, norm_cache, act_cache, drop_cache = layer_caches[i]
             if i < net.n_layers - 1:
                 if net.dropout:
-                    _record(trace, f"layers.{i}.grad_dropout", dh)
+                    record(trace, f"layers.{i}.grad_dropout", dh)
                 dh = dropout_backward(dh, drop_cache)
-                _record(trace, f"layers.{i}.grad_activation", dh)
+                record(trace, f"layers.{i}.grad_activation", dh)
                 dh = autocast_activation_backward(net.activations[i], dh, act_cache)
-                if norm_cache is not None:
-                    norm_backward = autocast_layernorm_backward if net.norm == "layernorm" \
-                        else autocast_batchnorm_backward
-                    dh, grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"] = \
-                        norm_backward(dh, norm_cache)
-            _record(trace, f"layers.{i}.grad_pre_activation", dh)
+            record(trace, f"layers.{i}.grad_pre_activation", dh)
+            if norm_cache is not None:
+                norm_backward = autocast_layernorm_backward if net.norm == "layernorm" \
+                    else autocast_batchnorm_backward
+                dh, grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"] = \
+                    norm_backward(dh, norm_cache)
+                record(trace, f"layers.{i}.grad_linear", dh)
             # x's own gradient is never used by a step; a trace (the fixtures) records it
             input_grad = i > 0 or emb_cache is not None or trace is not None
             low = None if trace is None else {}
@@ -369,7 +368,7 @@ class AutocastMLP:
         if net.reg:   # W's second use, in float32: added to the cast-up data gradient
             for i, dweight_reg in enumerate(l2_backward(dloss, self._weights(), net.reg)):
                 grads[f"layers.{i}.weight"] = grads[f"layers.{i}.weight"] + dweight_reg
-        _record(trace, "grad_input", dh)
+        record(trace, "grad_input", dh)
         return {name: grads[name] for name in net.params}
 
     def train_step(self, x, target, scaler=None, clip=None, order=None, reduce=None):

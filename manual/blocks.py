@@ -23,6 +23,7 @@ import math
 import torch
 
 from manual.activations import activation_backward, activation_forward, activation_list
+from manual.cache import record
 from manual.layers import linear_backward, linear_forward
 from manual.norm import layernorm_backward, layernorm_forward
 
@@ -103,11 +104,6 @@ def init_block_params(n, width, hidden, norm="layer", *, generator, dtype=torch.
     return params
 
 
-def _record(trace, name, t):
-    """Keep t under name when the caller asked for a trace (a dict)."""
-    if trace is not None:
-        trace[name] = t
-
 
 def block_forward(h, params, prefix, activation="relu", norm="layer", eps=1e-5, trace=None,
                   **act_options):
@@ -118,15 +114,15 @@ def block_forward(h, params, prefix, activation="relu", norm="layer", eps=1e-5, 
     if norm == "layer":
         u, norm_cache = layernorm_forward(h, params[f"{prefix}.norm.weight"],
                                           params[f"{prefix}.norm.bias"], eps)
-        _record(trace, f"{prefix}.norm", u)
+        record(trace, f"{prefix}.norm", u)
     z, fc1_cache = linear_forward(u, params[f"{prefix}.fc1.weight"], params[f"{prefix}.fc1.bias"])
-    _record(trace, f"{prefix}.pre_activation", z)
+    record(trace, f"{prefix}.pre_activation", z)
     a, act_cache = activation_forward(activation, z, **act_options)
-    _record(trace, f"{prefix}.activation", a)
+    record(trace, f"{prefix}.activation", a)
     v, fc2_cache = linear_forward(a, params[f"{prefix}.fc2.weight"], params[f"{prefix}.fc2.bias"])
-    _record(trace, f"{prefix}.branch", v)
+    record(trace, f"{prefix}.branch", v)
     out = h + v
-    _record(trace, f"{prefix}.output", out)
+    record(trace, f"{prefix}.output", out)
     return out, (prefix, activation, norm_cache, fc1_cache, act_cache, fc2_cache)
 
 
@@ -137,18 +133,18 @@ def block_backward(dout, cache, trace=None):
     # out = h + f(h)  ⇒  dh = dout (the identity path) + ∂f/∂hᵀ·dout (the branch)
     prefix, activation, norm_cache, fc1_cache, act_cache, fc2_cache = cache
     grads = {}
-    _record(trace, f"{prefix}.grad_output", dout)
+    record(trace, f"{prefix}.grad_output", dout)
     da, grads[f"{prefix}.fc2.weight"], grads[f"{prefix}.fc2.bias"] = linear_backward(dout, fc2_cache)
-    _record(trace, f"{prefix}.grad_activation", da)
+    record(trace, f"{prefix}.grad_activation", da)
     dz = activation_backward(activation, da, act_cache)
-    _record(trace, f"{prefix}.grad_pre_activation", dz)
+    record(trace, f"{prefix}.grad_pre_activation", dz)
     du, grads[f"{prefix}.fc1.weight"], grads[f"{prefix}.fc1.bias"] = linear_backward(dz, fc1_cache)
     dh_branch = du
     if norm_cache is not None:
-        _record(trace, f"{prefix}.grad_norm", du)
+        record(trace, f"{prefix}.grad_norm", du)
         dh_branch, grads[f"{prefix}.norm.weight"], grads[f"{prefix}.norm.bias"] = \
             layernorm_backward(du, norm_cache)
-    _record(trace, f"{prefix}.grad_branch", dh_branch)
+    record(trace, f"{prefix}.grad_branch", dh_branch)
     # The residual's split and sum: the add passed dout unchanged to both h and v; the two
     # gradients reaching h are summed here, once.
     dh = dout + dh_branch

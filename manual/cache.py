@@ -4,6 +4,9 @@ A subclass lists its ``fields``; an instance is built positionally or by name, r
 (``cache.mean``) and unpacks in field order (``x, weight, mean, invstd, training = cache``), so a
 backward can open it in one line.  Plain Python (manual/ imports torch and math only, so not
 typing.NamedTuple).
+
+``record(trace, name, t)`` is the one helper the forwards and backwards (manual.mlp, manual.blocks,
+manual.autocast) keep their traced values with.
 """
 
 
@@ -34,3 +37,9 @@ class Cache:
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(self.fields)})"
+
+
+def record(trace, name, t):
+    """Keep t under name when the caller asked for a trace (a dict), else nothing."""
+    if trace is not None:
+        trace[name] = t

@@ -14,8 +14,9 @@ then FastMLP's autocast fallback).
 
 Fallback (``fallback`` says why), the readable ``optimizer_step`` itself: k > 1 (the fast step
 seeds its backward with 1, each micro-batch needs 1/k) and a FastMLP that is not specialised.
-Accumulation or clipping under autocast is refused in one line (manual/step.py has no autocast
-form; the harness does not combine them either).
+Accumulation or clipping under autocast is refused in one line: that step needs the GradScaler's
+unscale before the clip and the seeds S/k, which manual.autocast.AutocastMLP.train_step runs (the
+harness's path); FastStep has no scaler and does not wrap it.
 """
 from manual.clip import check_norm_type, clip_grad_norm
 from manual.fast import FastMLP
@@ -72,7 +73,7 @@ class FastStep:
             loss, total, coef = self._fast_update(fast, x, target)
         if self.schedule is not None:
             self.schedule.step()
-        return {"losses": [loss / 1], "lr": lr, "total_norm": total, "clip_coef": coef}
+        return {"losses": [loss], "lr": lr, "total_norm": total, "clip_coef": coef}   # loss / 1
 
     def _fast_update(self, fast, x, target):
         """The fast forward/backward, [clipping], the foreach update.  -> (loss, norm, coef)."""

@@ -27,7 +27,7 @@ from manual import _check
 from manual.activations import activation_backward, activation_forward, activation_list
 from manual.blocks import (block_param_names, block_settings, blocks_backward, blocks_forward,
                            check_block_params, init_block_params)
-from manual.cache import Cache
+from manual.cache import Cache, record
 from manual.dropout import dropout_backward, dropout_forward
 from manual.embedding import embedding_backward, embedding_forward
 from manual.layers import linear_backward, linear_forward
@@ -111,11 +111,6 @@ def init_buffers(widths, norm=None, *, dtype=torch.float64, device="cpu"):
                                                                      device=device)
     return buffers
 
-
-def _record(trace, name, t):
-    """Keep t under name when the caller asked for a trace (a dict), else nothing."""
-    if trace is not None:
-        trace[name] = t
 
 
 class MLP:
@@ -233,30 +228,30 @@ class MLP:
         if self.embedding is not None:
             emb, emb_cache = embedding_forward(x, self.params["embed.weight"])
             h = emb.view(emb.shape[0], -1)                   # (N, T, E) -> (N, T·E)
-            _record(trace, "embed.output", h)
+            record(trace, "embed.output", h)
         for i in range(self.n_layers):
             if i == self.n_layers - 1 and self.blocks is not None:
                 h, block_caches = self._blocks_forward(h, trace)
-                _record(trace, "blocks.output", h)
+                record(trace, "blocks.output", h)
             z, lin_cache = linear_forward(h, self.params[f"layers.{i}.weight"],
                                           self.params.get(f"layers.{i}.bias"))
             h, norm_cache, act_cache, drop_cache = z, None, None, None
             if i < self.n_layers - 1:
                 if self.norm is not None:
-                    _record(trace, f"layers.{i}.linear", z)
+                    record(trace, f"layers.{i}.linear", z)
                     z, norm_cache = self._norm_forward(i, z)
-                    _record(trace, f"norms.{i}.mean", norm_cache.mean)      # μ per feature (batch
-                    _record(trace, f"norms.{i}.invstd", norm_cache.invstd)  # norm) or row (layer norm)
-                _record(trace, f"layers.{i}.pre_activation", z)
+                    record(trace, f"norms.{i}.mean", norm_cache.mean)      # μ per feature (batch
+                    record(trace, f"norms.{i}.invstd", norm_cache.invstd)  # norm) or row (layer norm)
+                record(trace, f"layers.{i}.pre_activation", z)
                 act = self.activations[i]
                 h, act_cache = activation_forward(act, z, **self._act_options(act))
-                _record(trace, f"layers.{i}.activation", h)
+                record(trace, f"layers.{i}.activation", h)
                 h, drop_cache = dropout_forward(h, self.dropout, training=self.training,
                                                 generator=self.generator)
                 if self.dropout:
-                    _record(trace, f"layers.{i}.dropout", h)
+                    record(trace, f"layers.{i}.dropout", h)
             else:
-                _record(trace, f"layers.{i}.pre_activation", z)
+                record(trace, f"layers.{i}.pre_activation", z)
             layer_caches.append(LayerCache(lin_cache, norm_cache, act_cache, drop_cache))
         return h, ForwardCache(layer_caches, emb_cache, blocks=block_caches)
 
@@ -272,8 +267,8 @@ class MLP:
         loss, loss_cache = loss_forward(self.loss, out, target)
         if self.reg:
             loss = loss + l2_forward(self._weights(), self.reg)
-        _record(trace, "output", out)
-        _record(trace, "loss", loss)
+        record(trace, "output", out)
+        record(trace, "loss", loss)
         return loss, cache.replace(loss=loss_cache)
 
     def backward(self, cache, dloss=None, trace=None):
@@ -289,21 +284,21 @@ class MLP:
             w0 = self.params["layers.0.weight"]
             dloss = torch.ones((), dtype=w0.dtype, device=w0.device)
         dh = loss_backward(self.loss, dloss, cache.loss)
-        _record(trace, "grad_output", dh)
+        record(trace, "grad_output", dh)
         grads = {}
         for i in reversed(range(self.n_layers)):
             lin_cache, norm_cache, act_cache, drop_cache = cache.layers[i]
             if i < self.n_layers - 1:
                 if self.dropout:
-                    _record(trace, f"layers.{i}.grad_dropout", dh)
+                    record(trace, f"layers.{i}.grad_dropout", dh)
                 dh = dropout_backward(dh, drop_cache)
-                _record(trace, f"layers.{i}.grad_activation", dh)
+                record(trace, f"layers.{i}.grad_activation", dh)
                 dh = activation_backward(self.activations[i], dh, act_cache)
-            _record(trace, f"layers.{i}.grad_pre_activation", dh)
+            record(trace, f"layers.{i}.grad_pre_activation", dh)
             if norm_cache is not None:
                 norm_backward = layernorm_backward if self.norm == "layernorm" else batchnorm_backward
                 dh, grads[f"norms.{i}.weight"], grads[f"norms.{i}.bias"] = norm_backward(dh, norm_cache)
-                _record(trace, f"layers.{i}.grad_linear", dh)
+                record(trace, f"layers.{i}.grad_linear", dh)
             dh, dweight, dbias = linear_backward(dh, lin_cache)
             grads[f"layers.{i}.weight"] = dweight
             if dbias is not None:
@@ -312,7 +307,7 @@ class MLP:
                 # the residual blocks, last first (the split and sum: manual.blocks.block_backward)
                 dh, block_grads = blocks_backward(dh, cache.blocks, trace)
                 grads.update(block_grads)
-                _record(trace, "blocks.grad_input", dh)
+                record(trace, "blocks.grad_input", dh)
         if cache.embedding is not None:
             idx = cache.embedding.idx
             grads["embed.weight"] = embedding_backward(dh.view(*idx.shape, -1), cache.embedding)

@@ -19,7 +19,7 @@ from manual.clip import clip_grad_norm
 from manual.grad_scaler import GradScaler
 from manual.mlp import MLP, init_params
 from manual.schedules import make_schedule
-from manual.step import accumulate_grads, micro_batch_seed
+from manual.step import accumulated_grads
 from refnet import data as datasets
 from refnet import not_bitwise
 from refnet import twin as twin_mod
@@ -270,16 +270,11 @@ def _autocast_step(pair, xb, tb, dp=None, keep_grads=False):
 
 
 def _manual_grads(mlp, micro):
-    """The manual gradients of one step over its micro-batches (each backward seeded with 1/k)
-    and the step's loss, Σ loss_i / k in micro-batch order."""
-    grads = loss = None
-    for x, target in micro:
-        loss_i, cache = mlp.forward(x, target)
-        seed = micro_batch_seed(len(micro), loss_i)
-        grads = accumulate_grads(grads, mlp.backward(cache, seed)[0])
-        loss_i = loss_i / len(micro)
-        loss = loss_i if loss is None else loss + loss_i
-    return grads, loss
+    """The manual gradients of one step over its micro-batches (manual.step.accumulated_grads:
+    each backward seeded with 1/k, summed in AccumulateGrad's order) and the step's loss,
+    Σ loss_i / k added in micro-batch order."""
+    grads, losses = accumulated_grads(mlp, micro)
+    return grads, sum(losses[1:], losses[0])
 
 
 def _twin_grads(pair, micro, model):

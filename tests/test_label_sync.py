@@ -116,11 +116,11 @@ def test_minibatch_training_reads_the_labels_once_per_data_set():
     def recorded(method, count=False):
         real = getattr(pair.mlp, method)
 
-        def run(*args):
+        def run(*args, **kwargs):
             if count:
                 steps.append(1)
             with HostReads() as reads:
-                out = real(*args)
+                out = real(*args, **kwargs)
             manual_reads.extend(reads.calls)
             return out
         setattr(pair.mlp, method, run)

@@ -8,27 +8,29 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class KillAt:
+class _AtStep:
+    """A fault on rank `rank` once it has trained step `step` (fire: what happens then)."""
+    rank: int
+    step: int
+
+    def __call__(self, event, rank, value):
+        if event == "step" and (rank, value) == (self.rank, self.step):
+            self.fire(value)
+        return value
+
+
+class KillAt(_AtStep):
     """Rank `rank` is killed (SIGKILL) once it has trained step `step`."""
-    rank: int
-    step: int
 
-    def __call__(self, event, rank, value):
-        if event == "step" and (rank, value) == (self.rank, self.step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return value
+    def fire(self, step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-@dataclass(frozen=True)
-class RaiseAt:
+class RaiseAt(_AtStep):
     """Rank `rank` raises once it has trained step `step`."""
-    rank: int
-    step: int
 
-    def __call__(self, event, rank, value):
-        if event == "step" and (rank, value) == (self.rank, self.step):
-            raise RuntimeError(f"injected failure at step {value}")
-        return value
+    def fire(self, step):
+        raise RuntimeError(f"injected failure at step {step}")
 
 
 @dataclass(frozen=True)
